@@ -1,0 +1,243 @@
+"""Attention masks for a block of T queries written into a KV cache.
+
+A block attention call has a *static* part and a *dynamic* part:
+
+* static: how the T queries of the block see each other, a boolean
+  ``pattern[t, u]`` of shape ``[T, T]`` ("query t sees block key u"). It is a
+  property of the decoding algorithm (causal verification, tree verification,
+  block diffusion), so it is a hashable object that can be a static argument of
+  ``jax.jit`` and is evaluated with NumPy outside the trace;
+* dynamic: where the block sits in each row's cache, ``offsets[B]`` (int32),
+  i.e. the number of committed tokens of row ``b``. It is runtime data.
+
+The kernel combines them. Key position ``s`` is visible to query ``t`` of
+row ``b`` iff::
+
+    s < offsets[b]                                   # committed prefix
+    or (offsets[b] <= s < offsets[b] + T and pattern[t, s - offsets[b]])
+
+Keys at or after ``offsets[b] + T`` (stale or empty cache slots) are never
+visible. Worked example, ``CausalBlockMask(3)`` with ``offsets = [2]`` and a
+cache of length 6 (rows: queries at positions 2, 3, 4; columns: keys 0..5)::
+
+    1 1 1 0 0 0
+    1 1 1 1 0 0
+    1 1 1 1 1 0
+
+Masks combine with ``&`` and ``|`` (element-wise on the pattern)::
+
+    m = CausalBlockMask(4) | BlockBidirectionalMask(4, sub_block_len=2)
+    hash(m); m == CausalBlockMask(4) | BlockBidirectionalMask(4, 2)  # True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "BlockMask",
+    "CausalBlockMask",
+    "TreeMask",
+    "BlockBidirectionalMask",
+    "PatternMask",
+    "AndMask",
+    "OrMask",
+    "materialize_mask",
+]
+
+
+class BlockMask:
+  """Base class: a static ``[T, T]`` visibility pattern inside the block.
+
+  Subclasses are frozen dataclasses (hence hashable, compared by value) and
+  implement ``block_len`` and ``pattern()``.
+  """
+
+  block_len: int  # T; a dataclass field or a property in subclasses
+
+  def pattern(self) -> np.ndarray:
+    """Boolean ``[T, T]`` NumPy array: ``pattern[t, u]`` = query t sees key u."""
+    raise NotImplementedError
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.block_len, self.block_len)
+
+  def __and__(self, other: BlockMask) -> BlockMask:
+    _check_combinable(self, other, "&")
+    return AndMask(self, other)
+
+  def __or__(self, other: BlockMask) -> BlockMask:
+    _check_combinable(self, other, "|")
+    return OrMask(self, other)
+
+  def materialize(self, offsets, seq_len: int) -> np.ndarray:
+    """Full ``[B, T, S]`` boolean mask for concrete offsets (NumPy).
+
+    For tests, benchmarks and debugging; kernels never build this array.
+    """
+    return materialize_mask(self.pattern(), offsets, seq_len)
+
+
+def _check_combinable(a: BlockMask, b: BlockMask, op: str) -> None:
+  if not isinstance(b, BlockMask):
+    raise TypeError(f"Cannot combine a mask with {type(b).__name__} using {op};"
+                    " both operands must be BlockMask objects.")
+  if a.block_len != b.block_len:
+    raise ValueError(f"Masks of different block lengths cannot be combined "
+                     f"with {op}: {a.block_len=} vs {b.block_len=}.")
+
+
+def _check_block_len(block_len) -> None:
+  if (isinstance(block_len, bool)
+      or not isinstance(block_len, (int, np.integer)) or block_len < 1):
+    raise ValueError(f"{block_len=} must be a positive int.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalBlockMask(BlockMask):
+  """Blockwise verification: query t sees block keys 0..t (lower triangle).
+
+  With the prefix rule this is ordinary causal attention over the valid
+  cache: the query at position ``offset + t`` sees every position ``<=`` its
+  own.
+  """
+
+  block_len: int
+
+  def __post_init__(self):
+    _check_block_len(self.block_len)
+
+  def pattern(self) -> np.ndarray:
+    return np.tri(self.block_len, dtype=bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeMask(BlockMask):
+  """Tree verification (Medusa-style): node i sees its ancestors and itself.
+
+  ``parents[i]`` is the block index of node i's parent, ``-1`` for a root
+  (a child of the last committed token). Parents come before children:
+  ``-1 <= parents[i] < i``. A chain ``(-1, 0, 1, ..., T-2)`` equals the causal
+  pattern. Example: ``TreeMask((-1, 0, 0, 1))`` is a root with two children
+  (nodes 1 and 2) and a grandchild 3 under node 1; node 3 sees nodes 0, 1, 3.
+  """
+
+  parents: tuple[int, ...]
+
+  def __init__(self, parents: Sequence[int]):
+    parents = tuple(int(p) for p in parents)
+    if not parents:
+      raise ValueError("TreeMask needs at least one node; got parents=().")
+    for i, p in enumerate(parents):
+      if not -1 <= p < i:
+        raise ValueError(
+            f"parents[{i}]={p} is invalid: each parent must precede its child "
+            f"(-1 <= parents[i] < i, -1 for a root); got {parents=}.")
+    object.__setattr__(self, "parents", parents)
+
+  @property
+  def block_len(self) -> int:
+    return len(self.parents)
+
+  def pattern(self) -> np.ndarray:
+    n = self.block_len
+    out = np.eye(n, dtype=bool)
+    for i, p in enumerate(self.parents):
+      if p >= 0:
+        out[i] |= out[p]  # parents precede children: row p is final already
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockBidirectionalMask(BlockMask):
+  """Block diffusion: full attention inside (sub-)blocks, causal across them.
+
+  The T queries are split into consecutive sub-blocks of ``sub_block_len``
+  (default: the whole block); a query sees every key of its own sub-block and
+  of earlier ones, and (prefix rule) the whole committed cache. With
+  ``sub_block_len=1`` this is the causal pattern.
+  """
+
+  block_len: int
+  sub_block_len: int | None = None
+
+  def __post_init__(self):
+    _check_block_len(self.block_len)
+    sub = self.sub_block_len
+    if sub is None:
+      object.__setattr__(self, "sub_block_len", self.block_len)
+    elif not isinstance(sub, (int, np.integer)) or sub < 1:
+      raise ValueError(f"sub_block_len={sub!r} must be a positive int or None.")
+
+  def pattern(self) -> np.ndarray:
+    ids = np.arange(self.block_len) // self.sub_block_len
+    return ids[None, :] <= ids[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternMask(BlockMask):
+  """An explicit pattern, stored as a tuple of row tuples to stay hashable."""
+
+  rows: tuple[tuple[bool, ...], ...]
+
+  def __init__(self, pattern):
+    arr = np.asarray(pattern, dtype=bool)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
+      raise ValueError(f"pattern must be a non-empty square [T, T] array; got "
+                       f"shape {arr.shape}.")
+    object.__setattr__(self, "rows",
+                       tuple(tuple(bool(x) for x in r) for r in arr))
+
+  @property
+  def block_len(self) -> int:
+    return len(self.rows)
+
+  def pattern(self) -> np.ndarray:
+    return np.array(self.rows, dtype=bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class AndMask(BlockMask):
+  left: BlockMask
+  right: BlockMask
+
+  @property
+  def block_len(self) -> int:
+    return self.left.block_len
+
+  def pattern(self) -> np.ndarray:
+    return self.left.pattern() & self.right.pattern()
+
+
+@dataclasses.dataclass(frozen=True)
+class OrMask(BlockMask):
+  left: BlockMask
+  right: BlockMask
+
+  @property
+  def block_len(self) -> int:
+    return self.left.block_len
+
+  def pattern(self) -> np.ndarray:
+    return self.left.pattern() | self.right.pattern()
+
+
+def materialize_mask(pattern: np.ndarray, offsets, seq_len: int) -> np.ndarray:
+  """NumPy ``[B, T, S]`` mask from a ``[T, T]`` pattern and ``offsets[B]``.
+
+  Applies the rule in the module docstring; block keys that fall at or past
+  ``seq_len`` do not exist and are dropped.
+  """
+  pattern = np.asarray(pattern, dtype=bool)
+  offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+  t_len = pattern.shape[0]
+  s = np.arange(seq_len)[None, None, :]             # [1, 1, S]
+  off = offsets[:, None, None]                       # [B, 1, 1]
+  rel = s - off                                      # [B, 1, S]
+  in_block = (rel >= 0) & (rel < t_len)
+  pat = pattern[np.arange(t_len)[None, :, None], np.clip(rel, 0, t_len - 1)]
+  return (s < off) | (in_block & pat)                # [B, T, S]
