@@ -1,0 +1,18 @@
+"""blockdec: blockwise parallel decoding for JAX/Flax language models.
+
+    import blockdec
+    cfg = blockdec.ModelConfig(vocab_size=256, d_model=128, n_layers=2,
+                               n_heads=4, num_prediction_heads=4)
+    params = blockdec.init_params(cfg, jax.random.key(0))
+    out = blockdec.blockwise_decode(params, cfg, prompts, prompt_lengths,
+                                    max_new_tokens=64, block_size=4)
+"""
+
+from blockdec.api import (blockwise_decode, check_params, forward_logits,
+                          greedy_decode, init_params, model_score_fn)
+from blockdec.config import ModelConfig
+from blockdec.decoding import (AcceptanceRule, DecodeOutput, Distance, Exact,
+                               MinBlock, TopK)
+from blockdec.models import KVCache
+
+__version__ = "0.1.0"

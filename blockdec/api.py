@@ -1,0 +1,227 @@
+"""Public entry points: bind the model to the model-agnostic decoding loops.
+
+Inputs are checked on the host before anything is traced, so bad input gives
+a `ValueError` naming the value and what is allowed instead of a silent wrong
+answer (JAX clamps out-of-range gathers without complaint).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockdec import decoding
+from blockdec.config import ModelConfig
+from blockdec.decoding import AcceptanceRule, DecodeOptions, DecodeOutput, Exact
+from blockdec.models import transformer
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+  """Random parameters for `cfg`."""
+  if not isinstance(cfg, ModelConfig):
+    raise TypeError(f"cfg must be a blockdec.ModelConfig, got {type(cfg).__name__}.")
+  return jax.jit(transformer.init_params, static_argnums=0)(cfg, key)
+
+
+def model_score_fn(cfg: ModelConfig, num_heads: int | None = None):
+  """The scoring callable of the decoding loops for this model."""
+
+  def score(params, tokens, positions, cache):
+    return transformer.apply(params, cfg, tokens, positions, cache, num_heads)
+
+  return score
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
+  """Slots a decode needs: the prompt, the budget and one draft block."""
+  return prompt_len + max_new_tokens + block_size
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "options", "greedy"))
+def _decode(params, prompts, prompt_lengths, *, cfg: ModelConfig,
+            options: DecodeOptions, greedy: bool) -> DecodeOutput:
+  batch, p = prompts.shape
+  k = 1 if greedy else options.block_size
+  cache = transformer.make_cache(
+      cfg, batch, cache_length(p, options.max_new_tokens, k))
+  score = model_score_fn(cfg, num_heads=k)
+  loop = decoding.greedy_decode if greedy else decoding.blockwise_decode
+  return loop(score, params, prompts, prompt_lengths, cache, options)
+
+
+def greedy_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
+                  max_new_tokens: int = 64, eos_id: int | None = None,
+                  pad_id: int = 0) -> DecodeOutput:
+  """Greedy decoding with head 1.
+
+  Args:
+    params: from `init_params` or a checkpoint.
+    cfg: the model's config.
+    prompts: int32 [B, P], right-padded.
+    prompt_lengths: int32 [B], each in [1, P].
+    max_new_tokens: budget N per row.
+    eos_id: a token that ends its row, or None.
+    pad_id: written after each row's end.
+
+  Returns:
+    `DecodeOutput` with tokens [B, N], lengths [B], num_calls [B]
+    (== lengths), accepted_hist [B, 1].
+  """
+  prompts, prompt_lengths = _check_inputs(
+      params, cfg, prompts, prompt_lengths, max_new_tokens, 1, eos_id, pad_id)
+  options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=1,
+                          eos_id=eos_id, pad_id=pad_id)
+  return _decode(params, prompts, prompt_lengths, cfg=cfg, options=options,
+                 greedy=True)
+
+
+def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
+                     max_new_tokens: int = 64, block_size: int | None = None,
+                     acceptance: AcceptanceRule = Exact(),
+                     eos_id: int | None = None,
+                     pad_id: int = 0) -> DecodeOutput:
+  """Blockwise parallel decoding with the model's proposal heads.
+
+  With `acceptance=Exact()` (the default) the tokens equal `greedy_decode`'s.
+
+  Args:
+    block_size: k in [1, cfg.num_prediction_heads]; default all heads.
+    acceptance: `Exact()`, `TopK(n)`, `Distance(eps)` or `MinBlock(l)`.
+    Others as in `greedy_decode`.
+
+  Returns:
+    `DecodeOutput`; `accepted_hist[b, a-1]` counts row b's calls that
+    accepted a tokens, and `block_efficiency` is tokens per call.
+  """
+  if block_size is None:
+    block_size = cfg.num_prediction_heads
+  prompts, prompt_lengths = _check_inputs(
+      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size, eos_id,
+      pad_id)
+  if not isinstance(acceptance, AcceptanceRule):
+    raise TypeError(
+        f"acceptance={acceptance!r} must be a blockdec acceptance rule "
+        "(Exact(), TopK(n), Distance(eps), MinBlock(l)).")
+  acceptance.validate(block_size)
+  options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
+                          acceptance=acceptance, eos_id=eos_id, pad_id=pad_id)
+  return _decode(params, prompts, prompt_lengths, cfg=cfg, options=options,
+                 greedy=False)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward_logits(params, tokens, cfg):
+  return transformer.forward_logits(params, cfg, tokens)
+
+
+def forward_logits(params, cfg: ModelConfig, tokens) -> jax.Array:
+  """Head-1 logits [B, T, V] (float32) of full sequences tokens [B, T]."""
+  check_params(params, cfg)
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}.")
+  if tokens.shape[1] > cfg.max_seq_len:
+    raise ValueError(f"sequence length {tokens.shape[1]} exceeds "
+                     f"max_seq_len={cfg.max_seq_len}.")
+  _check_token_ids("tokens", tokens, cfg.vocab_size)
+  return _forward_logits(params, tokens.astype(jnp.int32), cfg)
+
+
+# ----------------------------------------------------------------- validation
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(cfg: ModelConfig):
+  shapes = jax.eval_shape(functools.partial(transformer.init_params, cfg),
+                          jax.random.key(0))
+  return jax.tree_util.tree_flatten_with_path(shapes)
+
+
+def check_params(params, cfg: ModelConfig) -> None:
+  """Raises ValueError if `params` do not have the structure `cfg` implies."""
+  if not isinstance(cfg, ModelConfig):
+    raise TypeError(f"cfg must be a blockdec.ModelConfig, got {type(cfg).__name__}.")
+  expected, expected_def = _expected_shapes(cfg)
+  got, got_def = jax.tree_util.tree_flatten_with_path(params)
+  if got_def != expected_def:
+    want = {jax.tree_util.keystr(p) for p, _ in expected}
+    have = {jax.tree_util.keystr(p) for p, _ in got}
+    missing, extra = sorted(want - have)[:5], sorted(have - want)[:5]
+    raise ValueError(
+        "params do not match the config: "
+        f"missing {missing}, unexpected {extra} (showing up to 5 each). "
+        "Were they made for another ModelConfig (e.g. num_prediction_heads "
+        f"or n_layers)? cfg={cfg}")
+  for (path, want), (_, have) in zip(expected, got):
+    if tuple(want.shape) != tuple(np.shape(have)):
+      raise ValueError(
+          f"params{jax.tree_util.keystr(path)} has shape {tuple(np.shape(have))}"
+          f" but the config implies {tuple(want.shape)}; cfg={cfg}")
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_token_ids(name, tokens, vocab_size, valid=None):
+  if not _is_concrete(tokens):
+    return
+  values = np.asarray(tokens)
+  if valid is not None:
+    values = values[np.asarray(valid)]
+  if values.size and (values.min() < 0 or values.max() >= vocab_size):
+    bad = values[(values < 0) | (values >= vocab_size)][0]
+    raise ValueError(f"{name} holds token id {int(bad)} outside the vocabulary "
+                     f"[0, {vocab_size}).")
+
+
+def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
+                  block_size, eos_id, pad_id):
+  check_params(params, cfg)
+  prompts = jnp.asarray(prompts)
+  prompt_lengths = jnp.asarray(prompt_lengths)
+  if prompts.ndim != 2 or prompts.shape[1] == 0 or prompts.shape[0] == 0:
+    raise ValueError(
+        f"prompts must be a non-empty int array [B, P], got shape {prompts.shape}.")
+  if not jnp.issubdtype(prompts.dtype, jnp.integer):
+    raise ValueError(f"prompts must hold integer token ids, got {prompts.dtype}.")
+  if prompt_lengths.shape != (prompts.shape[0],):
+    raise ValueError(f"prompt_lengths must have shape ({prompts.shape[0]},), "
+                     f"got {prompt_lengths.shape}.")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+      or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int.")
+  k = cfg.num_prediction_heads
+  if isinstance(block_size, bool) or not isinstance(block_size, int) \
+      or not 1 <= block_size <= k:
+    raise ValueError(f"block_size={block_size!r} must be an int in [1, {k}] "
+                     f"(the model has num_prediction_heads={k}).")
+  for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+    if value is not None and not 0 <= value < cfg.vocab_size:
+      raise ValueError(f"{name}={value} is outside the vocabulary "
+                       f"[0, {cfg.vocab_size}).")
+  p = prompts.shape[1]
+  if _is_concrete(prompt_lengths):
+    lengths = np.asarray(prompt_lengths)
+    if lengths.min() < 1:
+      raise ValueError(
+          f"empty prompt: prompt_lengths={lengths.tolist()} must all be >= 1 "
+          "(a row needs at least one token to condition on).")
+    if lengths.max() > p:
+      raise ValueError(f"prompt_lengths={lengths.tolist()} exceed the prompt "
+                       f"width P={p}.")
+    longest = int(lengths.max())
+    valid = np.arange(p)[None, :] < lengths[:, None]
+    _check_token_ids("prompts", prompts, cfg.vocab_size, valid)
+    # Padding may hold anything; feed zeros so every gather is in range.
+    prompts = jnp.where(jnp.asarray(valid), prompts, 0)
+  else:
+    longest = p
+  if longest + max_new_tokens > cfg.max_seq_len:
+    raise ValueError(
+        f"prompt length {longest} + max_new_tokens={max_new_tokens} = "
+        f"{longest + max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}.")
+  return prompts.astype(jnp.int32), prompt_lengths.astype(jnp.int32)

@@ -1,0 +1,140 @@
+"""Model configuration: one frozen, hashable, validated dataclass.
+
+`ModelConfig` is passed as a static argument to jitted functions, so it must be
+hashable and never change after construction. Every field is checked in
+`__post_init__`; a bad value raises a `ValueError` that names the field, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+_NORMS = ("rmsnorm", "layernorm")
+_MLPS = ("swiglu", "gelu")
+_POSITIONS = ("rope", "learned")
+_BACKENDS = ("xla", "pallas")
+_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only Transformer with `num_prediction_heads` output heads.
+
+  Head 1 is the model's own next-token distribution; heads 2..k are Stern et
+  al.'s residual feed-forward proposal heads that predict the token 2..k
+  positions ahead, all sharing the vocabulary projection.
+
+  The defaults describe a Llama-style model (RMSNorm, RoPE, SwiGLU, GQA);
+  `norm="layernorm"`, `mlp="gelu"`, `position="learned"` and the bias flags
+  describe GPT-2.
+  """
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention).
+  d_ff: int | None = None  # None: 4 * d_model.
+  max_seq_len: int = 1024
+  num_prediction_heads: int = 1  # k, head 1 included.
+  head_dim: int | None = None  # None: d_model // n_heads.
+  head_hidden: int | None = None  # Proposal-head FFN width; None: d_model.
+  tie_embeddings: bool = True
+  norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+  norm_eps: float = 1e-6
+  mlp: Literal["swiglu", "gelu"] = "swiglu"
+  position: Literal["rope", "learned"] = "rope"
+  rope_theta: float = 10_000.0
+  # Llama-3 RoPE frequency scaling: a hashable tuple of
+  # (factor, low_freq_factor, high_freq_factor, original_max_position), or None.
+  rope_scaling: tuple[float, float, float, int] | None = None
+  qkv_bias: bool = False
+  proj_bias: bool = False  # Bias on attention output and MLP projections.
+  attention_backend: Literal["xla", "pallas"] = "xla"
+  dtype: Literal["float32", "bfloat16"] = "float32"  # Activations.
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len",
+                 "num_prediction_heads"):
+      _check_positive_int(name, getattr(self, name))
+    for name in ("n_kv_heads", "d_ff", "head_dim", "head_hidden"):
+      value = getattr(self, name)
+      if value is not None:
+        _check_positive_int(name, value)
+    _check_choice("norm", self.norm, _NORMS)
+    _check_choice("mlp", self.mlp, _MLPS)
+    _check_choice("position", self.position, _POSITIONS)
+    _check_choice("attention_backend", self.attention_backend, _BACKENDS)
+    _check_choice("dtype", self.dtype, _DTYPES)
+    _check_choice("param_dtype", self.param_dtype, _DTYPES)
+    if self.head_dim is None and self.d_model % self.n_heads:
+      raise ValueError(
+          f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+          "(or set head_dim explicitly).")
+    if self.num_kv_heads > self.n_heads or self.n_heads % self.num_kv_heads:
+      raise ValueError(
+          f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}.")
+    if self.position == "rope" and self.dim_per_head % 2:
+      raise ValueError(
+          f"head_dim={self.dim_per_head} must be even for rotary embeddings.")
+    if not self.norm_eps > 0:
+      raise ValueError(f"norm_eps={self.norm_eps} must be > 0.")
+    if not self.rope_theta > 0:
+      raise ValueError(f"rope_theta={self.rope_theta} must be > 0.")
+    if self.rope_scaling is not None:
+      if (not isinstance(self.rope_scaling, tuple)
+          or len(self.rope_scaling) != 4):
+        raise ValueError(
+            f"rope_scaling={self.rope_scaling!r} must be None or a tuple "
+            "(factor, low_freq_factor, high_freq_factor, "
+            "original_max_position).")
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def ff_dim(self) -> int:
+    return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+  @property
+  def head_ff_dim(self) -> int:
+    return self.d_model if self.head_hidden is None else self.head_hidden
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    if d["rope_scaling"] is not None:
+      d["rope_scaling"] = list(d["rope_scaling"])
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"Unknown ModelConfig fields {unknown}; "
+                       f"allowed: {sorted(known)}.")
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = tuple(d["rope_scaling"])
+    return cls(**d)
+
+
+def _check_positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+def _check_choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not supported; allowed: {allowed}.")

@@ -1,0 +1,115 @@
+"""Acceptance rules for block verification (Stern et al. 2018, sec. 3 and 5).
+
+A rule decides, for each drafted token `P[i]` (i >= 1), whether it is
+acceptable given head 1's logits at block position `i - 1`, the model's own
+prediction for that slot. The verifier then accepts the longest prefix of
+acceptable tokens; `P[0]` is head 1's argmax and always accepted.
+
+Only `Exact()` reproduces greedy decoding. The others trade quality for
+longer blocks, and every result produced with them must say so.
+
+Rules are frozen dataclasses: hashable, so they ride along as static
+arguments of jitted functions.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+class AcceptanceRule(abc.ABC):
+  """Base class: `matches` says which drafted tokens are acceptable."""
+
+  exact: bool = False  # True only for rules that reproduce greedy output.
+
+  @abc.abstractmethod
+  def matches(self, draft: jax.Array, logits: jax.Array) -> jax.Array:
+    """draft [B, T] int32, logits [B, T, V] -> bool [B, T]."""
+
+  def validate(self, block_size: int) -> None:
+    """Raises ValueError if the rule cannot be used with `block_size`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Exact(AcceptanceRule):
+  """Accept a token iff it is head 1's argmax: output equals greedy decoding."""
+
+  exact = True
+
+  def matches(self, draft, logits):
+    return draft == jnp.argmax(logits, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(AcceptanceRule):
+  """Accept a token iff it is among head 1's `n` most likely tokens (lossy)."""
+
+  n: int = 2
+
+  def __post_init__(self):
+    if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+      raise ValueError(f"TopK n={self.n!r} must be a positive integer.")
+
+  def matches(self, draft, logits):
+    draft_logit = jnp.take_along_axis(logits, draft[..., None], axis=-1)
+    # Rank = number of tokens strictly more likely than the draft.
+    rank = jnp.sum(logits > draft_logit, axis=-1)
+    return rank < self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class Distance(AcceptanceRule):
+  """Accept iff |draft - argmax| <= eps, for ordinal vocabularies (lossy).
+
+  Stern et al. use this for image super-resolution, where token ids are
+  intensities; for text it is rarely meaningful.
+  """
+
+  eps: int = 1
+
+  def __post_init__(self):
+    if isinstance(self.eps, bool) or not isinstance(self.eps, int) or self.eps < 0:
+      raise ValueError(f"Distance eps={self.eps!r} must be an integer >= 0.")
+
+  def matches(self, draft, logits):
+    return jnp.abs(draft - jnp.argmax(logits, axis=-1)) <= self.eps
+
+
+@dataclasses.dataclass(frozen=True)
+class MinBlock(AcceptanceRule):
+  """Always accept at least `l` tokens, then apply `base` (lossy for l > 1).
+
+  Stern et al. found l = 2..3 costs much quality; it is here to measure that.
+  """
+
+  l: int = 2
+  base: AcceptanceRule = Exact()
+
+  def __post_init__(self):
+    if isinstance(self.l, bool) or not isinstance(self.l, int) or self.l < 1:
+      raise ValueError(f"MinBlock l={self.l!r} must be a positive integer.")
+
+  @property
+  def exact(self):  # l = 1 forces nothing beyond the always-correct P[0].
+    return self.l == 1 and self.base.exact
+
+  def validate(self, block_size):
+    if self.l > block_size:
+      raise ValueError(f"MinBlock l={self.l} exceeds block_size={block_size}.")
+    self.base.validate(block_size)
+
+  def matches(self, draft, logits):
+    forced = jnp.arange(draft.shape[-1]) < self.l - 1
+    return self.base.matches(draft, logits) | forced
+
+
+def accepted_prefix_length(matches: jax.Array) -> jax.Array:
+  """bool [B, T-1] (match of drafts 1..T-1) -> int32 [B] accepted count in [1, T].
+
+  Example: matches [True, True, False, True] -> 3 (P[0], P[1], P[2]).
+  """
+  return 1 + jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)

@@ -1,0 +1,87 @@
+"""Blockwise parallel decoding (Stern et al. 2018), combined scoring and proposal.
+
+One iteration is one model call per batch (DESIGN.md, "The algorithm"):
+
+  1. feed the proposal block P[0..k-1] at positions L .. L+k-1;
+  2. verify: P[i] (i >= 1) is accepted iff all earlier ones were and the
+     acceptance rule matches it against head 1 at block position i-1;
+  3. accept a in [1, k] tokens (fewer at EOS or at the budget), L += a;
+  4. propose: the heads' argmaxes at block position a-1 are the next block.
+
+Rows accept different counts: each row keeps its own length and cache end,
+so no row waits for another. Worked example with k = 3, one row:
+
+  proposal      [the, cat, sat]      head-1 argmax at block positions
+  argmax p1     [cat, ran, ...]      0 -> "cat" (matches P[1]), 1 -> "ran"
+  accepted      2 ("the cat");       P[2] = "sat" != "ran" is rejected
+  next block    heads at position 1: ["ran", h2, h3]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from blockdec.decoding.acceptance import accepted_prefix_length
+from blockdec.decoding.state import (DecodeOptions, DecodeOutput, DecodeState,
+                                     ScoreFn, finalize, prefill, write_rows)
+
+
+def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
+                     prompt_lengths: jax.Array, cache,
+                     options: DecodeOptions) -> DecodeOutput:
+  """Decodes with blocks of `options.block_size` drafted by the model's heads.
+
+  Args:
+    score_fn: see `ScoreFn`; must return at least `block_size` heads.
+    params: passed through to `score_fn`.
+    prompts: [B, P] int32, right-padded.
+    prompt_lengths: [B] int32 in [1, P].
+    cache: an empty cache for `score_fn`, with room for P + N + k positions.
+    options: static options.
+
+  Traceable: call it under `jax.jit` with `options` static.
+  """
+  k = options.block_size
+  proposal, cache = prefill(score_fn, params, prompts, prompt_lengths, cache, k)
+  state = DecodeState.make(prompt_lengths, proposal, cache, options)
+
+  def cond(state: DecodeState):
+    return ~jnp.all(state.done) & (state.step < options.max_new_tokens)
+
+  def body(state: DecodeState):
+    offsets = state.positions  # [B]
+    block_positions = offsets[:, None] + jnp.arange(k, dtype=jnp.int32)  # [B, k]
+    logits, cache = score_fn(params, state.proposal, block_positions,
+                             state.cache)  # [B, k, k, V]
+    logits = logits[:, :, :k]
+    matches = options.acceptance.matches(state.proposal[:, 1:],
+                                         logits[:, :-1, 0])  # [B, k-1]
+    accepted = accepted_prefix_length(matches)  # [B] in [1, k]
+    ended = jnp.zeros_like(state.done)
+    if options.eos_id is not None:
+      is_eos = ((state.proposal == options.eos_id)
+                & (jnp.arange(k) < accepted[:, None]))  # [B, k]
+      ended = jnp.any(is_eos, axis=-1)
+      accepted = jnp.where(ended, jnp.argmax(is_eos, axis=-1) + 1, accepted)
+    accepted = jnp.minimum(accepted, options.max_new_tokens - state.lengths)
+    active = ~state.done
+    accepted = jnp.where(active, accepted, 0).astype(jnp.int32)
+    tokens = write_rows(state.tokens, state.proposal, state.lengths)
+    lengths = state.lengths + accepted
+    done = state.done | (active & ended) | (lengths >= options.max_new_tokens)
+    # The heads' argmaxes after the last accepted token form the next block.
+    last = jnp.maximum(accepted - 1, 0)
+    next_logits = jnp.take_along_axis(
+        logits, last[:, None, None, None], axis=1)[:, 0]  # [B, k, V]
+    proposal = jnp.argmax(next_logits, axis=-1).astype(jnp.int32)
+    hist = state.accepted_hist + (
+        active[:, None] & (jnp.arange(k)[None, :] == accepted[:, None] - 1))
+    return state.replace(
+        step=state.step + 1, tokens=tokens, lengths=lengths,
+        proposal=jnp.where(active[:, None], proposal, state.proposal),
+        done=done, num_calls=state.num_calls + active,
+        accepted_hist=hist.astype(jnp.int32), cache=cache)
+
+  state = jax.lax.while_loop(cond, body, state)
+  return finalize(state, options)

@@ -1,0 +1,138 @@
+"""Loop state, static options and outputs shared by the decoding loops."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from blockdec.decoding.acceptance import AcceptanceRule, Exact
+
+# score(params, tokens [B, T], positions [B, T], cache) -> (logits [B, T, k, V], cache)
+# The callable writes the block's keys/values at `positions` and treats every
+# cache slot at or past `positions[:, 0]` as stale (that is the rollback).
+ScoreFn = Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """Static options of a decoding run (hashable: a static jit argument).
+
+  Attributes:
+    max_new_tokens: N, the per-row budget of generated tokens.
+    block_size: k, tokens drafted and verified per call (1 = greedy).
+    acceptance: the verification rule; `Exact()` reproduces greedy output.
+    eos_id: a token that ends its row (counted in `lengths`), or None.
+    pad_id: written after each row's end in the output.
+  """
+
+  max_new_tokens: int
+  block_size: int = 1
+  acceptance: AcceptanceRule = Exact()
+  eos_id: int | None = None
+  pad_id: int = 0
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Per-row state of the blockwise loop (greedy is the k = 1 case).
+
+  Attributes:
+    step: [] int32 loop iterations so far.
+    prompt_lengths: [B] int32.
+    tokens: [B, N + k] int32 generated tokens; garbage past `lengths`.
+    lengths: [B] int32 committed generated tokens per row.
+    proposal: [B, k] int32 the next block to verify; proposal[:, 0] is head
+      1's argmax, always correct.
+    done: [B] bool rows that hit EOS or their budget.
+    num_calls: [B] int32 model calls while the row was active.
+    accepted_hist: [B, k] int32; entry a-1 counts calls that accepted a tokens.
+    cache: the scoring function's cache pytree (opaque here).
+  """
+
+  step: jax.Array
+  prompt_lengths: jax.Array
+  tokens: jax.Array
+  lengths: jax.Array
+  proposal: jax.Array
+  done: jax.Array
+  num_calls: jax.Array
+  accepted_hist: jax.Array
+  cache: Any
+
+  @classmethod
+  def make(cls, prompt_lengths, proposal, cache, options: DecodeOptions):
+    batch, k = proposal.shape
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return cls(
+        step=jnp.zeros((), jnp.int32),
+        prompt_lengths=prompt_lengths.astype(jnp.int32),
+        tokens=jnp.full((batch, options.max_new_tokens + k), options.pad_id,
+                        jnp.int32),
+        lengths=zeros,
+        proposal=proposal.astype(jnp.int32),
+        done=jnp.zeros((batch,), bool),
+        num_calls=zeros,
+        accepted_hist=jnp.zeros((batch, k), jnp.int32),
+        cache=cache)
+
+  @property
+  def positions(self) -> jax.Array:
+    """[B] position of the next token to commit (prompt included)."""
+    return self.prompt_lengths + self.lengths
+
+
+@flax.struct.dataclass
+class DecodeOutput:
+  """Result of a decoding run.
+
+  Attributes:
+    tokens: [B, N] int32, `pad_id` after each row's end.
+    lengths: [B] int32 generated tokens per row (an ending EOS counts).
+    num_calls: [B] int32 model calls after prefill while the row was active.
+    accepted_hist: [B, k] int32 calls that accepted 1..k tokens.
+  """
+
+  tokens: jax.Array
+  lengths: jax.Array
+  num_calls: jax.Array
+  accepted_hist: jax.Array
+
+  @property
+  def block_efficiency(self) -> jax.Array:
+    """Mean accepted block size over all rows: tokens per model call."""
+    return jnp.sum(self.lengths) / jnp.maximum(jnp.sum(self.num_calls), 1)
+
+
+def prefill(score_fn: ScoreFn, params, prompts, prompt_lengths, cache,
+            num_heads: int):
+  """Runs the prompts once; returns (first block [B, num_heads], cache).
+
+  prompts [B, P] right-padded; the block is the heads' argmax at each row's
+  last prompt token.
+  """
+  batch, p = prompts.shape
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
+  logits, cache = score_fn(params, prompts, positions, cache)  # [B, P, k, V]
+  last = jnp.take_along_axis(
+      logits, (prompt_lengths - 1)[:, None, None, None], axis=1)[:, 0]
+  return jnp.argmax(last[:, :num_heads], axis=-1).astype(jnp.int32), cache
+
+
+def finalize(state: DecodeState, options: DecodeOptions) -> DecodeOutput:
+  """Masks everything after each row's end once, after the loop."""
+  n = options.max_new_tokens
+  valid = jnp.arange(n)[None, :] < state.lengths[:, None]
+  tokens = jnp.where(valid, state.tokens[:, :n], options.pad_id)
+  return DecodeOutput(tokens=tokens, lengths=state.lengths,
+                      num_calls=state.num_calls,
+                      accepted_hist=state.accepted_hist)
+
+
+def write_rows(buffer: jax.Array, block: jax.Array, offsets: jax.Array):
+  """Writes block [B, T] into buffer [B, M] at per-row offsets [B]."""
+  return jax.vmap(lambda row, blk, off: jax.lax.dynamic_update_slice(
+      row, blk, (off,)))(buffer, block, offsets)

@@ -1,0 +1,250 @@
+"""Decoder-only Transformer with Stern et al.'s proposal heads.
+
+Parameter tree (names are stable; checkpoint import relies on them):
+
+  embed/embedding            [V, d]
+  pos_embed/embedding        [max_seq_len, d]        (position="learned")
+  layer_{i}/attn_norm        RMSNorm or LayerNorm
+  layer_{i}/attn/{q,k,v,o}   Dense
+  layer_{i}/mlp_norm
+  layer_{i}/mlp/{gate,up,down} (swiglu) or {fc,proj} (gelu)
+  final_norm
+  lm_head/kernel             [d, V]                  (tie_embeddings=False)
+  proposal_heads/head_{j}/{fc1,fc2}   j = 2..k       (num_prediction_heads > 1)
+
+Head 1 is `final_norm -> vocabulary projection`. Head j >= 2 (Stern sec. 3) is
+one residual feed-forward layer on the same normalised hidden state,
+`h_j = h + fc2(relu(fc1(h)))`, followed by the shared vocabulary projection.
+Everything under `proposal_heads` can be trained while the rest stays frozen,
+which leaves head 1, and so greedy decoding, bit-for-bit unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blockdec.config import ModelConfig
+from blockdec.models import attention
+from blockdec.models.kv_cache import KVCache, write_block
+
+
+def _dtype(name: str):
+  return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """[D/2] inverse frequencies, with Llama-3 scaling when configured."""
+  d = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if cfg.rope_scaling is None:
+    return inv_freq
+  factor, low_ff, high_ff, original_max = cfg.rope_scaling
+  low_wavelen = original_max / low_ff
+  high_wavelen = original_max / high_ff
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (original_max / wavelen - low_ff) / (high_ff - low_ff)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+  """Rotates x [B, T, H, D] by positions [B, T] (halves convention)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, name: str) -> nn.Module:
+  kw = dict(epsilon=cfg.norm_eps, dtype=_dtype(cfg.dtype),
+            param_dtype=_dtype(cfg.param_dtype), name=name)
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(**kw)
+  return nn.LayerNorm(**kw)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, kv=None):
+    """x [B, T, d]; kv: None (self-attention) or (k_cache, v_cache) [B, S, H_kv, D].
+
+    Returns (out [B, T, d], updated kv or None).
+    """
+    cfg = self.cfg
+    dense = lambda n, bias, name: nn.Dense(
+        n, use_bias=bias, dtype=_dtype(cfg.dtype),
+        param_dtype=_dtype(cfg.param_dtype), name=name)
+    b, t, _ = x.shape
+    h, h_kv, d = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
+    q = dense(h * d, cfg.qkv_bias, "q")(x).reshape(b, t, h, d)
+    k = dense(h_kv * d, cfg.qkv_bias, "k")(x).reshape(b, t, h_kv, d)
+    v = dense(h_kv * d, cfg.qkv_bias, "v")(x).reshape(b, t, h_kv, d)
+    if cfg.position == "rope":
+      inv_freq = rope_frequencies(cfg)
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
+    if kv is None:
+      out = attention.self_attention(q, k, v, positions)
+    else:
+      k_cache, v_cache = kv
+      offsets = positions[:, 0]
+      k_cache = write_block(k_cache, k, offsets)
+      v_cache = write_block(v_cache, v, offsets)
+      out = attention.cached_attention(q, k_cache, v_cache, positions,
+                                       backend=cfg.attention_backend)
+      kv = (k_cache, v_cache)
+    out = dense(cfg.d_model, cfg.proj_bias, "o")(out.reshape(b, t, h * d))
+    return out, kv
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dense = lambda n, name: nn.Dense(
+        n, use_bias=cfg.proj_bias, dtype=_dtype(cfg.dtype),
+        param_dtype=_dtype(cfg.param_dtype), name=name)
+    if cfg.mlp == "swiglu":
+      hidden = nn.silu(dense(cfg.ff_dim, "gate")(x)) * dense(cfg.ff_dim, "up")(x)
+      return dense(cfg.d_model, "down")(hidden)
+    hidden = nn.gelu(dense(cfg.ff_dim, "fc")(x), approximate=True)
+    return dense(cfg.d_model, "proj")(hidden)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, kv=None):
+    attn_out, kv = Attention(self.cfg, name="attn")(
+        _norm(self.cfg, "attn_norm")(x), positions, kv)
+    x = x + attn_out
+    x = x + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
+    return x, kv
+
+
+class ProposalHead(nn.Module):
+  """Stern's head j: one residual feed-forward layer on the final hidden state."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h):
+    cfg = self.cfg
+    dense = lambda n, name: nn.Dense(
+        n, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+        name=name)
+    return h + dense(cfg.d_model, "fc2")(nn.relu(dense(cfg.head_ff_dim, "fc1")(h)))
+
+
+class Transformer(nn.Module):
+  """The model. `__call__` returns logits of every head; see module docstring."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdt = _dtype(cfg.param_dtype)
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdt,
+                          dtype=_dtype(cfg.dtype),
+                          embedding_init=nn.initializers.normal(0.02))
+    if cfg.position == "learned":
+      self.pos_embed = nn.Embed(cfg.max_seq_len, cfg.d_model, param_dtype=pdt,
+                                dtype=_dtype(cfg.dtype),
+                                embedding_init=nn.initializers.normal(0.01))
+    self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+    self.final_norm = _norm(cfg, "final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False,
+                              dtype=_dtype(cfg.dtype), param_dtype=pdt)
+    if cfg.num_prediction_heads > 1:
+      self.proposal_heads = ProposalHeads(cfg)
+
+  def trunk(self, tokens, positions, cache: KVCache | None = None):
+    """tokens, positions [B, T] -> (normalised hidden [B, T, d], cache).
+
+    With a cache, the block is written at slots `positions[:, 0] ...` and the
+    returned cache has `end_index = positions[:, 0] + T`.
+    """
+    x = self.embed(tokens)
+    if self.cfg.position == "learned":
+      x = x + self.pos_embed(jnp.minimum(positions, self.cfg.max_seq_len - 1))
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = layer(x, positions, kv)
+      if cache is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    if cache is not None:
+      cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v),
+                      end_index=(positions[:, 0] + tokens.shape[1]).astype(jnp.int32))
+    return self.final_norm(x), cache
+
+  def vocab_logits(self, h):
+    """h [..., d] -> float32 logits [..., V] through the shared projection."""
+    if self.cfg.tie_embeddings:
+      logits = self.embed.attend(h)
+    else:
+      logits = self.lm_head(h)
+    return logits.astype(jnp.float32)
+
+  def head_logits(self, h, num_heads: int | None = None):
+    """h [B, T, d] -> logits [B, T, num_heads, V] of heads 1..num_heads."""
+    num_heads = num_heads or self.cfg.num_prediction_heads
+    hs = [h]
+    if num_heads > 1:
+      hs += self.proposal_heads(h, num_heads)
+    return self.vocab_logits(jnp.stack(hs, axis=2))
+
+  def __call__(self, tokens, positions, cache=None, num_heads=None):
+    h, cache = self.trunk(tokens, positions, cache)
+    return self.head_logits(h, num_heads), cache
+
+
+class ProposalHeads(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    self.heads = {f"head_{j}": ProposalHead(self.cfg, name=f"head_{j}")
+                  for j in range(2, self.cfg.num_prediction_heads + 1)}
+
+  def __call__(self, h, num_heads):
+    return [self.heads[f"head_{j}"](h) for j in range(2, num_heads + 1)]
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+  """Random parameters for `cfg` (a pytree of arrays)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Transformer(cfg).init(key, tokens, tokens)["params"]
+
+
+def make_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+  return KVCache.make(num_layers=cfg.n_layers, batch=batch, length=length,
+                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.dim_per_head,
+                      dtype=_dtype(cfg.dtype))
+
+
+def apply(params, cfg: ModelConfig, tokens, positions, cache=None,
+          num_heads=None):
+  """Logits [B, T, num_heads, V] (float32) and the updated cache."""
+  return Transformer(cfg).apply({"params": params}, tokens, positions, cache,
+                                num_heads)
+
+
+def forward_logits(params, cfg: ModelConfig, tokens):
+  """Head-1 logits [B, T, V] of full sequences tokens [B, T] (no cache)."""
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                               tokens.shape)
+  logits, _ = apply(params, cfg, tokens, positions, None, num_heads=1)
+  return logits[:, :, 0]

@@ -1,0 +1,91 @@
+"""The Transformer and its KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blockdec
+from blockdec.models import transformer
+from tests.helpers import random_model
+
+
+def _positions(start, t, batch):
+  return jnp.broadcast_to(jnp.arange(start, start + t, dtype=jnp.int32), (batch, t))
+
+
+@pytest.mark.parametrize("arch", [0, 3, 5])
+def test_cached_blocks_match_full_forward_after_rollback(arch):
+  """Write a block, roll back part of it, continue: logits equal a fresh pass."""
+  cfg, params = random_model(arch)
+  rng = np.random.RandomState(arch)
+  batch, total = 2, 20
+  seq = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, total)), jnp.int32)
+  reference = blockdec.forward_logits(params, cfg, seq)  # [B, T, V]
+
+  cache = transformer.make_cache(cfg, batch, 32)
+  # Prefill 8 tokens, then a 6-token block of which only 2 are "accepted".
+  _, cache = transformer.apply(params, cfg, seq[:, :8], _positions(0, 8, batch), cache)
+  junk = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, 6)), jnp.int32)
+  junk = junk.at[:, :2].set(seq[:, 8:10])
+  _, cache = transformer.apply(params, cfg, junk, _positions(8, 6, batch), cache)
+  np.testing.assert_array_equal(cache.end_index, 14)
+  cache = cache.set_end_index(jnp.full((batch,), 10))  # Roll back 4 slots.
+  logits, cache = transformer.apply(params, cfg, seq[:, 10:], _positions(10, 10, batch), cache)
+  np.testing.assert_array_equal(cache.end_index, 20)
+  np.testing.assert_allclose(logits[:, :, 0], reference[:, 10:], atol=2e-5, rtol=1e-5)
+
+
+def test_per_row_offsets():
+  """Rows write blocks at different offsets in one call."""
+  cfg, params = random_model(1)
+  rng = np.random.RandomState(0)
+  seq = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 12)), jnp.int32)
+  reference = blockdec.forward_logits(params, cfg, seq)
+  cache = transformer.make_cache(cfg, 2, 20)
+  _, cache = transformer.apply(params, cfg, seq[:, :8], _positions(0, 8, 2), cache)
+  offsets = jnp.asarray([5, 8])
+  block = jnp.stack([seq[0, 5:9], seq[1, 8:12]])
+  positions = offsets[:, None] + jnp.arange(4)
+  logits, _ = transformer.apply(params, cfg, block, positions, cache)
+  np.testing.assert_allclose(logits[0, :, 0], reference[0, 5:9], atol=2e-5)
+  np.testing.assert_allclose(logits[1, :, 0], reference[1, 8:12], atol=2e-5)
+
+
+def test_heads_shapes_and_shared_head_one():
+  cfg, params = random_model(2)
+  tokens = jnp.zeros((3, 5), jnp.int32)
+  logits, _ = transformer.apply(params, cfg, tokens, _positions(0, 5, 3))
+  assert logits.shape == (3, 5, cfg.num_prediction_heads, cfg.vocab_size)
+  two, _ = transformer.apply(params, cfg, tokens, _positions(0, 5, 3), num_heads=2)
+  np.testing.assert_allclose(two, logits[:, :, :2], atol=1e-6)
+  assert set(params["proposal_heads"]) == {f"head_{j}" for j in range(2, 9)}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(tie_embeddings=False),
+    dict(norm="layernorm", mlp="gelu", position="learned", qkv_bias=True,
+         proj_bias=True),
+    dict(rope_scaling=(8.0, 1.0, 4.0, 64)),
+    dict(num_prediction_heads=1),
+])
+def test_architecture_variants_decode_exactly(overrides):
+  cfg, params = random_model(4, **overrides)
+  if not cfg.tie_embeddings:
+    assert "lm_head" in params
+  prompts = np.array([[1, 2, 3], [4, 5, 0]], np.int32)
+  lengths = np.array([3, 2], np.int32)
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths, max_new_tokens=10)
+  block = blockdec.blockwise_decode(params, cfg, prompts, lengths, max_new_tokens=10)
+  np.testing.assert_array_equal(block.tokens, greedy.tokens)
+  assert np.isfinite(np.asarray(blockdec.forward_logits(params, cfg, prompts))).all()
+
+
+def test_bfloat16_model_runs():
+  """bfloat16: block and one-token calls round differently, so blockwise output
+  may drift from greedy at near-ties; this checks it runs and stays sane."""
+  cfg, params = random_model(0, dtype="bfloat16", param_dtype="bfloat16")
+  assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.bfloat16
+  prompts = np.array([[1, 2, 3]], np.int32)
+  out = blockdec.blockwise_decode(params, cfg, prompts, np.array([3]), max_new_tokens=8)
+  assert out.tokens.shape == (1, 8) and int(out.lengths[0]) == 8
