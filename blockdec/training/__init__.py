@@ -1,0 +1,1 @@
+"""Training on an embedded corpus: data, tokenizers, losses, the trainer, regimes."""

@@ -1,0 +1,140 @@
+"""The training config schema: every field, its default and what it means.
+
+The files in `configs/` start from `default_config()` and change what their
+experiment needs; the trainer validates the result (`check_config`) before it
+touches data, so a typo in an override fails at once with the field's name.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from blockdec.training.losses import REGIMES
+from blockdec.training.tokenizers import KINDS
+
+
+def default_model() -> ml_collections.ConfigDict:
+  """ModelConfig fields for a base LM (0 means "the ModelConfig default")."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=0,          # 0: the tokenizer's vocabulary size.
+      d_model=256,           # Residual width.
+      n_layers=4,            # Transformer blocks.
+      n_heads=4,             # Attention heads.
+      n_kv_heads=0,          # Key/value heads (GQA); 0: n_heads.
+      d_ff=0,                # MLP width; 0: 4 * d_model.
+      max_seq_len=512,       # Longest position the model is used at (decoding too).
+      num_prediction_heads=1,  # k, head 1 included; a base LM needs only 1.
+      head_hidden=0,         # Proposal-head FFN width; 0: d_model.
+      tie_embeddings=True,   # Share the input embedding with the output projection.
+      norm="rmsnorm",        # "rmsnorm" or "layernorm".
+      mlp="swiglu",          # "swiglu" or "gelu".
+      position="rope",       # "rope" or "learned".
+      dtype="float32",       # Activations: "float32" or "bfloat16".
+      param_dtype="float32",  # Parameters: "float32" or "bfloat16".
+  ))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "run"             # Prefix of the run folder under the cache.
+  # "base" (train a LM, head 1), "frozen" (heads 2..k on a frozen base),
+  # "finetune" (all parameters on the mean of the k head losses), "distill"
+  # (frozen base, heads on the base's own greedy continuations), or
+  # "distill_finetune" (both).
+  c.regime = "base"
+  c.seed = 0                 # Parameter init and data order.
+  c.workdir = ""             # Run folder; "" = <cache_dir>/<name>-<config hash>.
+
+  # The model. For "base": a full ModelConfig (see default_model). For the
+  # head regimes: changes applied to the base checkpoint's ModelConfig, e.g.
+  # {"num_prediction_heads": 8}; trunk fields must match the checkpoint.
+  c.model = default_model()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = "stdlib"   # "stdlib" and/or comma-separated files, folders, globs.
+  c.data.pattern = "*.py"    # File pattern inside named folders.
+  c.data.tokenizer = "bytes"  # "bytes" (vocab 256) or "bpe" (trained on train split).
+  c.data.bpe_vocab_size = 1024  # BPE vocabulary size (>= 257).
+  c.data.seq_len = 256       # Tokens per training sequence (inputs).
+  c.data.valid_fraction = 0.02  # Share of files held out for evaluation.
+  c.data.test_fraction = 0.02   # Share of files held out for decoding prompts.
+  c.data.eval_batches = 8    # Held-out batches per evaluation.
+
+  c.batch_size = 16          # Sequences per step.
+  c.steps = 1000             # Optimizer steps in total.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-3  # Peak learning rate (AdamW).
+  c.optim.warmup_steps = 50  # Linear warmup from 0 to the peak.
+  c.optim.end_lr_fraction = 0.1  # Cosine decay ends at peak * this.
+  c.optim.weight_decay = 0.1  # Decoupled weight decay on matrices (ndim >= 2).
+  c.optim.b1 = 0.9           # Adam beta1.
+  c.optim.b2 = 0.95          # Adam beta2.
+  c.optim.grad_clip = 1.0    # Global-norm clipping; 0 disables.
+
+  c.log_every = 10           # Steps between metric rows in metrics.jsonl.
+  c.eval_every = 200         # Steps between held-out evaluations (and at the end).
+  c.checkpoint_every = 100   # Steps between orbax checkpoints (and at the end).
+  c.keep_checkpoints = 2     # Orbax checkpoints kept (the latest ones).
+  c.progress = True          # tqdm progress bars.
+
+  # Head regimes start from this checkpoint folder; "" = train (or reuse from
+  # the cache) the run described by `base`.
+  c.init_from = ""
+  c.base = None              # The base LM's config (head regimes).
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.num_sequences = 512  # Greedy continuations generated (cached on disk).
+  c.distill.prefix_len = 64  # Corpus tokens before each continuation.
+  c.distill.new_tokens = 192  # Generated tokens per sequence (the targets).
+  c.distill.batch_size = 64  # Rows per generation call.
+  c.distill.cache_dir = ""   # "" = <workdir>/../distill.
+
+  c.diagnostics = ml_collections.ConfigDict()
+  c.diagnostics.num_prompts = 8  # Held-out prompts for per-head agreement; 0 = off.
+  c.diagnostics.new_tokens = 64  # Greedy tokens generated per prompt.
+  return c
+
+
+def _positive_int(path, value, allow_zero=False):
+  if isinstance(value, bool) or not isinstance(value, int) or \
+      value < (0 if allow_zero else 1):
+    raise ValueError(f"config.{path}={value!r} must be a "
+                     f"{'non-negative' if allow_zero else 'positive'} integer.")
+
+
+def check_config(c) -> None:
+  """Raises ValueError naming the first bad field of a training config."""
+  if c.regime not in REGIMES:
+    raise ValueError(f"config.regime={c.regime!r} is not supported; allowed: "
+                     f"{tuple(REGIMES)}.")
+  for path in ("batch_size", "steps", "log_every", "eval_every",
+               "checkpoint_every", "keep_checkpoints", "data.seq_len",
+               "data.eval_batches"):
+    value = c
+    for part in path.split("."):
+      value = value[part]
+    _positive_int(path, value)
+  _positive_int("optim.warmup_steps", c.optim.warmup_steps, allow_zero=True)
+  if c.data.tokenizer not in KINDS:
+    raise ValueError(f"config.data.tokenizer={c.data.tokenizer!r} is not "
+                     f"supported; allowed: {KINDS}.")
+  if not c.optim.learning_rate > 0:
+    raise ValueError(
+        f"config.optim.learning_rate={c.optim.learning_rate!r} must be > 0.")
+  if not 0 <= c.optim.end_lr_fraction <= 1:
+    raise ValueError(f"config.optim.end_lr_fraction="
+                     f"{c.optim.end_lr_fraction!r} must be in [0, 1].")
+  if c.optim.weight_decay < 0 or c.optim.grad_clip < 0:
+    raise ValueError("config.optim.weight_decay and grad_clip must be >= 0, "
+                     f"got {c.optim.weight_decay!r}, {c.optim.grad_clip!r}.")
+  if c.regime != "base" and not c.init_from and c.base is None:
+    raise ValueError(f"config.regime={c.regime!r} trains heads on a base "
+                     "model: set config.init_from to a checkpoint folder or "
+                     "config.base to the base LM's config.")
+  if REGIMES[c.regime]["distill"]:
+    for path in ("num_sequences", "prefix_len", "new_tokens", "batch_size"):
+      _positive_int(f"distill.{path}", c.distill[path])
+  _positive_int("diagnostics.num_prompts", c.diagnostics.num_prompts,
+                allow_zero=True)
+  _positive_int("diagnostics.new_tokens", c.diagnostics.new_tokens)

@@ -1,0 +1,88 @@
+"""Losses of the k heads and how each training regime combines them.
+
+Head j at input position t predicts the token at t + j (head 1 is the
+ordinary next-token loss). A batch row of S tokens gives T = S - 1 input
+positions; head j has targets at the positions t with t + j <= S - 1:
+
+    tokens  a b c d e          (S = 5, T = 4)
+    head 1  b c d e            targets tokens[t + 1]
+    head 2  c d e .            the last position has no target (weight 0)
+
+Combining heads (fine-tuned regimes): we minimise the MEAN of the k per-head
+mean cross-entropies. Stern et al. (sec. 4) instead sample one head per
+minibatch uniformly at random and backpropagate only its loss; that estimate's
+expectation is exactly this mean, so the mean gives the same expected gradient
+without the sampling variance, at the cost of evaluating all k vocabulary
+projections (cheap next to the trunk). Mean rather than sum keeps the loss
+scale, and so the learning rate, independent of k.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# What each regime trains and which heads its loss averages.
+#   trains: "all" parameters, or only params["proposal_heads"] (frozen base).
+#   heads:  "first" (head 1 only), "proposals" (heads 2..k), "all" (1..k).
+REGIMES = {
+    "base": dict(trains="all", heads="first", distill=False),
+    "frozen": dict(trains="heads", heads="proposals", distill=False),
+    "finetune": dict(trains="all", heads="all", distill=False),
+    "distill": dict(trains="heads", heads="proposals", distill=True),
+    "distill_finetune": dict(trains="all", heads="all", distill=True),
+}
+
+
+def check_regime(regime: str, num_heads: int) -> None:
+  if regime not in REGIMES:
+    raise ValueError(f"regime={regime!r} is not supported; allowed: "
+                     f"{tuple(REGIMES)}.")
+  if REGIMES[regime]["heads"] == "proposals" and num_heads < 2:
+    raise ValueError(f"regime={regime!r} trains proposal heads but the model "
+                     f"has num_prediction_heads={num_heads}; set it to >= 2.")
+
+
+def head_targets(tokens: jax.Array, mask: jax.Array, num_heads: int):
+  """Splits rows into inputs and per-head targets.
+
+  Args:
+    tokens: int [B, S] rows.
+    mask: float [B, S]; mask[b, s] = 0 excludes token s as a target.
+    num_heads: k.
+
+  Returns:
+    inputs [B, T], targets [B, T, k] (int32), weights [B, T, k] (float32),
+    with T = S - 1.
+  """
+  _, s = tokens.shape
+  t = s - 1
+  padded = jnp.pad(tokens, ((0, 0), (0, num_heads)))
+  padded_mask = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, num_heads)))
+  targets = jnp.stack([padded[:, j:j + t] for j in range(1, num_heads + 1)], 2)
+  weights = jnp.stack([padded_mask[:, j:j + t] for j in range(1, num_heads + 1)],
+                      2)
+  return tokens[:, :t].astype(jnp.int32), targets.astype(jnp.int32), weights
+
+
+def per_head_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+  """Summed cross-entropy [k] and summed weights [k] of logits [B, T, k, V]."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T, k]
+  return jnp.sum(ce * weights, axis=(0, 1)), jnp.sum(weights, axis=(0, 1))
+
+
+def per_head_losses(logits, targets, weights) -> jax.Array:
+  """Mean cross-entropy per head [k] (nats per target token)."""
+  ce_sum, w_sum = per_head_sums(logits, targets, weights)
+  return ce_sum / jnp.maximum(w_sum, 1.0)
+
+
+def regime_loss(regime: str, head_losses: jax.Array) -> jax.Array:
+  """The scalar a regime minimises, from per-head losses [k]."""
+  heads = REGIMES[regime]["heads"]
+  if heads == "first":
+    return head_losses[0]
+  if heads == "proposals":
+    return jnp.mean(head_losses[1:])
+  return jnp.mean(head_losses)

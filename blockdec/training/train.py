@@ -1,0 +1,460 @@
+"""The train step and the trainer loop.
+
+`make_train_step` returns ONE pure function `train_step(state, batch) ->
+(state, metrics)` over a `TrainState` pytree; `Trainer` jits it in exactly one
+place (`Trainer.__init__`), which is where sharding (`jax.jit(...,
+in_shardings=..., out_shardings=...)` over a mesh) will be added.
+
+Regimes (losses.REGIMES): "base" trains everything on head 1; "frozen" and
+"distill" train only `params["proposal_heads"]` — the optimizer state covers
+only that subtree and the trunk's hidden states are computed under
+`stop_gradient`, so nothing is differentiated through the trunk and the base
+parameters come out bit-for-bit unchanged; "finetune" and "distill_finetune"
+train everything on the mean of the k head losses.
+
+Resume is exact: batch i is a pure function of (seed, i) (data.py), there is
+no other randomness, and the full state (params, optimizer state, step) is in
+each orbax checkpoint. A run killed and restarted continues from its last
+checkpoint and reproduces the uninterrupted run's losses and parameters.
+
+Run folder:
+  model_config.json, tokenizer files   written at start
+  checkpoints/<step>/                  orbax TrainState
+  metrics.jsonl                        {"split": "train"|"valid", "step", ...}
+  params.safetensors                   final parameters (blockdec.load_checkpoint)
+  summary.json, loss_curve.png         at the end
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from blockdec import api, checkpointing
+from blockdec.config import ModelConfig
+from blockdec.models import transformer
+from blockdec.training import data as data_lib
+from blockdec.training import diagnostics, distill, losses
+from blockdec.training.defaults import check_config
+from blockdec.training.tokenizers import load_tokenizer, make_tokenizer
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: [] int32 updates done; params: the full model; opt_state: optax
+  state of the trainable subtree (all params, or params["proposal_heads"])."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def trainable(params, regime: str):
+  """The subtree a regime optimises."""
+  if losses.REGIMES[regime]["trains"] == "heads":
+    return params["proposal_heads"]
+  return params
+
+
+def with_trainable(params, sub, regime: str):
+  """`params` with the trainable subtree replaced by `sub`."""
+  if losses.REGIMES[regime]["trains"] == "heads":
+    return {**params, "proposal_heads": sub}
+  return sub
+
+
+def make_optimizer(optim, total_steps: int):
+  """AdamW with linear warmup and cosine decay; returns (optimizer, schedule)."""
+  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=optim.learning_rate * optim.end_lr_fraction)
+  decay_mask = lambda p: jax.tree_util.tree_map(lambda x: x.ndim >= 2, p)
+  parts = []
+  if optim.grad_clip:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
+                           weight_decay=optim.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule
+
+
+def head_losses(params, cfg: ModelConfig, batch, regime: str) -> jax.Array:
+  """Per-head mean cross-entropy [k] on batch {"tokens", "mask"} [B, S]."""
+  k = cfg.num_prediction_heads
+  inputs, targets, weights = losses.head_targets(batch["tokens"], batch["mask"], k)
+  positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32),
+                               inputs.shape)
+  model = transformer.Transformer(cfg)
+  h, _ = model.apply({"params": params}, inputs, positions, method="trunk")
+  if losses.REGIMES[regime]["trains"] == "heads":
+    h = jax.lax.stop_gradient(h)  # [B, T, d] a constant: no trunk backward.
+  logits = model.apply({"params": params}, h, method="head_logits")  # [B, T, k, V]
+  return losses.per_head_losses(logits, targets, weights)
+
+
+def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule):
+  """The pure step of `regime`: (TrainState, batch) -> (TrainState, metrics)."""
+  losses.check_regime(regime, cfg.num_prediction_heads)
+
+  def train_step(state: TrainState, batch):
+    def loss_fn(sub):
+      per_head = head_losses(with_trainable(state.params, sub, regime), cfg,
+                             batch, regime)
+      return losses.regime_loss(regime, per_head), per_head
+
+    sub = trainable(state.params, regime)
+    (loss, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
+    updates, opt_state = optimizer.update(grads, state.opt_state, sub)
+    params = with_trainable(state.params, optax.apply_updates(sub, updates),
+                            regime)
+    metrics = {"loss": loss, "head_losses": per_head,
+               "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params,
+                      opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: ModelConfig):
+  """(params, batch) -> (summed cross-entropy [k], summed weights [k])."""
+
+  def eval_step(params, batch):
+    k = cfg.num_prediction_heads
+    inputs, targets, weights = losses.head_targets(batch["tokens"],
+                                                   batch["mask"], k)
+    positions = jnp.broadcast_to(
+        jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+    logits, _ = transformer.apply(params, cfg, inputs, positions)
+    return losses.per_head_sums(logits, targets, weights)
+
+  return eval_step
+
+
+# ------------------------------------------------------------------ the run
+
+
+def model_config_from(model, vocab_size: int) -> ModelConfig:
+  """ModelConfig from a config's `model` block (0 = the ModelConfig default)."""
+  d = dict(model)
+  if not d.get("vocab_size"):
+    d["vocab_size"] = vocab_size
+  for name in ("n_kv_heads", "d_ff", "head_dim", "head_hidden"):
+    if d.get(name) == 0:
+      d[name] = None
+  try:
+    return ModelConfig.from_dict(d)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.model: {e}") from None
+
+
+def heads_model(base_cfg: ModelConfig, base_params, overrides, seed: int):
+  """The head-regime model: base config + overrides, base weights + new heads.
+
+  Every parameter the base has (trunk, head 1, and heads it already has) is
+  copied; heads it lacks are initialised from `seed`.
+  """
+  changes = {k: (None if v == 0 and k in ("head_hidden",) else v)
+             for k, v in dict(overrides).items()}
+  try:
+    cfg = base_cfg.replace(**changes)
+  except TypeError as e:
+    raise ValueError(f"config.model has a field ModelConfig lacks: {e}") from None
+  fresh = jax.device_get(api.init_params(cfg, jax.random.key(seed)))
+  base_params = jax.device_get(base_params)
+
+  def merge(new, old, path):
+    if isinstance(new, dict):
+      return {k: merge(v, old.get(k) if isinstance(old, dict) else None,
+                       f"{path}/{k}") for k, v in new.items()}
+    if old is None:
+      if not path.startswith("/proposal_heads"):
+        raise ValueError(f"the base checkpoint lacks parameter {path}.")
+      return new
+    if np.shape(old) != np.shape(new):
+      raise ValueError(
+          f"parameter {path} has shape {np.shape(old)} in the base checkpoint "
+          f"but {np.shape(new)} under the head config; config.model may only "
+          "change head fields (num_prediction_heads, head_hidden).")
+    return np.asarray(old)
+
+  return cfg, merge(fresh, base_params, "")
+
+
+class Trainer:
+  """Trains one config in one run folder; `run()` resumes if it can.
+
+  Args:
+    config: a training ConfigDict (defaults.default_config()).
+    workdir: the run folder.
+    init: (cfg, params, tokenizer) of the base model for head regimes; by
+      default loaded from `config.init_from`.
+    docs: the corpus documents (default: loaded from config.data.corpus).
+  """
+
+  def __init__(self, config, workdir, *, init=None, docs=None):
+    check_config(config)
+    self.config = config
+    self.regime = config.regime
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    c = config
+    docs = data_lib.load_corpus(c.data.corpus, pattern=c.data.pattern) \
+        if docs is None else docs
+    self.splits = data_lib.split_corpus(docs, c.data.valid_fraction,
+                                        c.data.test_fraction)
+
+    if self.regime == "base":
+      if (self.workdir / checkpointing.CONFIG_FILE).exists():
+        self.tokenizer = load_tokenizer(self.workdir)  # Resume: same tokenizer.
+      else:
+        self.tokenizer = make_tokenizer(
+            c.data.tokenizer, (d.text for d in self.splits["train"]),
+            c.data.bpe_vocab_size)
+      self.cfg = model_config_from(c.model, self.tokenizer.vocab_size)
+      params = api.init_params(self.cfg, jax.random.key(c.seed))
+      self.teacher = None
+    else:
+      if init is None:
+        init = checkpointing.load_checkpoint(c.init_from)
+      base_cfg, base_params, self.tokenizer = init
+      self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
+      self.teacher = (base_cfg, base_params)
+    if self.tokenizer.vocab_size > self.cfg.vocab_size:
+      raise ValueError(f"config.model.vocab_size={self.cfg.vocab_size} is "
+                       f"smaller than the tokenizer's {self.tokenizer.vocab_size}.")
+    if c.data.seq_len > self.cfg.max_seq_len:
+      raise ValueError(f"config.data.seq_len={c.data.seq_len} exceeds "
+                       f"model max_seq_len={self.cfg.max_seq_len}.")
+    losses.check_regime(self.regime, self.cfg.num_prediction_heads)
+    self._check_or_write_run_files()
+
+    self.train_stream = data_lib.token_stream(self.splits["train"], self.tokenizer)
+    valid_stream = data_lib.token_stream(self.splits["valid"], self.tokenizer)
+    valid_bytes = sum(len(d.text.encode("utf-8")) for d in self.splits["valid"])
+    self.bytes_per_token = valid_bytes / max(len(valid_stream), 1)
+    self.eval_data = data_lib.eval_batches(valid_stream, c.data.seq_len,
+                                           c.batch_size, c.data.eval_batches)
+
+    self.optimizer, self.schedule = make_optimizer(c.optim, c.steps)
+    params = jax.device_put(params)
+    self.initial_state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        opt_state=self.optimizer.init(trainable(params, self.regime)))
+    # The one place the step is jitted (sharding goes here).
+    self.train_step = jax.jit(
+        make_train_step(self.cfg, self.regime, self.optimizer, self.schedule))
+    self.eval_step = jax.jit(make_eval_step(self.cfg))
+    self._batches = None
+
+  def _check_or_write_run_files(self):
+    path = self.workdir / checkpointing.CONFIG_FILE
+    if path.exists():
+      saved = checkpointing.load_model_config(self.workdir)
+      if saved != self.cfg:
+        raise ValueError(
+            f"{self.workdir} holds a run of another model ({saved}); this "
+            f"config describes {self.cfg}. Use a fresh workdir.")
+    checkpointing.save_model_config(self.workdir, self.cfg)
+    self.tokenizer.save(self.workdir)
+    (self.workdir / "train_config.json").write_text(self.config.to_json(indent=2))
+
+  @property
+  def batches(self):
+    """Training batches (distillation data is generated on first use)."""
+    if self._batches is None:
+      c = self.config
+      if losses.REGIMES[self.regime]["distill"]:
+        d = c.distill
+        cache = d.cache_dir or (self.workdir.parent / "distill")
+        t_cfg, t_params = self.teacher
+        tokens, mask = distill.generate(
+            t_params, t_cfg, self.train_stream, num_sequences=d.num_sequences,
+            prefix_len=d.prefix_len, new_tokens=d.new_tokens,
+            batch_size=d.batch_size, seed=c.seed, cache_dir=cache,
+            progress=c.progress)
+        self._batches = data_lib.ArrayBatches(tokens, mask, c.batch_size, c.seed)
+      else:
+        self._batches = data_lib.CorpusBatches(
+            self.train_stream, c.data.seq_len, c.batch_size, c.seed)
+    return self._batches
+
+  def evaluate(self, params) -> dict:
+    """Held-out per-head losses (nats per token) and head-1 nats per byte."""
+    ce = np.zeros(self.cfg.num_prediction_heads)
+    w = np.zeros(self.cfg.num_prediction_heads)
+    for batch in self.eval_data:
+      c_sum, w_sum = self.eval_step(params, batch)
+      ce += np.asarray(c_sum)
+      w += np.asarray(w_sum)
+    per_head = ce / np.maximum(w, 1)
+    return {"loss": float(per_head[0]), "head_losses": per_head.tolist(),
+            "regime_loss": float(losses.regime_loss(self.regime, per_head)),
+            "nats_per_byte": float(per_head[0] / self.bytes_per_token)}
+
+  def run(self, stop_at_step: int | None = None):
+    """Trains to `config.steps` (resuming from the latest checkpoint).
+
+    Args:
+      stop_at_step: stop once this many steps are done, without saving, as if
+        the process were killed there (for tests and time-sliced jobs).
+
+    Returns:
+      (final TrainState, summary dict or None when stopped early).
+    """
+    c = self.config
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=c.checkpoint_every, max_to_keep=c.keep_checkpoints,
+        enable_async_checkpointing=False, create=True)
+    metrics_path = self.workdir / "metrics.jsonl"
+    with ocp.CheckpointManager((self.workdir / checkpointing.ORBAX_DIR).resolve(),
+                               options=options) as mngr:
+      state = self.initial_state
+      start = mngr.latest_step()
+      if start is not None:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                          _as_dict(state))
+        state = _from_dict(mngr.restore(
+            start, args=ocp.args.StandardRestore(abstract)))
+      start = int(state.step)
+      _truncate_metrics(metrics_path, start)
+      end = c.steps if stop_at_step is None else min(stop_at_step, c.steps)
+      batches = self.batches if start < end else None
+      tokens_per_step = c.batch_size * (
+          batches.batch(0)["tokens"].shape[1] - 1 if batches else 0)
+
+      bar = tqdm(total=c.steps, initial=start, disable=not c.progress,
+                 desc=f"train {c.name} ({self.regime})", unit="step",
+                 dynamic_ncols=True)
+      t0, t_last, n_since = time.perf_counter(), time.perf_counter(), 0
+      postfix = {}
+      with open(metrics_path, "a") as log:
+        for step in range(start, end):
+          state, metrics = self.train_step(state, batches.batch(step))
+          done = step + 1
+          n_since += 1
+          if done % c.log_every == 0 or done == c.steps:
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            tps = n_since * tokens_per_step / max(now - t_last, 1e-9)
+            t_last, n_since = now, 0
+            row = {"split": "train", "step": done,
+                   "loss": float(metrics["loss"]),
+                   "head_losses": np.asarray(metrics["head_losses"]).tolist(),
+                   "grad_norm": float(metrics["grad_norm"]),
+                   "lr": float(metrics["lr"]), "tokens_per_s": tps,
+                   "elapsed_s": now - t0}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            postfix.update(loss=f"{row['loss']:.3f}", tok_s=f"{tps:.0f}")
+            bar.set_postfix(postfix)
+          if done % c.eval_every == 0 or done == c.steps:
+            row = {"split": "valid", "step": done, **self.evaluate(state.params)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            postfix["valid"] = f"{row['regime_loss']:.3f}"
+            bar.set_postfix(postfix)
+          mngr.save(done, args=ocp.args.StandardSave(_as_dict(state)),
+                    force=done == c.steps)
+          bar.update(1)
+      bar.close()
+      mngr.wait_until_finished()
+    if int(state.step) < c.steps:
+      return state, None
+    return state, self._finish(state)
+
+  def _finish(self, state) -> dict:
+    params = jax.device_get(state.params)
+    checkpointing.save_checkpoint(self.workdir, self.cfg, params, self.tokenizer)
+    rows = read_metrics(self.workdir / "metrics.jsonl")
+    valid = [r for r in rows if r["split"] == "valid"]
+    summary = {"name": self.config.name, "regime": self.regime,
+               "steps": int(state.step), "model": self.cfg.to_dict(),
+               "tokenizer": self.tokenizer.kind,
+               "valid": valid[-1] if valid else self.evaluate(params)}
+    n = self.config.diagnostics.num_prompts
+    if n and self.cfg.num_prediction_heads > 1:
+      summary["head_agreement"] = self.head_agreement(params, n)
+    (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_loss_curve(rows, self.workdir / "loss_curve.png",
+                    title=f"{self.config.name} ({self.regime})")
+    return summary
+
+  def head_agreement(self, params, num_prompts: int) -> list[float]:
+    """Per-head agreement with greedy continuations of held-out prompts."""
+    d = self.config.diagnostics
+    docs = self.splits["valid"]
+    texts = data_lib.heldout_prompts(docs, num_prompts, min_bytes=64,
+                                     max_bytes=128, seed=self.config.seed)
+    ids = [self.tokenizer.encode(t)[:max(self.cfg.max_seq_len - d.new_tokens, 1)]
+           for t in texts]
+    prompts, lengths = pad_prompts(ids)
+    return diagnostics.head_agreement(params, self.cfg, prompts, lengths,
+                                      d.new_tokens).tolist()
+
+
+def pad_prompts(ids: list[np.ndarray]):
+  """Right-pads token arrays -> prompts int32 [B, P], lengths int32 [B]."""
+  lengths = np.array([len(x) for x in ids], np.int32)
+  prompts = np.zeros((len(ids), int(lengths.max())), np.int32)
+  for i, x in enumerate(ids):
+    prompts[i, :len(x)] = x
+  return prompts, lengths
+
+
+def _as_dict(state: TrainState) -> dict:
+  return {"step": state.step, "params": state.params,
+          "opt_state": state.opt_state}
+
+
+def _from_dict(d: dict) -> TrainState:
+  return TrainState(step=d["step"], params=d["params"], opt_state=d["opt_state"])
+
+
+def read_metrics(path) -> list[dict]:
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+  """Drops rows past `step` (written after the checkpoint we resume from)."""
+  rows = [r for r in read_metrics(path) if r["step"] <= step]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot_loss_curve(rows: list[dict], path, title: str = "") -> None:
+  """The regime's train and held-out loss against steps, as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for split, key, style in (("train", "loss", "-"),
+                            ("valid", "regime_loss", "o-")):
+    pts = [(r["step"], r[key]) for r in rows if r["split"] == split]
+    if pts:
+      ax.plot(*zip(*pts), style, label=f"{split} loss", markersize=3)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def train(config, workdir, *, init=None, docs=None, stop_at_step=None):
+  """Trains `config` in `workdir`; returns the summary (None if stopped)."""
+  return Trainer(config, workdir, init=init, docs=docs).run(stop_at_step)[1]
