@@ -14,5 +14,7 @@ from blockdec.config import ModelConfig
 from blockdec.decoding import (AcceptanceRule, DecodeOutput, Distance, Exact,
                                MinBlock, TopK)
 from blockdec.models import KVCache
+from blockdec.models.hf import (export_hf_checkpoint, load_hf_checkpoint,
+                                load_hf_tokenizer)
 
 __version__ = "0.1.0"

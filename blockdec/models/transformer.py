@@ -68,7 +68,9 @@ def _norm(cfg: ModelConfig, name: str) -> nn.Module:
             param_dtype=_dtype(cfg.param_dtype), name=name)
   if cfg.norm == "rmsnorm":
     return nn.RMSNorm(**kw)
-  return nn.LayerNorm(**kw)
+  # Two-pass variance, as torch's LayerNorm: E[x^2] - E[x]^2 loses digits on
+  # the large activations of pretrained GPT-2 checkpoints.
+  return nn.LayerNorm(use_fast_variance=False, **kw)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,317 @@
+"""HF checkpoint import/export against transformers itself.
+
+Tiny random GPT-2, Llama (GQA; Llama-3 RoPE scaling) and Qwen2 models are built
+from configs (no download), saved with `save_pretrained`, loaded with blockdec
+and compared logit for logit and token for token with transformers' own
+forward pass and `generate(do_sample=False)`.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="the hf extra (torch, transformers) is not installed")
+transformers = pytest.importorskip(
+    "transformers", reason="the hf extra (torch, transformers) is not installed")
+
+import blockdec  # noqa: E402
+from blockdec.models import hf  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+VOCAB = 97
+ATOL = 1e-4
+NO_SPECIAL = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def _gpt2():
+  return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+      **NO_SPECIAL))
+
+
+def _llama_gqa():
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=64, rms_norm_eps=1e-5, **NO_SPECIAL))
+
+
+def _llama3_scaled():
+  # Tied embeddings and a head_dim that is not hidden_size / heads.
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+      head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+      rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16},
+      rope_theta=500_000.0, **NO_SPECIAL))
+
+
+def _qwen2():
+  return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      max_position_embeddings=64, **NO_SPECIAL))
+
+
+BUILDERS = {"gpt2": _gpt2, "llama_gqa": _llama_gqa,
+            "llama3_scaled": _llama3_scaled, "qwen2": _qwen2}
+
+
+def _scale_up(model):
+  """Larger random weights, so logits differ by more than float noise.
+
+  HF initialises with std 0.02, which makes every logit ~0 and greedy ties
+  likely; std 0.3 gives a model with decisive argmaxes.
+  """
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or ".ln_" in name or name.startswith("transformer.ln"):
+        p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+      else:
+        p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+  return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+  """name -> (folder, torch model) for every tiny architecture."""
+  torch.manual_seed(0)
+  out = {}
+  for name, build in BUILDERS.items():
+    model = _scale_up(build())
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    out[name] = (str(folder), model)
+  return out
+
+
+def _tokens(batch, length, seed=0):
+  return np.random.RandomState(seed).randint(0, VOCAB, size=(batch, length))
+
+
+def _hf_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_logits_match_transformers(saved, name):
+  folder, model = saved[name]
+  cfg, params = blockdec.load_hf_checkpoint(folder)
+  tokens = _tokens(2, 40)
+  got = np.asarray(blockdec.forward_logits(params, cfg, tokens))
+  want = _hf_logits(model, tokens)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_greedy_and_blockwise_match_generate(saved, name):
+  folder, model = saved[name]
+  cfg, params = blockdec.load_hf_checkpoint(folder, num_prediction_heads=3)
+  prompts = _tokens(2, 7, seed=1)
+  new = 16
+  with torch.no_grad():
+    want = model.generate(torch.tensor(prompts), do_sample=False,
+                          max_new_tokens=new, min_new_tokens=new,
+                          attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                          pad_token_id=0)[:, prompts.shape[1]:].numpy()
+  lengths = np.full((2,), prompts.shape[1], np.int32)
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=new)
+  blockwise = blockdec.blockwise_decode(params, cfg, prompts, lengths,
+                                        max_new_tokens=new, block_size=3)
+  np.testing.assert_array_equal(np.asarray(greedy.tokens), want)
+  np.testing.assert_array_equal(np.asarray(blockwise.tokens), want)
+
+
+def test_loaded_model_is_llama_gqa_config(saved):
+  cfg, _ = blockdec.load_hf_checkpoint(saved["llama3_scaled"][0])
+  assert cfg.num_kv_heads == 1 and cfg.dim_per_head == 16
+  assert cfg.tie_embeddings and cfg.rope_theta == 500_000.0
+  assert cfg.rope_scaling == (8.0, 1.0, 4.0, 16)
+  cfg, _ = blockdec.load_hf_checkpoint(saved["qwen2"][0])
+  assert cfg.qkv_bias and not cfg.proj_bias
+  cfg, _ = blockdec.load_hf_checkpoint(saved["gpt2"][0])
+  assert (cfg.norm, cfg.mlp, cfg.position, cfg.norm_eps) == (
+      "layernorm", "gelu", "learned", 1e-5)
+
+
+def test_fresh_heads_are_seeded_and_leave_head1_alone(saved):
+  folder = saved["llama_gqa"][0]
+  cfg1, base = blockdec.load_hf_checkpoint(folder)
+  cfg, a = blockdec.load_hf_checkpoint(folder, num_prediction_heads=4, seed=3)
+  _, b = blockdec.load_hf_checkpoint(folder, num_prediction_heads=4, seed=3)
+  _, c = blockdec.load_hf_checkpoint(folder, num_prediction_heads=4, seed=4)
+  assert sorted(a["proposal_heads"]) == ["head_2", "head_3", "head_4"]
+  leaves = lambda p: jax.tree_util.tree_leaves(p["proposal_heads"])
+  assert all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+  assert not np.array_equal(leaves(a)[1], leaves(c)[1])
+  blockdec.check_params(a, cfg)
+  tokens = _tokens(1, 12)
+  np.testing.assert_array_equal(blockdec.forward_logits(a, cfg, tokens),
+                                blockdec.forward_logits(base, cfg1, tokens))
+
+
+def test_sharded_checkpoint(tmp_path, saved):
+  _, model = saved["llama_gqa"]
+  model.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert os.path.exists(tmp_path / hf.INDEX_FILE)
+  cfg, params = blockdec.load_hf_checkpoint(tmp_path)
+  tokens = _tokens(1, 20)
+  np.testing.assert_allclose(blockdec.forward_logits(params, cfg, tokens),
+                             _hf_logits(model, tokens), atol=ATOL, rtol=0)
+
+
+def test_bfloat16_weights_load(tmp_path, saved):
+  _, model = saved["qwen2"]
+  model.to(torch.bfloat16).save_pretrained(tmp_path)
+  model.to(torch.float32)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["dtype"] == "bfloat16"
+  cfg, params = blockdec.load_hf_checkpoint(tmp_path)
+  assert params["embed"]["embedding"].dtype == np.float32
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, dtype=torch.float32).eval()
+  tokens = _tokens(1, 20)
+  np.testing.assert_allclose(blockdec.forward_logits(params, cfg, tokens),
+                             _hf_logits(ref, tokens), atol=ATOL, rtol=0)
+  cfg16, params16 = blockdec.load_hf_checkpoint(tmp_path, dtype="bfloat16")
+  assert cfg16.param_dtype == "bfloat16"
+  assert params16["embed"]["embedding"].dtype == jax.numpy.bfloat16
+
+
+# ------------------------------------------------------------------- export
+
+EXPORT_CONFIGS = {
+    "gpt2": dict(norm="layernorm", mlp="gelu", position="learned",
+                 qkv_bias=True, proj_bias=True, norm_eps=1e-5, max_seq_len=64),
+    "llama": dict(n_kv_heads=2, tie_embeddings=False, rope_theta=1e4,
+                  rope_scaling=(4.0, 1.0, 4.0, 16), max_seq_len=64),
+    "qwen2": dict(n_kv_heads=1, qkv_bias=True, max_seq_len=64),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPORT_CONFIGS))
+def test_export_round_trip(tmp_path, name):
+  cfg = blockdec.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2,
+                             n_heads=4, d_ff=64, num_prediction_heads=3,
+                             **EXPORT_CONFIGS[name])
+  params = blockdec.init_params(cfg, jax.random.key(1))
+  # Init leaves biases and norm offsets at zero; make them count.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 * jax.random.normal(
+          jax.random.key(hash(jax.tree_util.keystr(p)) % 2**31), x.shape)
+      if jax.tree_util.keystr(p).endswith(("['bias']", "['scale']")) else x,
+      params)
+  blockdec.export_hf_checkpoint(cfg, params, tmp_path)
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["model_type"] == name
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  tokens = _tokens(2, 30)
+  ours = np.asarray(blockdec.forward_logits(params, cfg, tokens))
+  np.testing.assert_allclose(_hf_logits(model, tokens), ours, atol=ATOL, rtol=0)
+
+  cfg2, params2 = blockdec.load_hf_checkpoint(tmp_path)
+  assert cfg2.num_prediction_heads == 3  # From blockdec_heads.safetensors.
+  assert cfg2 == cfg
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
+def test_export_bfloat16(tmp_path, saved):
+  cfg, params = blockdec.load_hf_checkpoint(saved["llama_gqa"][0],
+                                            num_prediction_heads=2)
+  blockdec.export_hf_checkpoint(cfg, params, tmp_path, dtype="bfloat16")
+  stored = load_file(tmp_path / hf.WEIGHTS_FILE)
+  assert {str(v.dtype) for v in stored.values()} == {"bfloat16"}
+  _, back = blockdec.load_hf_checkpoint(tmp_path)
+  as_bf16 = lambda x: np.asarray(x).astype(jax.numpy.bfloat16).astype(np.float32)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_array_equal(a, as_bf16(b)), back, params)
+
+
+def test_tokenizer(tmp_path, saved):
+  from tokenizers import Tokenizer, models
+  tok = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "[UNK]": 2},
+                                   unk_token="[UNK]"))
+  cfg, params = blockdec.load_hf_checkpoint(saved["gpt2"][0])
+  blockdec.export_hf_checkpoint(cfg, params, tmp_path, tokenizer=tok)
+  loaded = blockdec.load_hf_tokenizer(tmp_path)
+  assert loaded.token_to_id("world") == 1
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    blockdec.load_hf_tokenizer(saved["gpt2"][0])
+
+
+# ------------------------------------------------------------------- errors
+
+
+def _copy(src, dst):
+  for name in os.listdir(src):
+    with open(os.path.join(src, name), "rb") as f, open(dst / name, "wb") as g:
+      g.write(f.read())
+  return dst
+
+
+def _edit_config(folder, **changes):
+  file = folder / "config.json"
+  config = json.loads(file.read_text())
+  config.update(changes)
+  file.write_text(json.dumps(config))
+
+
+def test_error_unsupported_architecture(tmp_path, saved):
+  folder = _copy(saved["llama_gqa"][0], tmp_path)
+  _edit_config(folder, architectures=["BertForMaskedLM"], model_type="bert")
+  with pytest.raises(ValueError, match="BertForMaskedLM.*LlamaForCausalLM"):
+    blockdec.load_hf_checkpoint(folder)
+
+
+def test_error_unsupported_rope_and_activation(tmp_path, saved):
+  folder = _copy(saved["llama_gqa"][0], tmp_path)
+  _edit_config(folder, rope_parameters={"rope_type": "yarn", "factor": 2.0,
+                                        "rope_theta": 1e4})
+  with pytest.raises(ValueError, match="rope_type='yarn'"):
+    blockdec.load_hf_checkpoint(folder)
+  _edit_config(folder, rope_parameters=None, hidden_act="gelu")
+  with pytest.raises(ValueError, match="hidden_act='gelu'"):
+    blockdec.load_hf_checkpoint(folder)
+
+
+def test_error_missing_files(tmp_path, saved):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    blockdec.load_hf_checkpoint(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="No config.json"):
+    blockdec.load_hf_checkpoint(tmp_path)
+  folder = _copy(saved["gpt2"][0], tmp_path)
+  os.remove(folder / hf.WEIGHTS_FILE)
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    blockdec.load_hf_checkpoint(folder)
+
+
+def test_error_missing_tensor_and_shape_mismatch(tmp_path, saved):
+  folder = _copy(saved["llama_gqa"][0], tmp_path)
+  weights = load_file(folder / hf.WEIGHTS_FILE)
+  name = "model.layers.1.mlp.up_proj.weight"
+  save_file({k: v for k, v in weights.items() if k != name},
+            folder / hf.WEIGHTS_FILE, metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+    blockdec.load_hf_checkpoint(folder)
+  save_file(weights, folder / hf.WEIGHTS_FILE, metadata={"format": "pt"})
+  _edit_config(folder, intermediate_size=40)
+  with pytest.raises(ValueError, match=r"has shape \(48, 32\).*\(40, 32\)"):
+    blockdec.load_hf_checkpoint(folder)
+
+
+def test_error_export_without_hf_layout(tmp_path):
+  cfg = blockdec.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1,
+                             n_heads=4, norm="layernorm")
+  params = blockdec.init_params(cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match="No supported HF architecture"):
+    blockdec.export_hf_checkpoint(cfg, params, tmp_path)
