@@ -10,6 +10,7 @@
 
 from blockdec.api import (blockwise_decode, check_params, forward_logits,
                           greedy_decode, init_params, model_score_fn)
+from blockdec.checkpointing import load_checkpoint, save_checkpoint
 from blockdec.config import ModelConfig
 from blockdec.decoding import (AcceptanceRule, DecodeOutput, Distance, Exact,
                                MinBlock, TopK)

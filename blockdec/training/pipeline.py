@@ -1,0 +1,113 @@
+"""Train-or-reuse: the library side of `blockdec train` and `make demo`.
+
+`train_or_load(config, cache_dir)` returns a trained model for a config,
+training it only when the cache has no finished run of that exact config.
+Runs live in `<cache_dir>/<name>-<hash of the config>`; a head config whose
+`init_from` is empty first does the same for its `base` config, so the base
+LM is trained once and shared by every head regime built on it. An
+interrupted run resumes from its last checkpoint the next time.
+
+    config = load_config("configs/heads_frozen.py:cpu")
+    run = train_or_load(config, "cache")
+    run.cfg, run.params, run.tokenizer, run.summary
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import pathlib
+from typing import Any
+
+from blockdec import checkpointing
+from blockdec.config import ModelConfig
+
+# Fields that do not change what a run computes (left out of the cache key).
+_NOT_IN_KEY = ("progress", "workdir", "log_every", "checkpoint_every",
+               "keep_checkpoints")
+
+
+@dataclasses.dataclass
+class Run:
+  cfg: ModelConfig
+  params: Any
+  tokenizer: Any
+  workdir: pathlib.Path
+  summary: dict
+
+
+def load_config(spec, arg: str | None = None):
+  """Loads `get_config(arg)` from a config file; spec "path.py[:arg]".
+
+  Relative paths are tried from the working directory, then from the
+  repository root (so `configs/...` works from anywhere in a clone).
+  """
+  spec = str(spec)
+  if arg is None and ":" in spec:
+    spec, arg = spec.split(":", 1)
+  path = pathlib.Path(spec)
+  if not path.exists() and not path.is_absolute():
+    path = pathlib.Path(__file__).resolve().parents[2] / spec
+  if not path.exists():
+    raise FileNotFoundError(f"config file {spec} does not exist.")
+  module_spec = importlib.util.spec_from_file_location(
+      f"_blockdec_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _key_dict(config) -> dict:
+  d = config.to_dict()
+  for name in _NOT_IN_KEY:
+    d.pop(name, None)
+  if d.get("base") is not None:
+    d["base"] = _key_dict(config.base)
+  return d
+
+
+def config_key(config) -> str:
+  """A hash of everything in `config` that changes the trained model."""
+  text = json.dumps(_key_dict(config), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_dir(config, cache_dir) -> pathlib.Path:
+  if config.workdir:
+    return pathlib.Path(config.workdir)
+  return pathlib.Path(cache_dir) / f"{config.name}-{config_key(config)}"
+
+
+def is_finished(workdir) -> bool:
+  workdir = pathlib.Path(workdir)
+  return ((workdir / checkpointing.PARAMS_FILE).exists()
+          and (workdir / "summary.json").exists())
+
+
+def train_or_load(config, cache_dir="cache", *, progress: bool | None = None,
+                  log=print) -> Run:
+  """The trained model of `config`, from the cache or by training it now."""
+  from blockdec.training import train  # Imports orbax: keep `load` light.
+  if progress is not None:
+    config = config.copy_and_resolve_references()
+    config.progress = progress
+    if config.get("base") is not None:
+      config.base.progress = progress
+  init = None
+  if config.regime != "base" and not config.init_from:
+    if config.base is None:
+      raise ValueError(f"config.regime={config.regime!r} needs config.init_from "
+                       "or config.base.")
+    base = train_or_load(config.base, cache_dir, log=log)
+    init = (base.cfg, base.params, base.tokenizer)
+  workdir = run_dir(config, cache_dir)
+  if is_finished(workdir):
+    log(f"[cache] {config.name}: reusing {workdir}")
+  else:
+    log(f"[train] {config.name} ({config.regime}): {workdir}")
+    train.train(config, workdir, init=init)
+  cfg, params, tokenizer = checkpointing.load_checkpoint(workdir)
+  summary = json.loads((workdir / "summary.json").read_text())
+  return Run(cfg, params, tokenizer, workdir, summary)

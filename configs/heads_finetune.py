@@ -1,0 +1,32 @@
+r"""All parameters fine-tuned jointly on the k head losses (Stern sec. 4).
+
+The loss is the mean of the k per-head losses (head 1 included); see
+blockdec/training/losses.py for why the mean and not Stern's one sampled head.
+Head 1 changes, so blockwise output equals the FINE-TUNED model's greedy
+output, not the original base model's.
+
+Launch (from the repository root):
+
+  blockdec train --config configs/heads_finetune.py:cpu
+  blockdec train --config configs/heads_finetune.py:gpu --config.optim.learning_rate=3e-4
+
+With `init_from` empty the base LM of the same preset is trained or reused
+first. Presets: tiny, cpu, demo, gpu.
+"""
+
+import importlib.util
+import pathlib
+
+
+def _heads_config():
+  path = pathlib.Path(__file__).with_name("heads_frozen.py")
+  spec = importlib.util.spec_from_file_location("_heads_frozen", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.heads_config
+
+
+def get_config(arg="gpu"):
+  c = _heads_config()(arg, "finetune")
+  c.optim.learning_rate /= 3  # The trunk moves too: a gentler peak rate.
+  return c
