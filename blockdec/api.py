@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockdec import decoding
+from blockdec import sharding as sharding_lib
 from blockdec.config import ModelConfig
 from blockdec.decoding import AcceptanceRule, DecodeOptions, DecodeOutput, Exact
 from blockdec.models import transformer
@@ -26,13 +27,26 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
   return jax.jit(transformer.init_params, static_argnums=0)(cfg, key)
 
 
-def model_score_fn(cfg: ModelConfig, num_heads: int | None = None):
-  """The scoring callable of the decoding loops for this model."""
+def model_score_fn(cfg: ModelConfig,
+                   num_heads: int | None = None) -> decoding.SplitScoreFn:
+  """The scoring callable of the decoding loops for this model.
 
-  def score(params, tokens, positions, cache):
-    return transformer.apply(params, cfg, tokens, positions, cache, num_heads)
+  Split into trunk and heads so the blockwise loop runs the proposal heads
+  only at the last accepted position.
+  """
+  model = transformer.Transformer(cfg)
 
-  return score
+  def trunk(params, tokens, positions, cache, parents=None):
+    # parents (static): score a token tree (multi-draft verification).
+    return model.apply({"params": params}, tokens, positions, cache, parents,
+                       method=transformer.Transformer.trunk)
+
+  def heads(params, hidden, n):
+    return model.apply({"params": params}, hidden, n,
+                       method=transformer.Transformer.head_logits)
+
+  return decoding.SplitScoreFn(trunk=trunk, heads=heads,
+                               num_heads=num_heads or cfg.num_prediction_heads)
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
@@ -40,21 +54,87 @@ def cache_length(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
   return prompt_len + max_new_tokens + block_size
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "options", "greedy"))
-def _decode(params, prompts, prompt_lengths, *, cfg: ModelConfig,
-            options: DecodeOptions, greedy: bool) -> DecodeOutput:
+def _decode_impl(params, prompts, prompt_lengths, *, cfg: ModelConfig,
+                 options: DecodeOptions, greedy: bool,
+                 cache_sharding=None) -> DecodeOutput:
   batch, p = prompts.shape
   k = 1 if greedy else options.block_size
   cache = transformer.make_cache(
       cfg, batch, cache_length(p, options.max_new_tokens, k))
   score = model_score_fn(cfg, num_heads=k)
+  if cache_sharding is not None:
+    # Keep the cache split (batch over data, kv heads over model) through
+    # every call of the loop, not only where XLA's propagation would put it.
+    cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+    score = _constrain_cache(score, cache_sharding)
   loop = decoding.greedy_decode if greedy else decoding.blockwise_decode
   return loop(score, params, prompts, prompt_lengths, cache, options)
 
 
+def _constrain_cache(score, cache_sharding):
+  def constrained(params, tokens, positions, cache):
+    logits, cache = score(params, tokens, positions, cache)
+    return logits, jax.lax.with_sharding_constraint(cache, cache_sharding)
+  return constrained
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "options", "greedy"))
+def _decode(params, prompts, prompt_lengths, *, cfg: ModelConfig,
+            options: DecodeOptions, greedy: bool) -> DecodeOutput:
+  return _decode_impl(params, prompts, prompt_lengths, cfg=cfg,
+                      options=options, greedy=greedy)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_decoder(cfg: ModelConfig, options: DecodeOptions, greedy: bool,
+                     mesh: jax.sharding.Mesh, rules, prompts_shape):
+  """`_decode` jitted for one mesh: params, prompts and cache sharded.
+
+  Cached per (config, options, mesh, rules, shapes), so repeated calls reuse
+  one compiled function. Returns (fn, param, prompt and row shardings).
+  """
+  batch, p = prompts_shape
+  k = 1 if greedy else options.block_size
+  cache_shape = jax.eval_shape(functools.partial(
+      transformer.make_cache, cfg, batch,
+      cache_length(p, options.max_new_tokens, k)))
+  param_sh = sharding_lib.param_shardings(cfg, mesh, rules)
+  prompt_sh = sharding_lib.batch_sharding(mesh, prompts_shape, rules)
+  row_sh = sharding_lib.batch_sharding(mesh, (batch,), rules)
+  fn = jax.jit(
+      functools.partial(
+          _decode_impl, cfg=cfg, options=options, greedy=greedy,
+          cache_sharding=sharding_lib.cache_shardings(mesh, cache_shape,
+                                                      rules)),
+      in_shardings=(param_sh, prompt_sh, row_sh), out_shardings=row_sh)
+  return fn, param_sh, prompt_sh, row_sh
+
+
+def _run_decode(params, prompts, prompt_lengths, cfg, options, greedy, mesh,
+                rules) -> DecodeOutput:
+  if mesh is None:
+    return _decode(params, prompts, prompt_lengths, cfg=cfg, options=options,
+                   greedy=greedy)
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (blockdec.make_mesh), "
+                    f"got {type(mesh).__name__}.")
+  rules = sharding_lib.DEFAULT_RULES if rules is None else \
+      sharding_lib.ShardingConfig(rules=rules).rules
+  fn, param_sh, prompt_sh, row_sh = _sharded_decoder(
+      cfg, options, greedy, mesh, rules, tuple(prompts.shape))
+  # A no-op for arrays already placed this way (e.g. by shard_params).
+  params = jax.device_put(params, param_sh)
+  prompts = jax.device_put(prompts, prompt_sh)
+  prompt_lengths = jax.device_put(prompt_lengths, row_sh)
+  # The mesh in context lets the Pallas attention wrap itself in shard_map.
+  with jax.set_mesh(mesh):
+    return fn(params, prompts, prompt_lengths)
+
+
 def greedy_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                   max_new_tokens: int = 64, eos_id: int | None = None,
-                  pad_id: int = 0) -> DecodeOutput:
+                  pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
+                  rules=None) -> DecodeOutput:
   """Greedy decoding with head 1.
 
   Args:
@@ -65,6 +145,11 @@ def greedy_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
     max_new_tokens: budget N per row.
     eos_id: a token that ends its row, or None.
     pad_id: written after each row's end.
+    mesh: run sharded on this ``("data", "model")`` mesh
+      (`blockdec.make_mesh`): batch rows over ``data``; heads, MLP, vocabulary
+      and the KV cache's kv heads over ``model``. None: one device.
+    rules: logical-axis rules for the mesh (default
+      `blockdec.sharding.DEFAULT_RULES`).
 
   Returns:
     `DecodeOutput` with tokens [B, N], lengths [B], num_calls [B]
@@ -74,15 +159,16 @@ def greedy_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
       params, cfg, prompts, prompt_lengths, max_new_tokens, 1, eos_id, pad_id)
   options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=1,
                           eos_id=eos_id, pad_id=pad_id)
-  return _decode(params, prompts, prompt_lengths, cfg=cfg, options=options,
-                 greedy=True)
+  return _run_decode(params, prompts, prompt_lengths, cfg, options, True, mesh,
+                     rules)
 
 
 def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                      max_new_tokens: int = 64, block_size: int | None = None,
                      acceptance: AcceptanceRule = Exact(),
                      eos_id: int | None = None,
-                     pad_id: int = 0) -> DecodeOutput:
+                     pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
+                     rules=None) -> DecodeOutput:
   """Blockwise parallel decoding with the model's proposal heads.
 
   With `acceptance=Exact()` (the default) the tokens equal `greedy_decode`'s.
@@ -90,7 +176,7 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
   Args:
     block_size: k in [1, cfg.num_prediction_heads]; default all heads.
     acceptance: `Exact()`, `TopK(n)`, `Distance(eps)` or `MinBlock(l)`.
-    Others as in `greedy_decode`.
+    Others (mesh and rules too) as in `greedy_decode`.
 
   Returns:
     `DecodeOutput`; `accepted_hist[b, a-1]` counts row b's calls that
@@ -108,8 +194,8 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
   acceptance.validate(block_size)
   options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
                           acceptance=acceptance, eos_id=eos_id, pad_id=pad_id)
-  return _decode(params, prompts, prompt_lengths, cfg=cfg, options=options,
-                 greedy=False)
+  return _run_decode(params, prompts, prompt_lengths, cfg, options, False,
+                     mesh, rules)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -128,6 +214,107 @@ def forward_logits(params, cfg: ModelConfig, tokens) -> jax.Array:
                      f"max_seq_len={cfg.max_seq_len}.")
   _check_token_ids("tokens", tokens, cfg.vocab_size)
   return _forward_logits(params, tokens.astype(jnp.int32), cfg)
+
+
+# ------------------------------------------------ refined drafts (issue 8)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "options", "drafts",
+                                             "rescorer_cfg"))
+def _refined_decode(params, prompts, prompt_lengths, ngram, rescorer_params, *,
+                    cfg: ModelConfig, options: DecodeOptions,
+                    drafts: decoding.DraftOptions,
+                    rescorer_cfg: ModelConfig | None) -> DecodeOutput:
+  batch, p = prompts.shape
+  k, n = options.block_size, options.max_new_tokens
+  cache = transformer.make_cache(cfg, batch, p + n + drafts.tree_size(k))
+  rescorer = None
+  if rescorer_cfg is not None:
+    rescorer = decoding.NeuralRescorer(
+        params=rescorer_params,
+        cache=transformer.make_cache(rescorer_cfg, batch,
+                                     p + n + drafts.rescorer_slots(k)),
+        score_fn=model_score_fn(rescorer_cfg, num_heads=1))
+  return decoding.refined_blockwise_decode(
+      model_score_fn(cfg, num_heads=k), params, prompts, prompt_lengths, cache,
+      options, drafts, compact_fn=lambda c, src, off, end: c.move_slots(
+          src, off, end),
+      ngram=ngram, rescorer=rescorer)
+
+
+def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
+                             prompt_lengths, *, max_new_tokens: int = 64,
+                             block_size: int | None = None,
+                             num_drafts: int = 1, lattice_width: int = 4,
+                             beam_width: int | None = None,
+                             ngram: decoding.NGramLM | None = None,
+                             ngram_weight: float = 1.0,
+                             rescorer: tuple | None = None,
+                             rescorer_weight: float = 1.0,
+                             acceptance: AcceptanceRule = Exact(),
+                             eos_id: int | None = None,
+                             pad_id: int = 0) -> DecodeOutput:
+  """Blockwise decoding with rescored lattice drafts (Kim et al. 2024).
+
+  The heads' top-`lattice_width` tokens per depth are searched (beam width
+  `beam_width`, default `num_drafts`) for the `num_drafts` best paths under
+  head log-probs + `ngram_weight` * n-gram log-probs + `rescorer_weight` *
+  small-LM log-probs; all drafts are verified in one call as a token tree and
+  the longest accepted one is committed. With `Exact()` the tokens equal
+  `greedy_decode`'s whatever the drafts.
+
+  Args:
+    ngram: a `blockdec.NGramLM` over the model's vocabulary, or None.
+    rescorer: `(rescorer_cfg, rescorer_params)` of a small blockdec model
+      with the same vocabulary (head 1 is used), or None.
+    Others as in `blockwise_decode`.
+
+  Returns:
+    `DecodeOutput`; `block_efficiency` is tokens per (main-model) call.
+  """
+  if block_size is None:
+    block_size = cfg.num_prediction_heads
+  prompts, prompt_lengths = _check_inputs(
+      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size, eos_id,
+      pad_id)
+  if not isinstance(acceptance, AcceptanceRule):
+    raise TypeError(f"acceptance={acceptance!r} must be a blockdec acceptance "
+                    "rule (Exact(), TopK(n), Distance(eps), MinBlock(l)).")
+  acceptance.validate(block_size)
+  if not 1 <= lattice_width <= cfg.vocab_size:
+    raise ValueError(f"lattice_width={lattice_width!r} must be in "
+                     f"[1, vocab_size={cfg.vocab_size}].")
+  if ngram is not None:
+    if not isinstance(ngram, decoding.NGramLM):
+      raise TypeError(f"ngram must be a blockdec.NGramLM, got "
+                      f"{type(ngram).__name__}.")
+    if ngram.vocab_size != cfg.vocab_size:
+      raise ValueError(f"the n-gram LM's vocab_size={ngram.vocab_size} differs "
+                       f"from the model's {cfg.vocab_size}.")
+  rescorer_cfg = rescorer_params = None
+  if rescorer is not None:
+    if not (isinstance(rescorer, tuple) and len(rescorer) == 2):
+      raise TypeError("rescorer must be a (ModelConfig, params) pair, got "
+                      f"{type(rescorer).__name__}.")
+    rescorer_cfg, rescorer_params = rescorer
+    check_params(rescorer_params, rescorer_cfg)
+    if rescorer_cfg.vocab_size != cfg.vocab_size:
+      raise ValueError(f"the rescorer's vocab_size={rescorer_cfg.vocab_size} "
+                       f"differs from the model's {cfg.vocab_size}.")
+  drafts = decoding.DraftOptions(
+      num_drafts=num_drafts, lattice_width=lattice_width,
+      beam_width=beam_width,
+      ngram_weight=float(ngram_weight) if ngram is not None else 0.0,
+      neural_weight=float(rescorer_weight) if rescorer is not None else 0.0)
+  if drafts.ngram_weight == 0.0:
+    ngram = None
+  if drafts.neural_weight == 0.0:
+    rescorer_cfg = rescorer_params = None
+  options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
+                          acceptance=acceptance, eos_id=eos_id, pad_id=pad_id)
+  return _refined_decode(params, prompts, prompt_lengths, ngram,
+                         rescorer_params, cfg=cfg, options=options,
+                         drafts=drafts, rescorer_cfg=rescorer_cfg)
 
 
 # ----------------------------------------------------------------- validation

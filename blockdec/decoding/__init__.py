@@ -6,4 +6,8 @@ from blockdec.decoding.acceptance import (AcceptanceRule, Distance, Exact,
 from blockdec.decoding.blockwise import blockwise_decode
 from blockdec.decoding.greedy import greedy_decode
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, DecodeState,
-                                     ScoreFn)
+                                     ScoreFn, SplitScoreFn)
+from blockdec.decoding.lattice import DraftTree, Lattice, top_k_lattice
+from blockdec.decoding.multidraft import (DraftOptions, NeuralRescorer,
+                                          refined_blockwise_decode)
+from blockdec.decoding.ngram import NGramLM

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from blockdec.decoding.acceptance import accepted_prefix_length
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, DecodeState,
-                                     ScoreFn, finalize, prefill, write_rows)
+                                     ScoreFn, SplitScoreFn, finalize, prefill,
+                                     take_positions, write_rows)
 
 
 def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
@@ -52,11 +53,17 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
   def body(state: DecodeState):
     offsets = state.positions  # [B]
     block_positions = offsets[:, None] + jnp.arange(k, dtype=jnp.int32)  # [B, k]
-    logits, cache = score_fn(params, state.proposal, block_positions,
-                             state.cache)  # [B, k, k, V]
-    logits = logits[:, :, :k]
+    split = isinstance(score_fn, SplitScoreFn)
+    if split:
+      hidden, cache = score_fn.trunk(params, state.proposal, block_positions,
+                                     state.cache)  # [B, k, ...]
+      head1 = score_fn.heads(params, hidden, 1)[:, :, 0]  # [B, k, V]
+    else:
+      logits, cache = score_fn(params, state.proposal, block_positions,
+                               state.cache)  # [B, k, k, V]
+      head1 = logits[:, :, 0]
     matches = options.acceptance.matches(state.proposal[:, 1:],
-                                         logits[:, :-1, 0])  # [B, k-1]
+                                         head1[:, :-1])  # [B, k-1]
     accepted = accepted_prefix_length(matches)  # [B] in [1, k]
     ended = jnp.zeros_like(state.done)
     if options.eos_id is not None:
@@ -72,8 +79,11 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
     done = state.done | (active & ended) | (lengths >= options.max_new_tokens)
     # The heads' argmaxes after the last accepted token form the next block.
     last = jnp.maximum(accepted - 1, 0)
-    next_logits = jnp.take_along_axis(
-        logits, last[:, None, None, None], axis=1)[:, 0]  # [B, k, V]
+    if split:
+      last_hidden = take_positions(hidden, last)[:, None]  # [B, 1, ...]
+      next_logits = score_fn.heads(params, last_hidden, k)[:, 0]  # [B, k, V]
+    else:
+      next_logits = take_positions(logits, last)[:, :k]  # [B, k, V]
     proposal = jnp.argmax(next_logits, axis=-1).astype(jnp.int32)
     hist = state.accepted_hist + (
         active[:, None] & (jnp.arange(k)[None, :] == accepted[:, None] - 1))

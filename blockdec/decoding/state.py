@@ -18,6 +18,36 @@ ScoreFn = Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
+class SplitScoreFn:
+  """A `ScoreFn` split into a trunk and its output heads.
+
+  Verification needs head 1 at every block position but the proposal heads
+  only at the last accepted one; with the split the loops compute exactly
+  that (k heads at 1 position instead of k heads at k positions).
+
+  Attributes:
+    trunk: (params, tokens [B, T], positions [B, T], cache)
+      -> (hidden [B, T, ...], cache).
+    heads: (params, hidden [B, T', ...], num_heads) -> logits [B, T', num_heads, V].
+    num_heads: heads returned by a plain call.
+  """
+
+  trunk: Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+  heads: Callable[[Any, jax.Array, int], jax.Array]
+  num_heads: int
+
+  def __call__(self, params, tokens, positions, cache):
+    hidden, cache = self.trunk(params, tokens, positions, cache)
+    return self.heads(params, hidden, self.num_heads), cache
+
+
+def take_positions(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x [B, T, ...], index [B] -> x[b, index[b]] with shape [B, ...]."""
+  index = index.reshape((-1,) + (1,) * (x.ndim - 1))
+  return jnp.take_along_axis(x, index, axis=1)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodeOptions:
   """Static options of a decoding run (hashable: a static jit argument).
 
@@ -116,10 +146,14 @@ def prefill(score_fn: ScoreFn, params, prompts, prompt_lengths, cache,
   """
   batch, p = prompts.shape
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
-  logits, cache = score_fn(params, prompts, positions, cache)  # [B, P, k, V]
-  last = jnp.take_along_axis(
-      logits, (prompt_lengths - 1)[:, None, None, None], axis=1)[:, 0]
-  return jnp.argmax(last[:, :num_heads], axis=-1).astype(jnp.int32), cache
+  if isinstance(score_fn, SplitScoreFn):
+    hidden, cache = score_fn.trunk(params, prompts, positions, cache)
+    last_hidden = take_positions(hidden, prompt_lengths - 1)[:, None]
+    last = score_fn.heads(params, last_hidden, num_heads)[:, 0]  # [B, k, V]
+  else:
+    logits, cache = score_fn(params, prompts, positions, cache)  # [B, P, k, V]
+    last = take_positions(logits, prompt_lengths - 1)[:, :num_heads]
+  return jnp.argmax(last, axis=-1).astype(jnp.int32), cache
 
 
 def finalize(state: DecodeState, options: DecodeOptions) -> DecodeOutput:

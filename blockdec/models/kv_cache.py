@@ -54,17 +54,36 @@ class KVCache:
     """Rolls back (or forward) each row to `end_index` valid slots."""
     return self.replace(end_index=jnp.asarray(end_index, jnp.int32))
 
+  def write(self, layer: int, k: jax.Array, v: jax.Array,
+            positions: jax.Array) -> "KVCache":
+    """Writes one layer's block k, v [B, T, H_kv, D] at slots `positions` [B, T].
+
+    A scatter into the stacked buffers, which XLA performs in place inside
+    the decoding loop (no copy of the whole cache per call).
+    """
+    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
+    return self.replace(
+        k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype),
+                                                unique_indices=True),
+        v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype),
+                                                unique_indices=True))
+
   def slot_positions(self) -> jax.Array:
     """[S] the position held by each slot."""
     return jnp.arange(self.length, dtype=jnp.int32)
 
+  def move_slots(self, src_slots: jax.Array, offsets: jax.Array,
+                 end_index: jax.Array) -> "KVCache":
+    """Copies slots src_slots[b, i] to offsets[b] + i in every layer.
 
-def write_block(cache_layer: jax.Array, new: jax.Array,
-                offsets: jax.Array) -> jax.Array:
-  """Writes `new` [B, T, H, D] into `cache_layer` [B, S, H, D] at `offsets` [B]."""
-
-  def one_row(row, block, offset):
-    return jax.lax.dynamic_update_slice(row, block.astype(row.dtype),
-                                        (offset, 0, 0))
-
-  return jax.vmap(one_row)(cache_layer, new, offsets)
+    After a token-tree call (slot != position) this moves the accepted path
+    [B, A] back to consecutive slots, restoring "slot s holds position s";
+    every source is read before any slot is written. Then sets `end_index`.
+    """
+    rows = jnp.arange(src_slots.shape[0])[:, None]  # [B, 1]
+    dst = offsets[:, None] + jnp.arange(src_slots.shape[1])  # [B, A]
+    k = self.k.at[:, rows, dst].set(self.k[:, rows, src_slots],
+                                    unique_indices=True)
+    v = self.v.at[:, rows, dst].set(self.v[:, rows, src_slots],
+                                    unique_indices=True)
+    return self.replace(k=k, v=v, end_index=jnp.asarray(end_index, jnp.int32))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from blockdec.config import ModelConfig
 from blockdec.models import attention
-from blockdec.models.kv_cache import KVCache, write_block
+from blockdec.models.kv_cache import KVCache
 
 
 def _dtype(name: str):
@@ -77,10 +77,16 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, kv=None):
-    """x [B, T, d]; kv: None (self-attention) or (k_cache, v_cache) [B, S, H_kv, D].
+  def __call__(self, x, positions, cache: KVCache | None = None,
+               layer: int = 0, parents: tuple[int, ...] | None = None):
+    """x [B, T, d]; cache: None (self-attention) or the stacked KV cache.
 
-    Returns (out [B, T, d], updated kv or None).
+    With a cache, this layer's keys/values for the block are written at slots
+    `positions` of layer `layer` (in place) and the block attends to them.
+    With a token tree (`parents`, static), node i sits at `positions[:, i]`
+    (offset + depth) but in slot `positions[:, 0] + i`, and attends to the
+    committed prefix and its ancestors (see `attention.cached_attention`).
+    Returns (out [B, T, d], updated cache or None).
     """
     cfg = self.cfg
     dense = lambda n, bias, name: nn.Dense(
@@ -95,18 +101,19 @@ class Attention(nn.Module):
       inv_freq = rope_frequencies(cfg)
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
-    if kv is None:
+    if cache is None:
+      if parents is not None:
+        raise ValueError("a token tree (parents) needs a KV cache.")
       out = attention.self_attention(q, k, v, positions)
     else:
-      k_cache, v_cache = kv
-      offsets = positions[:, 0]
-      k_cache = write_block(k_cache, k, offsets)
-      v_cache = write_block(v_cache, v, offsets)
-      out = attention.cached_attention(q, k_cache, v_cache, positions,
-                                       backend=cfg.attention_backend)
-      kv = (k_cache, v_cache)
+      slots = positions if parents is None else (
+          positions[:, :1] + jnp.arange(t, dtype=positions.dtype))
+      cache = cache.write(layer, k, v, slots)
+      out = attention.cached_attention(q, cache.k[layer], cache.v[layer],
+                                       positions, backend=cfg.attention_backend,
+                                       parents=parents)
     out = dense(cfg.d_model, cfg.proj_bias, "o")(out.reshape(b, t, h * d))
-    return out, kv
+    return out, cache
 
 
 class Mlp(nn.Module):
@@ -129,12 +136,12 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, kv=None):
-    attn_out, kv = Attention(self.cfg, name="attn")(
-        _norm(self.cfg, "attn_norm")(x), positions, kv)
+  def __call__(self, x, positions, cache=None, layer=0, parents=None):
+    attn_out, cache = Attention(self.cfg, name="attn")(
+        _norm(self.cfg, "attn_norm")(x), positions, cache, layer, parents)
     x = x + attn_out
     x = x + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
-    return x, kv
+    return x, cache
 
 
 class ProposalHead(nn.Module):
@@ -172,25 +179,21 @@ class Transformer(nn.Module):
     if cfg.num_prediction_heads > 1:
       self.proposal_heads = ProposalHeads(cfg)
 
-  def trunk(self, tokens, positions, cache: KVCache | None = None):
+  def trunk(self, tokens, positions, cache: KVCache | None = None,
+            parents: tuple[int, ...] | None = None):
     """tokens, positions [B, T] -> (normalised hidden [B, T, d], cache).
 
     With a cache, the block is written at slots `positions[:, 0] ...` and the
-    returned cache has `end_index = positions[:, 0] + T`.
+    returned cache has `end_index = positions[:, 0] + T`. `parents` (static)
+    makes the block a token tree; see `Attention`.
     """
     x = self.embed(tokens)
     if self.cfg.position == "learned":
       x = x + self.pos_embed(jnp.minimum(positions, self.cfg.max_seq_len - 1))
-    new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(x, positions, kv)
-      if cache is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+      x, cache = layer(x, positions, cache, i, parents)
     if cache is not None:
-      cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v),
-                      end_index=(positions[:, 0] + tokens.shape[1]).astype(jnp.int32))
+      cache = cache.set_end_index(positions[:, 0] + tokens.shape[1])
     return self.final_norm(x), cache
 
   def vocab_logits(self, h):
@@ -209,8 +212,9 @@ class Transformer(nn.Module):
       hs += self.proposal_heads(h, num_heads)
     return self.vocab_logits(jnp.stack(hs, axis=2))
 
-  def __call__(self, tokens, positions, cache=None, num_heads=None):
-    h, cache = self.trunk(tokens, positions, cache)
+  def __call__(self, tokens, positions, cache=None, num_heads=None,
+               parents=None):
+    h, cache = self.trunk(tokens, positions, cache, parents)
     return self.head_logits(h, num_heads), cache
 
 
@@ -238,10 +242,13 @@ def make_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
 
 
 def apply(params, cfg: ModelConfig, tokens, positions, cache=None,
-          num_heads=None):
-  """Logits [B, T, num_heads, V] (float32) and the updated cache."""
+          num_heads=None, parents=None):
+  """Logits [B, T, num_heads, V] (float32) and the updated cache.
+
+  `parents` (a static tuple) scores a token tree instead of a causal block.
+  """
   return Transformer(cfg).apply({"params": params}, tokens, positions, cache,
-                                num_heads)
+                                num_heads, parents)
 
 
 def forward_logits(params, cfg: ModelConfig, tokens):

@@ -1,0 +1,218 @@
+"""Rescoring the top-K lattice into p drafts (Kim et al. 2024, sec. 4).
+
+A path through the lattice picks one candidate per depth. Its score is
+
+  sum_j  log p_head_j(t_j)  +  lambda_ngram  * log P_ngram(t_j | history, t_<j)
+                            +  lambda_neural * log P_small(t_j | history, t_<j)
+
+Global rescoring (the n-gram term) and local rescoring (a small neural LM
+read left to right) are both terms of this one score, found by beam search
+left to right over the depths: at depth j every beam is extended by the K
+candidates and the W best extensions are kept. The p <= W best final beams
+are the drafts; draft 0 is the best. With no rescoring terms and W = 1 this
+is the plain blockwise draft (each head's argmax); with W >= p and no
+rescoring terms the depths are independent and beam search returns the exact
+p best paths. With an n-gram term it is exact once W >= K^(k-2) (every
+prefix kept), and a good approximation below that.
+
+The scorers are functions `scorer(j, beams, carry) -> (scores, carry)`:
+`j` the depth (traced int32 in [1, k)), `beams` [B, W, k] int32 tokens with
+depths < j filled in, `scores` [B, W, K] the extra score of each lattice
+candidate at depth j after each beam, `carry` any pytree the scorer threads
+through (the small LM's cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from blockdec.decoding.lattice import DraftTree, Lattice
+from blockdec.decoding.ngram import NGramLM
+
+PathScorer = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def beam_search(lattice: Lattice, num_drafts: int, beam_width: int,
+                scorer: PathScorer | None = None, carry: Any = None):
+  """The `num_drafts` best paths through `lattice` by beam search.
+
+  Args:
+    lattice: tokens and head log-probs [B, k, K]; depth 0 has one candidate.
+    num_drafts: p >= 1, drafts returned.
+    beam_width: W >= p, beams kept per depth.
+    scorer: extra path scores (see module docstring), or None.
+    carry: the scorer's initial carry.
+
+  Returns:
+    (drafts [B, p, k] int32 best first, scores [B, p] float32, carry). If the
+    lattice has fewer than p paths, the missing drafts repeat draft 0 (with
+    score -inf): duplicates cost verification work but never correctness.
+  """
+  if not 1 <= num_drafts <= beam_width:
+    raise ValueError(f"need 1 <= num_drafts={num_drafts} <= "
+                     f"beam_width={beam_width}.")
+  batch, k, width = lattice.tokens.shape
+  beams = jnp.zeros((batch, beam_width, k), jnp.int32)
+  beams = beams.at[:, :, 0].set(lattice.tokens[:, :1, 0])
+  # Only beam 0 is alive at the start; the others join at depth 1.
+  scores = jnp.where(jnp.arange(beam_width) == 0, 0.0, -jnp.inf)
+  scores = jnp.broadcast_to(scores, (batch, beam_width)).astype(jnp.float32)
+
+  def extend(j, state):
+    beams, scores, carry = state
+    tokens = jax.lax.dynamic_index_in_dim(lattice.tokens, j, 1,
+                                          keepdims=False)  # [B, K]
+    log_probs = jax.lax.dynamic_index_in_dim(lattice.log_probs, j, 1,
+                                             keepdims=False)  # [B, K]
+    cand = scores[:, :, None] + log_probs[:, None, :]  # [B, W, K]
+    if scorer is not None:
+      extra, carry = scorer(j, beams, carry)
+      cand = cand + extra
+    best, flat = jax.lax.top_k(cand.reshape(batch, beam_width * width),
+                               beam_width)  # [B, W]
+    parent, choice = flat // width, flat % width
+    beams = jnp.take_along_axis(beams, parent[:, :, None], axis=1)
+    new = jnp.take_along_axis(tokens, choice, axis=1)  # [B, W]
+    beams = jax.lax.dynamic_update_index_in_dim(beams, new[:, :, None], j, 2)
+    return beams, best, carry
+
+  beams, scores, carry = jax.lax.fori_loop(1, k, extend,
+                                           (beams, scores, carry))
+  drafts, scores = beams[:, :num_drafts], scores[:, :num_drafts]
+  drafts = jnp.where(jnp.isneginf(scores)[:, :, None], drafts[:, :1], drafts)
+  return drafts, scores, carry
+
+
+def combine_scorers(*scorers: PathScorer) -> PathScorer:
+  """Sum of several scorers; the carry is the tuple of their carries."""
+
+  def scorer(j, beams, carry):
+    total, out = 0.0, []
+    for fn, c in zip(scorers, carry):
+      s, c = fn(j, beams, c)
+      total, out = total + s, out + [c]
+    return total, tuple(out)
+
+  return scorer
+
+
+def ngram_scorer(ngram: NGramLM, history: jax.Array, lattice: Lattice,
+                 weight: float) -> PathScorer:
+  """Global rescoring: weight * log P_ngram(candidate | history + beam).
+
+  Args:
+    ngram: the n-gram LM.
+    history: [B, H] int32, the last H >= n-1 committed tokens (oldest
+      first; -1 where the sequence is shorter).
+    lattice: supplies the candidates.
+    weight: lambda_ngram.
+
+  The carry is passed through untouched.
+  """
+  n1 = ngram.context_len
+  if history.shape[-1] < n1:
+    raise ValueError(f"history holds {history.shape[-1]} tokens; the order-"
+                     f"{ngram.order} n-gram LM needs {n1}.")
+  history = history[:, history.shape[1] - n1:]  # [B, n-1]
+
+  def scorer(j, beams, carry):
+    if n1 == 0:
+      context = beams[..., :0]
+    else:
+      seq = jnp.concatenate(
+          [jnp.broadcast_to(history[:, None], beams.shape[:2] + (n1,)), beams],
+          axis=-1)  # [B, W, n-1+k]; the n-1 tokens before depth j end at n1+j
+      context = jax.lax.dynamic_slice_in_dim(seq, j, n1, axis=2)
+    tokens = jax.lax.dynamic_index_in_dim(lattice.tokens, j, 1,
+                                          keepdims=False)  # [B, K]
+    tokens = jnp.broadcast_to(tokens[:, None], beams.shape[:2] + tokens.shape[1:])
+    return weight * ngram.log_prob(context, tokens), carry
+
+  return scorer
+
+
+def tree_call(score_fn, params, tokens, positions, cache, parents=None):
+  """Runs `score_fn` on a block; returns (head_fn, cache).
+
+  `head_fn(nodes [B, M], num_heads) -> logits [B, M, num_heads, V]` gives the
+  heads at chosen block positions. A split scorer (one with `.trunk` and
+  `.heads`, see `state.SplitScoreFn`) computes heads only there; a plain one
+  computes every head everywhere and `head_fn` slices. `parents` (a static
+  tuple, see `DraftTree`) makes the call a tree call: block position i holds
+  a node at `positions[:, i]` that attends to the committed cache and its
+  ancestors only. None is the ordinary causal block.
+  """
+  kw = {} if parents is None else {"parents": parents}
+  if hasattr(score_fn, "trunk") and hasattr(score_fn, "heads"):
+    hidden, cache = score_fn.trunk(params, tokens, positions, cache, **kw)
+
+    def head_fn(nodes, num_heads):
+      picked = jnp.take_along_axis(
+          hidden, nodes.reshape(nodes.shape + (1,) * (hidden.ndim - 2)), axis=1)
+      return score_fn.heads(params, picked, num_heads)
+  else:
+    logits, cache = score_fn(params, tokens, positions, cache, **kw)
+
+    def head_fn(nodes, num_heads):
+      return jnp.take_along_axis(logits, nodes[:, :, None, None],
+                                 axis=1)[:, :, :num_heads]
+  return head_fn, cache
+
+
+def neural_scorer(score_fn, params, offsets: jax.Array,
+                  first_log_probs: jax.Array, lattice: Lattice, weight: float,
+                  beam_width: int) -> PathScorer:
+  """Local rescoring: weight * log P_small(candidate | committed + beam).
+
+  The small LM is a scoring callable like the main model's, with its own
+  cache holding the committed tokens (slots < offsets); that cache is the
+  carry. Depth 1's distribution (after the shared first token) comes in as
+  `first_log_probs`; each later depth j is one tree call of the small LM on
+  all W beams at once (`DraftTree(W, k)`: the shared first token plus each
+  beam's chain, T = 1 + W (k-1) nodes, positions offset + depth) whose head 1
+  at each beam's depth j-1 node scores the depth-j candidates. Nodes past
+  depth j-1 hold not-yet-chosen tokens that no earlier node sees.
+
+  Args:
+    score_fn: the small LM's scoring callable (tree calls via `parents=`).
+    params: its parameters.
+    offsets: [B] position of depth 0 (the committed length).
+    first_log_probs: [B, V] log P_small(. | committed + depth-0 token).
+    lattice: supplies the candidates.
+    weight: lambda_neural.
+    beam_width: W, for the tree's shape.
+  """
+  k = lattice.depth
+  tree = DraftTree(beam_width, k)
+  positions = offsets[:, None] + jnp.asarray(tree.depths, jnp.int32)  # [B, T]
+  paths = jnp.asarray(tree.paths, jnp.int32)  # [W, k]
+
+  def candidates(log_probs, j):  # [B, W, V] -> [B, W, K] at lattice depth j
+    tokens = jax.lax.dynamic_index_in_dim(lattice.tokens, j, 1,
+                                          keepdims=False)  # [B, K]
+    tokens = jnp.broadcast_to(tokens[:, None], log_probs.shape[:2] + tokens.shape[1:])
+    return jnp.take_along_axis(log_probs, tokens, axis=-1)
+
+  def first(j, beams, cache):
+    log_probs = jnp.broadcast_to(first_log_probs[:, None],
+                                 (beams.shape[0], beam_width,
+                                  first_log_probs.shape[-1]))
+    return weight * candidates(log_probs, j), cache
+
+  def later(j, beams, cache):
+    head_fn, cache = tree_call(score_fn, params, tree.flatten(beams), positions,
+                               cache, tree.parents)
+    nodes = jnp.broadcast_to(
+        jax.lax.dynamic_index_in_dim(paths, j - 1, 1, keepdims=False),
+        (beams.shape[0], beam_width))  # [B, W]
+    logits = head_fn(nodes, 1)[:, :, 0]  # [B, W, V]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return weight * candidates(log_probs, j), cache
+
+  def scorer(j, beams, cache):
+    return jax.lax.cond(j == 1, first, later, j, beams, cache)
+
+  return scorer
