@@ -17,5 +17,6 @@ from blockdec.decoding import (AcceptanceRule, DecodeOutput, Distance, Exact,
 from blockdec.models import KVCache
 from blockdec.models.hf import (export_hf_checkpoint, load_hf_checkpoint,
                                 load_hf_tokenizer)
+from blockdec.sharding import ShardingConfig, make_mesh, shard_params
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ answer (JAX clamps out-of-range gathers without complaint).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -71,11 +72,15 @@ def _decode_impl(params, prompts, prompt_lengths, *, cfg: ModelConfig,
   return loop(score, params, prompts, prompt_lengths, cache, options)
 
 
-def _constrain_cache(score, cache_sharding):
-  def constrained(params, tokens, positions, cache):
-    logits, cache = score(params, tokens, positions, cache)
-    return logits, jax.lax.with_sharding_constraint(cache, cache_sharding)
-  return constrained
+def _constrain_cache(score: decoding.SplitScoreFn, cache_sharding):
+  """`score` whose trunk pins the returned cache to `cache_sharding`."""
+
+  def trunk(params, tokens, positions, cache, *args, **kwargs):
+    hidden, cache = score.trunk(params, tokens, positions, cache, *args,
+                                **kwargs)
+    return hidden, jax.lax.with_sharding_constraint(cache, cache_sharding)
+
+  return dataclasses.replace(score, trunk=trunk)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "options", "greedy"))

@@ -8,8 +8,11 @@ to the keys at positions `<= p` (slot `s` of the cache holds position `s`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -47,25 +50,80 @@ def self_attention(q, k, v, positions):
   return dot_product_attention(q, k, v, mask)
 
 
-def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla"):
+def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla",
+                     parents: tuple[int, ...] | None = None):
   """Attention of a block written into the cache to the row's valid prefix.
 
   Args:
     q: [B, T, H, D] queries of the block at `positions`.
     k_cache: [B, S, H_kv, D], with the block's own keys already written at
-      slots `positions`.
+      slots `positions` (tree: slots `positions[:, 0] + 0 .. T-1`).
     v_cache: [B, S, H_kv, D].
-    positions: [B, T] int32, consecutive per row.
+    positions: [B, T] int32, consecutive per row (tree: offset + depth).
     backend: "xla" or "pallas".
+    parents: None for the causal block, or a static token tree (node i's
+      parent block index, -1 for a root at depth 0, `kernels.TreeMask`
+      convention): node i then sees the committed slots `< positions[:, 0]`
+      and the block slots of its ancestors and itself.
   """
+  if parents is not None and len(parents) != q.shape[1]:
+    raise ValueError(f"parents has {len(parents)} nodes but the block has "
+                     f"T={q.shape[1]} tokens.")
   if backend == "pallas":
     from blockdec import kernels  # Imported lazily: the kernel is optional.
-    mask = kernels.CausalBlockMask(block_len=q.shape[1])
-    return kernels.block_attention(
-        q, k_cache, v_cache, positions[:, 0].astype(jnp.int32), mask,
+    mask = (kernels.CausalBlockMask(q.shape[1]) if parents is None
+            else kernels.TreeMask(parents))
+    run = functools.partial(
+        kernels.block_attention, mask=mask,
         interpret=jax.default_backend() == "cpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+      run = _on_mesh(run, mesh, batch=q.shape[0], num_kv_heads=k_cache.shape[2])
+    return run(q, k_cache, v_cache, positions[:, 0].astype(jnp.int32))
   if backend != "xla":
     raise ValueError(f"attention backend={backend!r}; allowed: 'xla', 'pallas'.")
   slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
-  mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  if parents is None:
+    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  else:
+    mask = tree_mask(parents, positions[:, 0], k_cache.shape[1])
   return dot_product_attention(q, k_cache, v_cache, mask)
+
+
+def tree_mask(parents: tuple[int, ...], offsets: jax.Array,
+              length: int) -> jax.Array:
+  """[B, T, S] mask of a token tree written at slots offsets[b] + 0..T-1.
+
+  Key slot s is visible to node t iff s < offsets[b] (committed) or s is
+  the slot of t or one of its ancestors (`blockdec.kernels.masks` rule).
+  """
+  from blockdec.kernels import masks  # NumPy only; lazily like the kernel.
+  pattern = jnp.asarray(masks.TreeMask(parents).pattern())  # [T, T]
+  t = pattern.shape[0]
+  rel = jnp.arange(length, dtype=jnp.int32)[None, :] - offsets[:, None]  # [B, S]
+  in_block = (rel >= 0) & (rel < t)
+  seen = pattern[:, jnp.clip(rel, 0, t - 1)]  # [T, B, S]
+  return (rel < 0)[:, None, :] | (in_block[:, None, :]
+                                  & jnp.transpose(seen, (1, 0, 2)))
+
+
+def _on_mesh(kernel, mesh, *, batch: int, num_kv_heads: int):
+  """`kernel(q, k, v, offsets)` run per shard with `jax.shard_map`.
+
+  A Pallas call is opaque to XLA's SPMD partitioner, so under a mesh (set by
+  `jax.set_mesh`, as the sharded decode does) each device runs the kernel on
+  its own rows (batch over "data") and its own KV heads with their query
+  heads (over "model"). Query head h reads KV head h // G, so splitting both
+  into equal contiguous slices keeps every group on one device. An axis the
+  mesh lacks, or that does not divide the dim, is not used (replicated).
+  `check_vma=False`: pallas_call has no varying-manual-axes rule.
+  """
+
+  def axis(name, size):
+    n = dict(mesh.shape).get(name, 1)
+    return name if n > 1 and size % n == 0 else None
+
+  rows, heads = axis("data", batch), axis("model", num_kv_heads)
+  qkv = P(rows, None, heads, None)  # [B, T|S, H|H_kv, D]
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows)),
+                       out_specs=qkv, check_vma=False)

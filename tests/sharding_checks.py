@@ -1,0 +1,243 @@
+"""Sharded checks on 8 fake CPU devices, run in their own process.
+
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` only takes effect if it
+is set before jax is first imported, and pytest (and its xdist workers)
+import jax long before any test runs, so tests/test_sharding.py launches
+
+    python tests/sharding_checks.py CASE [CASE ...]
+
+and asserts that it exits 0. Each case raises AssertionError with the reason
+on failure. Several cases share one process to pay for jax's start-up and
+the compiles once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# The fast-compile flags change no semantics; compiles dominate these checks.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0"
+                           " --xla_llvm_disable_expensive_passes=true")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+import time
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+import blockdec
+from blockdec import sharding
+
+MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
+BATCH = 8
+
+
+def tiny_model(**overrides):
+  """Heads, vocabulary and MLP divisible by 8; 4 KV heads (GQA) so that the
+  (1, 8) mesh exercises the replicate-if-not-divisible fallback."""
+  kw = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4,
+            d_ff=128, max_seq_len=48, num_prediction_heads=4,
+            tie_embeddings=False)
+  kw.update(overrides)
+  cfg = blockdec.ModelConfig(**kw)
+  params = blockdec.init_params(cfg, jax.random.key(1))
+  # Sharpen the random model so argmaxes are not near-ties.
+  params = jax.tree_util.tree_map(lambda x: x * 2.0, params)
+  return cfg, params
+
+
+def prompts_and_lengths(vocab):
+  rng = np.random.RandomState(0)
+  lengths = rng.randint(2, 9, size=BATCH).astype(np.int32)
+  prompts = rng.randint(0, vocab, size=(BATCH, 8)).astype(np.int32)
+  return prompts, lengths
+
+
+def _spec(x):
+  return tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+
+
+def _assert_sharded(x, spec, mesh, name):
+  """`x` has PartitionSpec `spec` and per-device shards of the right shape."""
+  assert _spec(x) == tuple(spec), f"{name}: spec {x.sharding.spec}, want {spec}"
+  want = tuple(d // (mesh.shape[a] if a else 1)
+               for d, a in zip(x.shape, spec))
+  shards = x.addressable_shards
+  assert len(shards) == 8, f"{name}: {len(shards)} shards"
+  for shard in shards:
+    assert shard.data.shape == want, (
+        f"{name}: shard shape {shard.data.shape}, want {want} on {mesh}")
+
+
+def check_mesh():
+  mesh = blockdec.make_mesh((4, 2))
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert dict(blockdec.make_mesh((-1, 1)).shape) == {"data": 8, "model": 1}
+  for bad in ((3, 2), (0, 8), (-1, -1)):
+    try:
+      blockdec.make_mesh(bad)
+    except ValueError as e:
+      assert str(bad[0]) in str(e), e
+    else:
+      raise AssertionError(f"make_mesh({bad}) did not raise")
+
+
+def check_params_sharding():
+  """Leaves are sharded as DEFAULT_RULES / FSDP_RULES say, shards sized so."""
+  cfg, params = tiny_model()
+  for shape in MESHES:
+    mesh = blockdec.make_mesh(shape)
+    data, model = shape
+    sp = blockdec.shard_params(params, cfg, mesh)
+    layer = sp["layer_1"]
+    expect = {
+        "embed": (sp["embed"]["embedding"], ("model", None)),
+        "q": (layer["attn"]["q"]["kernel"], (None, "model")),
+        # [d, H_kv * D] = [64, 32]: divisible by 8 even with 4 KV heads.
+        "k": (layer["attn"]["k"]["kernel"], (None, "model")),
+        "o": (layer["attn"]["o"]["kernel"], ("model", None)),
+        "gate": (layer["mlp"]["gate"]["kernel"], (None, "model")),
+        "down": (layer["mlp"]["down"]["kernel"], ("model", None)),
+        "norm": (layer["attn_norm"]["scale"], (None,)),
+        "lm_head": (sp["lm_head"]["kernel"], (None, "model")),
+        "fc1": (sp["proposal_heads"]["head_3"]["fc1"]["kernel"],
+                (None, "model")),
+        "fc2": (sp["proposal_heads"]["head_3"]["fc2"]["kernel"],
+                ("model", None)),
+    }
+    for name, (x, spec) in expect.items():
+      _assert_sharded(x, spec, mesh, f"{name} on {shape}")
+    # Values are untouched.
+    for a, b in zip(jax.tree_util.tree_leaves(params),
+                    jax.tree_util.tree_leaves(sp)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # FSDP: d_model over data as well.
+    fp = blockdec.shard_params(params, cfg, mesh, sharding.FSDP_RULES)
+    _assert_sharded(fp["layer_0"]["attn"]["q"]["kernel"], ("data", "model"),
+                    mesh, f"fsdp q on {shape}")
+    _assert_sharded(fp["layer_0"]["mlp"]["down"]["kernel"], ("model", "data"),
+                    mesh, f"fsdp down on {shape}")
+  # Not divisible: replicated instead of an error.
+  mesh = blockdec.make_mesh((4, 2))
+  assert sharding.logical_to_spec(("embed", "vocab"), (64, 63), mesh) == P(
+      None, None)
+  assert sharding.logical_to_spec(("batch", None), (6, 3), mesh) == P(
+      None, None)
+  assert sharding.logical_to_spec(("embed", "heads"), (64, 64), mesh,
+                                  sharding.FSDP_RULES) == P("data", "model")
+  # Created in shards directly: same values as the one-device init.
+  mesh = blockdec.make_mesh((2, 4))
+  direct = sharding.init_params(cfg, jax.random.key(1), mesh)
+  ref = blockdec.init_params(cfg, jax.random.key(1))
+  for a, b in zip(jax.tree_util.tree_leaves(ref),
+                  jax.tree_util.tree_leaves(direct)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0)
+  _assert_sharded(direct["embed"]["embedding"], ("model", None), mesh,
+                  "sharded init embed")
+
+
+def check_decode(backends=("xla",), meshes=MESHES, fns=None):
+  """Sharded greedy and blockwise decoding == one-device decoding."""
+  cfg, params = tiny_model(n_layers=1)  # One layer: compiles dominate.
+  prompts, lengths = prompts_and_lengths(cfg.vocab_size)
+  kw = dict(max_new_tokens=10)
+  ref_greedy = blockdec.greedy_decode(params, cfg, prompts, lengths, **kw)
+  ref_block = blockdec.blockwise_decode(params, cfg, prompts, lengths, **kw)
+  np.testing.assert_array_equal(ref_greedy.tokens, ref_block.tokens)
+  for backend in backends:
+    bcfg = cfg.replace(attention_backend=backend)
+    for shape in meshes:
+      mesh = blockdec.make_mesh(shape)
+      sp = blockdec.shard_params(params, bcfg, mesh)
+      for fn, ref in ((blockdec.greedy_decode, ref_greedy),
+                      (blockdec.blockwise_decode, ref_block)):
+        if fns is not None and fn.__name__ not in fns:
+          continue
+        out = fn(sp, bcfg, prompts, lengths, mesh=mesh, **kw)
+        where = f"{fn.__name__} backend={backend} mesh={shape}"
+        np.testing.assert_array_equal(np.asarray(out.tokens), ref.tokens,
+                                      err_msg=where)
+        np.testing.assert_array_equal(np.asarray(out.lengths), ref.lengths,
+                                      err_msg=where)
+        np.testing.assert_array_equal(np.asarray(out.num_calls),
+                                      ref.num_calls, err_msg=where)
+        assert _spec(out.tokens)[0] == "data" or shape[0] == 1, (
+            where, out.tokens.sharding)
+
+
+def check_decode_pallas():
+  """The Pallas kernel under shard_map (batch and KV heads split) == xla on
+  one device. (2, 4) splits both; (1, 8) must replicate the 4 KV heads."""
+  check_decode(backends=("pallas",), meshes=((2, 4), (1, 8)),
+               fns=("blockwise_decode",))
+  # The kernel really runs per shard: under a mesh the attention is a
+  # shard_map; without one it is not.
+  from blockdec.models import attention  # pylint: disable=g-import-not-at-top
+  q = jax.ShapeDtypeStruct((BATCH, 3, 8, 8), "float32")
+  kv = jax.ShapeDtypeStruct((BATCH, 16, 4, 8), "float32")
+  pos = jax.ShapeDtypeStruct((BATCH, 3), "int32")
+  f = lambda q, k, v, p: attention.cached_attention(q, k, v, p,
+                                                    backend="pallas")
+  with jax.set_mesh(blockdec.make_mesh((2, 4))):
+    jaxpr = str(jax.make_jaxpr(f)(q, kv, kv, pos))
+  assert "shard_map" in jaxpr and "P('data', None, 'model', None)" in jaxpr, (
+      jaxpr[:2000])
+  assert "shard_map" not in str(jax.make_jaxpr(f)(q, kv, kv, pos))
+
+
+def check_cache_sharding():
+  """The KV cache inside the sharded decode is split as the rules say."""
+  cfg, _ = tiny_model()
+  for shape, kv in (((4, 2), "model"), ((1, 8), None)):
+    mesh = blockdec.make_mesh(shape)
+    cache = jax.eval_shape(
+        lambda: blockdec.models.transformer.make_cache(cfg, BATCH, 16))
+    sh = sharding.cache_shardings(mesh, cache)
+    assert tuple(sh.k.spec) == (None, "data", None, kv, None), sh.k.spec
+    assert tuple(sh.end_index.spec) == ("data",), sh.end_index.spec
+
+
+def check_checkpoint():
+  """Saved from a (4, 2) mesh, restored onto (2, 4) with the new shardings."""
+  cfg, params = tiny_model()
+  src = blockdec.make_mesh((4, 2))
+  dst = blockdec.make_mesh((2, 4))
+  sp = blockdec.shard_params(params, cfg, src, sharding.FSDP_RULES)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "params")
+    sharding.save_checkpoint(path, sp)
+    restored = sharding.restore_params(path, cfg, dst)
+  want = sharding.param_shardings(cfg, dst)
+  for a, b, s in zip(jax.tree_util.tree_leaves(params),
+                     jax.tree_util.tree_leaves(restored),
+                     jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert b.sharding.is_equivalent_to(s, b.ndim), (b.sharding, s)
+  _assert_sharded(restored["layer_0"]["attn"]["k"]["kernel"],
+                  (None, "model"), dst, "restored k")
+
+
+CASES = {name[len("check_"):]: fn for name, fn in globals().items()
+         if name.startswith("check_")}
+
+
+def main(argv):
+  assert jax.device_count() == 8, jax.devices()
+  names = argv or list(CASES)
+  for name in names:
+    if name not in CASES:
+      raise SystemExit(f"unknown case {name!r}; known: {sorted(CASES)}")
+    start = time.perf_counter()
+    CASES[name]()
+    print(f"ok {name} ({time.perf_counter() - start:.1f}s)", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
