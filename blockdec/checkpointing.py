@@ -96,8 +96,28 @@ def latest_orbax_params(directory):
   return state["params"]
 
 
+def is_hf_checkpoint(directory) -> bool:
+  """True for an HF folder (config.json, no model_config.json)."""
+  directory = pathlib.Path(directory)
+  return ((directory / "config.json").exists()
+          and not (directory / CONFIG_FILE).exists())
+
+
+def _load_hf(directory, with_tokenizer: bool):
+  """`load_checkpoint` of an HF folder (blockdec.load_hf_checkpoint)."""
+  from blockdec.models.hf import load_hf_checkpoint
+  from blockdec.training.tokenizers import load_tokenizer
+  cfg, params = load_hf_checkpoint(directory)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  return cfg, params, load_tokenizer(directory) if with_tokenizer else None
+
+
 def load_checkpoint(directory, *, with_tokenizer: bool = True):
   """Returns (cfg, params, tokenizer) from a checkpoint folder.
+
+  An HF checkpoint folder (config.json + safetensors, GPT-2 or Llama family)
+  loads too, through `blockdec.load_hf_checkpoint`, with its tokenizer.json;
+  so a head config's `init_from` may name one (configs/hf_heads.py).
 
   Raises FileNotFoundError naming the missing file, and ValueError when the
   parameters do not fit the saved config.
@@ -106,6 +126,8 @@ def load_checkpoint(directory, *, with_tokenizer: bool = True):
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"checkpoint folder {directory} does not exist.")
+  if is_hf_checkpoint(directory):
+    return _load_hf(directory, with_tokenizer)
   cfg = load_model_config(directory)
   path = directory / PARAMS_FILE
   if path.exists():

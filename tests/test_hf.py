@@ -315,3 +315,53 @@ def test_error_export_without_hf_layout(tmp_path):
   params = blockdec.init_params(cfg, jax.random.key(0))
   with pytest.raises(ValueError, match="No supported HF architecture"):
     blockdec.export_hf_checkpoint(cfg, params, tmp_path)
+
+
+# ----------------------------------------------- heads on a frozen checkpoint
+
+
+def test_frozen_heads_training_on_hf_checkpoint(tmp_path):
+  """configs/hf_heads.py trains heads on an HF folder; the base stays exact."""
+  from blockdec.training import pipeline, train
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  model = _scale_up(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=256, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+      **NO_SPECIAL)))
+  cfg, params = blockdec.load_hf_checkpoint(_save(model, tmp_path / "gpt2"))
+  folder = tmp_path / "gpt2_bytes"
+  blockdec.export_hf_checkpoint(cfg, params, folder,
+                                tokenizer=hf.byte_tokenizer())
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(20):
+    (corpus / f"m{i}.py").write_text(
+        f"def f{i}(x):\n    return x * {i} + {i % 3}\n" * 8)
+
+  config = pipeline.load_config(os.path.join(root, "configs", "hf_heads.py"),
+                                "tiny")
+  config.hf_checkpoint = str(folder)
+  assert config.init_from == str(folder)  # Follows hf_checkpoint.
+  config.data.corpus = str(corpus)
+  config.data.valid_fraction, config.data.test_fraction = 0.2, 0.1
+  config.progress, config.steps = False, 2
+  summary = train.train(config, tmp_path / "run")
+  assert summary["steps"] == 2 and summary["regime"] == "frozen"
+  hcfg, hparams, tokenizer = blockdec.load_checkpoint(tmp_path / "run")
+  assert hcfg.num_prediction_heads == 4
+  for key in params:  # The pretrained weights: bit-for-bit.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, hparams[key],
+                           params[key])
+  prompt = tokenizer.encode("def f")
+  np.testing.assert_array_equal(prompt, list(b"def f"))
+  with torch.no_grad():
+    want = model.generate(torch.tensor(prompt[None]), do_sample=False,
+                          max_new_tokens=10, min_new_tokens=10,
+                          pad_token_id=0)[:, len(prompt):].numpy()
+  out = blockdec.blockwise_decode(hparams, hcfg, prompt[None],
+                                  np.array([len(prompt)]), max_new_tokens=10)
+  np.testing.assert_array_equal(out.tokens, want)
+
+
+def _save(model, folder):
+  model.save_pretrained(folder)
+  return folder

@@ -551,6 +551,56 @@ def load_hf_tokenizer(path: str | os.PathLike):
   return Tokenizer.from_file(file)
 
 
+def byte_tokenizer():
+  """An HF `tokenizers.Tokenizer` whose ids are the UTF-8 bytes (id b = byte b).
+
+  blockdec's byte models need no tokenizer, but an exported checkpoint should
+  carry one that transformers and `load_hf_tokenizer` can use. This is a
+  byte-level BPE with no merges whose vocabulary lists the 256 byte symbols in
+  byte order, so `encode("ab").ids == [97, 98]` and decode inverts it.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  vocab = {symbol: b for b, symbol in enumerate(_byte_symbols())}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                               use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def _byte_symbols() -> list[str]:
+  """The printable character byte-level BPE uses for each byte 0..255.
+
+  Bytes that are printable Latin-1 stand for themselves; the others (control
+  characters, space, ...) take the code points 256, 257, ... in byte order.
+  """
+  printable = (set(range(ord("!"), ord("~") + 1))
+               | set(range(ord("\xa1"), ord("\xac") + 1))
+               | set(range(ord("\xae"), ord("\xff") + 1)))
+  symbols, extra = [], 0
+  for b in range(256):
+    if b in printable:
+      symbols.append(chr(b))
+    else:
+      symbols.append(chr(256 + extra))
+      extra += 1
+  return symbols
+
+
+def _as_hf_tokenizer(tokenizer):
+  """A `tokenizers.Tokenizer` from one, or from blockdec's training tokenizers."""
+  from tokenizers import Tokenizer
+  if isinstance(tokenizer, Tokenizer):
+    return tokenizer
+  if getattr(tokenizer, "kind", None) == "bytes":
+    return byte_tokenizer()
+  inner = getattr(tokenizer, "tokenizer", None)
+  if isinstance(inner, Tokenizer):
+    return inner
+  raise TypeError(f"tokenizer={tokenizer!r} must be a tokenizers.Tokenizer or "
+                  "a blockdec ByteTokenizer/BPETokenizer.")
+
+
 # ------------------------------------------------------------------ export
 
 
@@ -568,7 +618,8 @@ def export_hf_checkpoint(cfg: ModelConfig, params, path: str | os.PathLike, *,
     cfg, params: the model.
     path: output folder (created; existing files are overwritten).
     dtype: "float32" or "bfloat16" for the stored weights; None: cfg.param_dtype.
-    tokenizer: a `tokenizers.Tokenizer` to save as tokenizer.json, or None.
+    tokenizer: saved as tokenizer.json: a `tokenizers.Tokenizer`, or a
+      blockdec training tokenizer (a byte tokenizer becomes `byte_tokenizer()`).
     config_overrides: extra config.json entries, e.g. {"eos_token_id": 2}.
 
   Returns:
@@ -612,5 +663,5 @@ def export_hf_checkpoint(cfg: ModelConfig, params, path: str | os.PathLike, *,
   elif os.path.exists(heads_file):
     os.remove(heads_file)  # Stale heads of an earlier export.
   if tokenizer is not None:
-    tokenizer.save(os.path.join(path, TOKENIZER_FILE))
+    _as_hf_tokenizer(tokenizer).save(os.path.join(path, TOKENIZER_FILE))
   return path
