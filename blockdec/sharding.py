@@ -127,25 +127,38 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None
   rejects unless every operand's sharding is spelled out.
   """
   devices = list(jax.devices() if devices is None else devices)
+  shape = check_mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def check_mesh_shape(shape: Sequence[int], num_devices: int | None = None
+                     ) -> tuple[int, int]:
+  """`shape` with its -1 resolved; raises ValueError if it cannot fit.
+
+  `num_devices` defaults to `jax.device_count()`.
+  """
+  if num_devices is None:
+    num_devices = jax.device_count()
   shape = tuple(shape)
-  if len(shape) != 2 or not all(isinstance(s, (int, np.integer)) for s in shape):
+  if len(shape) != 2 or not all(isinstance(s, (int, np.integer))
+                                and not isinstance(s, bool) for s in shape):
     raise ValueError(f"mesh shape={shape!r} must be two ints (data, model).")
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     raise ValueError(f"mesh shape={shape} must hold positive sizes and at most "
                      "one -1 (fill with the remaining devices).")
   if -1 in shape:
     known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-      raise ValueError(f"mesh shape={shape}: {len(devices)} devices are not "
+    if num_devices % known:
+      raise ValueError(f"mesh shape={shape}: {num_devices} devices are not "
                        f"divisible by {known}.")
-    shape = tuple(len(devices) // known if s == -1 else s for s in shape)
-  if math.prod(shape) != len(devices):
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
     raise ValueError(
         f"mesh shape={shape} needs {math.prod(shape)} devices but "
-        f"{len(devices)} are given (jax.devices() has {jax.device_count()}); "
-        "pass devices=... to use a subset.")
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2,
-                       devices=devices)
+        f"{num_devices} are given (jax.devices() has {jax.device_count()}); "
+        "pass devices=... to make_mesh to use a subset.")
+  return tuple(int(s) for s in shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,31 +417,59 @@ def train_state_shardings(state, mesh: Mesh, rules: Rules | None = None):
   return tree_shardings(state, mesh, rules, strict=False)
 
 
-def shard_train_step(train_step: Callable, state, batch, mesh: Mesh,
-                     sharding: ShardingConfig | None = None,
+def shard_train_step(train_step: Callable, state, mesh: Mesh,
+                     sharding: ShardingConfig | None = None, *,
+                     batch_size: int, eval_step: Callable | None = None,
                      donate_state: bool = False):
-  """A jitted `train_step(state, batch) -> (state, metrics)` on `mesh`.
+  """`train_step(state, batch) -> (state, metrics)` jitted for `mesh`.
+
+  The state's parameters and optimizer state are sharded by the parameter
+  rules (tensor parallel, plus FSDP when `sharding.fsdp`); every batch leaf
+  is split over ``data`` along its first (batch) dim; metrics come back
+  replicated. XLA inserts the gradient all-reduces (data parallel) and the
+  activation collectives (tensor parallel); the step's code is unchanged.
 
   Args:
     train_step: a pure function (jitted or not).
-    state, batch: examples (arrays or ShapeDtypeStructs) that fix the shapes.
+    state: the train state (arrays or ShapeDtypeStructs) fixing the shapes.
     mesh: from `make_mesh`.
     sharding: rules and FSDP switch; default `ShardingConfig()`.
-    donate_state: donate the old state's buffers (saves memory in training).
+    batch_size: rows of every batch (a batch not divisible by the ``data``
+      size is replicated, see the module docstring).
+    eval_step: optionally also jit `eval_step(params, batch) -> metrics`.
+    donate_state: donate the old state's buffers (saves memory).
 
   Returns:
-    ``(step, state_shardings, batch_shardings)``: place the state with
-    ``jax.device_put(state, state_shardings)`` once; each batch is split over
-    ``data`` along its first dim; metrics come back replicated.
+    ``(step, state_shardings, batch_sharding, eval_step or None)``. Place the
+    state once with ``jax.device_put(state, state_shardings)`` and each batch
+    with `put_batch`.
   """
   sharding = ShardingConfig() if sharding is None else sharding
   state_sh = train_state_shardings(state, mesh, sharding.param_rules)
-  batch_sh = jax.tree_util.tree_map(
-      lambda x: batch_sharding(mesh, np.shape(x), sharding.rules), batch)
+  batch_sh = batch_sharding(mesh, (batch_size,), sharding.rules)
+  # One sharding for the whole batch pytree: a prefix of its leaves.
   step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, replicated(mesh)),
                  donate_argnums=(0,) if donate_state else ())
-  return step, state_sh, batch_sh
+  if eval_step is not None:
+    params_sh = getattr(state_sh, "params", None)
+    if params_sh is None:
+      raise ValueError("eval_step needs a state with a `params` field.")
+    eval_step = jax.jit(eval_step, in_shardings=(params_sh, batch_sh),
+                        out_shardings=replicated(mesh))
+  return step, state_sh, batch_sh, eval_step
+
+
+def put_batch(batch, sharding: NamedSharding):
+  """Host batch (NumPy pytree, the same global batch on every process) ->
+  global arrays laid out by `sharding`; each device copies only its rows.
+
+  On one process this is `jax.device_put`; on several (multi-host) it is
+  what lets every process pass the same host batch to a sharded step.
+  """
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_callback(
+          np.shape(x), sharding, lambda index: np.asarray(x)[index]), batch)
 
 
 # ------------------------------------------------------------ checkpoints

@@ -37,3 +37,10 @@ def test_sharded_decoding_equals_one_device():
   """Greedy and blockwise tokens on every mesh == one-device tokens; the
   Pallas kernel under shard_map == xla."""
   _run("decode", "decode_pallas")
+
+
+def test_sharded_training_equals_one_device():
+  """The train step on every mesh (FSDP on (4,2), a heads regime too) ==
+  one device; the Trainer runs sharded from config.sharding.mesh_shape and a
+  run checkpointed on (4,2) resumes on (2,4)."""
+  _run("train_step", "trainer")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from blockdec import sharding
 from blockdec.training.losses import REGIMES
 from blockdec.training.tokenizers import KINDS
 
@@ -93,6 +94,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.num_prompts = 8  # Held-out prompts for per-head agreement; 0 = off.
   c.diagnostics.new_tokens = 64  # Greedy tokens generated per prompt.
+
+  # Sharding over a ("data", "model") device mesh (blockdec.sharding,
+  # docs/sharding.md). Not part of the run's cache key: it changes where the
+  # numbers are computed, not what they are (up to float rounding).
+  c.sharding = sharding.config_dict()
+  # c.sharding.mesh_shape: None = one device; (data, model), one entry may
+  #   be -1 = all remaining devices, e.g. --config.sharding.mesh_shape="(4,2)".
+  # c.sharding.rules: logical axis -> mesh axis pairs (sharding.DEFAULT_RULES:
+  #   batch over data; heads, kv heads, MLP and vocabulary over model).
+  # c.sharding.fsdp: also shard parameters and optimizer state over data
+  #   along d_model (fully sharded data parallel).
   return c
 
 
@@ -138,3 +150,10 @@ def check_config(c) -> None:
   _positive_int("diagnostics.num_prompts", c.diagnostics.num_prompts,
                 allow_zero=True)
   _positive_int("diagnostics.new_tokens", c.diagnostics.new_tokens)
+  if c.get("sharding") is not None:
+    try:
+      s = sharding.ShardingConfig.from_config(c.sharding)
+      if s.mesh_shape is not None:
+        sharding.check_mesh_shape(s.mesh_shape)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config.sharding: {e}") from None

@@ -26,7 +26,7 @@ from blockdec.config import ModelConfig
 
 # Fields that do not change what a run computes (left out of the cache key).
 _NOT_IN_KEY = ("progress", "workdir", "log_every", "checkpoint_every",
-               "keep_checkpoints")
+               "keep_checkpoints", "sharding")
 
 
 @dataclasses.dataclass

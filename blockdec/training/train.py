@@ -40,7 +40,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from blockdec import api, checkpointing
+from blockdec import api, checkpointing, sharding
 from blockdec.config import ModelConfig
 from blockdec.models import transformer
 from blockdec.training import data as data_lib
@@ -118,7 +118,7 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule):
     params = with_trainable(state.params, optax.apply_updates(sub, updates),
                             regime)
     metrics = {"loss": loss, "head_losses": per_head,
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
@@ -251,10 +251,24 @@ class Trainer:
     self.initial_state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         opt_state=self.optimizer.init(trainable(params, self.regime)))
-    # The one place the step is jitted (sharding goes here).
-    self.train_step = jax.jit(
-        make_train_step(self.cfg, self.regime, self.optimizer, self.schedule))
-    self.eval_step = jax.jit(make_eval_step(self.cfg))
+    # The one place the step is jitted: on one device, or sharded over the
+    # mesh of config.sharding (blockdec.sharding; same step, same results up
+    # to float rounding). Resume restores onto the state's shardings.
+    step_fn = make_train_step(self.cfg, self.regime, self.optimizer,
+                              self.schedule)
+    eval_fn = make_eval_step(self.cfg)
+    sharding_cfg = sharding.ShardingConfig.from_config(c.get("sharding"))
+    self.mesh = sharding_cfg.make_mesh()
+    if self.mesh is None:
+      self.train_step, self.eval_step = jax.jit(step_fn), jax.jit(eval_fn)
+      self._put_batch = lambda batch: batch
+    else:
+      self.train_step, state_sh, batch_sh, self.eval_step = \
+          sharding.shard_train_step(step_fn, self.initial_state, self.mesh,
+                                    sharding_cfg, batch_size=c.batch_size,
+                                    eval_step=eval_fn)
+      self.initial_state = jax.device_put(self.initial_state, state_sh)
+      self._put_batch = lambda batch: sharding.put_batch(batch, batch_sh)
     self._batches = None
 
   def _check_or_write_run_files(self):
@@ -294,7 +308,7 @@ class Trainer:
     ce = np.zeros(self.cfg.num_prediction_heads)
     w = np.zeros(self.cfg.num_prediction_heads)
     for batch in self.eval_data:
-      c_sum, w_sum = self.eval_step(params, batch)
+      c_sum, w_sum = self.eval_step(params, self._put_batch(batch))
       ce += np.asarray(c_sum)
       w += np.asarray(w_sum)
     per_head = ce / np.maximum(w, 1)
@@ -340,7 +354,8 @@ class Trainer:
       postfix = {}
       with open(metrics_path, "a") as log:
         for step in range(start, end):
-          state, metrics = self.train_step(state, batches.batch(step))
+          state, metrics = self.train_step(
+              state, self._put_batch(batches.batch(step)))
           done = step + 1
           n_since += 1
           if done % c.log_every == 0 or done == c.steps:
