@@ -472,6 +472,18 @@ def put_batch(batch, sharding: NamedSharding):
           np.shape(x), sharding, lambda index: np.asarray(x)[index]), batch)
 
 
+def to_host(tree):
+  """NumPy copy of a (possibly sharded) pytree, on every process.
+
+  One process: `jax.device_get`. Several (multi-host): arrays are not fully
+  addressable from one host, so they are all-gathered first.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 # ------------------------------------------------------------ checkpoints
 
 

@@ -389,7 +389,7 @@ class Trainer:
     return state, self._finish(state)
 
   def _finish(self, state) -> dict:
-    params = jax.device_get(state.params)
+    params = sharding.to_host(state.params)
     checkpointing.save_checkpoint(self.workdir, self.cfg, params, self.tokenizer)
     rows = read_metrics(self.workdir / "metrics.jsonl")
     valid = [r for r in rows if r["split"] == "valid"]
