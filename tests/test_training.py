@@ -1,0 +1,230 @@
+"""Training: every config steps, exact resume, regimes, checkpoints, diagnostics."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import blockdec
+from blockdec.training import data, diagnostics, distill, pipeline, train
+from tests.test_training_data import write_corpus
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HEAD_CONFIGS = ("heads_frozen", "heads_finetune", "heads_distill")
+
+
+def tiny(name: str, corpus, **changes):
+  """configs/<name>.py:tiny on the test corpus, quiet."""
+  c = pipeline.load_config(ROOT / "configs" / f"{name}.py", "tiny")
+  c.data.corpus = str(corpus)
+  c.data.valid_fraction, c.data.test_fraction = 0.2, 0.1
+  c.progress = False
+  for k, v in changes.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return write_corpus(tmp_path_factory.mktemp("corpus"), n=30)
+
+
+@pytest.fixture(scope="module")
+def base(corpus, tmp_path_factory):
+  """A tiny trained base LM: (cfg, params, tokenizer, workdir)."""
+  workdir = tmp_path_factory.mktemp("base")
+  summary = train.train(tiny("base_lm", corpus, steps=3), workdir)
+  assert summary["steps"] == 3 and np.isfinite(summary["valid"]["loss"])
+  return (*blockdec.load_checkpoint(workdir), workdir)
+
+
+def test_base_run_writes_everything(base):
+  cfg, params, tokenizer, workdir = base
+  assert cfg.vocab_size == 256 and cfg.num_prediction_heads == 1
+  for f in ("model_config.json", "params.safetensors", "tokenizer_config.json",
+            "metrics.jsonl", "summary.json", "loss_curve.png"):
+    assert (workdir / f).exists(), f
+  rows = train.read_metrics(workdir / "metrics.jsonl")
+  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+  assert any(r["split"] == "valid" for r in rows)
+
+
+# heads_frozen's step is covered by test_frozen_heads_keep_greedy_output.
+@pytest.mark.parametrize("name,regime", [
+    ("heads_finetune", "finetune"),
+    ("heads_distill", "distill"), ("heads_distill", "distill_finetune")])
+def test_one_step_of_every_head_config(name, regime, base, corpus, tmp_path):
+  cfg, params, tokenizer, _ = base
+  config = tiny(name, corpus, regime=regime, steps=1,
+                **{"distill.cache_dir": str(tmp_path / "distill")})
+  trainer = train.Trainer(config, tmp_path / "run", init=(cfg, params, tokenizer))
+  state, summary = trainer.run()
+  assert summary["steps"] == 1 and int(state.step) == 1
+  assert trainer.cfg.num_prediction_heads == 4
+  assert len(summary["head_agreement"]) == 4
+  new = state.params
+  unchanged = jax.tree_util.tree_map(
+      lambda a, b: bool(np.array_equal(a, b)),
+      {k: v for k, v in new.items() if k != "proposal_heads"}, params)
+  frozen = regime in ("frozen", "distill")
+  assert all(jax.tree_util.tree_leaves(unchanged)) == frozen
+  if regime.startswith("distill"):
+    assert list((tmp_path / "distill").glob("distill-*.npz"))
+
+
+def test_frozen_heads_keep_greedy_output(base, corpus, tmp_path):
+  cfg, params, tokenizer, _ = base
+  config = tiny("heads_frozen", corpus, steps=3)
+  config.optim.learning_rate = 0.05  # Move the heads a lot.
+  summary = train.train(config, tmp_path, init=(cfg, params, tokenizer))
+  hcfg, hparams, _ = blockdec.load_checkpoint(tmp_path)
+  for key in params:  # Trunk and head 1: bit-for-bit.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, hparams[key],
+                           params[key])
+  prompts, lengths = train.pad_prompts(
+      [tokenizer.encode("def alpha"), tokenizer.encode("x")])
+  before = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=12)
+  after = blockdec.blockwise_decode(hparams, hcfg, prompts, lengths,
+                                    max_new_tokens=12)
+  np.testing.assert_array_equal(after.tokens, before.tokens)
+  assert summary["valid"]["head_losses"][0] == pytest.approx(
+      json.loads((base[3] / "summary.json").read_text())["valid"]["loss"],
+      abs=1e-5)
+
+
+def test_resume_follows_the_same_trajectory(corpus, tmp_path):
+  config = tiny("base_lm", corpus, steps=5, checkpoint_every=2, log_every=1,
+                eval_every=3)
+  train.train(config, tmp_path / "a")
+  killed = train.Trainer(config, tmp_path / "b").run(stop_at_step=3)
+  assert killed[1] is None and int(killed[0].step) == 3
+  # Restart: resumes from the step-2 checkpoint, redoes step 3.
+  train.train(config, tmp_path / "b")
+  rows = lambda d: [(r["split"], r["step"], r["loss"], r["head_losses"])
+                    for r in train.read_metrics(tmp_path / d / "metrics.jsonl")]
+  assert rows("a") == rows("b")
+  assert len(rows("a")) == 5 + 2
+  _, pa, _ = blockdec.load_checkpoint(tmp_path / "a")
+  _, pb, _ = blockdec.load_checkpoint(tmp_path / "b")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)
+
+
+def test_distillation_data_is_the_greedy_continuation(base, tmp_path):
+  cfg, params, tokenizer, _ = base
+  stream = np.arange(200, dtype=np.int32) % 97
+  kw = dict(num_sequences=5, prefix_len=6, new_tokens=10, batch_size=4, seed=1)
+  tokens, mask = distill.generate(params, cfg, stream, cache_dir=tmp_path, **kw)
+  assert tokens.shape == mask.shape == (5, 16)
+  np.testing.assert_array_equal(mask[:, :6], 0)
+  np.testing.assert_array_equal(mask[:, 6:], 1)
+  greedy = blockdec.greedy_decode(params, cfg, tokens[:, :6],
+                                  np.full(5, 6, np.int32), max_new_tokens=10)
+  np.testing.assert_array_equal(tokens[:, 6:], greedy.tokens)
+  cached = list(tmp_path.glob("distill-*.npz"))
+  assert len(cached) == 1
+  again, _ = distill.generate(params, cfg, stream, cache_dir=tmp_path, **kw)
+  np.testing.assert_array_equal(again, tokens)
+  assert len(list(tmp_path.glob("distill-*.npz"))) == 1
+
+
+def test_bad_configs_and_corpora_fail_clearly(base, corpus, tmp_path):
+  cases = [({"regime": "sometimes"}, "regime"),
+           ({"steps": 0}, "steps"),
+           ({"batch_size": -1}, "batch_size"),
+           ({"data.tokenizer": "chars"}, "tokenizer"),
+           ({"optim.learning_rate": 0.0}, "learning_rate"),
+           ({"data.corpus": str(tmp_path / "missing")}, "missing"),
+           ({"data.corpus": str(tmp_path)}, "matches no files"),
+           ({"model.d_model": 31}, "d_model"),
+           ({"data.seq_len": 1000}, "seq_len")]
+  for changes, match in cases:
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+      train.Trainer(tiny("base_lm", corpus, **changes), tmp_path / "run")
+  frozen = tiny("heads_frozen", corpus)
+  frozen.base = None
+  with pytest.raises(ValueError, match="init_from"):
+    train.Trainer(frozen, tmp_path / "h")
+  cfg, params, tokenizer, _ = base
+  with pytest.raises(ValueError, match="num_prediction_heads"):
+    train.Trainer(tiny("heads_frozen", corpus,
+                       **{"model.num_prediction_heads": 1}),
+                  tmp_path / "h1", init=(cfg, params, tokenizer))
+  with pytest.raises(ValueError, match="shape"):
+    train.Trainer(tiny("heads_frozen", corpus, model={"d_model": 64}),
+                  tmp_path / "h2", init=(cfg, params, tokenizer))
+
+
+def test_checkpoint_round_trip_and_errors(base, tmp_path):
+  cfg, params, tokenizer, _ = base
+  blockdec.save_checkpoint(tmp_path / "ck", cfg, params, tokenizer)
+  cfg2, params2, tok2 = blockdec.load_checkpoint(tmp_path / "ck")
+  assert cfg2 == cfg and tok2.kind == "bytes"
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    blockdec.load_checkpoint(tmp_path / "nothing")
+  (tmp_path / "ck" / "params.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match="params.safetensors"):
+    blockdec.load_checkpoint(tmp_path / "ck")
+  blockdec.save_checkpoint(tmp_path / "ck", cfg, params, tokenizer)
+  other = cfg.replace(n_layers=cfg.n_layers + 1)
+  (tmp_path / "ck" / "model_config.json").write_text(json.dumps(other.to_dict()))
+  with pytest.raises(ValueError, match="do not match the config"):
+    blockdec.load_checkpoint(tmp_path / "ck")
+  (tmp_path / "ck" / "model_config.json").unlink()
+  with pytest.raises(FileNotFoundError, match="model_config.json"):
+    blockdec.load_checkpoint(tmp_path / "ck")
+
+
+def test_pipeline_reuses_the_cache(base, corpus, tmp_path):
+  config = tiny("heads_frozen", corpus, steps=1)
+  config.diagnostics.num_prompts = 0
+  config.base = tiny("base_lm", corpus, steps=3, workdir=str(base[3]))
+  logs = []
+  first = pipeline.train_or_load(config, tmp_path, log=logs.append)
+  assert [l.split()[0] for l in logs] == ["[cache]", "[train]"]
+  logs.clear()
+  second = pipeline.train_or_load(config, tmp_path, log=logs.append)
+  assert [l.split()[0] for l in logs] == ["[cache]", "[cache]"]
+  assert second.workdir == first.workdir
+  jax.tree_util.tree_map(np.testing.assert_array_equal, first.params,
+                         second.params)
+  changed = config.copy_and_resolve_references()
+  changed.optim.learning_rate = 1e-4
+  assert pipeline.config_key(changed) != pipeline.config_key(config)
+  changed.progress = True  # Not part of the key.
+  changed.optim.learning_rate = config.optim.learning_rate
+  assert pipeline.config_key(changed) == pipeline.config_key(config)
+
+
+def test_head_agreement_on_an_oracle():
+  rng = np.random.RandomState(0)
+  seq = rng.randint(0, 50, size=(2, 12))
+  start, end = np.array([3, 5]), np.array([12, 10])
+  k = 3
+  pred = np.zeros((2, 12, k), np.int64)
+  for i in range(1, k + 1):  # Head i predicts seq[t + i] ...
+    pred[:, :12 - i, i - 1] = seq[:, i:]
+  pred[0, 3, 1] = -1  # ... except head 2 misses once, head 3 never agrees.
+  pred[:, :, 2] = -1
+  hits, counts = diagnostics.agreement_counts(pred, seq, start, end)
+  # Valid t: start <= t and t + i < end, so end - i - start per row.
+  expected_counts = [(12 - i - 3) + (10 - i - 5) for i in range(1, k + 1)]
+  np.testing.assert_array_equal(counts, expected_counts)
+  np.testing.assert_array_equal(hits, [expected_counts[0],
+                                       expected_counts[1] - 1, 0])
+
+
+def test_head_agreement_of_head_one_is_perfect(base):
+  cfg, params, tokenizer, _ = base
+  prompts, lengths = train.pad_prompts(
+      [tokenizer.encode("def gamma(x):\n"), tokenizer.encode("# f")])
+  agree = diagnostics.head_agreement(params, cfg, prompts, lengths, 10)
+  assert agree.shape == (1,) and agree[0] == pytest.approx(1.0)
