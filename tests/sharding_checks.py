@@ -302,6 +302,7 @@ def check_trainer():
       c.data.valid_fraction, c.data.test_fraction = 0.2, 0.1
       c.progress = False
       c.batch_size = 8
+      c.eval_every = c.steps  # One held-out evaluation, at the end.
       c.sharding.mesh_shape = mesh_shape
       return c
 
