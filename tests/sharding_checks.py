@@ -145,7 +145,9 @@ def check_params_sharding():
 
 def check_decode(backends=("xla",), meshes=MESHES, fns=None):
   """Sharded greedy and blockwise decoding == one-device decoding."""
-  cfg, params = tiny_model(n_layers=1)  # One layer: compiles dominate.
+  # One layer (compiles dominate); tied embeddings: the vocabulary-sharded
+  # table serves both the gather and the output projection.
+  cfg, params = tiny_model(n_layers=1, tie_embeddings=True)
   prompts, lengths = prompts_and_lengths(cfg.vocab_size)
   kw = dict(max_new_tokens=10)
   ref_greedy = blockdec.greedy_decode(params, cfg, prompts, lengths, **kw)
@@ -194,7 +196,23 @@ def check_decode_pallas():
 
 def check_cache_sharding():
   """The KV cache inside the sharded decode is split as the rules say."""
-  cfg, _ = tiny_model()
+  from blockdec import api  # pylint: disable=g-import-not-at-top
+  from blockdec.decoding import DecodeOptions  # pylint: disable=g-import-not-at-top
+  cfg, params = tiny_model(n_layers=1)
+  # The decode program pins the cache [L, B, S, H_kv, D] to data=4 x model=2.
+  mesh = blockdec.make_mesh((4, 2))
+  prompts, lengths = prompts_and_lengths(cfg.vocab_size)
+  fn, param_sh, prompt_sh, row_sh = api._sharded_decoder(  # pylint: disable=protected-access
+      cfg, DecodeOptions(max_new_tokens=4, block_size=2), False, mesh,
+      sharding.DEFAULT_RULES, prompts.shape)
+  with jax.set_mesh(mesh):
+    hlo = fn.lower(jax.device_put(params, param_sh),
+                   jax.device_put(prompts, prompt_sh),
+                   jax.device_put(lengths, row_sh)).as_text()
+  # Shardy: at creation (k, v) and after every model call (prefill, loop).
+  pinned = '{}, {"data"}, {}, {"model"}, {}]>'
+  assert hlo.count("sharding_constraint") >= 4 and hlo.count(pinned) >= 4, (
+      "cache sharding constraints missing from the decode program")
   for shape, kv in (((4, 2), "model"), ((1, 8), None)):
     mesh = blockdec.make_mesh(shape)
     cache = jax.eval_shape(
