@@ -41,7 +41,9 @@
 # image usually ships a TPU-enabled jax. If `jax.devices()` below lists only
 # CPU devices, set `INSTALL_JAX_TPU = True`, rerun the cell, then restart the
 # runtime (`pip install "jax[tpu]"`). GPU runtimes need `jax[cuda12]` instead;
-# on CPU nothing extra is needed.
+# on CPU nothing extra is needed. If pip reports that it changed a package
+# Colab had already imported (numpy, say), restart the runtime and run the
+# notebook again: the cell then finds blockdec installed and skips the install.
 
 # %%
 import importlib.util
@@ -62,11 +64,12 @@ if importlib.util.find_spec("blockdec") is None:
     subprocess.run(["git", "clone", "-q", REPO_URL, CLONE_DIR], check=True)
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", CLONE_DIR],
                  check=True)
-  if INSTALL_JAX_TPU:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                    "jax[tpu]>=0.7,<0.13"], check=True)
   sys.path.insert(0, CLONE_DIR)  # The editable install is seen after a restart.
-  os.chdir(CLONE_DIR)            # configs/ and cache/ are relative to the clone.
+if INSTALL_JAX_TPU:  # blockdec supports jax < 0.13.
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                  "jax[tpu]>=0.7,<0.13"], check=True)
+if os.path.isdir(CLONE_DIR):
+  os.chdir(CLONE_DIR)            # cache/ (the demo model) is in the clone.
 print("blockdec from", os.path.dirname(importlib.util.find_spec("blockdec").origin))
 
 # %% [markdown]
