@@ -19,4 +19,8 @@ from blockdec.models.hf import (export_hf_checkpoint, load_hf_checkpoint,
                                 load_hf_tokenizer)
 from blockdec.sharding import ShardingConfig, make_mesh, shard_params
 
+# Refined block drafts (Kim et al. 2024): lattice rescoring, multi-draft.
+from blockdec.api import refined_blockwise_decode
+from blockdec.decoding import NGramLM
+
 __version__ = "0.1.0"

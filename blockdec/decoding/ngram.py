@@ -216,6 +216,9 @@ class NGramLM:
     if context.shape[-1] != self.context_len:
       raise ValueError(f"context has {context.shape[-1]} tokens; this order-"
                        f"{self.order} model needs {self.context_len}.")
+    return _log_prob(self, context, tokens)
+
+  def _log_prob(self, context, tokens):
     p = self.unigram[tokens]
     if self.order > 1:
       ctx_ids = [c[..., None] for c in self._context_ids(context)]  # [..., 1]
@@ -238,6 +241,7 @@ class NGramLM:
     idx = jnp.arange(tokens.shape[0])[:, None] + jnp.arange(n1)[None, :]
     context = padded[idx]  # [T, n-1]
     return self.log_prob(context, tokens[:, None])[:, 0]
+
 
   # ------------------------------------------------------------ persistence
 
@@ -267,3 +271,8 @@ class NGramLM:
                  gamma=tuple(get(f"gamma_{m}") for m in range(2, order + 1)),
                  order=order, vocab_size=int(meta["vocab_size"]),
                  discounts=tuple(float(x) for x in meta["discounts"].split(",")))
+
+
+# Jitted once per shape (a no-op wrapper inside an outer jit): eager
+# dispatch of the binary searches would be slow.
+_log_prob = jax.jit(lambda lm, context, tokens: lm._log_prob(context, tokens))

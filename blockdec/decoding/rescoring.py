@@ -58,8 +58,9 @@ def beam_search(lattice: Lattice, num_drafts: int, beam_width: int,
   beams = jnp.zeros((batch, beam_width, k), jnp.int32)
   beams = beams.at[:, :, 0].set(lattice.tokens[:, :1, 0])
   # Only beam 0 is alive at the start; the others join at depth 1.
-  scores = jnp.where(jnp.arange(beam_width) == 0, 0.0, -jnp.inf)
-  scores = jnp.broadcast_to(scores, (batch, beam_width)).astype(jnp.float32)
+  scores = jnp.where(jnp.arange(beam_width)[None, :] == 0,
+                     lattice.log_probs[:, :1, 0], -jnp.inf)  # [B, W]
+  scores = scores.astype(jnp.float32)
 
   def extend(j, state):
     beams, scores, carry = state
