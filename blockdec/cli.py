@@ -84,12 +84,12 @@ def _eval():
   loss = evaluation.heldout_loss(params, cfg, tokenizer, splits["valid"])
   texts = data.heldout_prompts(splits["test"] or splits["valid"],
                                _NUM_PROMPTS.value, min_bytes=128, max_bytes=192)
-  room = cfg.max_seq_len - _MAX_NEW.value
-  texts = [t for t in texts if len(tokenizer.encode(t)) <= room] or texts[:1]
   r = evaluation.compare_decoding(params, cfg, tokenizer, texts,
                                   max_new_tokens=_MAX_NEW.value,
                                   block_size=_BLOCK.value or None)
-  prompts, lengths = train.pad_prompts([tokenizer.encode(t) for t in texts])
+  room = max(cfg.max_seq_len - _MAX_NEW.value, 1)
+  prompts, lengths = train.pad_prompts([tokenizer.encode(t)[-room:]
+                                        for t in texts])
   agree = diagnostics.head_agreement(params, cfg, prompts, lengths,
                                      _MAX_NEW.value).tolist()
   result = {"heldout": loss, "head_agreement": agree,

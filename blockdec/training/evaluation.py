@@ -39,6 +39,9 @@ def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
                      block_size: int | None = None, repeats: int = 3) -> dict:
   """Greedy vs exact blockwise decoding of `texts` in one batch.
 
+  Prompts that do not fit `cfg.max_seq_len` with `max_new_tokens` keep their
+  last tokens.
+
   Returns a dict with per-row `greedy` / `blockwise` continuations (text),
   `degenerate` flags (metrics.is_degenerate on the blockwise continuation),
   block efficiency over all and over non-degenerate rows, tokens/s of both
@@ -46,7 +49,12 @@ def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
   the two outputs are `identical`.
   """
   block_size = block_size or cfg.num_prediction_heads
-  prompts, lengths = pad_prompts([tokenizer.encode(t) for t in texts])
+  room = cfg.max_seq_len - max_new_tokens
+  if room < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a "
+                     f"prompt within max_seq_len={cfg.max_seq_len}.")
+  # Prompts longer than the room keep their last `room` tokens.
+  prompts, lengths = pad_prompts([tokenizer.encode(t)[-room:] for t in texts])
   greedy, greedy_first, t_greedy = _timed(lambda: api.greedy_decode(
       params, cfg, prompts, lengths, max_new_tokens=max_new_tokens), repeats)
   block, block_first, t_block = _timed(lambda: api.blockwise_decode(
