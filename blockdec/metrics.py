@@ -10,9 +10,11 @@ over its UTF-8 bytes,
     below 0.5 (loops repeat the same 4-grams), or
   * more than 50% of the bytes are whitespace (space, tab, newline, CR, FF, VT).
 
-Ordinary code passes both: held-out stdlib snippets of 128 bytes have a
-median distinct-4-gram ratio near 0.9 and about 25% whitespace. Continuations
-shorter than 8 bytes are judged by the whitespace rule alone.
+Ordinary code mostly passes: 128-byte windows of held-out stdlib code have a
+median distinct-4-gram ratio of 0.77 and 25% whitespace, and about 11% of them
+are flagged (codec tables, deeply indented blocks), so report the share of the
+reference text beside the model's. Continuations shorter than 8 bytes are
+judged by the whitespace rule alone.
 
 Every block-efficiency figure should be reported over all rows and over the
 non-degenerate rows, with the degenerate share beside it.
