@@ -345,3 +345,39 @@ def test_refined_decode_rejects_bad_arguments():
                                      num_prediction_heads=1)
   with pytest.raises(ValueError, match="rescorer's vocab_size"):
     call(rescorer=(other, other_params))
+
+
+# ------------------------------------------------------------------ analysis
+
+
+def test_draft_statistics_on_a_hand_made_lattice(tmp_path):
+  from blockdec.analysis import draft_statistics, plot_draft_statistics
+  vocab = 5
+  # Two positions, k = 3 heads. Heads rank tokens 0 > 1 > 2 > ...
+  base = np.log(np.array([0.5, 0.25, 0.125, 0.0625, 0.0625]))
+  log_probs = np.broadcast_to(base, (2, 3, vocab)).copy()
+  targets = np.array([[0, 1, 0], [0, 0, 3]])  # ranks [[0,1,0],[0,0,3]]
+  valid = np.array([[True, True, True], [True, True, False]])
+  stats = draft_statistics(log_probs, targets, valid, widths=(1, 2, 4))
+  np.testing.assert_allclose(stats["accuracy"], [1.0, 0.5, 1.0])
+  np.testing.assert_allclose(stats["coverage"][2], [1.0, 1.0, 1.0])
+  # Row 0: depth 1 missed at K=1 -> 1; row 1: depth 1 hit, depth 2 invalid -> 2.
+  assert stats["oracle_block"][1] == pytest.approx(1.5)
+  assert stats["oracle_block"][2] == pytest.approx(2.5)
+  np.testing.assert_allclose(stats["draft_repetition"], [1.0, 1.0])
+  np.testing.assert_allclose(stats["text_repetition"], [0.5, 0.0])
+  np.testing.assert_allclose(stats["confidence"], 0.5)
+  plot_draft_statistics(stats, tmp_path / "drafts.png")
+  assert (tmp_path / "drafts.png").stat().st_size > 0
+
+
+def test_head_predictions_follow_the_greedy_continuation():
+  from blockdec.analysis import draft_statistics, head_predictions
+  cfg, params = random_model(EXACT_ARCH)
+  prompts, lengths = ragged_prompts(3, 2, 4, cfg.vocab_size)
+  log_probs, targets, valid = head_predictions(params, cfg, prompts, lengths,
+                                               max_new_tokens=6, num_heads=3)
+  assert log_probs.shape == (12, 3, cfg.vocab_size)
+  stats = draft_statistics(log_probs, targets, valid)
+  assert stats["accuracy"][0] == pytest.approx(1.0)  # head 1 is greedy
+  assert stats["coverage"][1][0] == pytest.approx(1.0)
