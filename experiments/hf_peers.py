@@ -1,0 +1,400 @@
+"""blockdec against HF transformers on identical weights, on this CPU.
+
+Run from the repository root (needs the `hf` extra: `make test` installs it)::
+
+    python experiments/hf_peers.py            # writes experiments/results/hf_peers.*
+    python experiments/hf_peers.py --quick    # small models only, 1 repeat
+
+Every model is written once as an HF checkpoint folder by
+`blockdec.export_hf_checkpoint` and read back by both sides
+(`AutoModelForCausalLM.from_pretrained` and `blockdec.load_hf_checkpoint`), so
+the weights are bit-identical. Systems, all greedy and all producing the same
+tokens (each row records whether they equal transformers' greedy output):
+
+  hf-greedy           model.generate(do_sample=False)
+  hf-prompt-lookup    ... + prompt_lookup_num_tokens=10 (n-gram drafts)
+  hf-assisted         ... + assistant_model=<1-layer draft> (speculative)
+  blockdec-greedy     blockdec.greedy_decode (one jitted loop)
+  blockdec-blockwise  blockdec.blockwise_decode with the model's k heads
+
+transformers runs prompt lookup and assisted generation only at batch 1; at
+batch 8 those rows run the 8 prompts one after another (what a user would
+do), which the row's `note` says.
+
+Models:
+  demo-llama   the `make demo` byte model (4 layers, d=256, k=8 heads) from
+               cache/ if its heads run has finished, else the same shape with
+               random weights (`trained: false` in its rows); exported to the
+               Llama layout. Its draft for hf-assisted is its own first layer
+               (embedding + layer 0 + final norm), which needs no training.
+  gpt2-tiny    random GPT-2 (2 layers, d=128, vocab 50257), k=4 random heads.
+  gpt2-124m    random GPT-2-124M shape (12 layers, d=768, vocab 50257):
+               greedy rows only, to show the memory-bound regime (every
+               decode step streams all ~0.5 GB of float32 weights).
+
+Timing: torch.set_num_threads(2), or 1 where a quick probe finds 1 thread
+faster (on a shared CPU torch's OpenMP threads can stall each other; rows
+record torch_threads); per system one warm-up call (its time,
+minus the steady-state median, is reported as compile_s: XLA compilation for
+blockdec, first-call overhead for transformers), then the median of
+`--repeats` timed calls. tokens_per_s = batch * new_tokens / median seconds.
+The machine is shared with other engineers' jobs while this runs, so absolute
+numbers are noisy; medians and same-process ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+import blockdec
+from blockdec.models import hf as hf_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+SYSTEMS = ("hf-greedy", "hf-prompt-lookup", "hf-assisted", "blockdec-greedy",
+           "blockdec-blockwise")
+
+
+def machine_description() -> str:
+  model = platform.processor() or platform.machine()
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name:"):
+        model = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return (f"{model}, {os.cpu_count()} cores, {platform.system()}; "
+          f"jax {jax.__version__} ({jax.default_backend()}), torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads), "
+          f"transformers {transformers.__version__}")
+
+
+# ------------------------------------------------------------------ models
+
+
+def _first_layer(cfg, params):
+  """A 1-layer model from `cfg`'s embedding, layer 0 and final norm."""
+  keep = {k: v for k, v in params.items()
+          if not k.startswith("layer_") or k == "layer_0"}
+  keep.pop("proposal_heads", None)
+  return cfg.replace(n_layers=1, num_prediction_heads=1), keep
+
+
+def demo_model(cache_dir: str):
+  """(cfg, params, trained) of the demo model, or its shape at random."""
+  from blockdec.training import pipeline
+  config = pipeline.load_config(ROOT / "configs" / "heads_frozen.py", "demo")
+  workdir = pipeline.run_dir(config, cache_dir)
+  if pipeline.is_finished(workdir):
+    cfg, params, _ = blockdec.load_checkpoint(workdir, with_tokenizer=False)
+    return cfg, params, True, str(workdir)
+  cfg = blockdec.ModelConfig(vocab_size=256, d_model=256, n_layers=4,
+                             n_heads=4, max_seq_len=512, num_prediction_heads=8)
+  return cfg, blockdec.init_params(cfg, jax.random.key(0)), False, None
+
+
+def gpt2_model(n_layers, d_model, n_heads, k, seed):
+  cfg = blockdec.ModelConfig(
+      vocab_size=50257, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+      max_seq_len=1024, num_prediction_heads=k, norm="layernorm",
+      norm_eps=1e-5, mlp="gelu", position="learned", qkv_bias=True,
+      proj_bias=True)
+  return cfg, blockdec.init_params(cfg, jax.random.key(seed))
+
+
+def stdlib_prompts(batch: int, length: int) -> np.ndarray:
+  """[batch, length] byte prompts: the last `length` bytes of held-out
+  stdlib snippets that end at a line break (the test split of the demo)."""
+  from blockdec.training import data
+  docs = data.load_corpus("stdlib")
+  test = data.split_corpus(docs, 0.02, 0.02)["test"]
+  texts = data.heldout_prompts(test, batch, min_bytes=length,
+                               max_bytes=2 * length)
+  return np.stack([np.frombuffer(t.encode("utf-8")[-length:], np.uint8)
+                   for t in texts]).astype(np.int32)
+
+
+# ------------------------------------------------------------------ timing
+
+
+def timed(fn, repeats: int):
+  """(first-call seconds, median seconds of `repeats` more calls, result)."""
+  t0 = time.perf_counter()
+  result = fn()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    result = fn()
+    times.append(time.perf_counter() - t0)
+  return first, statistics.median(times), times, result
+
+
+def pick_torch_threads(model, prompts, candidates=(2, 1)) -> int:
+  """The torch thread count (of `candidates`) that generates fastest here.
+
+  On a CPU shared with other jobs, torch's OpenMP workers wait on each other
+  at every op, and 2 threads can run 10x slower than 1 (seen on this
+  machine: 11 vs 112 tokens/s). transformers gets whichever is faster now.
+  """
+  best, best_t = candidates[0], float("inf")
+  for n in candidates:
+    torch.set_num_threads(n)
+    hf_generate(model, prompts[:1], 4)
+    t0 = time.perf_counter()
+    for _ in range(2):
+      hf_generate(model, prompts[:1], 8)
+    if time.perf_counter() - t0 < best_t:
+      best, best_t = n, time.perf_counter() - t0
+  torch.set_num_threads(best)
+  return best
+
+
+def hf_generate(model, prompts, new_tokens, one_row_at_a_time=False, **kw):
+  """Greedy continuation tokens [B, N] from transformers."""
+  def run(rows):
+    ids = torch.tensor(rows, dtype=torch.long)
+    with torch.no_grad():
+      out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                           do_sample=False, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:].numpy()
+  if one_row_at_a_time:
+    return np.concatenate([run(prompts[i:i + 1]) for i in range(len(prompts))])
+  return run(prompts)
+
+
+def bench_model(name, folder, draft_folder, prompts_by_batch, new_tokens,
+                systems, repeats, extra):
+  """Rows for one model: every system at every batch size."""
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      folder, dtype=torch.float32).eval()
+  draft = None
+  if draft_folder and "hf-assisted" in systems:
+    draft = transformers.AutoModelForCausalLM.from_pretrained(
+        draft_folder, dtype=torch.float32).eval()
+  cfg, params = blockdec.load_hf_checkpoint(folder)
+  k = cfg.num_prediction_heads
+  threads = pick_torch_threads(hf_model, next(iter(prompts_by_batch.values())))
+  extra = dict(extra, torch_threads=threads)
+  rows = []
+  for batch, prompts in prompts_by_batch.items():
+    lengths = np.full((batch,), prompts.shape[1], np.int32)
+    reference = None
+    for system in systems:
+      note = ""
+      if system == "hf-greedy":
+        fn = lambda: hf_generate(hf_model, prompts, new_tokens)
+      elif system == "hf-prompt-lookup":
+        fn = lambda: hf_generate(hf_model, prompts, new_tokens, batch > 1,
+                                 prompt_lookup_num_tokens=10)
+      elif system == "hf-assisted":
+        if draft is None:
+          continue
+        fn = lambda: hf_generate(hf_model, prompts, new_tokens, batch > 1,
+                                 assistant_model=draft)
+      elif system == "blockdec-greedy":
+        fn = lambda: jax.block_until_ready(blockdec.greedy_decode(
+            params, cfg, prompts, lengths, max_new_tokens=new_tokens))
+      elif system == "blockdec-blockwise":
+        if k < 2:
+          continue
+        fn = lambda: jax.block_until_ready(blockdec.blockwise_decode(
+            params, cfg, prompts, lengths, max_new_tokens=new_tokens,
+            block_size=k))
+      if system in ("hf-prompt-lookup", "hf-assisted") and batch > 1:
+        note = "transformers supports this only at batch 1: rows run one by one"
+      first, median, times, result = timed(fn, repeats)
+      row = dict(system=system, model=name, batch=batch,
+                 new_tokens=new_tokens, prompt_len=int(prompts.shape[1]),
+                 tokens_per_s=batch * new_tokens / median, median_s=median,
+                 times_s=times, compile_s=max(first - median, 0.0), **extra)
+      if system.startswith("blockdec"):
+        tokens = np.asarray(result.tokens)
+        calls = int(np.asarray(result.num_calls).sum())
+        row["block_efficiency"] = float(np.asarray(result.lengths).sum()
+                                        / max(calls, 1))
+        if system == "blockdec-blockwise":
+          row["block_size"] = k
+      else:
+        tokens = result
+      if system == "hf-greedy":
+        reference = tokens
+      if reference is not None:
+        row["matches_hf_greedy"] = bool(np.array_equal(tokens, reference))
+      if note:
+        row["note"] = note
+      rows.append(row)
+      print(f"  {name:<11} b={batch} {system:<19} {row['tokens_per_s']:9.1f} tok/s"
+            f"  (median {median * 1e3:.0f} ms, compile {row['compile_s']:.1f} s,"
+            f" same as hf-greedy: {row.get('matches_hf_greedy')})", flush=True)
+  return rows
+
+
+# ------------------------------------------------------------------ report
+
+
+def speedups(rows):
+  """{(model, batch, system): tokens/s over hf-greedy's}."""
+  base = {(r["model"], r["batch"]): r["tokens_per_s"]
+          for r in rows if r["system"] == "hf-greedy"}
+  return {(r["model"], r["batch"], r["system"]):
+          r["tokens_per_s"] / base[(r["model"], r["batch"])]
+          for r in rows if (r["model"], r["batch"]) in base}
+
+
+def write_markdown(path, machine, rows, notes):
+  sp = speedups(rows)
+  lines = ["# blockdec vs HF transformers, identical weights (CPU)", "",
+           f"Machine: {machine}.", "",
+           "Command: `python experiments/hf_peers.py`. Medians of "
+           f"{len(rows[0]['times_s'])} timed calls after one warm-up; "
+           "compile_s is the warm-up's extra time (XLA compilation for "
+           "blockdec). The CPU was shared with other jobs while this ran.", "",
+           "| model | trained | batch | system | tokens/s | x hf-greedy | "
+           "block eff. | same tokens as hf-greedy | compile_s | torch threads |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    be = f"{r['block_efficiency']:.2f}" if "block_efficiency" in r else ""
+    lines.append(
+        f"| {r['model']} | {r['trained']} | {r['batch']} | {r['system']}"
+        f"{' *' if 'note' in r else ''} | {r['tokens_per_s']:.1f} | "
+        f"{sp.get((r['model'], r['batch'], r['system']), float('nan')):.2f} | "
+        f"{be} | {r.get('matches_hf_greedy', '')} | {r['compile_s']:.1f} | "
+        f"{r['torch_threads'] if r['system'].startswith('hf') else ''} |")
+  lines += ["", "\\* transformers runs prompt lookup and assisted generation "
+            "only at batch 1; at batch 8 the 8 prompts run one after another.",
+            "", "## Targets", ""]
+  for model in sorted({r["model"] for r in rows}):
+    for batch, system, want in ((1, "blockdec-greedy", 3.0),
+                                (1, "blockdec-blockwise", 5.0),
+                                (8, "blockdec-blockwise", 3.0)):
+      got = sp.get((model, batch, system))
+      if got is None:
+        continue
+      lines.append(f"- {model}, batch {batch}, {system}: {got:.2f}x "
+                   f"hf-greedy (target >= {want:.0f}x): "
+                   f"{'met' if got >= want else 'NOT met'}")
+  lines += ["", "## Notes", ""] + [f"- {n}" for n in notes] + [""]
+  path.write_text("\n".join(lines))
+
+
+def plot(path, rows):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = sorted({(r["model"], r["batch"]) for r in rows},
+                  key=lambda g: (g[0], g[1]))
+  fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
+  width = 0.16
+  for i, system in enumerate(SYSTEMS):
+    xs, ys = [], []
+    for j, (model, batch) in enumerate(groups):
+      match = [r for r in rows if (r["model"], r["batch"], r["system"])
+               == (model, batch, system)]
+      if match:
+        xs.append(j + (i - 2) * width)
+        ys.append(match[0]["tokens_per_s"])
+    ax.bar(xs, ys, width, label=system)
+  ax.set_xticks(range(len(groups)))
+  ax.set_xticklabels([f"{m}\nbatch {b}" for m, b in groups])
+  ax.set_yscale("log")
+  ax.set_ylabel("tokens/s (log)")
+  ax.set_title("Greedy decoding on identical weights, CPU")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="demo and tiny GPT-2 only, 1 repeat")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--cache-dir", default="cache")
+  parser.add_argument("--out", default=str(RESULTS))
+  args = parser.parse_args()
+  repeats = 1 if args.quick else args.repeats
+  torch.set_num_threads(2)
+  machine = machine_description()
+  print(machine)
+  rows, notes = [], []
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix="hf_peers_"))
+
+  cfg, params, trained, workdir = demo_model(args.cache_dir)
+  notes.append(
+      f"demo-llama: {'trained demo model from ' + workdir if trained else 'RANDOM weights (no finished demo run in the cache)'}; "
+      "exported to LlamaForCausalLM, k=8 heads from blockdec_heads.safetensors; "
+      "hf-assisted drafts with the model's own first layer.")
+  blockdec.export_hf_checkpoint(cfg, params, tmp / "demo",
+                                tokenizer=hf_lib.byte_tokenizer())
+  blockdec.export_hf_checkpoint(*_first_layer(cfg, params), tmp / "demo_draft")
+  byte_prompts = stdlib_prompts(8, 128)
+  rows += bench_model(
+      "demo-llama", tmp / "demo", tmp / "demo_draft",
+      {1: byte_prompts[:1], 8: byte_prompts}, 64, SYSTEMS, repeats,
+      dict(trained=trained))
+
+  rng = np.random.default_rng(0)
+  gpt2_prompts = rng.integers(0, 50257, size=(8, 32)).astype(np.int32)
+  cfg, params = gpt2_model(2, 128, 4, 4, seed=1)
+  blockdec.export_hf_checkpoint(cfg, params, tmp / "gpt2_tiny")
+  blockdec.export_hf_checkpoint(*_first_layer(cfg, params),
+                                tmp / "gpt2_tiny_draft")
+  rows += bench_model(
+      "gpt2-tiny", tmp / "gpt2_tiny", tmp / "gpt2_tiny_draft",
+      {1: gpt2_prompts[:1], 8: gpt2_prompts}, 64, SYSTEMS, repeats,
+      dict(trained=False))
+  notes.append("gpt2-tiny: random weights and random (untrained) heads, so "
+               "blockwise accepts ~1 token per call and prompt lookup profits "
+               "from the loops random models fall into; read its rows as "
+               "per-call overhead, not as drafting quality.")
+
+  if not args.quick:
+    cfg, params = gpt2_model(12, 768, 12, 1, seed=2)
+    blockdec.export_hf_checkpoint(cfg, params, tmp / "gpt2_124m")
+    rows += bench_model(
+        "gpt2-124m", tmp / "gpt2_124m", None,
+        {1: gpt2_prompts[:1], 8: gpt2_prompts}, 32,
+        ("hf-greedy", "blockdec-greedy"), repeats, dict(trained=False))
+    weights_gb = sum(np.asarray(x).nbytes for x in
+                     jax.tree_util.tree_leaves(params)) / 1e9
+    for r in rows:
+      if r["model"] == "gpt2-124m":
+        steps_per_s = r["tokens_per_s"] / r["batch"]
+        r["weight_gb_per_s"] = weights_gb * steps_per_s
+    notes.append(
+        f"gpt2-124m: random weights, greedy only. Each decode step reads all "
+        f"{weights_gb:.2f} GB of float32 weights; weight_gb_per_s in the JSON "
+        "is that times steps per second, i.e. the memory bandwidth the step "
+        "rate implies. When both systems sit near the same bandwidth the CPU "
+        "is memory-bound and a faster loop cannot help; only fewer steps "
+        "(blockwise, batching) can.")
+
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "hf_peers.json").write_text(json.dumps(
+      {"machine": machine, "notes": notes, "rows": rows}, indent=2) + "\n")
+  write_markdown(out / "hf_peers.md", machine, rows, notes)
+  plot(out / "hf_peers.png", rows)
+  print(f"wrote {out}/hf_peers.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+  main()
