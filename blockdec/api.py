@@ -256,6 +256,7 @@ def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
                              ngram_weight: float = 1.0,
                              rescorer: tuple | None = None,
                              rescorer_weight: float = 1.0,
+                             rescorer_parallel: bool = False,
                              acceptance: AcceptanceRule = Exact(),
                              eos_id: int | None = None,
                              pad_id: int = 0) -> DecodeOutput:
@@ -272,6 +273,9 @@ def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
     ngram: a `blockdec.NGramLM` over the model's vocabulary, or None.
     rescorer: `(rescorer_cfg, rescorer_params)` of a small blockdec model
       with the same vocabulary (head 1 is used), or None.
+    rescorer_parallel: False: the small LM reads each beam's own prefix
+      left to right (k-2 extra small-LM calls per step); True: it reads the
+      heads' argmax prefix from one call per step (cheaper, approximate).
     Others as in `blockwise_decode`.
 
   Returns:
@@ -310,7 +314,8 @@ def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
       num_drafts=num_drafts, lattice_width=lattice_width,
       beam_width=beam_width,
       ngram_weight=float(ngram_weight) if ngram is not None else 0.0,
-      neural_weight=float(rescorer_weight) if rescorer is not None else 0.0)
+      neural_weight=float(rescorer_weight) if rescorer is not None else 0.0,
+      neural_parallel=bool(rescorer_parallel))
   if drafts.ngram_weight == 0.0:
     ngram = None
   if drafts.neural_weight == 0.0:

@@ -250,7 +250,8 @@ def _oracle_greedy(prompt, n):
 
 @pytest.mark.parametrize("source,p", [("heads", 1), ("heads", 2),
                                       ("ngram", 1), ("neural", 1),
-                                      ("ngram+neural", 3)])
+                                      ("ngram+neural", 3),
+                                      ("neural-parallel", 1)])
 def test_oracle_second_choice_is_recovered(source, p):
   k, wrong, n = 6, 3, 24
   prompts = np.array([[1, 2, 3], [4, 0, 0]], np.int32)
@@ -261,10 +262,14 @@ def test_oracle_second_choice_is_recovered(source, p):
   if "neural" in source:
     kw["rescorer"] = NeuralRescorer(params=None, cache=jnp.zeros(()),
                                     score_fn=_small_lm_oracle)
+  # The parallel small LM conditions on the heads' (wrong) argmax prefix
+  # past the wrong depth, so it gets a weight the heads there outvote.
   drafts = DraftOptions(num_drafts=p, lattice_width=3,
                         beam_width=4 if p == 3 else None,
                         ngram_weight=1.0 if "ngram" in source else 0.0,
-                        neural_weight=1.0 if "neural" in source else 0.0)
+                        neural_weight=(0.5 if "parallel" in source else 1.0)
+                        if "neural" in source else 0.0,
+                        neural_parallel="parallel" in source)
   out = decoding.refined_blockwise_decode(
       _lattice_oracle(k, wrong), None, jnp.asarray(prompts),
       jnp.asarray(lengths), jnp.zeros(()), DecodeOptions(n, k), drafts,
@@ -314,6 +319,7 @@ def test_refined_decode_equals_greedy(source, k, p, beam, with_eos):
     if "neural" in source:
       kw["rescorer"] = random_model(arch, param_seed=999 + seed,
                                     num_prediction_heads=1)
+      kw["rescorer_parallel"] = source == "ngram+neural"
     greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
                                     max_new_tokens=n, eos_id=eos_id)
     out = blockdec.refined_blockwise_decode(

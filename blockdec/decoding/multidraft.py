@@ -62,6 +62,10 @@ class DraftOptions:
     beam_width: W >= p beams of the lattice search; None means p.
     ngram_weight: lambda of the n-gram LM's log-probs (needs an n-gram LM).
     neural_weight: lambda of the small LM's log-probs (needs a rescorer).
+    neural_parallel: False: the small LM reads each beam's own prefix (k-2
+      extra small-LM calls per step); True: it reads the heads' argmax
+      prefix, from the one call that commits the accepted tokens (no extra
+      calls; see `rescoring.neural_scorer`).
   """
 
   num_drafts: int = 1
@@ -69,6 +73,7 @@ class DraftOptions:
   beam_width: int | None = None
   ngram_weight: float = 0.0
   neural_weight: float = 0.0
+  neural_parallel: bool = False
 
   def __post_init__(self):
     for name in ("num_drafts", "lattice_width"):
@@ -92,7 +97,7 @@ class DraftOptions:
 
   def rescorer_slots(self, block_size: int) -> int:
     """Slots past the committed length that the small LM's calls write."""
-    return max(block_size + 1, DraftTree(self.beams, block_size).size)
+    return max(2 * block_size, DraftTree(self.beams, block_size).size)
 
 
 @flax.struct.dataclass
@@ -186,9 +191,8 @@ def refined_blockwise_decode(score_fn, params, prompts: jax.Array,
   history_len = max(ngram.context_len, 1) if use_ngram else 1
   batch, prompt_len = prompts.shape
 
-  def propose(head_logits, offsets, history, rescorer_cache, first_log_probs):
-    """Heads' logits [B, k, V] at the last committed token -> drafts [B, p, k]."""
-    lattice = top_k_lattice(head_logits[:, :k], min(width, head_logits.shape[-1]))
+  def propose(lattice, offsets, history, rescorer_cache, path_log_probs):
+    """The lattice after the last committed token -> drafts [B, p, k]."""
     if not (use_ngram or use_neural) and drafts.beams == 1:
       return lattice.argmax_path()[:, None], rescorer_cache
     scorers, carry = [], []
@@ -197,8 +201,9 @@ def refined_blockwise_decode(score_fn, params, prompts: jax.Array,
       carry.append(None)
     if use_neural:
       scorers.append(neural_scorer(
-          rescorer.score_fn, rescorer.params, offsets, first_log_probs,
-          lattice, drafts.neural_weight, drafts.beams))
+          rescorer.score_fn, rescorer.params, offsets, path_log_probs,
+          lattice, drafts.neural_weight, drafts.beams,
+          drafts.neural_parallel))
       carry.append(rescorer_cache)
     scorer = combine_scorers(*scorers) if scorers else None
     out, _, carry = beam_search(lattice, p, drafts.beams, scorer,
@@ -207,11 +212,28 @@ def refined_blockwise_decode(score_fn, params, prompts: jax.Array,
       rescorer_cache = carry[-1]
     return out, rescorer_cache
 
-  def rescorer_step(cache, tokens, positions, index):
-    """Feeds tokens [B, T] to the small LM; log-probs [B, V] after tokens[index]."""
-    head_fn, cache = tree_call(rescorer.score_fn, rescorer.params, tokens,
-                               positions, cache)
-    logits = head_fn(index[:, None], 1)[:, 0, 0]  # [B, V]
+  def lattice_of(head_logits):  # [B, k, V] -> Lattice
+    return top_k_lattice(head_logits[:, :k], min(width, head_logits.shape[-1]))
+
+  def rescorer_commit(cache, committed, count, path, offsets):
+    """One small-LM call: commits committed[:, :count] (at `offsets`) and
+    reads its distributions along the next argmax path [B, k].
+
+    Feeds [committed[:count], path, junk] (2k tokens, ragged count in [0, k])
+    and returns (cache, log-probs [B, k, V]) where entry j is the
+    distribution at depth j given the committed tokens and path[:j].
+    """
+    i = jnp.arange(2 * k)
+    path_idx = jnp.clip(i[None, :] - count[:, None], 0, k - 1)
+    fed = jnp.where(i[None, :] < count[:, None],
+                    jnp.pad(committed, ((0, 0), (0, k)))[:, :2 * k],
+                    jnp.take_along_axis(path, path_idx, axis=1))  # [B, 2k]
+    head_fn, cache = tree_call(rescorer.score_fn, rescorer.params, fed,
+                               offsets[:, None] + i, cache)
+    # Depth j's distribution follows path[j-1], fed at count + j - 1; depth
+    # 0's (unused: it is not rescored) is read at the same slot as depth 1's.
+    nodes = count[:, None] + jnp.maximum(jnp.arange(k) - 1, 0)  # [B, k]
+    logits = head_fn(nodes, 1)[:, :, 0]  # [B, k, V]
     return cache, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
   # Prefill: the prompts, then the first drafts from the last prompt token.
@@ -219,19 +241,19 @@ def refined_blockwise_decode(score_fn, params, prompts: jax.Array,
                                (batch, prompt_len))
   head_fn, cache = tree_call(score_fn, params, prompts, positions, cache)
   head_logits = head_fn((prompt_lengths - 1)[:, None], k)[:, 0]  # [B, k, V]
-  first_token = jnp.argmax(head_logits[:, 0], axis=-1).astype(jnp.int32)
-  rescorer_cache, first_log_probs = None, None
+  lattice = lattice_of(head_logits)
+  rescorer_cache, path_log_probs = None, None
   if use_neural:
-    rescorer_cache, _ = rescorer_step(rescorer.cache, prompts, positions,
-                                      prompt_lengths - 1)
-    rescorer_cache, first_log_probs = rescorer_step(
-        rescorer_cache, first_token[:, None], prompt_lengths[:, None],
-        jnp.zeros_like(prompt_lengths))
+    _, rescorer_cache = tree_call(rescorer.score_fn, rescorer.params, prompts,
+                                  positions, rescorer.cache)
+    rescorer_cache, path_log_probs = rescorer_commit(
+        rescorer_cache, jnp.zeros((batch, k), jnp.int32),
+        jnp.zeros_like(prompt_lengths), lattice.argmax_path(), prompt_lengths)
   history = history_tokens(prompts, prompt_lengths,
                            jnp.zeros((batch, 1), jnp.int32),
                            jnp.zeros_like(prompt_lengths), history_len)
-  first_drafts, rescorer_cache = propose(head_logits, prompt_lengths, history,
-                                         rescorer_cache, first_log_probs)
+  first_drafts, rescorer_cache = propose(lattice, prompt_lengths, history,
+                                         rescorer_cache, path_log_probs)
   base = DecodeState.make(prompt_lengths, first_drafts[:, 0], cache, options)
   state = _State(base=base, drafts=first_drafts, rescorer_cache=rescorer_cache)
 
@@ -277,22 +299,16 @@ def refined_blockwise_decode(score_fn, params, prompts: jax.Array,
     # The heads after the last accepted token give the next lattice.
     last = jnp.take_along_axis(path, jnp.maximum(accepted - 1, 0)[:, None],
                                axis=1)  # [B, 1]
-    head_logits = head_fn(last, k)[:, 0]  # [B, k, V]
-    next_first = jnp.argmax(head_logits[:, 0], axis=-1).astype(jnp.int32)
-    rescorer_cache, first_log_probs = state.rescorer_cache, None
+    lattice = lattice_of(head_fn(last, k)[:, 0])  # heads [B, k, V]
+    rescorer_cache, path_log_probs = state.rescorer_cache, None
     if use_neural:
-      # One small-LM call commits the accepted tokens and reads the next
-      # depth-1 distribution: [draft[:a], next first token, junk ...].
-      i = jnp.arange(k + 1)
-      fed = jnp.where(i[None, :] < accepted[:, None],
-                      jnp.pad(draft, ((0, 0), (0, 1))), next_first[:, None])
-      rescorer_cache, first_log_probs = rescorer_step(
-          rescorer_cache, fed, offsets[:, None] + i, accepted)
+      rescorer_cache, path_log_probs = rescorer_commit(
+          rescorer_cache, draft, accepted, lattice.argmax_path(), offsets)
     new_offsets = offsets + accepted
     history = history_tokens(prompts, prompt_lengths, tokens_out, lengths,
                              history_len)
-    new_drafts, rescorer_cache = propose(head_logits, new_offsets, history,
-                                         rescorer_cache, first_log_probs)
+    new_drafts, rescorer_cache = propose(lattice, new_offsets, history,
+                                         rescorer_cache, path_log_probs)
     new_drafts = jnp.where(active[:, None, None], new_drafts, state.drafts)
     hist = base.accepted_hist + (
         active[:, None] & (jnp.arange(k)[None, :] == accepted[:, None] - 1))

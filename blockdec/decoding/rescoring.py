@@ -164,27 +164,35 @@ def tree_call(score_fn, params, tokens, positions, cache, parents=None):
 
 
 def neural_scorer(score_fn, params, offsets: jax.Array,
-                  first_log_probs: jax.Array, lattice: Lattice, weight: float,
-                  beam_width: int) -> PathScorer:
+                  path_log_probs: jax.Array, lattice: Lattice, weight: float,
+                  beam_width: int, parallel: bool = False) -> PathScorer:
   """Local rescoring: weight * log P_small(candidate | committed + beam).
 
   The small LM is a scoring callable like the main model's, with its own
   cache holding the committed tokens (slots < offsets); that cache is the
-  carry. Depth 1's distribution (after the shared first token) comes in as
-  `first_log_probs`; each later depth j is one tree call of the small LM on
-  all W beams at once (`DraftTree(W, k)`: the shared first token plus each
+  carry. `path_log_probs[:, j]` is its distribution at depth j after the
+  committed tokens and the lattice's argmax path up to depth j-1 (computed
+  by the loop in the call that commits the accepted tokens).
+
+  Autoregressive (default): depth 1 uses that table (its only prefix is the
+  shared first token); each later depth j is one tree call of the small LM
+  on all W beams at once (`DraftTree(W, k)`: the shared first token plus each
   beam's chain, T = 1 + W (k-1) nodes, positions offset + depth) whose head 1
   at each beam's depth j-1 node scores the depth-j candidates. Nodes past
   depth j-1 hold not-yet-chosen tokens that no earlier node sees.
+  Parallel (`parallel=True`): every depth uses the table, i.e. the small LM
+  conditions on the argmax prefix instead of each beam's own prefix; no
+  extra small-LM calls at all (cheaper, approximate).
 
   Args:
     score_fn: the small LM's scoring callable (tree calls via `parents=`).
     params: its parameters.
     offsets: [B] position of depth 0 (the committed length).
-    first_log_probs: [B, V] log P_small(. | committed + depth-0 token).
+    path_log_probs: [B, k, V] log P_small at each depth given the argmax path.
     lattice: supplies the candidates.
     weight: lambda_neural.
     beam_width: W, for the tree's shape.
+    parallel: see above.
   """
   k = lattice.depth
   tree = DraftTree(beam_width, k)
@@ -197,10 +205,11 @@ def neural_scorer(score_fn, params, offsets: jax.Array,
     tokens = jnp.broadcast_to(tokens[:, None], log_probs.shape[:2] + tokens.shape[1:])
     return jnp.take_along_axis(log_probs, tokens, axis=-1)
 
-  def first(j, beams, cache):
-    log_probs = jnp.broadcast_to(first_log_probs[:, None],
-                                 (beams.shape[0], beam_width,
-                                  first_log_probs.shape[-1]))
+  def from_table(j, beams, cache):
+    table = jax.lax.dynamic_index_in_dim(path_log_probs, j, 1,
+                                         keepdims=False)  # [B, V]
+    log_probs = jnp.broadcast_to(table[:, None], (beams.shape[0], beam_width,
+                                                  table.shape[-1]))
     return weight * candidates(log_probs, j), cache
 
   def later(j, beams, cache):
@@ -214,6 +223,8 @@ def neural_scorer(score_fn, params, offsets: jax.Array,
     return weight * candidates(log_probs, j), cache
 
   def scorer(j, beams, cache):
-    return jax.lax.cond(j == 1, first, later, j, beams, cache)
+    if parallel:
+      return from_table(j, beams, cache)
+    return jax.lax.cond(j == 1, from_table, later, j, beams, cache)
 
   return scorer
