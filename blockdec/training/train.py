@@ -450,11 +450,14 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
 
 
 def plot_loss_curve(rows: list[dict], path, title: str = "") -> None:
-  """The regime's train and held-out loss against steps, as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  """The regime's train and held-out loss against steps, as a PNG.
+
+  Uses a bare `Figure` (no pyplot), so it never switches the global
+  matplotlib backend of a notebook that trains.
+  """
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   for split, key, style in (("train", "loss", "-"),
                             ("valid", "regime_loss", "o-")):
     pts = [(r["step"], r[key]) for r in rows if r["split"] == split]
@@ -467,7 +470,6 @@ def plot_loss_curve(rows: list[dict], path, title: str = "") -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def train(config, workdir, *, init=None, docs=None, stop_at_step=None):
