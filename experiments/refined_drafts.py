@@ -65,10 +65,16 @@ flags.DEFINE_integer("new_tokens", 64, "Tokens generated per prompt.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per setting (median).")
 flags.DEFINE_integer("lattice_width", 4, "K, candidates per head.")
 flags.DEFINE_integer("ngram_order", 4, "n of the n-gram LM.")
-flags.DEFINE_float("ngram_weight", 0.5, "lambda of the n-gram log-probs.")
-flags.DEFINE_float("neural_weight", 0.5, "lambda of the small LM log-probs.")
+flags.DEFINE_float("ngram_weight", 1.0, "lambda of the n-gram log-probs.")
+flags.DEFINE_float("neural_weight", 1.0, "lambda of the small LM log-probs.")
+flags.DEFINE_bool("neural_parallel", True, "Small LM reads the argmax prefix "
+                  "(one call per step) instead of each beam's prefix.")
+flags.DEFINE_bool("autoregressive_p1", True, "Also run the left-to-right "
+                  "small LM (neural, ngram+neural) at p = 1.")
 flags.DEFINE_integer("rescorer_steps", 400, "Training steps of the small LM.")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 prompts, k=4, p=1,2.")
+flags.DEFINE_bool("only_analysis", False, "Only (re)compute the draft "
+                  "analysis and add it to an existing JSON/Markdown.")
 flags.DEFINE_string("out", str(ROOT / "experiments/results/refined_drafts"),
                     "Output path prefix (.json, .md, .png).")
 
@@ -159,8 +165,58 @@ def summarize(out, greedy_tokens, degenerate):
       mismatch_rows=mismatch)
 
 
+def draft_analysis(params, cfg, prompts, lengths, n, path) -> dict:
+  """Kim et al.'s draft diagnostics on the same prompts, plotted to `path`."""
+  from blockdec.analysis import (draft_statistics, head_predictions,
+                                 plot_draft_statistics)
+  stats = draft_statistics(*head_predictions(params, cfg, prompts, lengths,
+                                             max_new_tokens=n))
+  plot_draft_statistics(stats, path, title="drafts of the heads along greedy "
+                        f"continuations ({stats['num_positions']} positions)")
+  return stats
+
+
+def analysis_markdown(stats) -> str:
+  k = stats["num_heads"]
+  fmt = lambda xs: " | ".join("" if x != x else f"{x:.3f}" for x in xs)
+  lines = ["", "## Draft analysis (Kim et al. sec. 3)", "",
+           f"Teacher-forced along the greedy continuations of the same prompts "
+           f"({stats['num_positions']} positions); plot: "
+           "`refined_drafts_analysis.png`. Oracle block = 1 + leading depths "
+           "whose greedy token is in the heads' top-K (upper bound of lattice "
+           "rescoring with K candidates).", "",
+           "| head j | " + " | ".join(str(j) for j in range(1, k + 1)) + " |",
+           "|---" * (k + 1) + "|",
+           f"| entropy (nats) | {fmt(stats['entropy'])} |",
+           f"| confidence | {fmt(stats['confidence'])} |",
+           f"| top-1 accuracy | {fmt(stats['accuracy'])} |"]
+  for width, cov in stats["coverage"].items():
+    lines.append(f"| in top-{width} | {fmt(cov)} |")
+  lines.append(f"| repetition j,j+1 drafts | {fmt(stats['draft_repetition'])} | |")
+  lines.append(f"| repetition j,j+1 text | {fmt(stats['text_repetition'])} | |")
+  lines += ["", "Oracle block size by K: " + ", ".join(
+      f"K={w}: {b:.2f}" for w, b in stats["oracle_block"].items()), ""]
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if FLAGS.only_analysis:
+    out_prefix = pathlib.Path(FLAGS.out)
+    result = json.loads(out_prefix.with_suffix(".json").read_text())
+    cfg, params, tokenizer = checkpointing.load_checkpoint(ROOT / result["model"])
+    splits = data_lib.split_corpus(data_lib.load_corpus("stdlib"))
+    texts = data_lib.heldout_prompts(splits["test"],
+                                     result["settings"]["num_prompts"],
+                                     min_bytes=128, max_bytes=192)
+    prompts, lengths = pad_prompts([np.asarray(tokenizer.encode(t))
+                                    for t in texts])
+    result["draft_analysis"] = draft_analysis(
+        params, cfg, prompts, lengths, result["settings"]["new_tokens"],
+        pathlib.Path(str(out_prefix) + "_analysis.png"))
+    out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out_prefix.with_suffix(".md").write_text(markdown(result))
+    return
   if FLAGS.quick:
     FLAGS.num_prompts, FLAGS.new_tokens, FLAGS.repeats = 2, 16, 1
     FLAGS.ks, FLAGS.drafts, FLAGS.rescorer_steps = ["4"], ["1", "2"], 20
@@ -210,25 +266,32 @@ def main(argv):
                      tokens_per_s=plain_tps, speedup=plain_tps / greedy_tps,
                      **summarize(plain, greedy_tokens, degenerate)))
     print(rows[-1])
-    for p in (int(x) for x in FLAGS.drafts):
-      for source in SOURCES:
-        kw = {}
-        if "ngram" in source:
-          kw.update(ngram=ngram, ngram_weight=FLAGS.ngram_weight)
-        if "neural" in source:
-          kw.update(rescorer=rescorer, rescorer_weight=FLAGS.neural_weight)
-        out, sec, compile_s = timed(lambda: blockdec.refined_blockwise_decode(
-            params, cfg, prompts, lengths, max_new_tokens=n, block_size=k,
-            num_drafts=p, lattice_width=max(FLAGS.lattice_width, 1), **kw),
-                                    reps)
-        tps = float(np.sum(out.lengths) / sec)
-        rows.append(dict(source=source, k=k, num_drafts=p,
-                         lattice_width=FLAGS.lattice_width,
-                         tokens_per_s=tps, speedup=tps / greedy_tps,
-                         vs_blockwise_tokens_per_s=tps / plain_tps,
-                         compile_s=compile_s,
-                         **summarize(out, greedy_tokens, degenerate)))
-        print(rows[-1])
+    settings = [(p, source, FLAGS.neural_parallel)
+                for p in (int(x) for x in FLAGS.drafts) for source in SOURCES]
+    if FLAGS.autoregressive_p1 and FLAGS.neural_parallel:
+      settings += [(1, s, False) for s in SOURCES if "neural" in s]
+    for p, source, parallel in settings:
+      kw = {}
+      if "ngram" in source:
+        kw.update(ngram=ngram, ngram_weight=FLAGS.ngram_weight)
+      if "neural" in source:
+        kw.update(rescorer=rescorer, rescorer_weight=FLAGS.neural_weight,
+                  rescorer_parallel=parallel)
+      out, sec, compile_s = timed(lambda: blockdec.refined_blockwise_decode(
+          params, cfg, prompts, lengths, max_new_tokens=n, block_size=k,
+          num_drafts=p, lattice_width=max(FLAGS.lattice_width, 1), **kw),
+                                  reps)
+      tps = float(np.sum(out.lengths) / sec)
+      rows.append(dict(source=source, k=k, num_drafts=p,
+                       lattice_width=FLAGS.lattice_width,
+                       neural_mode=("parallel" if parallel else
+                                    "autoregressive") if "neural" in source
+                       else None,
+                       tokens_per_s=tps, speedup=tps / greedy_tps,
+                       vs_blockwise_tokens_per_s=tps / plain_tps,
+                       compile_s=compile_s,
+                       **summarize(out, greedy_tokens, degenerate)))
+      print(rows[-1])
   result = dict(
       machine=machine_description(),
       model=str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT)
@@ -244,10 +307,14 @@ def main(argv):
                     lattice_width=FLAGS.lattice_width,
                     ngram_weight=FLAGS.ngram_weight,
                     neural_weight=FLAGS.neural_weight,
+                    neural_parallel=FLAGS.neural_parallel,
                     degenerate_rows=int(degenerate.sum())),
       rows=rows)
   out_prefix = pathlib.Path(FLAGS.out)
   out_prefix.parent.mkdir(parents=True, exist_ok=True)
+  result["draft_analysis"] = draft_analysis(
+      params, cfg, prompts, lengths, n,
+      pathlib.Path(str(out_prefix) + "_analysis.png"))
   out_prefix.with_suffix(".json").write_text(json.dumps(result, indent=1))
   out_prefix.with_suffix(".md").write_text(markdown(result))
   plot(result, out_prefix.with_suffix(".png"))
@@ -277,23 +344,28 @@ def markdown(result) -> str:
       "every run's tokens are compared with greedy (`mismatch rows`). "
       f"Degenerate greedy rows: {s['degenerate_rows']} of {s['num_prompts']}.",
       "",
-      "| source | k | p | block eff. | block eff. (non-degen.) | tokens/s | "
-      "vs blockwise (tok/s) | vs greedy | mismatch rows |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| source | small LM | k | p | block eff. | block eff. (non-degen.) | "
+      "tokens/s | vs blockwise (tok/s) | vs greedy | mismatch rows |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
     vs = r.get("vs_blockwise_tokens_per_s")
     lines.append(
-        f"| {r['source']} | {r['k']} | {r['num_drafts']} | "
+        f"| {r['source']} | {r.get('neural_mode') or ''} | {r['k']} | "
+        f"{r['num_drafts']} | "
         f"{r['block_efficiency']:.3f} | "
         f"{r['block_efficiency_non_degenerate']:.3f} | "
         f"{r['tokens_per_s']:.1f} | {'' if vs is None else f'{vs:.2f}x'} | "
         f"{r['speedup']:.2f}x | {r['mismatch_rows']} |")
-  return "\n".join(lines) + "\n"
+  text = "\n".join(lines) + "\n"
+  if result.get("draft_analysis"):
+    text += analysis_markdown(result["draft_analysis"])
+  return text
 
 
 def plot(result, path):
-  rows = [r for r in result["rows"] if r["source"] in SOURCES]
+  rows = [r for r in result["rows"] if r["source"] in SOURCES
+          and r.get("neural_mode") != "autoregressive"]
   ks = sorted({r["k"] for r in rows})
   fig, axes = plt.subplots(2, len(ks), figsize=(5 * len(ks), 7), squeeze=False)
   for col, k in enumerate(ks):

@@ -380,10 +380,12 @@ def test_draft_statistics_on_a_hand_made_lattice(tmp_path):
 def test_head_predictions_follow_the_greedy_continuation():
   from blockdec.analysis import draft_statistics, head_predictions
   cfg, params = random_model(EXACT_ARCH)
-  prompts, lengths = ragged_prompts(3, 2, 4, cfg.vocab_size)
+  # The exactness tests' shapes: the greedy decode is compiled already.
+  prompts, lengths = ragged_prompts(3, EXACT_BATCH, 6, cfg.vocab_size)
   log_probs, targets, valid = head_predictions(params, cfg, prompts, lengths,
-                                               max_new_tokens=6, num_heads=3)
-  assert log_probs.shape == (12, 3, cfg.vocab_size)
+                                               max_new_tokens=18, num_heads=3)
+  assert log_probs.shape == (3 * 18, 3, cfg.vocab_size)
+  assert np.all(valid[:, 0]) and not np.all(valid[:, 2])
   stats = draft_statistics(log_probs, targets, valid)
   assert stats["accuracy"][0] == pytest.approx(1.0)  # head 1 is greedy
   assert stats["coverage"][1][0] == pytest.approx(1.0)
