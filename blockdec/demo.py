@@ -46,7 +46,7 @@ def main():
   print(f"\ndecoding {len(texts)} held-out stdlib prompts "
         f"({PROMPT_BYTES[0]}-{PROMPT_BYTES[1]} bytes) x {NEW_TOKENS} new tokens")
   r = evaluation.compare_decoding(run.params, run.cfg, run.tokenizer, texts,
-                                  max_new_tokens=NEW_TOKENS)
+                                  max_new_tokens=NEW_TOKENS, repeats=5)
   valid = run.summary["valid"]
   sample = next((i for i, d in enumerate(r["degenerate"]) if not d), 0)
   print(f"\nprompt {sample} (last lines):\n"
@@ -62,6 +62,7 @@ summary ({run.cfg.n_layers}-layer d={run.cfg.d_model} byte LM, {run.cfg.num_pred
   greedy                    {r['greedy_tokens_per_s']:.0f} tokens/s
   blockwise                 {r['blockwise_tokens_per_s']:.0f} tokens/s, speedup {r['speedup']:.2f}x
   identical to greedy       {r['identical']}
+  machine load              {os.getloadavg()[0]:.1f} (1-min average) on {os.cpu_count()} cores; timings are medians of 5
   total time                {time.perf_counter() - t0:.0f} s""")
 
 
