@@ -24,7 +24,7 @@ Three layers, each a plain function of the one above:
      proposal_heads/head_j/fc2/kernel [F_h, d]     ("mlp", "embed")
      biases                          the kernel's output axis
      norms (scale, bias)             replicated
-     KV cache k, v                   [L, B, S, H_kv, D]
+     KV cache k, v (per layer)       [B, H_kv, S, D]
                                      (None, "batch", None, "kv_heads", None)
      tokens, positions [B, T]; per-row vectors [B]   ("batch", ...)
 
@@ -292,9 +292,13 @@ def logical_axes(tree, *, strict: bool = False):
       tree)
 
 
-CACHE_AXES = KVCache(k=(None, "batch", None, "kv_heads", None),
-                     v=(None, "batch", None, "kv_heads", None),
-                     end_index=("batch",))
+CACHE_LAYER_AXES = ("batch", "kv_heads", None, None)  # [B, H_kv, S, D]
+
+
+def cache_axes(cache: KVCache) -> KVCache:
+  """Logical axes of every leaf of `cache` (one entry per layer)."""
+  per_layer = (CACHE_LAYER_AXES,) * cache.num_layers
+  return KVCache(k=per_layer, v=per_layer, end_index=("batch",))
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int],
@@ -388,8 +392,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh,
 
 def cache_shardings(mesh: Mesh, cache_shape: KVCache,
                     rules: Rules | None = None) -> KVCache:
-  """Shardings of a KV cache [L, B, S, H_kv, D] (batch and kv heads split)."""
-  return tree_shardings(cache_shape, mesh, rules, axes=CACHE_AXES)
+  """Shardings of a KV cache, per layer [B, H_kv, S, D] (batch, kv heads split)."""
+  return tree_shardings(cache_shape, mesh, rules, axes=cache_axes(cache_shape))
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int],

@@ -23,21 +23,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   Args:
     q: [B, T, H, D] queries.
-    k: [B, S, H_kv, D] keys, H a multiple of H_kv.
-    v: [B, S, H_kv, D] values.
+    k: [B, H_kv, S, D] keys (head-major, like the cache), H a multiple of H_kv.
+    v: [B, H_kv, S, D] values.
     mask: [B, T, S] True where query t may attend to key s.
 
   Returns:
     [B, T, H, D] in q's dtype; softmax in float32.
   """
   b, t, h, d = q.shape
-  h_kv = k.shape[2]
+  h_kv = k.shape[1]
   q = q.reshape(b, t, h_kv, h // h_kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k,
                       preferred_element_type=jnp.float32) * (d ** -0.5)
   scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
@@ -47,7 +47,7 @@ def self_attention(q, k, v, positions):
   q [B, T, H, D], k/v [B, T, H_kv, D], positions [B, T].
   """
   mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
-  return dot_product_attention(q, k, v, mask)
+  return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
 
 
 def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla",
@@ -56,9 +56,9 @@ def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla",
 
   Args:
     q: [B, T, H, D] queries of the block at `positions`.
-    k_cache: [B, S, H_kv, D], with the block's own keys already written at
+    k_cache: [B, H_kv, S, D], with the block's own keys already written at
       slots `positions` (tree: slots `positions[:, 0] + 0 .. T-1`).
-    v_cache: [B, S, H_kv, D].
+    v_cache: [B, H_kv, S, D].
     positions: [B, T] int32, consecutive per row (tree: offset + depth).
     backend: "xla" or "pallas".
     parents: None for the causal block, or a static token tree (node i's
@@ -78,15 +78,18 @@ def cached_attention(q, k_cache, v_cache, positions, *, backend: str = "xla",
         interpret=jax.default_backend() == "cpu")
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
-      run = _on_mesh(run, mesh, batch=q.shape[0], num_kv_heads=k_cache.shape[2])
-    return run(q, k_cache, v_cache, positions[:, 0].astype(jnp.int32))
+      run = _on_mesh(run, mesh, batch=q.shape[0], num_kv_heads=k_cache.shape[1])
+    # The kernel takes [B, S, H_kv, D] and goes head-major inside; XLA folds
+    # the two transposes.
+    return run(q, k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2),
+               positions[:, 0].astype(jnp.int32))
   if backend != "xla":
     raise ValueError(f"attention backend={backend!r}; allowed: 'xla', 'pallas'.")
-  slots = jnp.arange(k_cache.shape[1], dtype=jnp.int32)
+  slots = jnp.arange(k_cache.shape[2], dtype=jnp.int32)
   if parents is None:
     mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
   else:
-    mask = tree_mask(parents, positions[:, 0], k_cache.shape[1])
+    mask = tree_mask(parents, positions[:, 0], k_cache.shape[2])
   return dot_product_attention(q, k_cache, v_cache, mask)
 
 

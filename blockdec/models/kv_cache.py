@@ -22,33 +22,43 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-  """Stacked per-layer keys and values.
+  """Per-layer keys and values.
 
   Attributes:
-    k: [L, B, S, H_kv, D] keys; slot s holds position s.
-    v: [L, B, S, H_kv, D] values.
+    k: L arrays [B, H_kv, S, D] of keys; slot s holds position s. One array
+      per layer (not one stacked [L, ...] array): a layer's attention then
+      reads its buffer directly, where slicing a stacked buffer made XLA copy
+      the layer's whole cache on every call. Head-major, so the attention dots
+      contract D with (B, H_kv) leading and XLA never transposes the cache
+      (on CPU the [B, S, H_kv, D] layout made batch-8 attention ~10x slower).
+    v: L arrays [B, H_kv, S, D] of values.
     end_index: [B] int32, number of valid slots per row.
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   end_index: jax.Array
 
   @classmethod
   def make(cls, *, num_layers: int, batch: int, length: int,
            num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-    shape = (num_layers, batch, length, num_kv_heads, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch, num_kv_heads, length, head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    return cls(k=zeros(), v=zeros(),
                end_index=jnp.zeros((batch,), jnp.int32))
 
   @property
   def length(self) -> int:
     """S, the number of slots per row."""
-    return self.k.shape[2]
+    return self.k[0].shape[2]
 
   @property
   def batch(self) -> int:
-    return self.k.shape[1]
+    return self.k[0].shape[0]
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.k)
 
   def set_end_index(self, end_index: jax.Array) -> "KVCache":
     """Rolls back (or forward) each row to `end_index` valid slots."""
@@ -58,15 +68,18 @@ class KVCache:
             positions: jax.Array) -> "KVCache":
     """Writes one layer's block k, v [B, T, H_kv, D] at slots `positions` [B, T].
 
-    A scatter into the stacked buffers, which XLA performs in place inside
-    the decoding loop (no copy of the whole cache per call).
+    A scatter into the layer's buffers, which XLA performs in place inside
+    the decoding loop (no copy of the cache per call).
     """
     rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
-    return self.replace(
-        k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype),
-                                                unique_indices=True),
-        v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype),
-                                                unique_indices=True))
+
+    def put(buffers, new):
+      buf = buffers[layer]
+      buf = buf.at[rows, :, positions].set(new.astype(buf.dtype),
+                                           unique_indices=True)
+      return buffers[:layer] + (buf,) + buffers[layer + 1:]
+
+    return self.replace(k=put(self.k, k), v=put(self.v, v))
 
   def slot_positions(self) -> jax.Array:
     """[S] the position held by each slot."""
@@ -82,8 +95,7 @@ class KVCache:
     """
     rows = jnp.arange(src_slots.shape[0])[:, None]  # [B, 1]
     dst = offsets[:, None] + jnp.arange(src_slots.shape[1])  # [B, A]
-    k = self.k.at[:, rows, dst].set(self.k[:, rows, src_slots],
-                                    unique_indices=True)
-    v = self.v.at[:, rows, dst].set(self.v[:, rows, src_slots],
-                                    unique_indices=True)
-    return self.replace(k=k, v=v, end_index=jnp.asarray(end_index, jnp.int32))
+    move = lambda buf: buf.at[rows, :, dst].set(buf[rows, :, src_slots],
+                                                unique_indices=True)
+    return self.replace(k=tuple(map(move, self.k)), v=tuple(map(move, self.v)),
+                        end_index=jnp.asarray(end_index, jnp.int32))
