@@ -67,7 +67,8 @@ def test_quick_mode_produces_every_row(tmp_path):
     assert math.isfinite(r["output_nll_base"])
     assert sum(r["accepted_hist"]) > 0 and len(r["accepted_hist"]) == k
     if rule.startswith("minblock"):
-      assert r["mean_block_size"] >= int(rule[-1]) - 1e-9
+      # Fewer than l tokens only in a row's last call (the budget's end).
+      assert sum(r["accepted_hist"][:int(rule[-1]) - 1]) <= r["num_rows"], r
     timed = (rule == "exact" and regime in config.timing.regimes
              and k in config.timing.block_sizes)
     for f in ("speedup_b1", "speedup_b8", "step_cost_ratio_b1"):
