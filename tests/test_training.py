@@ -94,6 +94,11 @@ def test_frozen_heads_keep_greedy_output(base, corpus, tmp_path):
   after = blockdec.blockwise_decode(hparams, hcfg, prompts, lengths,
                                     max_new_tokens=12)
   np.testing.assert_array_equal(after.tokens, before.tokens)
+  # The Pallas attention backend decodes this trained checkpoint identically.
+  pallas_cfg = hcfg.replace(attention_backend="pallas")
+  for fn in (blockdec.greedy_decode, blockdec.blockwise_decode):
+    got = fn(hparams, pallas_cfg, prompts, lengths, max_new_tokens=12)
+    np.testing.assert_array_equal(got.tokens, before.tokens)
   assert summary["valid"]["head_losses"][0] == pytest.approx(
       json.loads((base[3] / "summary.json").read_text())["valid"]["loss"],
       abs=1e-5)
