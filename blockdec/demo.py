@@ -49,6 +49,10 @@ def main():
                                   max_new_tokens=NEW_TOKENS, repeats=5)
   valid = run.summary["valid"]
   sample = next((i for i, d in enumerate(r["degenerate"]) if not d), 0)
+  # Latency at batch 1 (one user): on a CPU a batch of 16 x k tokens per call
+  # is compute-bound, so the batch-1 speedup is the one blockwise targets.
+  one = evaluation.compare_decoding(run.params, run.cfg, run.tokenizer,
+                                    [texts[sample]], max_new_tokens=NEW_TOKENS)
   print(f"\nprompt {sample} (last lines):\n"
         + textwrap.indent("\n".join(texts[sample].split("\n")[-4:]), "  > "))
   print(_side_by_side(r["greedy"][sample], r["blockwise"][sample]))
@@ -59,8 +63,10 @@ summary ({run.cfg.n_layers}-layer d={run.cfg.d_model} byte LM, {run.cfg.num_pred
   head agreement (1..k)     {agreement}
   degenerate continuations  {r['degenerate_share']:.0%} (held-out prompts themselves: {r['prompt_degenerate_share']:.0%})
   block efficiency          {r['block_efficiency']:.2f} all rows, {r['block_efficiency_non_degenerate']:.2f} non-degenerate rows
-  greedy                    {r['greedy_tokens_per_s']:.0f} tokens/s
-  blockwise                 {r['blockwise_tokens_per_s']:.0f} tokens/s, speedup {r['speedup']:.2f}x
+  batch {len(texts)}: greedy        {r['greedy_tokens_per_s']:.0f} tokens/s
+  batch {len(texts)}: blockwise     {r['blockwise_tokens_per_s']:.0f} tokens/s, speedup {r['speedup']:.2f}x
+  batch 1 (prompt {sample}): greedy  {one['greedy_tokens_per_s']:.0f} tokens/s
+  batch 1 (prompt {sample}): blockwise {one['blockwise_tokens_per_s']:.0f} tokens/s, speedup {one['speedup']:.2f}x, block efficiency {one['block_efficiency']:.2f}
   identical to greedy       {r['identical']}
   machine load              {os.getloadavg()[0]:.1f} (1-min average) on {os.cpu_count()} cores; timings are medians of 5
   total time                {time.perf_counter() - t0:.0f} s""")
