@@ -81,16 +81,20 @@ STERN_BLOCK = {
 STERN_SPEEDUP = (1.72, 2.69, 3.10, 3.31, 3.04)  # "both", wall clock, one GPU.
 STERN_APPROX_K10 = {"top2": 5.67, "top3": 5.91}  # "both", block size.
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(ROOT / "configs" / "stern_table.py") + ":cpu",
-    "configs/stern_table.py[:cpu|demo|quick].")
-_ONLY = flags.DEFINE_enum(
-    "only", "all", ("all", "train", "quality", "timing"),
-    "What to (re)run: train only trains or reuses the models.")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", "cache", "Cached training runs.")
-_OUT = flags.DEFINE_string(
-    "out", str(ROOT / "experiments" / "results" / "stern_table"),
-    "Output prefix: writes <out>.json, <out>.md, <out>_*.png.")
+def _define_flags():
+  """The script's flags, defined only when it runs as a script: importing it
+  (the quick-mode test does) must not clash with other absl flag owners."""
+  return (
+      config_flags.DEFINE_config_file(
+          "config", str(ROOT / "configs" / "stern_table.py") + ":cpu",
+          "configs/stern_table.py[:cpu|demo|quick]."),
+      flags.DEFINE_enum(
+          "only", "all", ("all", "train", "quality", "timing"),
+          "What to (re)run: train only trains or reuses the models."),
+      flags.DEFINE_string("cache_dir", "cache", "Cached training runs."),
+      flags.DEFINE_string(
+          "out", str(ROOT / "experiments" / "results" / "stern_table"),
+          "Output prefix: writes <out>.json, <out>.md, <out>_*.png."))
 
 
 # ----------------------------------------------------------------- helpers
@@ -738,4 +742,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG, _ONLY, _CACHE_DIR, _OUT = _define_flags()
   app.run(main)

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-  """The script as a module (once per process: it defines absl flags)."""
+  """The script as a module (loaded once per process)."""
   if "stern_table" not in sys.modules:
     spec = importlib.util.spec_from_file_location(
         "stern_table", ROOT / "experiments" / "stern_table.py")
