@@ -77,3 +77,25 @@ def block_efficiency(lengths, num_calls, rows=None) -> float:
     lengths, num_calls = lengths[rows], num_calls[rows]
   calls = num_calls.sum()
   return float(lengths.sum() / calls) if calls else float("nan")
+
+
+def machine_description(extra: str = "") -> str:
+  """One line naming the machine for benchmark results: CPU model (from
+  `lscpu` where available), core count, OS, jax version and backend."""
+  import os
+  import platform
+  import subprocess
+
+  import jax
+  name = platform.processor() or platform.machine()
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True,
+                         check=False).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name:"):
+        name = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  line = (f"{name}, {os.cpu_count()} cores, {platform.system()}, "
+          f"jax {jax.__version__} backend={jax.default_backend()}")
+  return f"{line}, {extra}" if extra else line

@@ -50,9 +50,7 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -62,6 +60,7 @@ import torch
 import transformers
 
 import blockdec
+from blockdec import metrics
 from blockdec.models import hf as hf_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,18 +70,8 @@ SYSTEMS = ("hf-greedy", "hf-prompt-lookup", "hf-assisted", "blockdec-greedy",
 
 
 def machine_description() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        model = line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return (f"{model}, {os.cpu_count()} cores, {platform.system()}; "
-          f"jax {jax.__version__} ({jax.default_backend()}), torch "
-          f"{torch.__version__}, "
-          f"transformers {transformers.__version__}")
+  return metrics.machine_description(
+      f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 
 # ------------------------------------------------------------------ models

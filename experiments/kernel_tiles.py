@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -31,15 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockdec import kernels
+from blockdec import kernels, metrics
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def machine_description() -> str:
-  return (f"{platform.machine()} {platform.processor() or 'cpu'}, "
-          f"{os.cpu_count()} cores, {platform.system()}, "
-          f"jax {jax.__version__} backend={jax.default_backend()}")
+machine_description = metrics.machine_description  # One definition, in the library.
 
 
 def tile_rows(rng: np.random.Generator, batch: int = 256):

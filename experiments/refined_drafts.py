@@ -32,9 +32,7 @@ import hashlib
 import json
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import time
 
 from absl import app, flags
@@ -83,17 +81,7 @@ CANDIDATES = ("stern_frozen_cpu_k10", "heads_frozen_demo", "heads_frozen_cpu",
               "stern_frozen_demo_k10")
 
 
-def machine_description() -> str:
-  name = platform.processor() or platform.machine()
-  try:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True,
-                               check=False).stdout.splitlines():
-      if line.startswith("Model name:"):
-        name = line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return (f"{name}, {os.cpu_count()} cores, {platform.system()}, "
-          f"jax {jax.__version__} backend={jax.default_backend()}")
+machine_description = metrics.machine_description  # One definition, in the library.
 
 
 def find_model() -> pathlib.Path:

@@ -38,9 +38,7 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import time
 
 from absl import app, flags
@@ -100,17 +98,7 @@ def _define_flags():
 # ----------------------------------------------------------------- helpers
 
 
-def machine_description() -> str:
-  name = platform.processor() or platform.machine()
-  try:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True,
-                               check=False).stdout.splitlines():
-      if line.startswith("Model name:"):
-        name = line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return (f"{name}, {os.cpu_count()} cores, {platform.system()}, "
-          f"jax {jax.__version__} backend={jax.default_backend()}")
+machine_description = metrics.machine_description  # One definition, in the library.
 
 
 def _finite(x):
