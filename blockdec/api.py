@@ -187,16 +187,9 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
     `DecodeOutput`; `accepted_hist[b, a-1]` counts row b's calls that
     accepted a tokens, and `block_efficiency` is tokens per call.
   """
-  if block_size is None:
-    block_size = cfg.num_prediction_heads
-  prompts, prompt_lengths = _check_inputs(
-      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size, eos_id,
-      pad_id)
-  if not isinstance(acceptance, AcceptanceRule):
-    raise TypeError(
-        f"acceptance={acceptance!r} must be a blockdec acceptance rule "
-        "(Exact(), TopK(n), Distance(eps), MinBlock(l)).")
-  acceptance.validate(block_size)
+  block_size, prompts, prompt_lengths = _check_block_inputs(
+      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size,
+      acceptance, eos_id, pad_id)
   options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
                           acceptance=acceptance, eos_id=eos_id, pad_id=pad_id)
   return _run_decode(params, prompts, prompt_lengths, cfg, options, False,
@@ -281,15 +274,9 @@ def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
   Returns:
     `DecodeOutput`; `block_efficiency` is tokens per (main-model) call.
   """
-  if block_size is None:
-    block_size = cfg.num_prediction_heads
-  prompts, prompt_lengths = _check_inputs(
-      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size, eos_id,
-      pad_id)
-  if not isinstance(acceptance, AcceptanceRule):
-    raise TypeError(f"acceptance={acceptance!r} must be a blockdec acceptance "
-                    "rule (Exact(), TopK(n), Distance(eps), MinBlock(l)).")
-  acceptance.validate(block_size)
+  block_size, prompts, prompt_lengths = _check_block_inputs(
+      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size,
+      acceptance, eos_id, pad_id)
   if not 1 <= lattice_width <= cfg.vocab_size:
     raise ValueError(f"lattice_width={lattice_width!r} must be in "
                      f"[1, vocab_size={cfg.vocab_size}].")
@@ -373,6 +360,21 @@ def _check_token_ids(name, tokens, vocab_size, valid=None):
     bad = values[(values < 0) | (values >= vocab_size)][0]
     raise ValueError(f"{name} holds token id {int(bad)} outside the vocabulary "
                      f"[0, {vocab_size}).")
+
+
+def _check_block_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
+                        block_size, acceptance, eos_id, pad_id):
+  """`_check_inputs` plus the block size (default: all heads) and the rule."""
+  if block_size is None:
+    block_size = cfg.num_prediction_heads
+  prompts, prompt_lengths = _check_inputs(
+      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size, eos_id,
+      pad_id)
+  if not isinstance(acceptance, AcceptanceRule):
+    raise TypeError(f"acceptance={acceptance!r} must be a blockdec acceptance "
+                    "rule (Exact(), TopK(n), Distance(eps), MinBlock(l)).")
+  acceptance.validate(block_size)
+  return block_size, prompts, prompt_lengths
 
 
 def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
