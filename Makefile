@@ -4,23 +4,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed-core
+FULL := $(VENV)/.installed
 
 .PHONY: demo test setup clean-cache
 
-setup: $(STAMP)
+setup: $(FULL)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+# The demo needs only the library; the tests also need the extras (HF
+# parity tests with CPU torch, notebook execution).
+$(CORE): pyproject.toml Makefile | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $(CORE)
+
+$(FULL): pyproject.toml Makefile | $(VENV)/bin/python
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,hf,notebook]'
-	touch $(STAMP)
+	touch $(FULL) $(CORE)
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(PY) -m blockdec.demo
 
-test: $(STAMP)
+test: $(FULL)
 	$(PY) -m pytest -n 2 -q
 
 clean-cache:
