@@ -14,16 +14,15 @@ With `init_from` empty the base LM of the same preset is trained or reused
 first. Presets: tiny, cpu, demo, gpu.
 """
 
-import importlib.util
 import pathlib
+
+from blockdec.training.pipeline import load_config_module
 
 
 def _heads_config():
-  path = pathlib.Path(__file__).with_name("heads_frozen.py")
-  spec = importlib.util.spec_from_file_location("_heads_frozen", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.heads_config
+  """configs/heads_frozen.py's `heads_config(arg, regime)`."""
+  return load_config_module(
+      pathlib.Path(__file__).with_name("heads_frozen.py")).heads_config
 
 
 def get_config(arg="gpu"):

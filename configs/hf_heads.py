@@ -22,16 +22,15 @@ clear error; `blockdec.export_hf_checkpoint(..., tokenizer=...)` writes one
 (a byte-level model gets `blockdec.models.hf.byte_tokenizer()`).
 """
 
-import importlib.util
 import pathlib
+
+from blockdec.training.pipeline import load_config_module
 
 
 def _heads_config():
-  path = pathlib.Path(__file__).with_name("heads_frozen.py")
-  spec = importlib.util.spec_from_file_location("_heads_frozen", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.heads_config
+  """configs/heads_frozen.py's `heads_config(arg, regime)`."""
+  return load_config_module(
+      pathlib.Path(__file__).with_name("heads_frozen.py")).heads_config
 
 
 def get_config(arg="gpu"):

@@ -47,7 +47,14 @@ def load_config(spec, arg: str | None = None):
   spec = str(spec)
   if arg is None and ":" in spec:
     spec, arg = spec.split(":", 1)
-  path = pathlib.Path(spec)
+  module = load_config_module(spec)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def load_config_module(spec):
+  """The config file `spec` as a module (config files share helpers this way:
+  they are loaded by path, not imported from a package)."""
+  path = pathlib.Path(str(spec))
   if not path.exists() and not path.is_absolute():
     path = pathlib.Path(__file__).resolve().parents[2] / spec
   if not path.exists():
@@ -56,7 +63,7 @@ def load_config(spec, arg: str | None = None):
       f"_blockdec_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+  return module
 
 
 def _key_dict(config) -> dict:
