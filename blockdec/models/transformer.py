@@ -63,6 +63,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
   return out.astype(x.dtype)
 
 
+def _dense(cfg: ModelConfig, features: int, name: str, bias: bool) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, dtype=_dtype(cfg.dtype),
+                  param_dtype=_dtype(cfg.param_dtype), name=name)
+
+
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
   kw = dict(epsilon=cfg.norm_eps, dtype=_dtype(cfg.dtype),
             param_dtype=_dtype(cfg.param_dtype), name=name)
@@ -89,9 +94,7 @@ class Attention(nn.Module):
     Returns (out [B, T, d], updated cache or None).
     """
     cfg = self.cfg
-    dense = lambda n, bias, name: nn.Dense(
-        n, use_bias=bias, dtype=_dtype(cfg.dtype),
-        param_dtype=_dtype(cfg.param_dtype), name=name)
+    dense = lambda n, bias, name: _dense(cfg, n, name, bias)
     b, t, _ = x.shape
     h, h_kv, d = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
     q = dense(h * d, cfg.qkv_bias, "q")(x).reshape(b, t, h, d)
@@ -122,9 +125,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    dense = lambda n, name: nn.Dense(
-        n, use_bias=cfg.proj_bias, dtype=_dtype(cfg.dtype),
-        param_dtype=_dtype(cfg.param_dtype), name=name)
+    dense = lambda n, name: _dense(cfg, n, name, cfg.proj_bias)
     if cfg.mlp == "swiglu":
       hidden = nn.silu(dense(cfg.ff_dim, "gate")(x)) * dense(cfg.ff_dim, "up")(x)
       return dense(cfg.d_model, "down")(hidden)
@@ -151,9 +152,7 @@ class ProposalHead(nn.Module):
   @nn.compact
   def __call__(self, h):
     cfg = self.cfg
-    dense = lambda n, name: nn.Dense(
-        n, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-        name=name)
+    dense = lambda n, name: _dense(cfg, n, name, True)
     return h + dense(cfg.d_model, "fc2")(nn.relu(dense(cfg.head_ff_dim, "fc1")(h)))
 
 
