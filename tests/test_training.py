@@ -78,6 +78,48 @@ def test_one_step_of_every_head_config(name, regime, base, corpus, tmp_path):
     assert list((tmp_path / "distill").glob("distill-*.npz"))
 
 
+def test_gentle_finetuning_scales_the_trunk_and_weighs_head_one():
+  """optim.trunk_lr_scale scales every update outside proposal_heads only;
+  first_head_weight w gives (w * L1 + L2 + ... + Lk) / (w + k - 1)."""
+  from blockdec.training import defaults, losses
+  params = {"layer_0": {"w": np.ones((3, 3), np.float32)},
+            "proposal_heads": {"head_2": {"w": np.ones((3, 3), np.float32)}}}
+  grads = jax.tree_util.tree_map(lambda x: 0.5 * x, params)
+  updates = {}
+  for scale in (1.0, 0.1):
+    optim = defaults.default_config().optim
+    optim.warmup_steps = 0
+    if scale != 1.0:
+      optim.trunk_lr_scale = scale
+    opt, _ = train.make_optimizer(optim, total_steps=10)
+    updates[scale], _ = opt.update(grads, opt.init(params), params)
+  np.testing.assert_allclose(updates[0.1]["layer_0"]["w"],
+                             0.1 * updates[1.0]["layer_0"]["w"], rtol=1e-6)
+  np.testing.assert_array_equal(updates[0.1]["proposal_heads"]["head_2"]["w"],
+                                updates[1.0]["proposal_heads"]["head_2"]["w"])
+  assert np.all(updates[1.0]["layer_0"]["w"] != 0)
+  per_head = np.array([1.0, 2.0, 3.0, 6.0], np.float32)
+  assert float(losses.regime_loss("finetune", per_head)) == pytest.approx(3.0)
+  assert float(losses.regime_loss("finetune", per_head, 3.0)) == \
+      pytest.approx((3 * 1 + 2 + 3 + 6) / 6)
+  # Regimes that train the proposal heads alone ignore the weight.
+  assert float(losses.regime_loss("frozen", per_head, 3.0)) == \
+      pytest.approx(11 / 3)
+
+
+def test_bad_gentle_finetuning_options_fail_clearly(corpus, tmp_path):
+  for changes, match in (({"optim.trunk_lr_scale": 0.0}, "trunk_lr_scale"),
+                         ({"first_head_weight": -1.0}, "first_head_weight"),
+                         ({"first_head_weight": "half"}, "first_head_weight")):
+    config = tiny("heads_finetune", corpus)
+    for path, value in changes.items():
+      node, leaf = (config.optim, "trunk_lr_scale") if "." in path else \
+          (config, path)
+      node[leaf] = value
+    with pytest.raises(ValueError, match=match):
+      train.Trainer(config, tmp_path / "run")
+
+
 def test_frozen_heads_keep_greedy_output(base, corpus, tmp_path):
   cfg, params, tokenizer, _ = base
   config = tiny("heads_frozen", corpus, steps=3)

@@ -72,6 +72,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9           # Adam beta1.
   c.optim.b2 = 0.95          # Adam beta2.
   c.optim.grad_clip = 1.0    # Global-norm clipping; 0 disables.
+  # Optional, set only where used (absent = 1.0; adding them here would
+  # change every cached run's config hash):
+  # c.optim.trunk_lr_scale: learning-rate factor of everything outside
+  #   proposal_heads in the regimes that train all parameters (> 0).
+  # c.first_head_weight: head 1's weight against each proposal head in
+  #   those regimes' loss (losses.regime_loss; > 0).
 
   c.log_every = 10           # Steps between metric rows in metrics.jsonl.
   c.eval_every = 200         # Steps between held-out evaluations (and at the end).
@@ -140,6 +146,11 @@ def check_config(c) -> None:
   if c.optim.weight_decay < 0 or c.optim.grad_clip < 0:
     raise ValueError("config.optim.weight_decay and grad_clip must be >= 0, "
                      f"got {c.optim.weight_decay!r}, {c.optim.grad_clip!r}.")
+  for path, value in (("optim.trunk_lr_scale", c.optim.get("trunk_lr_scale")),
+                      ("first_head_weight", c.get("first_head_weight"))):
+    if value is not None and not (isinstance(value, (int, float))
+                                  and not isinstance(value, bool) and value > 0):
+      raise ValueError(f"config.{path}={value!r} must be a number > 0.")
   if c.regime != "base" and not c.init_from and c.base is None:
     raise ValueError(f"config.regime={c.regime!r} trains heads on a base "
                      "model: set config.init_from to a checkpoint folder or "

@@ -78,11 +78,22 @@ def per_head_losses(logits, targets, weights) -> jax.Array:
   return ce_sum / jnp.maximum(w_sum, 1.0)
 
 
-def regime_loss(regime: str, head_losses: jax.Array) -> jax.Array:
-  """The scalar a regime minimises, from per-head losses [k]."""
+def regime_loss(regime: str, head_losses: jax.Array,
+                first_head_weight: float = 1.0) -> jax.Array:
+  """The scalar a regime minimises, from per-head losses [k].
+
+  `first_head_weight` (regimes that train all heads) weighs head 1 against
+  each proposal head: the loss is (w * L1 + L2 + ... + Lk) / (w + k - 1).
+  w = 1 is the plain mean; w = k - 1 gives head 1 half of the loss, which
+  keeps the trunk a good next-token model while the heads pull on it.
+  """
   heads = REGIMES[regime]["heads"]
   if heads == "first":
     return head_losses[0]
   if heads == "proposals":
     return jnp.mean(head_losses[1:])
-  return jnp.mean(head_losses)
+  if first_head_weight == 1.0:
+    return jnp.mean(head_losses)
+  k = head_losses.shape[0]
+  return ((first_head_weight * head_losses[0] + jnp.sum(head_losses[1:]))
+          / (first_head_weight + k - 1))

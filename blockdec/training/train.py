@@ -85,6 +85,14 @@ def make_optimizer(optim, total_steps: int):
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                            weight_decay=optim.weight_decay, mask=decay_mask))
+  trunk_scale = optim.get("trunk_lr_scale", 1.0)
+  if trunk_scale != 1.0:
+    # Everything outside proposal_heads (trunk and head 1) moves at
+    # trunk_scale x the schedule; only regimes that train all parameters
+    # see these leaves (the others optimise proposal_heads alone).
+    is_trunk = lambda p: {k: jax.tree_util.tree_map(
+        lambda _: k != "proposal_heads", v) for k, v in p.items()}
+    parts.append(optax.masked(optax.scale(trunk_scale), is_trunk))
   return optax.chain(*parts), schedule
 
 
@@ -102,15 +110,20 @@ def head_losses(params, cfg: ModelConfig, batch, regime: str) -> jax.Array:
   return losses.per_head_losses(logits, targets, weights)
 
 
-def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule):
-  """The pure step of `regime`: (TrainState, batch) -> (TrainState, metrics)."""
+def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
+                    first_head_weight: float = 1.0):
+  """The pure step of `regime`: (TrainState, batch) -> (TrainState, metrics).
+
+  `first_head_weight`: see `losses.regime_loss`.
+  """
   losses.check_regime(regime, cfg.num_prediction_heads)
 
   def train_step(state: TrainState, batch):
     def loss_fn(sub):
       per_head = head_losses(with_trainable(state.params, sub, regime), cfg,
                              batch, regime)
-      return losses.regime_loss(regime, per_head), per_head
+      return (losses.regime_loss(regime, per_head, first_head_weight),
+              per_head)
 
     sub = trainable(state.params, regime)
     (loss, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
@@ -254,8 +267,9 @@ class Trainer:
     # The one place the step is jitted: on one device, or sharded over the
     # mesh of config.sharding (blockdec.sharding; same step, same results up
     # to float rounding). Resume restores onto the state's shardings.
+    self.first_head_weight = c.get("first_head_weight", 1.0)
     step_fn = make_train_step(self.cfg, self.regime, self.optimizer,
-                              self.schedule)
+                              self.schedule, self.first_head_weight)
     eval_fn = make_eval_step(self.cfg)
     sharding_cfg = sharding.ShardingConfig.from_config(c.get("sharding"))
     self.mesh = sharding_cfg.make_mesh()
@@ -313,7 +327,8 @@ class Trainer:
       w += np.asarray(w_sum)
     per_head = ce / np.maximum(w, 1)
     return {"loss": float(per_head[0]), "head_losses": per_head.tolist(),
-            "regime_loss": float(losses.regime_loss(self.regime, per_head)),
+            "regime_loss": float(losses.regime_loss(
+                self.regime, per_head, self.first_head_weight)),
             "nats_per_byte": float(per_head[0] / self.bytes_per_token)}
 
   def run(self, stop_at_step: int | None = None):
