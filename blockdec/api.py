@@ -123,6 +123,9 @@ def _run_decode(params, prompts, prompt_lengths, cfg, options, greedy, mesh,
   if not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh (blockdec.make_mesh), "
                     f"got {type(mesh).__name__}.")
+  # Halving the batch mid-loop would change the row count the mesh and the
+  # cache's sharding constraints were laid out for.
+  options = dataclasses.replace(options, compact_rows=False)
   rules = sharding_lib.DEFAULT_RULES if rules is None else \
       sharding_lib.ShardingConfig(rules=rules).rules
   fn, param_sh, prompt_sh, row_sh = _sharded_decoder(
@@ -173,7 +176,7 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                      acceptance: AcceptanceRule = Exact(),
                      eos_id: int | None = None,
                      pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
-                     rules=None) -> DecodeOutput:
+                     rules=None, compact_rows: bool = True) -> DecodeOutput:
   """Blockwise parallel decoding with the model's proposal heads.
 
   With `acceptance=Exact()` (the default) the tokens equal `greedy_decode`'s.
@@ -181,6 +184,10 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
   Args:
     block_size: k in [1, cfg.num_prediction_heads]; default all heads.
     acceptance: `Exact()`, `TopK(n)`, `Distance(eps)` or `MinBlock(l)`.
+    compact_rows: once at most half of the rows are still decoding, go on
+      with a batch of half the size (same tokens; the stragglers stop paying
+      for finished rows). Ignored with a mesh. Costs one more compiled loop
+      body per halving.
     Others (mesh and rules too) as in `greedy_decode`.
 
   Returns:
@@ -191,7 +198,8 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
       params, cfg, prompts, prompt_lengths, max_new_tokens, block_size,
       acceptance, eos_id, pad_id)
   options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
-                          acceptance=acceptance, eos_id=eos_id, pad_id=pad_id)
+                          acceptance=acceptance, eos_id=eos_id, pad_id=pad_id,
+                          compact_rows=bool(compact_rows))
   return _run_decode(params, prompts, prompt_lengths, cfg, options, False,
                      mesh, rules)
 

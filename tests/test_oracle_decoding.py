@@ -2,13 +2,14 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from blockdec import decoding
 from blockdec.decoding import DecodeOptions, Exact
-from tests.helpers import oracle_greedy, oracle_score_fn
+from tests.helpers import oracle_greedy, oracle_next, oracle_score_fn
 
 VOCAB = 50
 
@@ -112,3 +113,60 @@ def test_acceptance_rules_match_semantics():
 def test_bad_acceptance_parameters(bad):
   with pytest.raises(ValueError):
     bad()
+
+
+def _per_row_oracle(k):
+  """Like `oracle_score_fn`, but row b's heads agree for cache[b] tokens.
+
+  The "cache" is the [B] vector of agreement counts: a per-row leaf that the
+  blockwise loop's row compaction must carry along with its row.
+  """
+
+  def score(params, tokens, positions, cache):
+    del params
+    preds, tok = [], tokens
+    for j in range(k):
+      tok = oracle_next(tok, positions + j, VOCAB)
+      right = (j <= cache)[:, None]
+      preds.append(jnp.where(right, tok, (tok + 1) % VOCAB))
+    return 10.0 * jax.nn.one_hot(jnp.stack(preds, axis=2), VOCAB), cache
+
+  return score
+
+
+@pytest.mark.parametrize("eos_id", [None, 6])  # 6 ends rows 0, 2 and 3 early.
+def test_row_compaction_keeps_every_row_exact(eos_id):
+  """Rows finishing far apart (agreement 0..7, batch 5 -> 3 -> 2 -> 1 rows):
+  compacted and uncompacted loops give the same tokens, calls and histograms,
+  all equal to the oracle's greedy output."""
+  k, n = 8, 29
+  agree = np.array([0, 7, 2, 5, 1], np.int32)
+  prompts = np.array([[5, 9, 1], [7, 0, 0], [3, 3, 0], [2, 8, 4], [6, 0, 0]],
+                     np.int32)
+  lengths = np.array([3, 1, 2, 3, 1], np.int32)
+  outs = {}
+  for compact in (False, True):
+    options = DecodeOptions(max_new_tokens=n, block_size=k, eos_id=eos_id,
+                            compact_rows=compact)
+    outs[compact] = decoding.blockwise_decode(
+        _per_row_oracle(k), None, jnp.asarray(prompts), jnp.asarray(lengths),
+        jnp.asarray(agree), options)
+  for field in ("tokens", "lengths", "num_calls", "accepted_hist"):
+    np.testing.assert_array_equal(getattr(outs[True], field),
+                                  getattr(outs[False], field), err_msg=field)
+  out = outs[True]
+  for b in range(5):
+    want = oracle_greedy(prompts[b, :lengths[b]], n, VOCAB)
+    if eos_id is not None and eos_id in want:
+      want = want[:want.index(eos_id) + 1]
+    length = len(want)
+    assert int(out.lengths[b]) == length
+    np.testing.assert_array_equal(out.tokens[b, :length], want)
+    np.testing.assert_array_equal(out.tokens[b, length:], 0)
+    if eos_id is None:
+      assert int(out.num_calls[b]) == math.ceil(n / (agree[b] + 1))
+  if eos_id is None:  # Rows really do finish at different calls.
+    assert len(set(np.asarray(out.num_calls).tolist())) == 5
+  else:
+    np.testing.assert_array_equal(np.asarray(out.lengths) < n,
+                                  [True, False, True, True, False])

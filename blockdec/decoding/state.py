@@ -57,6 +57,10 @@ class DecodeOptions:
     acceptance: the verification rule; `Exact()` reproduces greedy output.
     eos_id: a token that ends its row (counted in `lengths`), or None.
     pad_id: written after each row's end in the output.
+    compact_rows: blockwise loop only: once at most half of the rows are
+      active, continue on a batch of half the size holding them (same
+      output; needs every cache leaf to have the batch as leading axis, else
+      it is skipped).
   """
 
   max_new_tokens: int
@@ -64,6 +68,7 @@ class DecodeOptions:
   acceptance: AcceptanceRule = Exact()
   eos_id: int | None = None
   pad_id: int = 0
+  compact_rows: bool = True
 
 
 @flax.struct.dataclass
