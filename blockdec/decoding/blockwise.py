@@ -12,7 +12,7 @@ Rows accept different counts: each row keeps its own length and cache end,
 so no row waits for another. Nor does a finished row keep costing: once at
 most half of the rows are still active, they are gathered into a batch half
 the size and the loop goes on there (`options.compact_rows`; see
-`_run_compacting`), so the last slow rows do not pay for the whole batch.
+`state.while_loop_compacting`), so the last slow rows do not pay for the whole batch.
 Worked example with k = 3, one row:
 
   proposal      [the, cat, sat]      head-1 argmax at block positions
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from blockdec.decoding.acceptance import accepted_prefix_length
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, DecodeState,
                                      ScoreFn, SplitScoreFn, finalize, prefill,
-                                     take_positions, write_rows)
+                                     take_positions, while_loop_compacting,
+                                     write_rows)
 
 
 def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
@@ -97,55 +98,6 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
         done=done, num_calls=state.num_calls + active,
         accepted_hist=hist.astype(jnp.int32), cache=cache)
 
-  if options.compact_rows and _rows_leading(state):
-    state = _run_compacting(cond, body, state)
-  else:
-    state = jax.lax.while_loop(cond, body, state)
+  state = while_loop_compacting(cond, body, state, lambda s: s.done,
+                                options.compact_rows)
   return finalize(state, options)
-
-
-def _rows_leading(state: DecodeState) -> bool:
-  """Whether every per-row leaf (cache included) has the batch leading."""
-  batch = state.lengths.shape[0]
-  leaves = jax.tree_util.tree_leaves(state.replace(step=state.lengths))
-  return batch > 1 and all(x.ndim >= 1 and x.shape[0] == batch for x in leaves)
-
-
-def _take_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
-  step = state.step
-  sub = jax.tree_util.tree_map(lambda x: x[rows], state.replace(step=rows))
-  return sub.replace(step=step)
-
-
-def _run_compacting(cond, body, state: DecodeState) -> DecodeState:
-  """`while_loop(cond, body, state)`, halving the batch as rows finish.
-
-  The loop runs at batch B while more than B/2 rows are active; then the
-  active rows (finished ones fill any spare places) are gathered, cache
-  included, into a batch of ceil(B/2) that runs the same loop, and so on down
-  to one row. Each row's calls are unchanged, so the output is the same; on
-  hardware where a step's cost grows with the batch (CPUs, and accelerators
-  once compute-bound) the stragglers no longer pay for the finished rows.
-  Costs one gather of the state per halving and one compiled loop body per
-  batch size.
-  """
-  batch = state.lengths.shape[0]
-  half = (batch + 1) // 2
-  if half == batch:  # One row: nothing left to compact.
-    return jax.lax.while_loop(cond, body, state)
-
-  def wide_cond(s):
-    return cond(s) & (jnp.sum(~s.done) > half)
-
-  state = jax.lax.while_loop(wide_cond, body, state)
-  # Active rows first (stable), then enough finished ones to fill the batch.
-  rows = jnp.argsort(state.done, stable=True)[:half]
-  sub = _run_compacting(cond, body, _take_rows(state, rows))
-  put = lambda full, part: full.at[rows].set(part)
-  return state.replace(
-      step=sub.step, tokens=put(state.tokens, sub.tokens),
-      lengths=put(state.lengths, sub.lengths),
-      proposal=put(state.proposal, sub.proposal),
-      done=put(state.done, sub.done),
-      num_calls=put(state.num_calls, sub.num_calls),
-      accepted_hist=put(state.accepted_hist, sub.accepted_hist))

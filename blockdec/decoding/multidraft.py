@@ -44,7 +44,8 @@ from blockdec.decoding.rescoring import (beam_search, combine_scorers,
                                          neural_scorer, ngram_scorer,
                                          tree_call)
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, DecodeState,
-                                     finalize, write_rows)
+                                     finalize, while_loop_compacting,
+                                     write_rows)
 
 # compact(cache, src_slots [B, A], offsets [B], end_index [B]) -> cache:
 # moves the entries at src_slots[b, i] to slot offsets[b] + i and sets the
@@ -125,11 +126,14 @@ class _State:
     base: `DecodeState`; base.proposal [B, k] holds draft 0.
     drafts: [B, p, k] int32, the drafts to verify next.
     rescorer_cache: the small LM's cache (committed tokens), or None.
+    prompts: [B, P] the prompts (the n-gram history reads them); in the
+      state, not the loop's closure, so that rows can be compacted.
   """
 
   base: DecodeState
   drafts: jax.Array
   rescorer_cache: Any
+  prompts: jax.Array
 
 
 def history_tokens(prompts, prompt_lengths, generated, lengths, size: int):
@@ -255,13 +259,15 @@ def refined_blockwise_decode(score_fn, params, prompts: jax.Array,
   first_drafts, rescorer_cache = propose(lattice, prompt_lengths, history,
                                          rescorer_cache, path_log_probs)
   base = DecodeState.make(prompt_lengths, first_drafts[:, 0], cache, options)
-  state = _State(base=base, drafts=first_drafts, rescorer_cache=rescorer_cache)
+  state = _State(base=base, drafts=first_drafts, rescorer_cache=rescorer_cache,
+                 prompts=prompts)
 
   def cond(state: _State):
     return ~jnp.all(state.base.done) & (state.base.step < options.max_new_tokens)
 
   def body(state: _State):
     base = state.base
+    batch = base.lengths.shape[0]  # Shrinks as rows are compacted.
     offsets = base.positions  # [B]
     if p == 1:
       tokens = state.drafts[:, 0]  # [B, k]
@@ -305,8 +311,8 @@ def refined_blockwise_decode(score_fn, params, prompts: jax.Array,
       rescorer_cache, path_log_probs = rescorer_commit(
           rescorer_cache, draft, accepted, lattice.argmax_path(), offsets)
     new_offsets = offsets + accepted
-    history = history_tokens(prompts, prompt_lengths, tokens_out, lengths,
-                             history_len)
+    history = history_tokens(state.prompts, base.prompt_lengths, tokens_out,
+                             lengths, history_len)
     new_drafts, rescorer_cache = propose(lattice, new_offsets, history,
                                          rescorer_cache, path_log_probs)
     new_drafts = jnp.where(active[:, None, None], new_drafts, state.drafts)
@@ -317,7 +323,9 @@ def refined_blockwise_decode(score_fn, params, prompts: jax.Array,
         proposal=new_drafts[:, 0], done=done,
         num_calls=base.num_calls + active,
         accepted_hist=hist.astype(jnp.int32), cache=cache)
-    return _State(base=base, drafts=new_drafts, rescorer_cache=rescorer_cache)
+    return state.replace(base=base, drafts=new_drafts,
+                         rescorer_cache=rescorer_cache)
 
-  state = jax.lax.while_loop(cond, body, state)
+  state = while_loop_compacting(cond, body, state, lambda s: s.base.done,
+                                options.compact_rows)
   return finalize(state.base, options)

@@ -175,3 +175,45 @@ def write_rows(buffer: jax.Array, block: jax.Array, offsets: jax.Array):
   """Writes block [B, T] into buffer [B, M] at per-row offsets [B]."""
   return jax.vmap(lambda row, blk, off: jax.lax.dynamic_update_slice(
       row, blk, (off,)))(buffer, block, offsets)
+
+
+def while_loop_compacting(cond, body, state, done_of, compact: bool = True):
+  """`jax.lax.while_loop(cond, body, state)`, halving the batch as rows finish.
+
+  The loop runs at batch B while more than B/2 rows are active
+  (`done_of(state)` [B] bool); then the active rows (finished ones fill any
+  spare places) are gathered into a batch of ceil(B/2) that runs the same
+  loop, and so on down to one row; the rows are scattered back at the end.
+  Each row's computation is unchanged, so is the result; where a step's
+  cost grows with the batch (CPUs, accelerators once compute-bound), the
+  last slow rows stop paying for the finished ones. Costs a gather and a
+  scatter of the state per halving and one compiled loop body per batch
+  size.
+
+  Every leaf of `state` must be a scalar (global: taken from the smaller
+  batch's loop) or have the batch as leading axis (per row); otherwise, or
+  with `compact=False` or one row, this is a plain while loop. The body
+  must not close over per-row arrays (they would keep batch B).
+  """
+  done = done_of(state)
+  batch = done.shape[0]
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  per_row = [x.ndim >= 1 for x in leaves]
+  half = (batch + 1) // 2
+  if (not compact or half == batch
+      or any(r and x.shape[0] != batch for x, r in zip(leaves, per_row))):
+    return jax.lax.while_loop(cond, body, state)
+
+  def wide_cond(s):
+    return cond(s) & (jnp.sum(~done_of(s)) > half)
+
+  state = jax.lax.while_loop(wide_cond, body, state)
+  leaves = jax.tree_util.tree_leaves(state)
+  # Active rows first (stable), then enough finished ones to fill the batch.
+  rows = jnp.argsort(done_of(state), stable=True)[:half]
+  sub = jax.tree_util.tree_unflatten(
+      treedef, [x[rows] if r else x for x, r in zip(leaves, per_row)])
+  sub = while_loop_compacting(cond, body, sub, done_of)
+  merged = [x.at[rows].set(y) if r else y
+            for x, y, r in zip(leaves, jax.tree_util.tree_leaves(sub), per_row)]
+  return jax.tree_util.tree_unflatten(treedef, merged)
