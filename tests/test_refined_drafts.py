@@ -12,6 +12,7 @@ import blockdec
 from blockdec import decoding
 from blockdec.decoding import (DecodeOptions, DraftOptions, DraftTree, NGramLM,
                                NeuralRescorer, top_k_lattice)
+from blockdec.decoding.lattice import small_top_k
 from blockdec.decoding.rescoring import beam_search, ngram_scorer
 from blockdec.models import transformer
 from tests.helpers import assert_same_or_near_tie, ragged_prompts, random_model
@@ -144,6 +145,15 @@ def test_beam_search_returns_the_true_top_paths():
   # Plain argmax path with W = 1.
   drafts, _, _ = beam_search(lattice, 1, 1)
   np.testing.assert_array_equal(drafts[:, 0], lattice.argmax_path())
+
+
+def test_small_top_k_equals_lax_top_k_with_ties():
+  rng = np.random.default_rng(3)
+  for shape, k in (((3, 5, 256), 4), ((2, 7), 7), ((4, 9), 1)):
+    x = jnp.asarray(rng.integers(0, 5, shape).astype(np.float32))  # ties
+    want, got = jax.lax.top_k(x, k), small_top_k(x, k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_draft_tree_layout():

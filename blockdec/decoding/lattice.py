@@ -51,6 +51,23 @@ class Lattice:
     return self.tokens[:, :, 0]
 
 
+def small_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k` for small k: k rounds of argmax, each masking its pick.
+
+  Same values, indices and tie order (lower index first). On XLA:CPU
+  `top_k` over a vocabulary lowers to a full sort of every row, which cost
+  more per decoding step than the model call of a small model; k argmax
+  passes are k cheap reductions.
+  """
+  values, indices = [], []
+  for _ in range(k):
+    i = jnp.argmax(x, axis=-1)
+    values.append(jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0])
+    indices.append(i)
+    x = jnp.where(jnp.arange(x.shape[-1]) == i[..., None], -jnp.inf, x)
+  return jnp.stack(values, -1), jnp.stack(indices, -1).astype(jnp.int32)
+
+
 def top_k_lattice(head_logits: jax.Array, width: int) -> Lattice:
   """Lattice of the K = `width` most likely tokens of each head.
 
@@ -65,7 +82,7 @@ def top_k_lattice(head_logits: jax.Array, width: int) -> Lattice:
   if not 1 <= width <= vocab:
     raise ValueError(f"lattice width={width} must be in [1, V={vocab}].")
   log_probs = jax.nn.log_softmax(head_logits.astype(jnp.float32), axis=-1)
-  top_lp, top_tok = jax.lax.top_k(log_probs, width)  # [B, k, K]
+  top_lp, top_tok = small_top_k(log_probs, width)  # [B, k, K]
   # Depth 0 is fixed to head 1's argmax (the token blockwise decoding feeds,
   # with jnp.argmax's tie-breaking), the only candidate there.
   first = jnp.arange(width) == 0

@@ -27,7 +27,13 @@ and `gamma_m` [N_{m-1}] float32 (the back-off weight per context id); plus
 the unigram [V]. For the byte-level (V = 256) stdlib training split
 (~10 MB), a trigram model holds ~0.3 M bigram contexts and ~1 M trigrams,
 ~15 MB in all; a 4-gram ~2.5 M more entries (~30 MB). A lookup costs
-(n-1) + (n-1)(n-2)/2 binary searches.
+(n-1) + (n-1)(n-2)/2 table lookups.
+
+Lookups go through an open-addressing hash index per order (`slots`, built
+from the sorted keys, not saved): a query probes a fixed number of slots
+(the longest probe sequence of the build) in one gather. A binary search
+over the sorted keys costs ~20 dependent gathers per lookup instead, which
+on CPU made n-gram rescoring cost more than the model call it saves.
 
 Example (order 2, toy corpus "abab" over V = 3 with a=0, b=1, c=2)::
 
@@ -62,15 +68,31 @@ class NGramLM:
     alpha: per order m = 2..n, [N_m] float32 discounted m-gram term.
     gamma: per order m = 2..n, [N_{m-1}] float32 back-off weight of the
       context with that id (order-(m-1) id; token ids for m = 2).
+    slots: per order m = 2..n, [S_m] int32 hash index: slot -> key index
+      or -1 (S_m a power of two >= 2 N_m; see `_hash_index`).
+    probes: per order, the slots a lookup scans (static).
   """
 
   unigram: jax.Array
   keys: tuple
   alpha: tuple
   gamma: tuple
+  slots: tuple
   order: int = flax.struct.field(pytree_node=False)
   vocab_size: int = flax.struct.field(pytree_node=False)
   discounts: tuple = flax.struct.field(pytree_node=False)
+  probes: tuple = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def _make(cls, unigram, keys, alpha, gamma, **static) -> "NGramLM":
+    """The model from its tables, with the hash index built for `keys`."""
+    index = [_hash_index(np.asarray(k)) for k in keys]
+    return cls(unigram=jnp.asarray(unigram, jnp.float32),
+               keys=tuple(jnp.asarray(k) for k in keys),
+               alpha=tuple(jnp.asarray(a) for a in alpha),
+               gamma=tuple(jnp.asarray(g) for g in gamma),
+               slots=tuple(jnp.asarray(slots) for slots, _ in index),
+               probes=tuple(probes for _, probes in index), **static)
 
   # ------------------------------------------------------------------ build
 
@@ -163,11 +185,8 @@ class NGramLM:
       alphas.append(np.append(alpha, 0.0).astype(np.float32))
       gammas.append(gamma.astype(np.float32))
       ids_prev = obs
-    return cls(unigram=jnp.asarray(unigram, jnp.float32),
-               keys=tuple(jnp.asarray(k) for k in keys),
-               alpha=tuple(jnp.asarray(a) for a in alphas),
-               gamma=tuple(jnp.asarray(g) for g in gammas),
-               order=order, vocab_size=v, discounts=tuple(ds))
+    return cls._make(unigram, keys, alphas, gammas, order=order,
+                     vocab_size=v, discounts=tuple(ds))
 
   # ----------------------------------------------------------------- lookup
 
@@ -183,13 +202,15 @@ class NGramLM:
 
   def _find(self, m: int, ctx_id: jax.Array, token: jax.Array) -> jax.Array:
     """Id of the order-m gram (context id, token), or -1 if unobserved."""
-    table = self.keys[m - 2]
+    table, slots = self.keys[m - 2], self.slots[m - 2]
     query = ctx_id * self.vocab_size + token
-    # method="scan" (the default): a rolled binary search. "scan_unrolled"
-    # makes XLA:CPU compile for minutes on a 4-gram table.
-    idx = jnp.clip(jnp.searchsorted(table, query, method="scan"), 0,
-                   table.shape[0] - 1)
-    found = (ctx_id >= 0) & (token >= 0) & (table[idx] == query)
+    home = _hash(query, slots.shape[0])
+    probe = (home[..., None] + jnp.arange(self.probes[m - 2], dtype=jnp.uint32)
+             ) & jnp.uint32(slots.shape[0] - 1)  # [..., L]
+    ids = slots[probe]
+    hit = (ids >= 0) & (table[jnp.maximum(ids, 0)] == query[..., None])
+    idx = jnp.max(jnp.where(hit, ids, -1), axis=-1)
+    found = (ctx_id >= 0) & (token >= 0)
     return jnp.where(found, idx, -1).astype(jnp.int32)
 
   def _context_ids(self, context: jax.Array) -> list[jax.Array]:
@@ -267,13 +288,54 @@ class NGramLM:
     with safe_open(path, framework="numpy") as f:
       meta = f.metadata()
       order = int(meta["order"])
-      get = lambda name: jnp.asarray(f.get_tensor(name))
-      return cls(unigram=get("unigram"),
-                 keys=tuple(get(f"keys_{m}") for m in range(2, order + 1)),
-                 alpha=tuple(get(f"alpha_{m}") for m in range(2, order + 1)),
-                 gamma=tuple(get(f"gamma_{m}") for m in range(2, order + 1)),
-                 order=order, vocab_size=int(meta["vocab_size"]),
-                 discounts=tuple(float(x) for x in meta["discounts"].split(",")))
+      get = lambda name: f.get_tensor(name)
+      orders = range(2, order + 1)
+      return cls._make(
+          get("unigram"), [get(f"keys_{m}") for m in orders],
+          [get(f"alpha_{m}") for m in orders],
+          [get(f"gamma_{m}") for m in orders], order=order,
+          vocab_size=int(meta["vocab_size"]),
+          discounts=tuple(float(x) for x in meta["discounts"].split(",")))
+
+
+_HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash, odd, < 2**32.
+
+
+def _hash(query, size: int):
+  """Home slot in [0, size) (size a power of two) of int32 keys; the same
+  value with NumPy or JAX arrays (uint32 arithmetic wraps mod 2**32)."""
+  xp = np if isinstance(query, np.ndarray) else jnp
+  bits = size.bit_length() - 1
+  h = query.astype(xp.uint32) * xp.uint32(_HASH_MULTIPLIER)
+  return h >> xp.uint32(32 - bits) if bits else h & xp.uint32(0)
+
+
+def _hash_index(keys: np.ndarray) -> tuple[np.ndarray, int]:
+  """(slots, probes): an open-addressing index of keys[:-1] (the sentinel
+  is left out) with at least twice as many slots as keys.
+
+  Built in rounds: in round r every unplaced key tries slot home + r and
+  the lowest-indexed key wins each free slot. Key i thus sits within
+  `probes` slots of its home, and a lookup that compares all of them finds
+  it (or learns it is absent) in one gather.
+  """
+  n = keys.shape[0] - 1
+  size = 1 << max(int(np.ceil(np.log2(max(2 * n, 2)))), 1)
+  slots = np.full(size, -1, np.int32)
+  home = _hash(keys[:n], size).astype(np.int64)
+  pending = np.arange(n)
+  probes = 0
+  while pending.size:
+    pos = (home[pending] + probes) & (size - 1)
+    free = slots[pos] < 0
+    pos, cand = pos[free], pending[free]
+    pos, first = np.unique(pos, return_index=True)
+    slots[pos] = cand[first]
+    placed = np.zeros(n, bool)
+    placed[cand[first]] = True
+    pending = pending[~placed[pending]]
+    probes += 1
+  return slots, max(probes, 1)
 
 
 # Jitted once per shape (a no-op wrapper inside an outer jit): eager
