@@ -36,7 +36,9 @@ import statistics
 import time
 
 from absl import app, flags
+import flax.struct
 import jax
+import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
@@ -70,6 +72,10 @@ flags.DEFINE_bool("neural_parallel", True, "Small LM reads the argmax prefix "
 flags.DEFINE_bool("autoregressive_p1", True, "Also run the left-to-right "
                   "small LM (neural, ngram+neural) at p = 1.")
 flags.DEFINE_integer("rescorer_steps", 400, "Training steps of the small LM.")
+flags.DEFINE_integer("batch", 0, "Rows per decoding call; 0 = all prompts "
+                     "in one batch. With b > 0 the prompts run b at a time, "
+                     "one call after another (b = 1: where verifying a token "
+                     "tree costs about as much as a single block).")
 flags.DEFINE_bool("quick", False, "Smoke run: 2 prompts, k=4, p=1,2.")
 flags.DEFINE_bool("only_analysis", False, "Only (re)compute the draft "
                   "analysis and add it to an existing JSON/Markdown.")
@@ -139,6 +145,25 @@ def timed(fn, repeats):
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return out, statistics.median(times), compile_s
+
+
+@flax.struct.dataclass
+class _Rows:
+  tokens: np.ndarray
+  lengths: np.ndarray
+  num_calls: np.ndarray
+
+
+def in_batches(decode, prompts, lengths, batch: int):
+  """`decode(prompts, lengths)` over all rows, `batch` rows per call (0: all
+  at once); the outputs' tokens, lengths and calls concatenated."""
+  if batch <= 0 or batch >= len(lengths):
+    return decode(prompts, lengths)
+  outs = [decode(prompts[i:i + batch], lengths[i:i + batch])
+          for i in range(0, len(lengths), batch)]
+  cat = lambda f: jnp.concatenate([getattr(o, f) for o in outs])
+  return _Rows(tokens=cat("tokens"), lengths=cat("lengths"),
+               num_calls=cat("num_calls"))
 
 
 def summarize(out, greedy_tokens, degenerate):
@@ -237,8 +262,12 @@ def main(argv):
   prompts, lengths = pad_prompts([np.asarray(tokenizer.encode(t)) for t in texts])
   n, reps = FLAGS.new_tokens, FLAGS.repeats
 
-  greedy, greedy_s, _ = timed(lambda: blockdec.greedy_decode(
-      params, cfg, prompts, lengths, max_new_tokens=n), reps)
+  b = FLAGS.batch
+  if b > 0 and len(texts) % b:
+    raise ValueError(f"--batch={b} must divide --num_prompts={len(texts)}.")
+  greedy, greedy_s, _ = timed(lambda: in_batches(
+      lambda x, l: blockdec.greedy_decode(params, cfg, x, l, max_new_tokens=n),
+      prompts, lengths, b), reps)
   greedy_tokens = np.asarray(greedy.tokens)
   degenerate = np.array([metrics.is_degenerate(
       greedy_tokens[b, :int(greedy.lengths[b])]) for b in range(len(texts))])
@@ -247,8 +276,10 @@ def main(argv):
                tokens_per_s=greedy_tps, speedup=1.0,
                **summarize(greedy, greedy_tokens, degenerate))]
   for k in ks:
-    plain, plain_s, _ = timed(lambda: blockdec.blockwise_decode(
-        params, cfg, prompts, lengths, max_new_tokens=n, block_size=k), reps)
+    plain, plain_s, _ = timed(lambda: in_batches(
+        lambda x, l: blockdec.blockwise_decode(
+            params, cfg, x, l, max_new_tokens=n, block_size=k),
+        prompts, lengths, b), reps)
     plain_tps = float(np.sum(plain.lengths) / plain_s)
     rows.append(dict(source="blockwise", k=k, num_drafts=1,
                      tokens_per_s=plain_tps, speedup=plain_tps / greedy_tps,
@@ -265,10 +296,11 @@ def main(argv):
       if "neural" in source:
         kw.update(rescorer=rescorer, rescorer_weight=FLAGS.neural_weight,
                   rescorer_parallel=parallel)
-      out, sec, compile_s = timed(lambda: blockdec.refined_blockwise_decode(
-          params, cfg, prompts, lengths, max_new_tokens=n, block_size=k,
-          num_drafts=p, lattice_width=max(FLAGS.lattice_width, 1), **kw),
-                                  reps)
+      out, sec, compile_s = timed(lambda: in_batches(
+          lambda x, l: blockdec.refined_blockwise_decode(
+              params, cfg, x, l, max_new_tokens=n, block_size=k,
+              num_drafts=p, lattice_width=max(FLAGS.lattice_width, 1), **kw),
+          prompts, lengths, b), reps)
       tps = float(np.sum(out.lengths) / sec)
       rows.append(dict(source=source, k=k, num_drafts=p,
                        lattice_width=FLAGS.lattice_width,
@@ -292,6 +324,7 @@ def main(argv):
                  test_bits_per_token=ngram_bits,
                  discounts=list(ngram.discounts)),
       settings=dict(num_prompts=len(texts), new_tokens=n, repeats=reps,
+                    batch=b or len(texts),
                     lattice_width=FLAGS.lattice_width,
                     ngram_weight=FLAGS.ngram_weight,
                     neural_weight=FLAGS.neural_weight,
@@ -321,7 +354,10 @@ def markdown(result) -> str:
       f"Held-out metrics of the model: {result['base_heldout']}.",
       "",
       f"{s['num_prompts']} held-out stdlib prompts (test split), "
-      f"{s['new_tokens']} new tokens each, one batch; medians of "
+      f"{s['new_tokens']} new tokens each, "
+      + (f"{s['num_prompts'] // s['batch']} batches of {s['batch']} one after "
+         "another" if s.get("batch", s["num_prompts"]) < s["num_prompts"]
+         else "one batch") + "; medians of "
       f"{s['repeats']} timed runs. Lattice width K={s['lattice_width']}, "
       f"lambda_ngram={s['ngram_weight']}, lambda_neural={s['neural_weight']}; "
       f"n-gram order {result['ngram']['order']} "
