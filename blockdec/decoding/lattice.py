@@ -52,20 +52,22 @@ class Lattice:
 
 
 def small_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`jax.lax.top_k` for small k: k rounds of argmax, each masking its pick.
+  """`jax.lax.top_k` for small k: k rounds of max, each masking its pick.
 
-  Same values, indices and tie order (lower index first). On XLA:CPU
-  `top_k` over a vocabulary lowers to a full sort of every row, which cost
-  more per decoding step than the model call of a small model; k argmax
-  passes are k cheap reductions.
+  Same values, indices and tie order (lower index first). Inside the
+  decoding loop XLA:CPU lowered `top_k` over the vocabulary to a full sort
+  of every row, and `argmax` to a slow (value, index) reduction; a round
+  here is two plain reductions (the max, then the lowest index holding it).
   """
+  iota = jnp.arange(x.shape[-1], dtype=jnp.int32)
   values, indices = [], []
   for _ in range(k):
-    i = jnp.argmax(x, axis=-1)
-    values.append(jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0])
+    top = jnp.max(x, axis=-1, keepdims=True)
+    i = jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+    values.append(top[..., 0])
     indices.append(i)
-    x = jnp.where(jnp.arange(x.shape[-1]) == i[..., None], -jnp.inf, x)
-  return jnp.stack(values, -1), jnp.stack(indices, -1).astype(jnp.int32)
+    x = jnp.where(iota == i[..., None], -jnp.inf, x)
+  return jnp.stack(values, -1), jnp.stack(indices, -1)
 
 
 def top_k_lattice(head_logits: jax.Array, width: int) -> Lattice:
