@@ -89,10 +89,10 @@ def _first_layer(cfg, params):
   return cfg.replace(n_layers=1, num_prediction_heads=1), keep
 
 
-def trained_heads_model(cache_dir: str, preset: str):
-  """(cfg, params, workdir) of a finished configs/heads_frozen.py run, or None."""
+def finished_run(config, cache_dir: str):
+  """(cfg, params, workdir) of the training run of `config`, or None if the
+  cache holds no finished run of it."""
   from blockdec.training import pipeline
-  config = pipeline.load_config(ROOT / "configs" / "heads_frozen.py", preset)
   workdir = pipeline.run_dir(config, cache_dir)
   if not pipeline.is_finished(workdir):
     return None
@@ -100,19 +100,26 @@ def trained_heads_model(cache_dir: str, preset: str):
   return cfg, params, str(workdir)
 
 
+def trained_heads_model(cache_dir: str, preset: str):
+  """(cfg, params, workdir) of a finished configs/heads_frozen.py run, or None."""
+  from blockdec.training import pipeline
+  return finished_run(pipeline.load_config(
+      ROOT / "configs" / "heads_frozen.py", preset), cache_dir)
+
+
 def distilled_heads_model(cache_dir: str, k: int = 8):
   """(cfg, params, workdir) of the demo base with Stern-table distillation
   heads (configs/stern_table.py:demo, first k of its 10), or None."""
   from blockdec.training import pipeline
   config = pipeline.load_config(ROOT / "configs" / "stern_table.py", "demo")
-  workdir = pipeline.run_dir(config.train.distillation, cache_dir)
-  if not pipeline.is_finished(workdir):
+  found = finished_run(config.train.distillation, cache_dir)
+  if found is None:
     return None
-  cfg, params, _ = blockdec.load_checkpoint(workdir, with_tokenizer=False)
+  cfg, params, workdir = found
   heads = {f"head_{j}": params["proposal_heads"][f"head_{j}"]
            for j in range(2, k + 1)}
   return (cfg.replace(num_prediction_heads=k),
-          {**params, "proposal_heads": heads}, str(workdir))
+          {**params, "proposal_heads": heads}, workdir)
 
 
 def demo_model(cache_dir: str):

@@ -331,19 +331,19 @@ def measure_timing(config, runs, prompts: Prompts, clock: Clock,
     greedy = {b: measure(1, b) for b in (1, batch)}
     # Prefill time, so that step costs compare loop iterations only: a
     # one-token greedy run is prefill + one greedy iteration.
-    prefill = {}
+    prefill_s, greedy_step_s = {}, {}
+    one_token = lambda x, l: blockdec.greedy_decode(params, cfg, x, l,
+                                                    max_new_tokens=1)
     for b in (1, batch):
-      pre = lambda x, l: blockdec.greedy_decode(params, cfg, x, l,
-                                                max_new_tokens=1)
-      out, pre_s = clock.median(("prefill", b), lambda: decode_rows(
-          pre, one if b == 1 else eight, b), repeats)
-      pre_it = float(out.num_calls.sum() if b == 1 else out.num_calls.max())
+      out, one_s = clock.median(("prefill", b), lambda: decode_rows(
+          one_token, one if b == 1 else eight, b), repeats)
+      one_it = float(out.num_calls.sum() if b == 1 else out.num_calls.max())
       _, g_it, g_s = greedy[b]
-      per_greedy = (g_s - pre_s) / max(g_it - pre_it, 1.0)
+      step = (g_s - one_s) / max(g_it - one_it, 1.0)
       # Clamped to half a greedy run: at CI sizes timing noise can exceed
       # the prefill itself and would make the difference meaningless.
-      pre = min(max(pre_s - pre_it * per_greedy, 0.0), 0.5 * g_s)
-      prefill[b] = (pre, (g_s - pre) / g_it)
+      prefill_s[b] = min(max(one_s - one_it * step, 0.0), 0.5 * g_s)
+      greedy_step_s[b] = (g_s - prefill_s[b]) / g_it
     for k in t.block_sizes:
       fields = {}
       for b, tag in ((1, "b1"), (batch, "b8")):
@@ -352,8 +352,8 @@ def measure_timing(config, runs, prompts: Prompts, clock: Clock,
         fields.update({
             f"speedup_{tag}": g_s / s, f"tokens_per_s_{tag}": tok / s,
             f"greedy_tokens_per_s_{tag}": g_tok / g_s,
-            f"step_cost_ratio_{tag}": (max(s - prefill[b][0], 0.5 * s) / it)
-                                      / prefill[b][1],
+            f"step_cost_ratio_{tag}": (max(s - prefill_s[b], 0.5 * s) / it)
+                                      / greedy_step_s[b],
             f"seconds_{tag}": s, f"greedy_seconds_{tag}": g_s})
       results[(name, k)] = fields
       log(f"[timing] {name:12s} k={k:2d} b1 {fields['speedup_b1']:.2f}x "
@@ -537,7 +537,8 @@ def write_markdown(result: dict, path: pathlib.Path) -> None:
         f"{result['settings']['repeats']} repeats after a warm-up. Step cost "
         "= seconds per loop iteration / a greedy iteration's, prefill "
         "excluded (measured as a one-token greedy run; batch 8: iterations "
-        "of the loop, which halves its batch as rows finish). Stern (both, one GPU): "
+        "of the loop, which halves its batch as rows finish). Stern (both, "
+        "one GPU): "
         + ", ".join(f"k={k} {s:.2f}x" for k, s in zip(STERN_K, STERN_SPEEDUP))
         + ".",
         "",

@@ -89,6 +89,27 @@ def test_ngram_backs_off_on_unseen_contexts(tmp_path):
   assert seq.shape == (10,) and np.all(np.isfinite(seq))
 
 
+def test_ngram_hash_lookup_equals_sorted_search():
+  """Every stored m-gram is found at its index in the sorted key table, and
+  any other (context, token) pair is reported absent (-1)."""
+  vocab = 40
+  lm = NGramLM.build(_random_docs(5, vocab, num=30, max_len=200), 4, vocab)
+  rng = np.random.default_rng(0)
+  for m in range(2, 5):
+    keys = np.asarray(lm.keys[m - 2])[:-1]  # without the sentinel
+    assert lm.probes[m - 2] >= 1 and keys.size > 50
+    find = jax.jit(lambda c, t, m=m: lm._find(m, c, t))
+    got = np.asarray(find(jnp.asarray(keys // vocab), jnp.asarray(keys % vocab)))
+    np.testing.assert_array_equal(got, np.arange(keys.size))
+    ctx = rng.integers(-1, keys.max() // vocab + 2, 3000)
+    tok = rng.integers(-1, vocab, 3000)
+    query = ctx * vocab + tok
+    pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
+    want = np.where((ctx >= 0) & (tok >= 0) & (keys[pos] == query), pos, -1)
+    np.testing.assert_array_equal(np.asarray(find(jnp.asarray(ctx),
+                                                  jnp.asarray(tok))), want)
+
+
 def test_ngram_rejects_bad_input():
   with pytest.raises(ValueError, match="order=0"):
     NGramLM.build([np.array([1, 2])], 0, 5)

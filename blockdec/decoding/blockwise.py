@@ -12,7 +12,8 @@ Rows accept different counts: each row keeps its own length and cache end,
 so no row waits for another. Nor does a finished row keep costing: once at
 most half of the rows are still active, they are gathered into a batch half
 the size and the loop goes on there (`options.compact_rows`; see
-`state.while_loop_compacting`), so the last slow rows do not pay for the whole batch.
+`state.while_loop_compacting`), so the last slow rows do not pay for the
+whole batch.
 Worked example with k = 3, one row:
 
   proposal      [the, cat, sat]      head-1 argmax at block positions

@@ -57,10 +57,10 @@ class DecodeOptions:
     acceptance: the verification rule; `Exact()` reproduces greedy output.
     eos_id: a token that ends its row (counted in `lengths`), or None.
     pad_id: written after each row's end in the output.
-    compact_rows: blockwise loop only: once at most half of the rows are
-      active, continue on a batch of half the size holding them (same
-      output; needs every cache leaf to have the batch as leading axis, else
-      it is skipped).
+    compact_rows: blockwise and refined-draft loops: once at most half of
+      the rows are active, continue on a batch of half the size holding them
+      (same output; see `while_loop_compacting` for what the state must
+      look like, else it is skipped).
   """
 
   max_new_tokens: int

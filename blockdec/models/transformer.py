@@ -69,11 +69,12 @@ def rope_angles(cfg: ModelConfig, positions: jax.Array,
                 table_length: int | None = None):
   """(cos, sin), each [B, T, 1, D/2] float32, for positions [B, T].
 
-  Computed once per model call and shared by every layer's queries and keys.
-  With `table_length` (decoding: the cache length, which bounds every
-  position) they are looked up in `rope_table`: computed in place, XLA fuses
-  the cosines and sines into every consumer and recomputes them for each
-  head and layer, a fifth of a batch-8 k=8 decoding step on CPU.
+  Computed once per model call (`Transformer.trunk`) and shared by every
+  layer's queries and keys. With `table_length` (decoding: the cache length,
+  which bounds every position) they are looked up in `rope_table`; computed
+  inside the loop instead, XLA fused the cosines and sines into every
+  consumer and recomputed them for each head and layer, a fifth of a
+  batch-8 k=8 decoding step on CPU.
   """
   if table_length is None:
     angles = positions[..., None].astype(jnp.float32) * rope_frequencies(cfg)
@@ -121,6 +122,8 @@ class Attention(nn.Module):
     With a token tree (`parents`, static), node i sits at `positions[:, i]`
     (offset + depth) but in slot `positions[:, 0] + i`, and attends to the
     committed prefix and its ancestors (see `attention.cached_attention`).
+    `rope`: `rope_angles` of `positions` (position="rope"), computed once
+    per call by the trunk for all layers.
     Returns (out [B, T, d], updated cache or None).
     """
     cfg = self.cfg
@@ -131,7 +134,6 @@ class Attention(nn.Module):
     k = dense(h_kv * d, cfg.qkv_bias, "k")(x).reshape(b, t, h_kv, d)
     v = dense(h_kv * d, cfg.qkv_bias, "v")(x).reshape(b, t, h_kv, d)
     if cfg.position == "rope":
-      rope = rope_angles(cfg, positions) if rope is None else rope
       q = apply_rope(q, rope)
       k = apply_rope(k, rope)
     if cache is None:

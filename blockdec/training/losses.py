@@ -92,8 +92,6 @@ def regime_loss(regime: str, head_losses: jax.Array,
     return head_losses[0]
   if heads == "proposals":
     return jnp.mean(head_losses[1:])
-  if first_head_weight == 1.0:
-    return jnp.mean(head_losses)
   k = head_losses.shape[0]
   return ((first_head_weight * head_losses[0] + jnp.sum(head_losses[1:]))
           / (first_head_weight + k - 1))
