@@ -183,15 +183,17 @@ def check_decode_pallas():
   # shard_map; without one it is not.
   from blockdec.models import attention  # pylint: disable=g-import-not-at-top
   q = jax.ShapeDtypeStruct((BATCH, 3, 8, 8), "float32")
-  kv = jax.ShapeDtypeStruct((BATCH, 4, 16, 8), "float32")  # [B, H_kv, S, D]
+  kv = jax.ShapeDtypeStruct((BATCH, 3, 4, 8), "float32")  # [B, T, H_kv, D]
+  cache = jax.eval_shape(lambda: blockdec.KVCache.make(
+      num_layers=1, batch=BATCH, length=16, num_kv_heads=4, head_dim=8))
   pos = jax.ShapeDtypeStruct((BATCH, 3), "int32")
-  f = lambda q, k, v, p: attention.cached_attention(q, k, v, p,
-                                                    backend="pallas")
+  f = lambda q, k, v, c, p: attention.cached_attention(q, k, v, c, 0, p,
+                                                       backend="pallas")
   with jax.set_mesh(blockdec.make_mesh((2, 4))):
-    jaxpr = str(jax.make_jaxpr(f)(q, kv, kv, pos))
+    jaxpr = str(jax.make_jaxpr(f)(q, kv, kv, cache, pos))
   assert "shard_map" in jaxpr and "P('data', None, 'model', None)" in jaxpr, (
       jaxpr[:2000])
-  assert "shard_map" not in str(jax.make_jaxpr(f)(q, kv, kv, pos))
+  assert "shard_map" not in str(jax.make_jaxpr(f)(q, kv, kv, cache, pos))
 
 
 def check_cache_sharding():

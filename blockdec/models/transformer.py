@@ -141,12 +141,9 @@ class Attention(nn.Module):
         raise ValueError("a token tree (parents) needs a KV cache.")
       out = attention.self_attention(q, k, v, positions)
     else:
-      slots = positions if parents is None else (
-          positions[:, :1] + jnp.arange(t, dtype=positions.dtype))
-      cache = cache.write(layer, k, v, slots)
-      out = attention.cached_attention(q, cache.k[layer], cache.v[layer],
-                                       positions, backend=cfg.attention_backend,
-                                       parents=parents)
+      out, cache = attention.cached_attention(
+          q, k, v, cache, layer, positions, backend=cfg.attention_backend,
+          parents=parents)
     out = dense(cfg.d_model, cfg.proj_bias, "o")(out.reshape(b, t, h * d))
     return out, cache
 
