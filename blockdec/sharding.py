@@ -24,8 +24,8 @@ Three layers, each a plain function of the one above:
      proposal_heads/head_j/fc2/kernel [F_h, d]     ("mlp", "embed")
      biases                          the kernel's output axis
      norms (scale, bias)             replicated
-     KV cache k, v (per layer)       [B, H_kv, S, D]
-                                     (None, "batch", None, "kv_heads", None)
+     KV cache k, v (per layer)       [B, H_kv, D, S], [B, H_kv, S, D]
+                                     ("batch", "kv_heads", None, None)
      tokens, positions [B, T]; per-row vectors [B]   ("batch", ...)
 
    The same names are found inside optimizer states, whose leaves repeat the
@@ -292,7 +292,8 @@ def logical_axes(tree, *, strict: bool = False):
       tree)
 
 
-CACHE_LAYER_AXES = ("batch", "kv_heads", None, None)  # [B, H_kv, S, D]
+# Keys [B, H_kv, D, S], values [B, H_kv, S, D].
+CACHE_LAYER_AXES = ("batch", "kv_heads", None, None)
 
 
 def cache_axes(cache: KVCache) -> KVCache:
@@ -392,7 +393,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh,
 
 def cache_shardings(mesh: Mesh, cache_shape: KVCache,
                     rules: Rules | None = None) -> KVCache:
-  """Shardings of a KV cache, per layer [B, H_kv, S, D] (batch, kv heads split)."""
+  """Shardings of a KV cache per layer (batch and KV heads split)."""
   return tree_shardings(cache_shape, mesh, rules, axes=cache_axes(cache_shape))
 
 

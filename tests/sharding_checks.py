@@ -201,7 +201,7 @@ def check_cache_sharding():
   from blockdec import api  # pylint: disable=g-import-not-at-top
   from blockdec.decoding import DecodeOptions  # pylint: disable=g-import-not-at-top
   cfg, params = tiny_model(n_layers=1)
-  # The decode program pins each layer's cache [B, H_kv, S, D] to data=4 x model=2.
+  # The decode program pins each layer's cache [B, H_kv, ...] to data=4 x model=2.
   mesh = blockdec.make_mesh((4, 2))
   prompts, lengths = prompts_and_lengths(cfg.vocab_size)
   fn, param_sh, prompt_sh, row_sh = api._sharded_decoder(  # pylint: disable=protected-access

@@ -107,8 +107,8 @@ def test_prefix_block_attention_equals_masked_attention(parents, heads):
   offsets = np.array([0, 5, s - t], np.int32)
   pattern = (np.tri(t, dtype=bool) if parents is None
              else masks.TreeMask(parents).pattern())
-  got = attention.prefix_block_attention(q, k_cache, v_cache, k, v, offsets,
-                                         pattern)
+  got = attention.prefix_block_attention(  # keys are key-major in the cache
+      q, k_cache.swapaxes(2, 3), v_cache, k, v, offsets, pattern)
   k_full, v_full = k_cache.copy(), v_cache.copy()
   for row, off in enumerate(offsets):
     k_full[row, :, off:off + t] = k[row].swapaxes(0, 1)

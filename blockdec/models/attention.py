@@ -115,10 +115,10 @@ def cached_attention(q, k, v, cache, layer: int, positions, *,
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     run = _on_mesh(run, mesh, batch=q.shape[0], num_kv_heads=cache.k[0].shape[1])
-  # The kernel takes [B, S, H_kv, D] and goes head-major inside; XLA folds
-  # the two transposes.
-  out = run(q, cache.k[layer].swapaxes(1, 2), cache.v[layer].swapaxes(1, 2),
-            offsets)
+  # The kernel takes [B, S, H_kv, D] and goes head-major inside (padding
+  # its copy); XLA folds the transposes into that copy.
+  out = run(q, cache.k[layer].transpose(0, 3, 1, 2),
+            cache.v[layer].swapaxes(1, 2), offsets)
   return out, cache
 
 
@@ -147,8 +147,8 @@ def prefix_block_attention(q: jax.Array, k_prefix: jax.Array,
 
   Args:
     q: [B, T, H, D] the block's queries.
-    k_prefix: [B, H_kv, S, D] cached keys; row b's slots `< offsets[b]` are
-      its committed prefix, the rest is ignored.
+    k_prefix: [B, H_kv, D, S] cached keys (key-major, like the cache); row
+      b's slots `< offsets[b]` are its committed prefix, the rest is ignored.
     v_prefix: [B, H_kv, S, D] cached values.
     k: [B, T, H_kv, D] the block's own keys; v likewise.
     offsets: [B] int32, committed slots per row.
@@ -171,11 +171,11 @@ def prefix_block_attention(q: jax.Array, k_prefix: jax.Array,
   k = k.transpose(0, 2, 1, 3)  # [B, H_kv, T, D]
   v = v.transpose(0, 2, 1, 3)
   scale = d ** -0.5
-  s_prefix = jnp.einsum("bkqd,bksd->bkqs", q, k_prefix,
+  s_prefix = jnp.einsum("bkqd,bkds->bkqs", q, k_prefix,
                         preferred_element_type=jnp.float32) * scale
   s_block = jnp.einsum("bkqd,bktd->bkqt", q, k,
                        preferred_element_type=jnp.float32) * scale
-  committed = jnp.arange(k_prefix.shape[2], dtype=jnp.int32) < offsets[:, None]
+  committed = jnp.arange(k_prefix.shape[3], dtype=jnp.int32) < offsets[:, None]
   s_prefix = jnp.where(committed[:, None, None, :], s_prefix, _MASK_VALUE)
   seen = jnp.asarray(np.tile(np.asarray(pattern, bool), (g, 1)))  # [G*T, T]
   s_block = jnp.where(seen, s_block, _MASK_VALUE)

@@ -25,12 +25,14 @@ class KVCache:
   """Per-layer keys and values.
 
   Attributes:
-    k: L arrays [B, H_kv, S, D] of keys; slot s holds position s. One array
+    k: L arrays [B, H_kv, D, S] of keys; slot s holds position s. One array
       per layer (not one stacked [L, ...] array): a layer's attention then
       reads its buffer directly, where slicing a stacked buffer made XLA copy
       the layer's whole cache on every call. Head-major, so the attention dots
-      contract D with (B, H_kv) leading and XLA never transposes the cache
-      (on CPU the [B, S, H_kv, D] layout made batch-8 attention ~10x slower).
+      run over (B, H_kv) leading and XLA never transposes the cache (on CPU
+      the [B, S, H_kv, D] layout made batch-8 attention ~10x slower), and
+      key-major (slots last), so the score dot is a plain [rows, D] x [D, S]
+      product (1.5x faster at batch 8 than contracting D of [S, D] keys).
     v: L arrays [B, H_kv, S, D] of values.
     end_index: [B] int32, number of valid slots per row.
   """
@@ -42,15 +44,16 @@ class KVCache:
   @classmethod
   def make(cls, *, num_layers: int, batch: int, length: int,
            num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-    shape = (batch, num_kv_heads, length, head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-    return cls(k=zeros(), v=zeros(),
+    zeros = lambda *shape: tuple(jnp.zeros(shape, dtype)
+                                 for _ in range(num_layers))
+    return cls(k=zeros(batch, num_kv_heads, head_dim, length),
+               v=zeros(batch, num_kv_heads, length, head_dim),
                end_index=jnp.zeros((batch,), jnp.int32))
 
   @property
   def length(self) -> int:
     """S, the number of slots per row."""
-    return self.k[0].shape[2]
+    return self.v[0].shape[2]
 
   @property
   def batch(self) -> int:
@@ -69,17 +72,20 @@ class KVCache:
     """Writes one layer's block k, v [B, T, H_kv, D] at slots `positions` [B, T].
 
     A scatter into the layer's buffers, which XLA performs in place inside
-    the decoding loop (no copy of the cache per call).
+    the decoding loop (no copy of the cache per call). Indexing [rows, :, :,
+    slots] of the key-major keys selects [B, T, H_kv, D] too (NumPy puts the
+    broadcast index dims first when slices separate them).
     """
     rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
 
-    def put(buffers, new):
+    def put(buffers, new, index):
       buf = buffers[layer]
-      buf = buf.at[rows, :, positions].set(new.astype(buf.dtype),
-                                           unique_indices=True)
+      buf = buf.at[index].set(new.astype(buf.dtype), unique_indices=True)
       return buffers[:layer] + (buf,) + buffers[layer + 1:]
 
-    return self.replace(k=put(self.k, k), v=put(self.v, v))
+    return self.replace(
+        k=put(self.k, k, (rows, slice(None), slice(None), positions)),
+        v=put(self.v, v, (rows, slice(None), positions)))
 
   def slot_positions(self) -> jax.Array:
     """[S] the position held by each slot."""
@@ -95,7 +101,10 @@ class KVCache:
     """
     rows = jnp.arange(src_slots.shape[0])[:, None]  # [B, 1]
     dst = offsets[:, None] + jnp.arange(src_slots.shape[1])  # [B, A]
-    move = lambda buf: buf.at[rows, :, dst].set(buf[rows, :, src_slots],
-                                                unique_indices=True)
-    return self.replace(k=tuple(map(move, self.k)), v=tuple(map(move, self.v)),
+    move_v = lambda buf: buf.at[rows, :, dst].set(buf[rows, :, src_slots],
+                                                  unique_indices=True)
+    move_k = lambda buf: buf.at[rows, :, :, dst].set(
+        buf[rows, :, :, src_slots], unique_indices=True)
+    return self.replace(k=tuple(map(move_k, self.k)),
+                        v=tuple(map(move_v, self.v)),
                         end_index=jnp.asarray(end_index, jnp.int32))
