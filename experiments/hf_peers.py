@@ -372,7 +372,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
                       help="demo and tiny GPT-2 only, 1 repeat")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--cache-dir", default="cache")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
@@ -470,17 +470,20 @@ def main():
       "its rows there measure overhead, not drafting.",
       "(2) Batch 8: a k-token verification at batch 8 feeds 8k tokens "
       "through the trunk, and on 2 CPU cores that is compute-bound (a k=8 "
-      "step costs ~2.7x a greedy step at batch 8 against ~1.7x at batch 1), "
+      "step costs ~3x a greedy step at batch 8 and ~2.5x at batch 1, where "
+      "the greedy step is a matrix-vector product per weight matrix and the "
+      "k-token step an 8-row matrix product), "
       "while transformers' per-step cost is mostly Python overhead that a "
       "batch amortises. Rows that finish early no longer cost anything "
       "(the blockwise loop halves its batch as rows finish), but the "
       "verification itself only gets cheaper on hardware with idle compute "
       "at batch 8 (accelerators).",
       "(2b) demo-llama batch 1 greedy: a decode step streams the ~17 MB of "
-      "float32 weights from cache; at ~1.2 ms per token blockdec is near "
-      "that rate, so 3x over transformers would need transformers to be "
-      "slower than it is on an idle machine (2.4 ms per token), not a "
-      "faster loop.",
+      "float32 weights from cache, ~0.7 ms at the ~25 GB/s one core reads "
+      "here; blockdec's step (~0.9-1.0 ms) is close to that, so the ratio "
+      "over transformers moves with transformers' own per-token time, "
+      "which varies between runs on this shared machine (2.2-2.4 ms in an "
+      "earlier run, 3x needs it above ~2.7-3.0 ms).",
       "(3) gpt2-124m: both systems need about the same time per step, the "
       "time to stream the weights from memory; a faster loop cannot help a "
       "memory-bound step, only fewer steps (trained heads) or larger batches.",
