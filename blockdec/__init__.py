@@ -12,8 +12,8 @@ from blockdec.api import (blockwise_decode, check_params, forward_logits,
                           greedy_decode, init_params, model_score_fn)
 from blockdec.checkpointing import load_checkpoint, save_checkpoint
 from blockdec.config import ModelConfig
-from blockdec.decoding import (AcceptanceRule, DecodeOutput, Distance, Exact,
-                               MinBlock, TopK)
+from blockdec.decoding import (AcceptanceRule, AdaptiveBlockSize,
+                               DecodeOutput, Distance, Exact, MinBlock, TopK)
 from blockdec.models import KVCache
 from blockdec.models.hf import (export_hf_checkpoint, load_hf_checkpoint,
                                 load_hf_tokenizer)

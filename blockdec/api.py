@@ -176,7 +176,9 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                      acceptance: AcceptanceRule = Exact(),
                      eos_id: int | None = None,
                      pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
-                     rules=None, compact_rows: bool = True) -> DecodeOutput:
+                     rules=None, compact_rows: bool = True,
+                     adaptive: decoding.AdaptiveBlockSize | None = None
+                     ) -> DecodeOutput:
   """Blockwise parallel decoding with the model's proposal heads.
 
   With `acceptance=Exact()` (the default) the tokens equal `greedy_decode`'s.
@@ -188,6 +190,10 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
       with a batch of half the size (same tokens; the stragglers stop paying
       for finished rows). Ignored with a mesh. Costs one more compiled loop
       body per halving.
+    adaptive: `blockdec.AdaptiveBlockSize(token_cost)` verifies per call
+      only as many drafted tokens as the heads' confidence makes worth
+      their compute (same tokens with `Exact()`, fewer FLOPs where calls
+      are compute-bound); None verifies all `block_size` every call.
     Others (mesh and rules too) as in `greedy_decode`.
 
   Returns:
@@ -197,9 +203,14 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
   block_size, prompts, prompt_lengths = _check_block_inputs(
       params, cfg, prompts, prompt_lengths, max_new_tokens, block_size,
       acceptance, eos_id, pad_id)
+  if adaptive is not None:
+    if not isinstance(adaptive, decoding.AdaptiveBlockSize):
+      raise TypeError(f"adaptive={adaptive!r} must be None or a "
+                      "blockdec.AdaptiveBlockSize.")
+    adaptive.validate(block_size)
   options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
                           acceptance=acceptance, eos_id=eos_id, pad_id=pad_id,
-                          compact_rows=bool(compact_rows))
+                          compact_rows=bool(compact_rows), adaptive=adaptive)
   return _run_decode(params, prompts, prompt_lengths, cfg, options, False,
                      mesh, rules)
 

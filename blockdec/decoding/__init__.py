@@ -3,6 +3,7 @@
 from blockdec.decoding.acceptance import (AcceptanceRule, Distance, Exact,
                                           MinBlock, TopK,
                                           accepted_prefix_length)
+from blockdec.decoding.adaptive import AdaptiveBlockSize
 from blockdec.decoding.blockwise import blockwise_decode
 from blockdec.decoding.greedy import greedy_decode
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, DecodeState,

@@ -13,7 +13,9 @@ so no row waits for another. Nor does a finished row keep costing: once at
 most half of the rows are still active, they are gathered into a batch half
 the size and the loop goes on there (`options.compact_rows`; see
 `state.while_loop_compacting`), so the last slow rows do not pay for the
-whole batch.
+whole batch. With `options.adaptive` each call verifies only the first
+T <= k drafted tokens, T chosen from the heads' confidence
+(`adaptive.AdaptiveBlockSize`).
 Worked example with k = 3, one row:
 
   proposal      [the, cat, sat]      head-1 argmax at block positions
@@ -24,14 +26,17 @@ Worked example with k = 3, one row:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from blockdec.decoding.acceptance import accepted_prefix_length
+from blockdec.decoding.adaptive import proposal_confidence
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, DecodeState,
-                                     ScoreFn, SplitScoreFn, finalize, prefill,
-                                     take_positions, while_loop_compacting,
-                                     write_rows)
+                                     ScoreFn, SplitScoreFn, finalize,
+                                     prefill_logits, take_positions,
+                                     while_loop_compacting, write_rows)
 
 
 def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
@@ -50,31 +55,38 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
   Traceable: call it under `jax.jit` with `options` static.
   """
   k = options.block_size
-  proposal, cache = prefill(score_fn, params, prompts, prompt_lengths, cache, k)
-  state = DecodeState.make(prompt_lengths, proposal, cache, options)
+  adaptive = options.adaptive
+  first_logits, cache = prefill_logits(score_fn, params, prompts,
+                                       prompt_lengths, cache, k)
+  state = DecodeState.make(
+      prompt_lengths, jnp.argmax(first_logits, axis=-1), cache, options,
+      confidence=None if adaptive is None else proposal_confidence(
+          first_logits))
+  split = isinstance(score_fn, SplitScoreFn)
 
   def cond(state: DecodeState):
     return ~jnp.all(state.done) & (state.step < options.max_new_tokens)
 
-  def body(state: DecodeState):
-    offsets = state.positions  # [B]
-    block_positions = offsets[:, None] + jnp.arange(k, dtype=jnp.int32)  # [B, k]
-    split = isinstance(score_fn, SplitScoreFn)
+  def step(state: DecodeState, t: int):
+    """One call verifying the first t <= k tokens of the proposal."""
+    block = state.proposal[:, :t]  # [B, t]
+    block_positions = (state.positions[:, None]
+                       + jnp.arange(t, dtype=jnp.int32))  # [B, t]
     if split:
-      hidden, cache = score_fn.trunk(params, state.proposal, block_positions,
-                                     state.cache)  # [B, k, ...]
-      head1 = score_fn.heads(params, hidden, 1)[:, :, 0]  # [B, k, V]
+      hidden, cache = score_fn.trunk(params, block, block_positions,
+                                     state.cache)  # [B, t, ...]
+      head1 = score_fn.heads(params, hidden, 1)[:, :, 0]  # [B, t, V]
     else:
-      logits, cache = score_fn(params, state.proposal, block_positions,
-                               state.cache)  # [B, k, k, V]
+      logits, cache = score_fn(params, block, block_positions,
+                               state.cache)  # [B, t, k, V]
       head1 = logits[:, :, 0]
-    matches = options.acceptance.matches(state.proposal[:, 1:],
-                                         head1[:, :-1])  # [B, k-1]
-    accepted = accepted_prefix_length(matches)  # [B] in [1, k]
+    matches = options.acceptance.matches(block[:, 1:],
+                                         head1[:, :-1])  # [B, t-1]
+    accepted = accepted_prefix_length(matches)  # [B] in [1, t]
     ended = jnp.zeros_like(state.done)
     if options.eos_id is not None:
-      is_eos = ((state.proposal == options.eos_id)
-                & (jnp.arange(k) < accepted[:, None]))  # [B, k]
+      is_eos = ((block == options.eos_id)
+                & (jnp.arange(t) < accepted[:, None]))  # [B, t]
       ended = jnp.any(is_eos, axis=-1)
       accepted = jnp.where(ended, jnp.argmax(is_eos, axis=-1) + 1, accepted)
     accepted = jnp.minimum(accepted, options.max_new_tokens - state.lengths)
@@ -91,13 +103,28 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
     else:
       next_logits = take_positions(logits, last)[:, :k]  # [B, k, V]
     proposal = jnp.argmax(next_logits, axis=-1).astype(jnp.int32)
+    confidence = state.confidence
+    if adaptive is not None:
+      confidence = jnp.where(active[:, None], proposal_confidence(next_logits),
+                             confidence)
     hist = state.accepted_hist + (
         active[:, None] & (jnp.arange(k)[None, :] == accepted[:, None] - 1))
     return state.replace(
         step=state.step + 1, tokens=tokens, lengths=lengths,
         proposal=jnp.where(active[:, None], proposal, state.proposal),
         done=done, num_calls=state.num_calls + active,
-        accepted_hist=hist.astype(jnp.int32), cache=cache)
+        accepted_hist=hist.astype(jnp.int32), confidence=confidence,
+        cache=cache)
+
+  if adaptive is None:
+    body = lambda state: step(state, k)
+  else:
+    sizes = adaptive.candidate_sizes(k)
+    branches = [functools.partial(step, t=t) for t in sizes]
+
+    def body(state: DecodeState):
+      which = adaptive.choose(state.confidence, ~state.done, k)
+      return jax.lax.switch(which, branches, state)
 
   state = while_loop_compacting(cond, body, state, lambda s: s.done,
                                 options.compact_rows)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdec.decoding.acceptance import AcceptanceRule, Exact
+from blockdec.decoding.adaptive import AdaptiveBlockSize
 
 # score(params, tokens [B, T], positions [B, T], cache) -> (logits [B, T, k, V], cache)
 # The callable writes the block's keys/values at `positions` and treats every
@@ -61,6 +62,8 @@ class DecodeOptions:
       the rows are active, continue on a batch of half the size holding them
       (same output; see `while_loop_compacting` for what the state must
       look like, else it is skipped).
+    adaptive: blockwise loop: choose per call how many of the k drafted
+      tokens to verify (`AdaptiveBlockSize`), or None to verify all k.
   """
 
   max_new_tokens: int
@@ -69,6 +72,7 @@ class DecodeOptions:
   eos_id: int | None = None
   pad_id: int = 0
   compact_rows: bool = True
+  adaptive: AdaptiveBlockSize | None = None
 
 
 @flax.struct.dataclass
@@ -85,6 +89,8 @@ class DecodeState:
     done: [B] bool rows that hit EOS or their budget.
     num_calls: [B] int32 model calls while the row was active.
     accepted_hist: [B, k] int32; entry a-1 counts calls that accepted a tokens.
+    confidence: [B, k] float32 the heads' probability of each proposal
+      token (adaptive block sizes; ones when unused).
     cache: the scoring function's cache pytree (opaque here).
   """
 
@@ -96,10 +102,12 @@ class DecodeState:
   done: jax.Array
   num_calls: jax.Array
   accepted_hist: jax.Array
+  confidence: jax.Array
   cache: Any
 
   @classmethod
-  def make(cls, prompt_lengths, proposal, cache, options: DecodeOptions):
+  def make(cls, prompt_lengths, proposal, cache, options: DecodeOptions,
+           confidence=None):
     batch, k = proposal.shape
     zeros = jnp.zeros((batch,), jnp.int32)
     return cls(
@@ -112,6 +120,8 @@ class DecodeState:
         done=jnp.zeros((batch,), bool),
         num_calls=zeros,
         accepted_hist=jnp.zeros((batch, k), jnp.int32),
+        confidence=(jnp.ones((batch, k), jnp.float32) if confidence is None
+                    else confidence.astype(jnp.float32)),
         cache=cache)
 
   @property
@@ -142,22 +152,28 @@ class DecodeOutput:
     return jnp.sum(self.lengths) / jnp.maximum(jnp.sum(self.num_calls), 1)
 
 
-def prefill(score_fn: ScoreFn, params, prompts, prompt_lengths, cache,
-            num_heads: int):
-  """Runs the prompts once; returns (first block [B, num_heads], cache).
+def prefill_logits(score_fn: ScoreFn, params, prompts, prompt_lengths, cache,
+                   num_heads: int):
+  """Runs the prompts once; returns (logits [B, num_heads, V], cache).
 
-  prompts [B, P] right-padded; the block is the heads' argmax at each row's
-  last prompt token.
+  prompts [B, P] right-padded; the logits are the heads' at each row's last
+  prompt token.
   """
   batch, p = prompts.shape
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
   if isinstance(score_fn, SplitScoreFn):
     hidden, cache = score_fn.trunk(params, prompts, positions, cache)
     last_hidden = take_positions(hidden, prompt_lengths - 1)[:, None]
-    last = score_fn.heads(params, last_hidden, num_heads)[:, 0]  # [B, k, V]
-  else:
-    logits, cache = score_fn(params, prompts, positions, cache)  # [B, P, k, V]
-    last = take_positions(logits, prompt_lengths - 1)[:, :num_heads]
+    return score_fn.heads(params, last_hidden, num_heads)[:, 0], cache
+  logits, cache = score_fn(params, prompts, positions, cache)  # [B, P, k, V]
+  return take_positions(logits, prompt_lengths - 1)[:, :num_heads], cache
+
+
+def prefill(score_fn: ScoreFn, params, prompts, prompt_lengths, cache,
+            num_heads: int):
+  """`prefill_logits`, argmaxed: (first block [B, num_heads], cache)."""
+  last, cache = prefill_logits(score_fn, params, prompts, prompt_lengths,
+                               cache, num_heads)
   return jnp.argmax(last, axis=-1).astype(jnp.int32), cache
 
 

@@ -1,0 +1,154 @@
+"""Adaptive block sizes: exact output, and the size the rule picks.
+
+The rule is checked on its own (the module docstring's worked example), on
+an oracle scorer whose heads are always right but report chosen
+confidences (so the verified length, and with it every accepted count, is
+known in advance), and against greedy decoding on random models with
+ragged prompts, several batch and block sizes, with and without EOS.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blockdec
+from blockdec import decoding
+from blockdec.decoding import AdaptiveBlockSize, DecodeOptions
+from tests.helpers import (oracle_greedy, oracle_next, ragged_prompts,
+                           random_model)
+from tests.test_exactness import _check_pair, _heads_copy_head_one
+
+VOCAB = 50
+
+
+def test_rule_on_the_worked_example():
+  rule = AdaptiveBlockSize(token_cost=0.3)
+  assert rule.candidate_sizes(4) == (1, 2, 4)
+  assert rule.candidate_sizes(6) == (1, 2, 4, 6)
+  assert AdaptiveBlockSize(sizes=(4, 2, 4)).candidate_sizes(8) == (2, 4)
+  q = jnp.array([[1.0, 0.9, 0.5, 0.1]])
+  active = jnp.array([True])
+  assert int(rule.choose(q, active, 4)) == 1  # T = 2 (1.46 > 1.26 > 1.00).
+  assert int(AdaptiveBlockSize(0.0).choose(q, active, 4)) == 2  # T = 4.
+  assert int(AdaptiveBlockSize(100.0).choose(q, active, 4)) == 0  # T = 1.
+
+
+def test_rule_counts_only_active_rows():
+  rule = AdaptiveBlockSize(token_cost=0.3)
+  q = jnp.array([[1.0, 0.05, 0.05, 0.05], [1.0, 1.0, 1.0, 1.0]])
+  assert int(rule.choose(q, jnp.array([True, True]), 4)) == 2  # T = 4.
+  assert int(rule.choose(q, jnp.array([True, False]), 4)) == 0  # T = 1.
+
+
+def _scale(confidence: float) -> float:
+  """One-hot logit scale giving the hot token probability `confidence`."""
+  return math.log(confidence * (VOCAB - 1) / (1 - confidence))
+
+
+def confident_oracle(confidences):
+  """Scorer: head 1 is the oracle model, heads 2..k always right, head j's
+  drafts reported with probability confidences[j - 1]."""
+  k = len(confidences)
+  scales = jnp.array([_scale(c) if c < 1 else 30.0 for c in confidences])
+
+  def score(params, tokens, positions, cache):
+    del params
+    preds, tok = [], tokens
+    for j in range(k):
+      tok = oracle_next(tok, positions + j, VOCAB)
+      preds.append(tok)
+    hot = jax.nn.one_hot(jnp.stack(preds, axis=2), VOCAB)  # [B, T, k, V]
+    return hot * scales[None, None, :, None], cache
+
+  return score
+
+
+@pytest.mark.parametrize("token_cost,verified", [
+    (0.3, 2),    # The worked example: T = 2 every call.
+    (0.05, 4),   # Cheap tokens: all four.
+    (100.0, 1),  # Expensive tokens: greedy calls.
+])
+def test_oracle_accepts_exactly_the_chosen_size(token_cost, verified):
+  prompts = np.array([[5, 9, 1, 0], [7, 0, 0, 0], [3, 3, 0, 0]], np.int32)
+  lengths = np.array([3, 1, 2], np.int32)
+  n = 21
+  options = DecodeOptions(max_new_tokens=n, block_size=4,
+                          adaptive=AdaptiveBlockSize(token_cost))
+  out = decoding.blockwise_decode(confident_oracle([1.0, 0.9, 0.5, 0.1]), None,
+                                  jnp.asarray(prompts), jnp.asarray(lengths),
+                                  jnp.zeros(()), options)
+  np.testing.assert_array_equal(out.num_calls, math.ceil(n / verified))
+  hist = np.asarray(out.accepted_hist)
+  np.testing.assert_array_equal(hist[:, verified - 1], n // verified)
+  for b in range(3):
+    np.testing.assert_array_equal(
+        out.tokens[b], oracle_greedy(prompts[b, :lengths[b]], n, VOCAB))
+
+
+CASES = [  # (arch_seed, batch, block_size, max_prompt, max_new_tokens, rule)
+    (0, 1, 2, 5, 14, AdaptiveBlockSize(0.3)),
+    (2, 3, 4, 8, 20, AdaptiveBlockSize(0.05, sizes=(2, 4))),
+    (5, 5, 6, 9, 19, AdaptiveBlockSize(0.3)),
+    (7, 8, 8, 5, 25, AdaptiveBlockSize(0.1, sizes=(1, 3, 8))),
+]
+
+
+@pytest.mark.parametrize("arch,batch,k,p,n,rule", CASES)
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_adaptive_exact_equals_greedy(arch, batch, k, p, n, rule, with_eos):
+  eos_id = None
+  for seed in range(3):
+    cfg, params = random_model(arch, param_seed=100 * arch + seed)
+    if seed:  # Confident heads that are often right: the size varies.
+      params = _heads_copy_head_one(params)
+    prompts, lengths = ragged_prompts(100 * arch + seed, batch, p,
+                                      cfg.vocab_size)
+    if with_eos and eos_id is None:
+      # As in test_exactness: one EOS id (static, one compile) for all models.
+      free = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                    max_new_tokens=n)
+      eos_id = int(np.asarray(free.tokens)[batch // 2, n // 3])
+    greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                    max_new_tokens=n, eos_id=eos_id)
+    block = blockdec.blockwise_decode(params, cfg, prompts, lengths,
+                                      max_new_tokens=n, block_size=k,
+                                      eos_id=eos_id, adaptive=rule)
+    _check_pair(cfg, params, prompts, lengths, greedy, block, k, n, eos_id,
+                eos_expected_in_row=batch // 2 if seed == 0 else None)
+
+
+def test_adaptive_between_greedy_and_plain_blockwise():
+  """Same tokens at every token cost; a huge cost makes every call a
+  one-token call, a middle one mixes sizes (more calls than plain
+  blockwise, fewer than greedy)."""
+  cfg, params = random_model(2, param_seed=3)
+  params = _heads_copy_head_one(params)
+  prompts, lengths = ragged_prompts(3, 6, 6, cfg.vocab_size)
+  plain = blockdec.blockwise_decode(params, cfg, prompts, lengths,
+                                    max_new_tokens=40, block_size=8)
+  calls = {}
+  for cost in (0.03, 1e3):
+    out = blockdec.blockwise_decode(
+        params, cfg, prompts, lengths, max_new_tokens=40, block_size=8,
+        adaptive=AdaptiveBlockSize(cost, sizes=(1, 2, 8)))
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    calls[cost] = np.asarray(out.num_calls)
+  np.testing.assert_array_equal(calls[1e3], plain.lengths)
+  assert np.asarray(plain.num_calls).sum() < calls[0.03].sum() < calls[1e3].sum()
+
+
+def test_adaptive_errors():
+  cfg, params = random_model(0)
+  prompts, lengths = ragged_prompts(0, 2, 4, cfg.vocab_size)
+  with pytest.raises(ValueError, match=r"sizes \[6\] exceed block_size=4"):
+    blockdec.blockwise_decode(params, cfg, prompts, lengths, block_size=4,
+                              adaptive=AdaptiveBlockSize(sizes=(2, 6)))
+  with pytest.raises(TypeError, match="AdaptiveBlockSize"):
+    blockdec.blockwise_decode(params, cfg, prompts, lengths, adaptive=0.3)
+  with pytest.raises(ValueError, match="token_cost=-1"):
+    AdaptiveBlockSize(token_cost=-1)
+  with pytest.raises(ValueError, match="sizes=\\(0,\\)"):
+    AdaptiveBlockSize(sizes=(0,))
