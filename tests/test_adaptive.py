@@ -17,8 +17,8 @@ import pytest
 import blockdec
 from blockdec import decoding
 from blockdec.decoding import AdaptiveBlockSize, DecodeOptions
-from tests.helpers import (oracle_greedy, oracle_next, ragged_prompts,
-                           random_model)
+from tests.helpers import (oracle_greedy, oracle_next, oracle_score_fn,
+                           ragged_prompts, random_model)
 from tests.test_exactness import _check_pair, _heads_copy_head_one
 
 VOCAB = 50
@@ -75,8 +75,9 @@ def test_oracle_accepts_exactly_the_chosen_size(token_cost, verified):
   prompts = np.array([[5, 9, 1, 0], [7, 0, 0, 0], [3, 3, 0, 0]], np.int32)
   lengths = np.array([3, 1, 2], np.int32)
   n = 21
-  options = DecodeOptions(max_new_tokens=n, block_size=4,
-                          adaptive=AdaptiveBlockSize(token_cost))
+  options = DecodeOptions(
+      max_new_tokens=n, block_size=4,
+      adaptive=AdaptiveBlockSize(token_cost, estimate="confidence"))
   out = decoding.blockwise_decode(confident_oracle([1.0, 0.9, 0.5, 0.1]), None,
                                   jnp.asarray(prompts), jnp.asarray(lengths),
                                   jnp.zeros(()), options)
@@ -88,9 +89,34 @@ def test_oracle_accepts_exactly_the_chosen_size(token_cost, verified):
         out.tokens[b], oracle_greedy(prompts[b, :lengths[b]], n, VOCAB))
 
 
+def test_history_tries_every_depth_then_settles():
+  """Heads right for one token, wrong after: the first calls verify all 8
+  (untried depths count as certain); once depth 2 has failed twice, every
+  call verifies 2 tokens, and each call still accepts exactly 2."""
+  seen = []
+
+  def score(params, tokens, positions, cache):
+    t = tokens.shape[1]
+    jax.debug.callback(lambda: seen.append(t))
+    return oracle_score_fn(VOCAB, 8, 1)(params, tokens, positions, cache)
+
+  prompts = np.array([[5, 9, 1]], np.int32)
+  n = 20
+  options = DecodeOptions(max_new_tokens=n, block_size=8,
+                          adaptive=AdaptiveBlockSize(0.3, sizes=(2, 8)))
+  out = decoding.blockwise_decode(score, None, jnp.asarray(prompts),
+                                  jnp.asarray([3]), jnp.zeros(()), options)
+  assert seen == [3] + [8, 8] + [2] * 8  # Prefill, exploration, settled.
+  np.testing.assert_array_equal(out.num_calls, [n // 2])
+  np.testing.assert_array_equal(out.accepted_hist[0, 1], n // 2)
+  np.testing.assert_array_equal(out.tokens[0],
+                                oracle_greedy(prompts[0], n, VOCAB))
+
+
 CASES = [  # (arch_seed, batch, block_size, max_prompt, max_new_tokens, rule)
     (0, 1, 2, 5, 14, AdaptiveBlockSize(0.3)),
-    (2, 3, 4, 8, 20, AdaptiveBlockSize(0.05, sizes=(2, 4))),
+    (2, 3, 4, 8, 20, AdaptiveBlockSize(0.05, sizes=(2, 4),
+                                       estimate="confidence")),
     (5, 5, 6, 9, 19, AdaptiveBlockSize(0.3)),
     (7, 8, 8, 5, 25, AdaptiveBlockSize(0.1, sizes=(1, 3, 8))),
 ]
@@ -133,7 +159,8 @@ def test_adaptive_between_greedy_and_plain_blockwise():
   for cost in (0.03, 1e3):
     out = blockdec.blockwise_decode(
         params, cfg, prompts, lengths, max_new_tokens=40, block_size=8,
-        adaptive=AdaptiveBlockSize(cost, sizes=(1, 2, 8)))
+        adaptive=AdaptiveBlockSize(cost, sizes=(1, 2, 8),
+                                   estimate="confidence"))
     np.testing.assert_array_equal(out.tokens, plain.tokens)
     calls[cost] = np.asarray(out.num_calls)
   np.testing.assert_array_equal(calls[1e3], plain.lengths)
@@ -152,3 +179,5 @@ def test_adaptive_errors():
     AdaptiveBlockSize(token_cost=-1)
   with pytest.raises(ValueError, match="sizes=\\(0,\\)"):
     AdaptiveBlockSize(sizes=(0,))
+  with pytest.raises(ValueError, match="estimate='oracle'"):
+    AdaptiveBlockSize(estimate="oracle")

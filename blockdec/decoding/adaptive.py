@@ -5,15 +5,25 @@ hardware is compute-bound (CPUs, accelerators at large batch): on the demo
 model on 2 CPU cores a k = 8 call costs ~3x a greedy call at batch 8. When
 the heads are unsure of their drafts, most of those k tokens are rejected
 and their compute is wasted. `AdaptiveBlockSize` chooses, before every call,
-how many of the k drafted tokens to verify, from the heads' own confidence.
+how many of the k drafted tokens to verify, from how often drafts at each
+depth have survived (or from the heads' own confidence).
 
 The verified prefix is still checked by the acceptance rule against head 1,
 so with `Exact()` the output stays greedy's; only the calls change.
 
-The rule. Let q[b, j] be head j+1's probability of its drafted token P[j]
-(q[b, 0] = 1: P[0] is head 1's argmax, always right), read as the chance
-that the draft survives verification given the earlier drafts did. Row b's
-expected accepted tokens when T tokens are verified is
+The rule. Let q[b, j] be the chance that row b's draft P[j] survives
+verification given that P[0..j-1] did (q[b, 0] = 1: P[0] is head 1's
+argmax, always right). Two estimates (`estimate`):
+
+  "history"     (default) the rate at which depth j survived in this row's
+                calls so far, (passed + 1) / (tested + 1): a depth never
+                verified counts as certain, so every depth gets tried, and
+                a row settles on the length its heads sustain;
+  "confidence"  head j+1's softmax probability of its drafted token, which
+                reacts call by call but is only as calibrated as the heads
+                (on weak models it underrates how often drafts survive).
+
+Row b's expected accepted tokens when T tokens are verified is
 
     E_b(T) = 1 + sum_{j=1}^{T-1} q[b, 1] * ... * q[b, j]
 
@@ -45,6 +55,9 @@ import jax
 import jax.numpy as jnp
 
 
+ESTIMATES = ("history", "confidence")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaptiveBlockSize:
   """Per-call verification length from the heads' confidence (see module doc).
@@ -54,10 +67,12 @@ class AdaptiveBlockSize:
       one-token calls (>= 0; 0 always verifies the largest size).
     sizes: the candidate lengths T, each in [1, block_size]; None: 1, 2, 4,
       ... up to the block size, and the block size itself.
+    estimate: how q is estimated: "history" or "confidence" (module doc).
   """
 
   token_cost: float = 0.3
   sizes: tuple[int, ...] | None = None
+  estimate: str = "history"
 
   def __post_init__(self):
     if (isinstance(self.token_cost, bool)
@@ -65,12 +80,23 @@ class AdaptiveBlockSize:
         or not self.token_cost >= 0):
       raise ValueError(f"AdaptiveBlockSize token_cost={self.token_cost!r} "
                        "must be a number >= 0.")
+    if self.estimate not in ESTIMATES:
+      raise ValueError(f"AdaptiveBlockSize estimate={self.estimate!r}; "
+                       f"allowed: {ESTIMATES}.")
     if self.sizes is not None:
       if (not isinstance(self.sizes, tuple) or not self.sizes
           or any(isinstance(t, bool) or not isinstance(t, int) or t < 1
                  for t in self.sizes)):
         raise ValueError(f"AdaptiveBlockSize sizes={self.sizes!r} must be a "
                          "non-empty tuple of positive ints.")
+
+  def survival(self, state) -> jax.Array:
+    """q [B, k] of the module docstring from a `DecodeState`."""
+    if self.estimate == "confidence":
+      return state.confidence
+    # The rate at which each draft depth survived so far, with one optimistic
+    # pseudo-success: a depth never verified looks certain, so it is tried.
+    return (state.draft_passed + 1.0) / (state.draft_tested + 1.0)
 
   def candidate_sizes(self, block_size: int) -> tuple[int, ...]:
     """The sorted candidate lengths for `block_size` drafted tokens."""

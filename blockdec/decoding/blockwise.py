@@ -83,6 +83,7 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
     matches = options.acceptance.matches(block[:, 1:],
                                          head1[:, :-1])  # [B, t-1]
     accepted = accepted_prefix_length(matches)  # [B] in [1, t]
+    verified = accepted  # Before EOS and the budget cut it.
     ended = jnp.zeros_like(state.done)
     if options.eos_id is not None:
       is_eos = ((block == options.eos_id)
@@ -104,9 +105,15 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
       next_logits = take_positions(logits, last)[:, :k]  # [B, k, V]
     proposal = jnp.argmax(next_logits, axis=-1).astype(jnp.int32)
     confidence = state.confidence
+    tested, passed = state.draft_tested, state.draft_passed
     if adaptive is not None:
       confidence = jnp.where(active[:, None], proposal_confidence(next_logits),
                              confidence)
+      # Draft j (1 <= j < t) was verified iff P[0..j-1] were accepted.
+      depth = jnp.arange(k)[None, :]
+      reached = active[:, None] & (depth >= 1) & (depth < t)
+      tested = tested + (reached & (depth <= verified[:, None]))
+      passed = passed + (reached & (depth < verified[:, None]))
     hist = state.accepted_hist + (
         active[:, None] & (jnp.arange(k)[None, :] == accepted[:, None] - 1))
     return state.replace(
@@ -114,7 +121,7 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
         proposal=jnp.where(active[:, None], proposal, state.proposal),
         done=done, num_calls=state.num_calls + active,
         accepted_hist=hist.astype(jnp.int32), confidence=confidence,
-        cache=cache)
+        draft_tested=tested, draft_passed=passed, cache=cache)
 
   if adaptive is None:
     body = lambda state: step(state, k)
@@ -123,7 +130,7 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
     branches = [functools.partial(step, t=t) for t in sizes]
 
     def body(state: DecodeState):
-      which = adaptive.choose(state.confidence, ~state.done, k)
+      which = adaptive.choose(adaptive.survival(state), ~state.done, k)
       return jax.lax.switch(which, branches, state)
 
   state = while_loop_compacting(cond, body, state, lambda s: s.done,

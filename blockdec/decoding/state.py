@@ -91,6 +91,9 @@ class DecodeState:
     accepted_hist: [B, k] int32; entry a-1 counts calls that accepted a tokens.
     confidence: [B, k] float32 the heads' probability of each proposal
       token (adaptive block sizes; ones when unused).
+    draft_tested: [B, k] float32; entry j counts calls that verified draft
+      P[j] after accepting P[0..j-1] (adaptive block sizes; else zeros).
+    draft_passed: [B, k] float32; entry j counts those that accepted P[j].
     cache: the scoring function's cache pytree (opaque here).
   """
 
@@ -103,6 +106,8 @@ class DecodeState:
   num_calls: jax.Array
   accepted_hist: jax.Array
   confidence: jax.Array
+  draft_tested: jax.Array
+  draft_passed: jax.Array
   cache: Any
 
   @classmethod
@@ -122,6 +127,8 @@ class DecodeState:
         accepted_hist=jnp.zeros((batch, k), jnp.int32),
         confidence=(jnp.ones((batch, k), jnp.float32) if confidence is None
                     else confidence.astype(jnp.float32)),
+        draft_tested=jnp.zeros((batch, k), jnp.float32),
+        draft_passed=jnp.zeros((batch, k), jnp.float32),
         cache=cache)
 
   @property
