@@ -17,7 +17,11 @@ Launch (from the repository root):
       --config.hf_checkpoint=path/to/llama --config.data.seq_len=512
 
 Presets (tiny, cpu, demo, gpu) set k, steps, learning rate and batch size as
-in configs/heads_frozen.py. A checkpoint without tokenizer.json fails with a
+in configs/heads_frozen.py. `--config.regime=distill` trains the heads on
+the checkpoint's own greedy continuations instead of the corpus (Stern's
+sequence-level distillation; the base still stays frozen), which suits a
+weak or off-domain checkpoint whose greedy output the corpus does not look
+like (experiments/hf_peers.py does this for its tiny GPT-2). A checkpoint without tokenizer.json fails with a
 clear error; `blockdec.export_hf_checkpoint(..., tokenizer=...)` writes one
 (a byte-level model gets `blockdec.models.hf.byte_tokenizer()`).
 """

@@ -290,6 +290,11 @@ def main(argv):
     if FLAGS.autoregressive_p1 and FLAGS.neural_parallel:
       settings += [(1, s, False) for s in SOURCES if "neural" in s]
     for p, source, parallel in settings:
+      # Each setting compiles its own loops (one per batch size the loop
+      # compacts to); dropping the finished ones keeps the process under the
+      # kernel's limit on memory mappings, which a full run otherwise hit
+      # ("LLVM compilation error: Cannot allocate memory").
+      jax.clear_caches()
       kw = {}
       if "ngram" in source:
         kw.update(ngram=ngram, ngram_weight=FLAGS.ngram_weight)

@@ -366,3 +366,56 @@ def test_frozen_heads_training_on_hf_checkpoint(tmp_path):
 def _save(model, folder):
   model.save_pretrained(folder)
   return folder
+
+
+def test_gpt2_tiny_config_to_hf_and_distilled_heads(tmp_path):
+  """The benchmark's GPT-2 path: configs/gpt2_tiny.py (BPE) trains a
+  GPT-2-layout model, exported it loads as GPT2LMHeadModel, heads are
+  distilled on the HF folder by configs/hf_heads.py, and blockwise
+  decoding with them equals transformers' greedy output."""
+  from blockdec.training import pipeline
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for i in range(20):
+    (corpus / f"m{i}.py").write_text(
+        f"def f{i}(x):\n    return x * {i} + {i % 3}\n" * 8)
+
+  def small(c):
+    c.data.corpus = str(corpus)
+    c.data.valid_fraction, c.data.test_fraction = 0.2, 0.1
+    c.data.eval_batches, c.data.seq_len = 1, 32
+    c.progress, c.steps, c.batch_size = False, 2, 4
+    c.eval_every = c.checkpoint_every = 2
+    c.diagnostics.num_prompts = 0
+    return c
+
+  base_config = small(pipeline.load_config(
+      os.path.join(root, "configs", "gpt2_tiny.py")))
+  base_config.data.bpe_vocab_size = 300
+  base_config.model.d_model, base_config.model.n_layers = 32, 1
+  base = pipeline.train_or_load(base_config, tmp_path / "cache")
+  assert (base.cfg.norm, base.cfg.mlp, base.cfg.position) == (
+      "layernorm", "gelu", "learned")
+  folder = tmp_path / "gpt2_bpe"
+  blockdec.export_hf_checkpoint(base.cfg, base.params, folder,
+                                tokenizer=base.tokenizer)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+  assert type(model).__name__ == "GPT2LMHeadModel"
+
+  heads = small(pipeline.load_config(
+      os.path.join(root, "configs", "hf_heads.py"), "tiny"))
+  heads.hf_checkpoint = str(folder)
+  heads.regime = "distill"
+  run = pipeline.train_or_load(heads, tmp_path / "cache")
+  assert run.cfg.num_prediction_heads == 4
+  prompt = blockdec.load_hf_tokenizer(folder).encode("def f1(x):").ids
+  with torch.no_grad():
+    want = model.generate(torch.tensor([prompt]), do_sample=False,
+                          max_new_tokens=12, min_new_tokens=12,
+                          pad_token_id=0)[:, len(prompt):].numpy()
+  for adaptive in (None, blockdec.AdaptiveBlockSize()):
+    out = blockdec.blockwise_decode(run.params, run.cfg, np.array([prompt]),
+                                    np.array([len(prompt)]), max_new_tokens=12,
+                                    adaptive=adaptive)
+    np.testing.assert_array_equal(out.tokens, want)

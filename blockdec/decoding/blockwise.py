@@ -56,12 +56,14 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
   """
   k = options.block_size
   adaptive = options.adaptive
+  # What the adaptive rule's estimate reads: head confidences or counts.
+  by_confidence = adaptive is not None and adaptive.estimate == "confidence"
+  by_history = adaptive is not None and not by_confidence
   first_logits, cache = prefill_logits(score_fn, params, prompts,
                                        prompt_lengths, cache, k)
   state = DecodeState.make(
       prompt_lengths, jnp.argmax(first_logits, axis=-1), cache, options,
-      confidence=None if adaptive is None else proposal_confidence(
-          first_logits))
+      confidence=proposal_confidence(first_logits) if by_confidence else None)
   split = isinstance(score_fn, SplitScoreFn)
 
   def cond(state: DecodeState):
@@ -106,9 +108,10 @@ def blockwise_decode(score_fn: ScoreFn, params, prompts: jax.Array,
     proposal = jnp.argmax(next_logits, axis=-1).astype(jnp.int32)
     confidence = state.confidence
     tested, passed = state.draft_tested, state.draft_passed
-    if adaptive is not None:
+    if by_confidence:
       confidence = jnp.where(active[:, None], proposal_confidence(next_logits),
                              confidence)
+    if by_history:
       # Draft j (1 <= j < t) was verified iff P[0..j-1] were accepted.
       depth = jnp.arange(k)[None, :]
       reached = active[:, None] & (depth >= 1) & (depth < t)
