@@ -412,9 +412,10 @@ def plot(path, rows):
   ax.set_xticklabels([f"{m}\nbatch {b}" for m, b in groups])
   ax.set_yscale("log")
   ax.set_ylabel("tokens/s (log)")
-  ax.set_title("Greedy decoding on identical weights, CPU")
+  ax.set_title("Greedy output on identical weights, CPU", pad=30, y=1.0)
   ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, ncol=len(SYSTEMS), loc="lower center",
+            bbox_to_anchor=(0.5, 1.0), frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
