@@ -60,7 +60,7 @@ ESTIMATES = ("history", "confidence")
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveBlockSize:
-  """Per-call verification length from the heads' confidence (see module doc).
+  """How many drafted tokens each call verifies (see the module docstring).
 
   Attributes:
     token_cost: marginal cost of one more verified token per row, in
@@ -116,13 +116,13 @@ class AdaptiveBlockSize:
       raise ValueError(f"AdaptiveBlockSize sizes {too_big} exceed "
                        f"block_size={block_size}; allowed: 1..{block_size}.")
 
-  def choose(self, confidence: jax.Array, active: jax.Array,
+  def choose(self, survival: jax.Array, active: jax.Array,
              block_size: int) -> jax.Array:
     """Index into `candidate_sizes(block_size)` of the length to verify.
 
     Args:
-      confidence: [B, k] float32, q of the module docstring (column 0 is
-        ignored: P[0] is always accepted).
+      survival: [B, k] float32, q of the module docstring (`survival`;
+        column 0 is ignored: P[0] is always accepted).
       active: [B] bool, rows still decoding (the others do not count).
       block_size: k.
 
@@ -130,7 +130,7 @@ class AdaptiveBlockSize:
       int32 [] index of the chosen size.
     """
     sizes = self.candidate_sizes(block_size)
-    survive = jnp.cumprod(confidence[:, 1:].astype(jnp.float32), axis=-1)
+    survive = jnp.cumprod(survival[:, 1:].astype(jnp.float32), axis=-1)
     # expected[b, t] = E_b(t + 1): tokens row b accepts verifying t + 1.
     expected = 1.0 + jnp.concatenate(
         [jnp.zeros_like(survive[:, :1]), jnp.cumsum(survive, axis=-1)], axis=-1)
