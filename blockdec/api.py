@@ -42,12 +42,17 @@ def model_score_fn(cfg: ModelConfig,
     return model.apply({"params": params}, tokens, positions, cache, parents,
                        method=transformer.Transformer.trunk)
 
+  def prefill(params, tokens, positions, cache):
+    return model.apply({"params": params}, tokens, positions, cache, None,
+                       True, method=transformer.Transformer.trunk)
+
   def heads(params, hidden, n):
     return model.apply({"params": params}, hidden, n,
                        method=transformer.Transformer.head_logits)
 
   return decoding.SplitScoreFn(trunk=trunk, heads=heads,
-                               num_heads=num_heads or cfg.num_prediction_heads)
+                               num_heads=num_heads or cfg.num_prediction_heads,
+                               prefill=prefill)
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
@@ -73,14 +78,17 @@ def _decode_impl(params, prompts, prompt_lengths, *, cfg: ModelConfig,
 
 
 def _constrain_cache(score: decoding.SplitScoreFn, cache_sharding):
-  """`score` whose trunk pins the returned cache to `cache_sharding`."""
+  """`score` whose trunks pin the returned cache to `cache_sharding`."""
 
-  def trunk(params, tokens, positions, cache, *args, **kwargs):
-    hidden, cache = score.trunk(params, tokens, positions, cache, *args,
-                                **kwargs)
-    return hidden, jax.lax.with_sharding_constraint(cache, cache_sharding)
+  def pinned(fn):
+    def trunk(params, tokens, positions, cache, *args, **kwargs):
+      hidden, cache = fn(params, tokens, positions, cache, *args, **kwargs)
+      return hidden, jax.lax.with_sharding_constraint(cache, cache_sharding)
+    return trunk
 
-  return dataclasses.replace(score, trunk=trunk)
+  return dataclasses.replace(
+      score, trunk=pinned(score.trunk),
+      prefill=None if score.prefill is None else pinned(score.prefill))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "options", "greedy"))

@@ -141,3 +141,31 @@ def test_greedy_loop_does_not_copy_the_cache():
   copies = [line for line in hlo.splitlines()
             if f"= {shape}" in line and " copy(" in line]
   assert len(copies) <= 2 * cfg.n_layers, "\n".join(copies)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    (0, {}), (3, {}), (5, dict(position="learned", norm="layernorm",
+                               mlp="gelu", qkv_bias=True, proj_bias=True))])
+def test_empty_cache_prefill_equals_reading_the_cache(arch, overrides):
+  """The prefill trunk (`empty_cache=True`: the cache is written, not read)
+  gives the same hidden states and the same cache as the general one, and
+  decoding after it continues as after the general one."""
+  cfg, params = random_model(arch, **overrides)
+  rng = np.random.RandomState(arch)
+  batch = 3
+  seq = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, 12)), jnp.int32)
+  model = transformer.Transformer(cfg)
+  outs = {}
+  for empty in (False, True):
+    cache = transformer.make_cache(cfg, batch, 24)
+    hidden, cache = model.apply({"params": params}, seq[:, :9],
+                                _positions(0, 9, batch), cache, None, empty,
+                                method=transformer.Transformer.trunk)
+    logits, _ = transformer.apply(params, cfg, seq[:, 9:],
+                                  _positions(9, 3, batch), cache)
+    outs[empty] = (hidden, cache, logits)
+  (h0, c0, l0), (h1, c1, l1) = outs[False], outs[True]
+  np.testing.assert_allclose(h1, h0, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(c1), jax.tree_util.tree_leaves(c0)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(l1, l0, atol=1e-5, rtol=1e-5)

@@ -114,7 +114,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, cache: KVCache | None = None,
                layer: int = 0, parents: tuple[int, ...] | None = None,
-               rope: tuple[jax.Array, jax.Array] | None = None):
+               rope: tuple[jax.Array, jax.Array] | None = None,
+               empty_cache: bool = False):
     """x [B, T, d]; cache: None (self-attention) or the stacked KV cache.
 
     With a cache, this layer's keys/values for the block are written at slots
@@ -123,7 +124,8 @@ class Attention(nn.Module):
     (offset + depth) but in slot `positions[:, 0] + i`, and attends to the
     committed prefix and its ancestors (see `attention.cached_attention`).
     `rope`: `rope_angles` of `positions` (position="rope"), computed once
-    per call by the trunk for all layers.
+    per call by the trunk for all layers. `empty_cache` (static): nothing is
+    committed before the block (prefill), so the cache is only written.
     Returns (out [B, T, d], updated cache or None).
     """
     cfg = self.cfg
@@ -143,7 +145,7 @@ class Attention(nn.Module):
     else:
       out, cache = attention.cached_attention(
           q, k, v, cache, layer, positions, backend=cfg.attention_backend,
-          parents=parents)
+          parents=parents, empty=empty_cache)
     out = dense(cfg.d_model, cfg.proj_bias, "o")(out.reshape(b, t, h * d))
     return out, cache
 
@@ -167,10 +169,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, cache=None, layer=0, parents=None,
-               rope=None):
+               rope=None, empty_cache=False):
     attn_out, cache = Attention(self.cfg, name="attn")(
         _norm(self.cfg, "attn_norm")(x), positions, cache, layer, parents,
-        rope)
+        rope, empty_cache)
     x = x + attn_out
     x = x + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
     return x, cache
@@ -210,12 +212,14 @@ class Transformer(nn.Module):
       self.proposal_heads = ProposalHeads(cfg)
 
   def trunk(self, tokens, positions, cache: KVCache | None = None,
-            parents: tuple[int, ...] | None = None):
+            parents: tuple[int, ...] | None = None,
+            empty_cache: bool = False):
     """tokens, positions [B, T] -> (normalised hidden [B, T, d], cache).
 
     With a cache, the block is written at slots `positions[:, 0] ...` and the
     returned cache has `end_index = positions[:, 0] + T`. `parents` (static)
-    makes the block a token tree; see `Attention`.
+    makes the block a token tree; see `Attention`. `empty_cache` (static):
+    the cache holds nothing committed yet (prefill), so it is not read.
     """
     x = self.embed(tokens)
     if self.cfg.position == "learned":
@@ -225,7 +229,7 @@ class Transformer(nn.Module):
       rope = rope_angles(self.cfg, positions,
                          None if cache is None else cache.length)
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, positions, cache, i, parents, rope)
+      x, cache = layer(x, positions, cache, i, parents, rope, empty_cache)
     if cache is not None:
       cache = cache.set_end_index(positions[:, 0] + tokens.shape[1])
     return self.final_norm(x), cache
