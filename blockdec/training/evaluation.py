@@ -36,8 +36,11 @@ def _timed(fn, repeats: int):
 
 
 def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
-                     block_size: int | None = None, repeats: int = 3) -> dict:
+                     block_size: int | None = None, repeats: int = 3,
+                     adaptive=None) -> dict:
   """Greedy vs exact blockwise decoding of `texts` in one batch.
+
+  `adaptive`: a `blockdec.AdaptiveBlockSize` for the blockwise side, or None.
 
   Prompts that do not fit `cfg.max_seq_len` with `max_new_tokens` keep their
   last tokens.
@@ -59,7 +62,7 @@ def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
       params, cfg, prompts, lengths, max_new_tokens=max_new_tokens), repeats)
   block, block_first, t_block = _timed(lambda: api.blockwise_decode(
       params, cfg, prompts, lengths, max_new_tokens=max_new_tokens,
-      block_size=block_size), repeats)
+      block_size=block_size, adaptive=adaptive), repeats)
   g_tokens, b_tokens = np.asarray(greedy.tokens), np.asarray(block.tokens)
   b_len, calls = np.asarray(block.lengths), np.asarray(block.num_calls)
   greedy_text = [tokenizer.decode(g_tokens[r, :int(greedy.lengths[r])])
