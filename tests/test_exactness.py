@@ -23,9 +23,21 @@ MODELS_PER_CASE = 4  # Same architecture (one compile), different weights.
 @pytest.mark.parametrize("arch,batch,k,p,n", CASES)
 @pytest.mark.parametrize("with_eos", [False, True])
 def test_blockwise_exact_equals_greedy(arch, batch, k, p, n, with_eos):
+  check_against_greedy(arch, batch, k, p, n, with_eos, MODELS_PER_CASE)
+
+
+def check_against_greedy(arch, batch, k, p, n, with_eos, num_models,
+                         prepare=None, **blockwise_kwargs):
+  """`num_models` random weight sets of architecture `arch`: blockwise
+  decoding (with `blockwise_kwargs`) equals greedy on ragged prompts.
+
+  `prepare(seed, params)` may change a model's params (e.g. its heads).
+  """
   eos_id = None
-  for seed in range(MODELS_PER_CASE):
+  for seed in range(num_models):
     cfg, params = random_model(arch, param_seed=100 * arch + seed)
+    if prepare is not None:
+      params = prepare(seed, params)
     prompts, lengths = ragged_prompts(100 * arch + seed, batch, p,
                                       cfg.vocab_size)
     if with_eos and eos_id is None:
@@ -38,7 +50,7 @@ def test_blockwise_exact_equals_greedy(arch, batch, k, p, n, with_eos):
                                     max_new_tokens=n, eos_id=eos_id)
     block = blockdec.blockwise_decode(params, cfg, prompts, lengths,
                                       max_new_tokens=n, block_size=k,
-                                      eos_id=eos_id)
+                                      eos_id=eos_id, **blockwise_kwargs)
     _check_pair(cfg, params, prompts, lengths, greedy, block, k, n, eos_id,
                 eos_expected_in_row=batch // 2 if seed == 0 else None)
 
