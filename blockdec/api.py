@@ -199,9 +199,10 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
       for finished rows). Ignored with a mesh. Costs one more compiled loop
       body per halving.
     adaptive: `blockdec.AdaptiveBlockSize(token_cost)` verifies per call
-      only as many drafted tokens as the heads' confidence makes worth
-      their compute (same tokens with `Exact()`, fewer FLOPs where calls
-      are compute-bound); None verifies all `block_size` every call.
+      only as many drafted tokens as the row's draft history (or the heads'
+      confidence) makes worth their compute (same tokens with `Exact()`,
+      fewer FLOPs where calls are compute-bound); None verifies all
+      `block_size` every call.
     Others (mesh and rules too) as in `greedy_decode`.
 
   Returns:

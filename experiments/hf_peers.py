@@ -178,26 +178,28 @@ def gpt2_tiny_model(cache_dir: str):
       f"configs/hf_heads.py:cpu with regime=distill ({run.workdir}).")
 
 
-def bpe_prompts(tokenizer, batch: int, length: int) -> np.ndarray:
-  """[batch, length] token prompts: held-out stdlib snippets (as
-  `stdlib_prompts`), encoded, their last `length` tokens."""
+def heldout_texts(batch: int, min_bytes: int, max_bytes: int) -> list[str]:
+  """`batch` held-out stdlib snippets that end at a line break (the test
+  split of the demo)."""
   from blockdec.training import data
   docs = data.load_corpus("stdlib")
   test = data.split_corpus(docs, 0.02, 0.02)["test"]
-  texts = data.heldout_prompts(test, batch, min_bytes=8 * length,
-                               max_bytes=16 * length)
+  return data.heldout_prompts(test, batch, min_bytes=min_bytes,
+                              max_bytes=max_bytes)
+
+
+def bpe_prompts(tokenizer, batch: int, length: int) -> np.ndarray:
+  """[batch, length] token prompts: held-out snippets, encoded, their last
+  `length` tokens."""
+  texts = heldout_texts(batch, 8 * length, 16 * length)
   return np.stack([tokenizer.encode(t)[-length:] for t in texts]).astype(
       np.int32)
 
 
 def stdlib_prompts(batch: int, length: int) -> np.ndarray:
   """[batch, length] byte prompts: the last `length` bytes of held-out
-  stdlib snippets that end at a line break (the test split of the demo)."""
-  from blockdec.training import data
-  docs = data.load_corpus("stdlib")
-  test = data.split_corpus(docs, 0.02, 0.02)["test"]
-  texts = data.heldout_prompts(test, batch, min_bytes=length,
-                               max_bytes=2 * length)
+  snippets."""
+  texts = heldout_texts(batch, length, 2 * length)
   return np.stack([np.frombuffer(t.encode("utf-8")[-length:], np.uint8)
                    for t in texts]).astype(np.int32)
 

