@@ -4,16 +4,23 @@
     cfg = blockdec.ModelConfig(vocab_size=256, d_model=128, n_layers=2,
                                n_heads=4, num_prediction_heads=4)
     params = blockdec.init_params(cfg, jax.random.key(0))
-    out = blockdec.blockwise_decode(params, cfg, prompts, prompt_lengths,
-                                    max_new_tokens=64, block_size=4)
+    out = blockdec.decode(params, cfg, prompts, prompt_lengths, 64,
+                          method=blockdec.Blockwise(block_size=4))
+    sampled = blockdec.decode(params, cfg, prompts, prompt_lengths, 64,
+                              sampling=blockdec.Sampling(temperature=0.6),
+                              key=jax.random.key(0))
 """
 
-from blockdec.api import (blockwise_decode, check_params, forward_logits,
-                          greedy_decode, init_params, model_score_fn)
+from blockdec.api import (blockwise_decode, check_params, decode,
+                          forward_logits, greedy_decode, init_params,
+                          model_score_fn)
 from blockdec.checkpointing import load_checkpoint, save_checkpoint
 from blockdec.config import ModelConfig
 from blockdec.decoding import (AcceptanceRule, AdaptiveBlockSize,
-                               DecodeOutput, Distance, Exact, MinBlock, TopK)
+                               DecodeOutput, Distance, Exact, MinBlock,
+                               Sampling, SpeculativeSampling, TopK, Typical,
+                               Verifier)
+from blockdec.methods import Autoregressive, Blockwise, Method, Refined
 from blockdec.models import KVCache
 from blockdec.models.hf import (export_hf_checkpoint, load_hf_checkpoint,
                                 load_hf_tokenizer)

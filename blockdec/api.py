@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from blockdec import decoding
+from blockdec import methods
 from blockdec import sharding as sharding_lib
 from blockdec.config import ModelConfig
 from blockdec.decoding import AcceptanceRule, DecodeOptions, DecodeOutput, Exact
+from blockdec.decoding import core
 from blockdec.models import transformer
 
 
@@ -37,9 +39,10 @@ def model_score_fn(cfg: ModelConfig,
   """
   model = transformer.Transformer(cfg)
 
-  def trunk(params, tokens, positions, cache, parents=None):
-    # parents (static): score a token tree (multi-draft verification).
-    return model.apply({"params": params}, tokens, positions, cache, parents,
+  def trunk(params, tokens, positions, cache, mask=None):
+    # mask: None (causal block) or a block mask, e.g. kernels.TreeMask for
+    # multi-draft verification (see Transformer.trunk).
+    return model.apply({"params": params}, tokens, positions, cache, mask,
                        method=transformer.Transformer.trunk)
 
   def prefill(params, tokens, positions, cache):
@@ -56,25 +59,37 @@ def model_score_fn(cfg: ModelConfig,
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
-  """Slots a decode needs: the prompt, the budget and one draft block."""
+  """Slots a decode needs: the prompt, the budget and one call's nodes."""
   return prompt_len + max_new_tokens + block_size
 
 
-def _decode_impl(params, prompts, prompt_lengths, *, cfg: ModelConfig,
-                 options: DecodeOptions, greedy: bool,
-                 cache_sharding=None) -> DecodeOutput:
+def _decode_impl(params, prompts, prompt_lengths, key, arrays, *,
+                 cfg: ModelConfig, options: DecodeOptions,
+                 method: methods.Method, cache_sharding=None) -> DecodeOutput:
   batch, p = prompts.shape
-  k = 1 if greedy else options.block_size
+  reference = (isinstance(method, methods.Autoregressive)
+               and options.sampling is None)
+  k = options.block_size
+  drafter = None if reference else method.drafter(
+      cfg, k, arrays, batch=batch, cache_length=p + options.max_new_tokens,
+      make_cache=transformer.make_cache,
+      score_fn=lambda c, n: model_score_fn(c, num_heads=n))
+  slots = 1 if drafter is None else drafter.cache_slots
   cache = transformer.make_cache(
-      cfg, batch, cache_length(p, options.max_new_tokens, k))
-  score = model_score_fn(cfg, num_heads=k)
+      cfg, batch, cache_length(p, options.max_new_tokens, slots))
+  score = model_score_fn(cfg, num_heads=max(k, 1))
   if cache_sharding is not None:
     # Keep the cache split (batch over data, kv heads over model) through
     # every call of the loop, not only where XLA's propagation would put it.
     cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
     score = _constrain_cache(score, cache_sharding)
-  loop = decoding.greedy_decode if greedy else decoding.blockwise_decode
-  return loop(score, params, prompts, prompt_lengths, cache, options)
+  if reference:  # The plain greedy loop every exact method is tested against.
+    return decoding.greedy_decode(score, params, prompts, prompt_lengths,
+                                  cache, options)
+  return core.run(score, params, prompts, prompt_lengths, cache, options,
+                  drafter, key=key,
+                  compact_fn=lambda c, src, off, end: c.move_slots(src, off,
+                                                                   end))
 
 
 def _constrain_cache(score: decoding.SplitScoreFn, cache_sharding):
@@ -91,43 +106,48 @@ def _constrain_cache(score: decoding.SplitScoreFn, cache_sharding):
       prefill=None if score.prefill is None else pinned(score.prefill))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "options", "greedy"))
-def _decode(params, prompts, prompt_lengths, *, cfg: ModelConfig,
-            options: DecodeOptions, greedy: bool) -> DecodeOutput:
-  return _decode_impl(params, prompts, prompt_lengths, cfg=cfg,
-                      options=options, greedy=greedy)
+@functools.partial(jax.jit, static_argnames=("cfg", "options", "method"))
+def _decode(params, prompts, prompt_lengths, key, arrays, *, cfg: ModelConfig,
+            options: DecodeOptions, method: methods.Method) -> DecodeOutput:
+  return _decode_impl(params, prompts, prompt_lengths, key, arrays, cfg=cfg,
+                      options=options, method=method)
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_decoder(cfg: ModelConfig, options: DecodeOptions, greedy: bool,
-                     mesh: jax.sharding.Mesh, rules, prompts_shape):
+def _sharded_decoder(cfg: ModelConfig, options: DecodeOptions,
+                     method: methods.Method, mesh: jax.sharding.Mesh, rules,
+                     prompts_shape, cache_slots: int):
   """`_decode` jitted for one mesh: params, prompts and cache sharded.
 
-  Cached per (config, options, mesh, rules, shapes), so repeated calls reuse
-  one compiled function. Returns (fn, param, prompt and row shardings).
+  Cached per (config, options, method, mesh, rules, shapes), so repeated
+  calls reuse one compiled function. Returns (fn, param, prompt and row
+  shardings); the key and the method's arrays are replicated.
   """
   batch, p = prompts_shape
-  k = 1 if greedy else options.block_size
   cache_shape = jax.eval_shape(functools.partial(
       transformer.make_cache, cfg, batch,
-      cache_length(p, options.max_new_tokens, k)))
+      cache_length(p, options.max_new_tokens, cache_slots)))
   param_sh = sharding_lib.param_shardings(cfg, mesh, rules)
   prompt_sh = sharding_lib.batch_sharding(mesh, prompts_shape, rules)
   row_sh = sharding_lib.batch_sharding(mesh, (batch,), rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   fn = jax.jit(
       functools.partial(
-          _decode_impl, cfg=cfg, options=options, greedy=greedy,
+          _decode_impl, cfg=cfg, options=options, method=method,
           cache_sharding=sharding_lib.cache_shardings(mesh, cache_shape,
                                                       rules)),
-      in_shardings=(param_sh, prompt_sh, row_sh), out_shardings=row_sh)
+      in_shardings=(param_sh, prompt_sh, row_sh, replicated, replicated),
+      out_shardings=row_sh)
   return fn, param_sh, prompt_sh, row_sh
 
 
-def _run_decode(params, prompts, prompt_lengths, cfg, options, greedy, mesh,
-                rules) -> DecodeOutput:
+def _run_decode(params, prompts, prompt_lengths, cfg, options, method, mesh,
+                rules, key) -> DecodeOutput:
+  arrays = method.arrays()
+  method = method.without_arrays()
   if mesh is None:
-    return _decode(params, prompts, prompt_lengths, cfg=cfg, options=options,
-                   greedy=greedy)
+    return _decode(params, prompts, prompt_lengths, key, arrays, cfg=cfg,
+                   options=options, method=method)
   if not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh (blockdec.make_mesh), "
                     f"got {type(mesh).__name__}.")
@@ -136,47 +156,153 @@ def _run_decode(params, prompts, prompt_lengths, cfg, options, greedy, mesh,
   options = dataclasses.replace(options, compact_rows=False)
   rules = sharding_lib.DEFAULT_RULES if rules is None else \
       sharding_lib.ShardingConfig(rules=rules).rules
+  slots = _cache_slots(method, options)
   fn, param_sh, prompt_sh, row_sh = _sharded_decoder(
-      cfg, options, greedy, mesh, rules, tuple(prompts.shape))
+      cfg, options, method, mesh, rules, tuple(prompts.shape), slots)
   # A no-op for arrays already placed this way (e.g. by shard_params).
   params = jax.device_put(params, param_sh)
   prompts = jax.device_put(prompts, prompt_sh)
   prompt_lengths = jax.device_put(prompt_lengths, row_sh)
   # The mesh in context lets the Pallas attention wrap itself in shard_map.
   with jax.set_mesh(mesh):
-    return fn(params, prompts, prompt_lengths)
+    return fn(params, prompts, prompt_lengths, key, arrays)
+
+
+def _cache_slots(method: methods.Method, options: DecodeOptions) -> int:
+  """Cache slots one call of `method` writes past the committed length."""
+  if isinstance(method, methods.Refined):
+    return method.draft_options().tree_size(options.block_size)
+  return options.block_size
+
+
+def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
+           max_new_tokens: int = 64, *,
+           method: methods.Method = methods.Blockwise(),
+           sampling: decoding.Sampling | None = None,
+           key: jax.Array | None = None, eos_id: int | None = None,
+           pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
+           rules=None, compact_rows: bool = True) -> DecodeOutput:
+  """Decodes with any method of the draft-and-verify family.
+
+  Args:
+    params: from `init_params` or a checkpoint.
+    cfg: the model's config.
+    prompts: int [B, P], right-padded.
+    prompt_lengths: int [B], each in [1, P].
+    max_new_tokens: budget N per row.
+    method: `blockdec.Autoregressive()`, `blockdec.Blockwise(block_size,
+      acceptance, adaptive)` (default: all heads, `Exact()`) or
+      `blockdec.Refined(...)`.
+    sampling: None for greedy decoding, or `blockdec.Sampling(temperature,
+      top_k, top_p)`: `Autoregressive` then samples ancestrally and the
+      drafting methods verify by lossless speculative sampling (with
+      `Exact()`), so the output is distributed as the model's own samples.
+    key: `jax.random.key(seed)`, required with sampling. A row's draws
+      depend only on the key, its index in the batch and its position, so
+      the same key and inputs give the same output.
+    eos_id: a token that ends its row (counted in `lengths`), or None.
+    pad_id: written after each row's end.
+    mesh: run sharded on this ``("data", "model")`` mesh
+      (`blockdec.make_mesh`): batch rows over ``data``; heads, MLP,
+      vocabulary and the KV cache's kv heads over ``model``. None: one
+      device.
+    rules: logical-axis rules for the mesh (default
+      `blockdec.sharding.DEFAULT_RULES`).
+    compact_rows: once at most half of the rows are still decoding, go on
+      with a batch of half the size (same tokens; the stragglers stop paying
+      for finished rows). Ignored with a mesh.
+
+  Returns:
+    `DecodeOutput`: tokens [B, N] (`pad_id` after each row's end), lengths
+    [B], num_calls [B] (model calls after prefill while the row was
+    active), accepted_hist [B, K] (`accepted_hist[b, a-1]` counts row b's
+    calls that committed a tokens); `block_efficiency` is tokens per call.
+  """
+  if not isinstance(method, methods.Method):
+    raise TypeError(f"method={method!r} must be a blockdec method spec: "
+                    "Autoregressive(), Blockwise(...), Refined(...).")
+  if sampling is not None and not isinstance(sampling, decoding.Sampling):
+    raise TypeError(f"sampling={sampling!r} must be None (greedy) or a "
+                    "blockdec.Sampling(temperature, top_k, top_p).")
+  key = _check_key(key, sampling)
+  block_size = method.resolve_block_size(cfg)
+  prompts, prompt_lengths = _check_inputs(
+      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size, eos_id,
+      pad_id)
+  acceptance = method.acceptance
+  if not isinstance(acceptance, decoding.Verifier):
+    raise TypeError(f"acceptance={acceptance!r} must be a blockdec verifier "
+                    "(Exact(), Typical(...), TopK(n), Distance(eps), "
+                    "MinBlock(l)).")
+  acceptance.validate(block_size, sampling)
+  adaptive = method.adaptive
+  if adaptive is not None:
+    if not isinstance(adaptive, decoding.AdaptiveBlockSize):
+      raise TypeError(f"adaptive={adaptive!r} must be None or a "
+                      "blockdec.AdaptiveBlockSize.")
+    adaptive.validate(block_size)
+  if isinstance(method, methods.Refined):
+    _check_refined(method, cfg, sampling)
+  options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
+                          acceptance=acceptance, eos_id=eos_id, pad_id=pad_id,
+                          compact_rows=bool(compact_rows), adaptive=adaptive,
+                          sampling=sampling)
+  return _run_decode(params, prompts, prompt_lengths, cfg, options, method,
+                     mesh, rules, key)
+
+
+def _check_key(key, sampling):
+  if sampling is None:
+    return None
+  if key is None:
+    raise ValueError("sampling needs a PRNG key: pass key=jax.random.key(seed) "
+                     "(same key and inputs, same output).")
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key must be one PRNG key, got shape {key.shape}.")
+    return key
+  if key.shape == (2,) and key.dtype == jnp.uint32:  # jax.random.PRNGKey(...)
+    return jax.random.wrap_key_data(key)
+  raise ValueError(f"key must be jax.random.key(seed) (or a legacy uint32[2] "
+                   f"PRNGKey), got dtype {key.dtype} shape {key.shape}.")
+
+
+def _check_refined(method, cfg, sampling):
+  if method.lattice_width > cfg.vocab_size:
+    raise ValueError(f"lattice_width={method.lattice_width!r} must be in "
+                     f"[1, vocab_size={cfg.vocab_size}].")
+  if method.ngram is not None and method.ngram.vocab_size != cfg.vocab_size:
+    raise ValueError(f"the n-gram LM's vocab_size={method.ngram.vocab_size} "
+                     f"differs from the model's {cfg.vocab_size}.")
+  if method.rescorer is not None:
+    rescorer_cfg, rescorer_params = method.rescorer
+    check_params(rescorer_params, rescorer_cfg)
+    if rescorer_cfg.vocab_size != cfg.vocab_size:
+      raise ValueError(f"the rescorer's vocab_size={rescorer_cfg.vocab_size} "
+                       f"differs from the model's {cfg.vocab_size}.")
+  if sampling is not None and method.num_drafts > 1:
+    raise ValueError(f"Refined(num_drafts={method.num_drafts}) verifies a "
+                     "token tree, which is greedy-only for now; with sampling "
+                     "use num_drafts=1.")
+  if method.adaptive is not None and method.num_drafts > 1:
+    raise ValueError("the adaptive draft length works on one chain; got "
+                     f"Refined(num_drafts={method.num_drafts}).")
 
 
 def greedy_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                   max_new_tokens: int = 64, eos_id: int | None = None,
                   pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
                   rules=None) -> DecodeOutput:
-  """Greedy decoding with head 1.
-
-  Args:
-    params: from `init_params` or a checkpoint.
-    cfg: the model's config.
-    prompts: int32 [B, P], right-padded.
-    prompt_lengths: int32 [B], each in [1, P].
-    max_new_tokens: budget N per row.
-    eos_id: a token that ends its row, or None.
-    pad_id: written after each row's end.
-    mesh: run sharded on this ``("data", "model")`` mesh
-      (`blockdec.make_mesh`): batch rows over ``data``; heads, MLP, vocabulary
-      and the KV cache's kv heads over ``model``. None: one device.
-    rules: logical-axis rules for the mesh (default
-      `blockdec.sharding.DEFAULT_RULES`).
+  """Greedy decoding with head 1: `decode(method=Autoregressive())`.
 
   Returns:
     `DecodeOutput` with tokens [B, N], lengths [B], num_calls [B]
-    (== lengths), accepted_hist [B, 1].
+    (== lengths), accepted_hist [B, 1]. Arguments as in `decode`.
   """
-  prompts, prompt_lengths = _check_inputs(
-      params, cfg, prompts, prompt_lengths, max_new_tokens, 1, eos_id, pad_id)
-  options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=1,
-                          eos_id=eos_id, pad_id=pad_id)
-  return _run_decode(params, prompts, prompt_lengths, cfg, options, True, mesh,
-                     rules)
+  return decode(params, cfg, prompts, prompt_lengths, max_new_tokens,
+                method=methods.Autoregressive(), eos_id=eos_id, pad_id=pad_id,
+                mesh=mesh, rules=rules)
 
 
 def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
@@ -187,41 +313,59 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                      rules=None, compact_rows: bool = True,
                      adaptive: decoding.AdaptiveBlockSize | None = None
                      ) -> DecodeOutput:
-  """Blockwise parallel decoding with the model's proposal heads.
+  """Blockwise parallel decoding with the model's proposal heads, greedy:
+  `decode(method=Blockwise(block_size, acceptance, adaptive))`.
 
   With `acceptance=Exact()` (the default) the tokens equal `greedy_decode`'s.
-
-  Args:
-    block_size: k in [1, cfg.num_prediction_heads]; default all heads.
-    acceptance: `Exact()`, `TopK(n)`, `Distance(eps)` or `MinBlock(l)`.
-    compact_rows: once at most half of the rows are still decoding, go on
-      with a batch of half the size (same tokens; the stragglers stop paying
-      for finished rows). Ignored with a mesh. Costs one more compiled loop
-      body per halving.
-    adaptive: `blockdec.AdaptiveBlockSize(token_cost)` verifies per call
-      only as many drafted tokens as the row's draft history (or the heads'
-      confidence) makes worth their compute (same tokens with `Exact()`,
-      fewer FLOPs where calls are compute-bound); None verifies all
-      `block_size` every call.
-    Others (mesh and rules too) as in `greedy_decode`.
+  Arguments as in `decode` and `blockdec.Blockwise`.
 
   Returns:
     `DecodeOutput`; `accepted_hist[b, a-1]` counts row b's calls that
     accepted a tokens, and `block_efficiency` is tokens per call.
   """
-  block_size, prompts, prompt_lengths = _check_block_inputs(
-      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size,
-      acceptance, eos_id, pad_id)
-  if adaptive is not None:
-    if not isinstance(adaptive, decoding.AdaptiveBlockSize):
-      raise TypeError(f"adaptive={adaptive!r} must be None or a "
-                      "blockdec.AdaptiveBlockSize.")
-    adaptive.validate(block_size)
-  options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
-                          acceptance=acceptance, eos_id=eos_id, pad_id=pad_id,
-                          compact_rows=bool(compact_rows), adaptive=adaptive)
-  return _run_decode(params, prompts, prompt_lengths, cfg, options, False,
-                     mesh, rules)
+  return decode(params, cfg, prompts, prompt_lengths, max_new_tokens,
+                method=methods.Blockwise(block_size=block_size,
+                                         acceptance=acceptance,
+                                         adaptive=adaptive),
+                eos_id=eos_id, pad_id=pad_id, mesh=mesh, rules=rules,
+                compact_rows=compact_rows)
+
+
+def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
+                             prompt_lengths, *, max_new_tokens: int = 64,
+                             block_size: int | None = None,
+                             num_drafts: int = 1, lattice_width: int = 4,
+                             beam_width: int | None = None,
+                             ngram: decoding.NGramLM | None = None,
+                             ngram_weight: float = 1.0,
+                             rescorer: tuple | None = None,
+                             rescorer_weight: float = 1.0,
+                             rescorer_parallel: bool = False,
+                             acceptance: AcceptanceRule = Exact(),
+                             eos_id: int | None = None,
+                             pad_id: int = 0,
+                             mesh: jax.sharding.Mesh | None = None,
+                             rules=None, compact_rows: bool = True,
+                             adaptive: decoding.AdaptiveBlockSize | None = None
+                             ) -> DecodeOutput:
+  """Blockwise decoding with rescored lattice drafts (Kim et al. 2024), greedy:
+  `decode(method=Refined(...))`; see `blockdec.Refined` for the options.
+
+  With `Exact()` the tokens equal `greedy_decode`'s whatever the drafts.
+
+  Returns:
+    `DecodeOutput`; `block_efficiency` is tokens per (main-model) call.
+  """
+  return decode(params, cfg, prompts, prompt_lengths, max_new_tokens,
+                method=methods.Refined(
+                    block_size=block_size, num_drafts=num_drafts,
+                    lattice_width=lattice_width, beam_width=beam_width,
+                    ngram=ngram, ngram_weight=ngram_weight, rescorer=rescorer,
+                    rescorer_weight=rescorer_weight,
+                    rescorer_parallel=rescorer_parallel,
+                    acceptance=acceptance, adaptive=adaptive),
+                eos_id=eos_id, pad_id=pad_id, mesh=mesh, rules=rules,
+                compact_rows=compact_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -240,106 +384,6 @@ def forward_logits(params, cfg: ModelConfig, tokens) -> jax.Array:
                      f"max_seq_len={cfg.max_seq_len}.")
   _check_token_ids("tokens", tokens, cfg.vocab_size)
   return _forward_logits(params, tokens.astype(jnp.int32), cfg)
-
-
-# ------------------------------------------------ refined drafts (issue 8)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "options", "drafts",
-                                             "rescorer_cfg"))
-def _refined_decode(params, prompts, prompt_lengths, ngram, rescorer_params, *,
-                    cfg: ModelConfig, options: DecodeOptions,
-                    drafts: decoding.DraftOptions,
-                    rescorer_cfg: ModelConfig | None) -> DecodeOutput:
-  batch, p = prompts.shape
-  k, n = options.block_size, options.max_new_tokens
-  cache = transformer.make_cache(cfg, batch, p + n + drafts.tree_size(k))
-  rescorer = None
-  if rescorer_cfg is not None:
-    rescorer = decoding.NeuralRescorer(
-        params=rescorer_params,
-        cache=transformer.make_cache(rescorer_cfg, batch,
-                                     p + n + drafts.rescorer_slots(k)),
-        score_fn=model_score_fn(rescorer_cfg, num_heads=1))
-  return decoding.refined_blockwise_decode(
-      model_score_fn(cfg, num_heads=k), params, prompts, prompt_lengths, cache,
-      options, drafts, compact_fn=lambda c, src, off, end: c.move_slots(
-          src, off, end),
-      ngram=ngram, rescorer=rescorer)
-
-
-def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
-                             prompt_lengths, *, max_new_tokens: int = 64,
-                             block_size: int | None = None,
-                             num_drafts: int = 1, lattice_width: int = 4,
-                             beam_width: int | None = None,
-                             ngram: decoding.NGramLM | None = None,
-                             ngram_weight: float = 1.0,
-                             rescorer: tuple | None = None,
-                             rescorer_weight: float = 1.0,
-                             rescorer_parallel: bool = False,
-                             acceptance: AcceptanceRule = Exact(),
-                             eos_id: int | None = None,
-                             pad_id: int = 0) -> DecodeOutput:
-  """Blockwise decoding with rescored lattice drafts (Kim et al. 2024).
-
-  The heads' top-`lattice_width` tokens per depth are searched (beam width
-  `beam_width`, default `num_drafts`) for the `num_drafts` best paths under
-  head log-probs + `ngram_weight` * n-gram log-probs + `rescorer_weight` *
-  small-LM log-probs; all drafts are verified in one call as a token tree and
-  the longest accepted one is committed. With `Exact()` the tokens equal
-  `greedy_decode`'s whatever the drafts.
-
-  Args:
-    ngram: a `blockdec.NGramLM` over the model's vocabulary, or None.
-    rescorer: `(rescorer_cfg, rescorer_params)` of a small blockdec model
-      with the same vocabulary (head 1 is used), or None.
-    rescorer_parallel: False: the small LM reads each beam's own prefix
-      left to right (k-2 extra small-LM calls per step); True: it reads the
-      heads' argmax prefix from one call per step (cheaper, approximate).
-    Others as in `blockwise_decode`.
-
-  Returns:
-    `DecodeOutput`; `block_efficiency` is tokens per (main-model) call.
-  """
-  block_size, prompts, prompt_lengths = _check_block_inputs(
-      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size,
-      acceptance, eos_id, pad_id)
-  if not 1 <= lattice_width <= cfg.vocab_size:
-    raise ValueError(f"lattice_width={lattice_width!r} must be in "
-                     f"[1, vocab_size={cfg.vocab_size}].")
-  if ngram is not None:
-    if not isinstance(ngram, decoding.NGramLM):
-      raise TypeError(f"ngram must be a blockdec.NGramLM, got "
-                      f"{type(ngram).__name__}.")
-    if ngram.vocab_size != cfg.vocab_size:
-      raise ValueError(f"the n-gram LM's vocab_size={ngram.vocab_size} differs "
-                       f"from the model's {cfg.vocab_size}.")
-  rescorer_cfg = rescorer_params = None
-  if rescorer is not None:
-    if not (isinstance(rescorer, tuple) and len(rescorer) == 2):
-      raise TypeError("rescorer must be a (ModelConfig, params) pair, got "
-                      f"{type(rescorer).__name__}.")
-    rescorer_cfg, rescorer_params = rescorer
-    check_params(rescorer_params, rescorer_cfg)
-    if rescorer_cfg.vocab_size != cfg.vocab_size:
-      raise ValueError(f"the rescorer's vocab_size={rescorer_cfg.vocab_size} "
-                       f"differs from the model's {cfg.vocab_size}.")
-  drafts = decoding.DraftOptions(
-      num_drafts=num_drafts, lattice_width=lattice_width,
-      beam_width=beam_width,
-      ngram_weight=float(ngram_weight) if ngram is not None else 0.0,
-      neural_weight=float(rescorer_weight) if rescorer is not None else 0.0,
-      neural_parallel=bool(rescorer_parallel))
-  if drafts.ngram_weight == 0.0:
-    ngram = None
-  if drafts.neural_weight == 0.0:
-    rescorer_cfg = rescorer_params = None
-  options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
-                          acceptance=acceptance, eos_id=eos_id, pad_id=pad_id)
-  return _refined_decode(params, prompts, prompt_lengths, ngram,
-                         rescorer_params, cfg=cfg, options=options,
-                         drafts=drafts, rescorer_cfg=rescorer_cfg)
 
 
 # ----------------------------------------------------------------- validation
@@ -388,21 +432,6 @@ def _check_token_ids(name, tokens, vocab_size, valid=None):
     bad = values[(values < 0) | (values >= vocab_size)][0]
     raise ValueError(f"{name} holds token id {int(bad)} outside the vocabulary "
                      f"[0, {vocab_size}).")
-
-
-def _check_block_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
-                        block_size, acceptance, eos_id, pad_id):
-  """`_check_inputs` plus the block size (default: all heads) and the rule."""
-  if block_size is None:
-    block_size = cfg.num_prediction_heads
-  prompts, prompt_lengths = _check_inputs(
-      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size, eos_id,
-      pad_id)
-  if not isinstance(acceptance, AcceptanceRule):
-    raise TypeError(f"acceptance={acceptance!r} must be a blockdec acceptance "
-                    "rule (Exact(), TopK(n), Distance(eps), MinBlock(l)).")
-  acceptance.validate(block_size)
-  return block_size, prompts, prompt_lengths
 
 
 def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,

@@ -18,4 +18,5 @@ from blockdec.kernels.masks import CausalBlockMask
 from blockdec.kernels.masks import materialize_mask
 from blockdec.kernels.masks import OrMask
 from blockdec.kernels.masks import PatternMask
+from blockdec.kernels.masks import RuntimeTreeMask
 from blockdec.kernels.masks import TreeMask

@@ -5,7 +5,9 @@ block of ``T`` new tokens per row in one model call. The block's keys and
 values are already written into the cache at ``offsets[b] .. offsets[b]+T-1``
 and the committed prefix is ``0 .. offsets[b]-1``; cache slots after the block
 are stale or empty. Visibility is given by a static ``BlockMask`` (see
-``masks.py``) plus the runtime ``offsets``.
+``masks.py``) plus the runtime ``offsets``, or by a ``RuntimeTreeMask`` whose
+pattern (per row or shared) is computed in the trace and read by the kernel
+exactly like a static one.
 
 Shapes::
 
@@ -157,6 +159,7 @@ def skipped_kv_tile_fraction(offsets, block_len: int, seq_len: int, *,
 def _block_attention_kernel(
     offsets_ref,   # scalar [] (GPU) or [B] in SMEM (TPU)
     pattern_ref,   # [block_q, T_pad] float32: pattern row of each query row
+                   # (of this batch row for a per-row RuntimeTreeMask)
     q_ref,         # [block_q, D_pad]
     k_ref,         # [S_pad, D_pad]
     v_ref,         # [S_pad, D_pad]
@@ -249,17 +252,34 @@ def _check_inputs(q, k, v, offsets, mask):
                      f"{offsets.shape=}.")
   if not jnp.issubdtype(offsets.dtype, jnp.integer):
     raise ValueError(f"offsets must be integer; got {offsets.dtype=}.")
-  if not isinstance(mask, masks_lib.BlockMask):
-    raise TypeError(f"mask must be a BlockMask (e.g. CausalBlockMask(T)); got "
-                    f"{type(mask).__name__}.")
+  if not isinstance(mask, (masks_lib.BlockMask, masks_lib.RuntimeTreeMask)):
+    raise TypeError(f"mask must be a BlockMask (e.g. CausalBlockMask(T)) or a "
+                    f"RuntimeTreeMask; got {type(mask).__name__}.")
+  if isinstance(mask, masks_lib.RuntimeTreeMask):
+    shape = mask.parents.shape
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != batch):
+      raise ValueError(f"RuntimeTreeMask parents must be [T] or [B, T] with "
+                       f"B={batch}; got shape {shape}.")
   if mask.block_len != block_len:
     raise ValueError(f"{mask.block_len=} must equal the query block length "
                      f"T={block_len} (q.shape[1]).")
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("mask", "block_sizes", "interpret",
-                                    "sm_scale"))
+def _split_mask(mask):
+  """(static mask or None, runtime mask or None): jit arguments of each kind."""
+  if isinstance(mask, masks_lib.RuntimeTreeMask):
+    return None, mask
+  return mask, None
+
+
+def _pattern_array(mask) -> np.ndarray | jax.Array:
+  """``[1, T, T]`` NumPy (static mask) or ``[1|B, T, T]`` jnp (runtime) bool."""
+  pattern = mask.pattern()
+  if isinstance(mask, masks_lib.RuntimeTreeMask):
+    return pattern if pattern.ndim == 3 else pattern[None]
+  return np.asarray(pattern, bool)[None]
+
+
 def block_attention(q, k, v, offsets, mask, *, block_sizes=None,
                     interpret=False, sm_scale=None):
   """Attention of a block of T queries over a KV cache (Pallas kernel).
@@ -274,7 +294,9 @@ def block_attention(q, k, v, offsets, mask, *, block_sizes=None,
       ``offsets[b] + T <= S``; block keys past ``S`` are treated as absent.
     mask: a static ``BlockMask`` with ``block_len == T``, e.g.
       ``CausalBlockMask(T)``, ``TreeMask(parents)``,
-      ``BlockBidirectionalMask(T)``.
+      ``BlockBidirectionalMask(T)`` (a static argument of the jitted
+      kernel); or a ``RuntimeTreeMask`` with parents ``[T]`` or ``[B, T]``
+      (a traced argument: one compilation serves every tree of that shape).
     block_sizes: static ``BlockSizes``; ``None`` picks defaults.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
     sm_scale: softmax scale; default ``1 / sqrt(D)``.
@@ -282,6 +304,19 @@ def block_attention(q, k, v, offsets, mask, *, block_sizes=None,
   Returns:
     ``[B, T, H, D]`` in the dtype of ``q``.
   """
+  static_mask, runtime_mask = _split_mask(mask)
+  return _block_attention(q, k, v, offsets, runtime_mask, mask=static_mask,
+                          block_sizes=block_sizes, interpret=interpret,
+                          sm_scale=sm_scale)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("mask", "block_sizes", "interpret",
+                                    "sm_scale"))
+def _block_attention(q, k, v, offsets, runtime_mask, *, mask, block_sizes,
+                     interpret, sm_scale):
+  """``block_attention``; exactly one of ``mask``, ``runtime_mask`` is set."""
+  mask = runtime_mask if mask is None else mask
   _check_inputs(q, k, v, offsets, mask)
   batch, block_len, num_heads, head_dim = q.shape
   _, seq_len, num_kv_heads, _ = k.shape
@@ -308,9 +343,14 @@ def block_attention(q, k, v, offsets, mask, *, block_sizes=None,
   kh = jnp.pad(k.transpose(0, 2, 1, 3), kv_pad)    # [B, H_kv, S_pad, D_pad]
   vh = jnp.pad(v.transpose(0, 2, 1, 3), kv_pad)
 
-  pattern = mask.pattern()                          # NumPy [T, T], static
-  pattern_rows = np.zeros((rows_pad, t_pad), np.float32)
-  pattern_rows[:num_rows, :block_len] = np.tile(pattern, (group, 1))
+  # Row r = g * T + t of the rows holds pattern[t]: [1|B, R_pad, T_pad]
+  # float32, a NumPy constant for a static mask, traced for a runtime one.
+  pattern = _pattern_array(mask)                    # [1|B, T, T]
+  xp = np if isinstance(pattern, np.ndarray) else jnp
+  pattern_rows = xp.pad(
+      xp.tile(pattern, (1, group, 1)).astype(np.float32),
+      ((0, 0), (0, rows_pad - num_rows), (0, t_pad - block_len)))
+  per_row = pattern_rows.shape[0] > 1
 
   platform = jax.default_backend()
   on_tpu = platform == "tpu" and not interpret
@@ -334,7 +374,8 @@ def block_attention(q, k, v, offsets, mask, *, block_sizes=None,
       grid=grid,
       in_specs=[
           offsets_spec,
-          pl.BlockSpec((block_q, t_pad), lambda b, h, i: (i, 0)),
+          pl.BlockSpec((None, block_q, t_pad),
+                       lambda b, h, i: (b if per_row else 0, i, 0)),
           pl.BlockSpec((None, None, block_q, d_pad),
                        lambda b, h, i: (b, h, i, 0)),
           pl.BlockSpec((None, None, s_pad, d_pad),
@@ -357,9 +398,6 @@ def block_attention(q, k, v, offsets, mask, *, block_sizes=None,
                                                head_dim)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("mask", "block_sizes", "interpret",
-                                    "sm_scale"))
 def block_attention_reference(q, k, v, offsets, mask, *, block_sizes=None,
                               interpret=False, sm_scale=None):
   """Pure-jnp ``block_attention``: materializes the ``[B, T, S]`` mask.
@@ -368,6 +406,15 @@ def block_attention_reference(q, k, v, offsets, mask, *, block_sizes=None,
   ``interpret`` are accepted and ignored. Computes in float32.
   """
   del block_sizes, interpret
+  static_mask, runtime_mask = _split_mask(mask)
+  return _block_attention_reference(q, k, v, offsets, runtime_mask,
+                                    mask=static_mask, sm_scale=sm_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "sm_scale"))
+def _block_attention_reference(q, k, v, offsets, runtime_mask, *, mask,
+                               sm_scale):
+  mask = runtime_mask if mask is None else mask
   _check_inputs(q, k, v, offsets, mask)
   batch, block_len, num_heads, head_dim = q.shape
   _, seq_len, num_kv_heads, _ = k.shape
@@ -375,12 +422,14 @@ def block_attention_reference(q, k, v, offsets, mask, *, block_sizes=None,
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(head_dim)
 
-  pattern = jnp.asarray(mask.pattern())                        # [T, T]
+  pattern = jnp.broadcast_to(jnp.asarray(_pattern_array(mask)),
+                             (batch, block_len, block_len))    # [B, T, T]
   key_pos = jnp.arange(seq_len)[None, None, :]                  # [1, 1, S]
   off = offsets.astype(jnp.int32)[:, None, None]                # [B, 1, 1]
   rel = key_pos - off
   in_block = (rel >= 0) & (rel < block_len)
-  in_pattern = pattern[jnp.arange(block_len)[None, :, None],
+  in_pattern = pattern[jnp.arange(batch)[:, None, None],
+                       jnp.arange(block_len)[None, :, None],
                        jnp.clip(rel, 0, block_len - 1)]         # [B, T, S]
   visible = (key_pos < off) | (in_block & in_pattern)           # [B, T, S]
 

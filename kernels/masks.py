@@ -28,6 +28,11 @@ Masks combine with ``&`` and ``|`` (element-wise on the pattern)::
 
     m = CausalBlockMask(4) | BlockBidirectionalMask(4, sub_block_len=2)
     hash(m); m == CausalBlockMask(4) | BlockBidirectionalMask(4, 2)  # True
+
+One mask is not static: ``RuntimeTreeMask(parents)`` is a token tree whose
+``parents`` is a (possibly traced) int32 array, for trees built inside a jitted
+loop (dynamic draft trees). It is a pytree, passed to ``jax.jit`` as an
+ordinary argument; its pattern is computed in the trace with ``jnp``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "TreeMask",
     "BlockBidirectionalMask",
     "PatternMask",
+    "RuntimeTreeMask",
     "AndMask",
     "OrMask",
     "materialize_mask",
@@ -65,6 +73,19 @@ class BlockMask:
   @property
   def shape(self) -> tuple[int, int]:
     return (self.block_len, self.block_len)
+
+  @property
+  def slots_are_positions(self) -> bool:
+    """Whether block token i sits at position ``offset + i``, its slot.
+
+    True for masks over consecutive positions (causal block, block
+    diffusion): a cache write by position lands in the block's slots. False
+    otherwise, e.g. for a tree, whose node i sits at position
+    ``offset + depth(i)`` but in slot ``offset + i``; a caller then writes
+    the block at slots ``offset + 0 .. T-1``. The base class says False (the
+    rule that holds for every mask).
+    """
+    return False
 
   def __and__(self, other: BlockMask) -> BlockMask:
     _check_combinable(self, other, "&")
@@ -110,6 +131,10 @@ class CausalBlockMask(BlockMask):
 
   def __post_init__(self):
     _check_block_len(self.block_len)
+
+  @property
+  def slots_are_positions(self) -> bool:
+    return True
 
   def pattern(self) -> np.ndarray:
     return np.tri(self.block_len, dtype=bool)
@@ -173,6 +198,10 @@ class BlockBidirectionalMask(BlockMask):
     elif not isinstance(sub, (int, np.integer)) or sub < 1:
       raise ValueError(f"sub_block_len={sub!r} must be a positive int or None.")
 
+  @property
+  def slots_are_positions(self) -> bool:
+    return True
+
   def pattern(self) -> np.ndarray:
     ids = np.arange(self.block_len) // self.sub_block_len
     return ids[None, :] <= ids[:, None]
@@ -209,6 +238,10 @@ class AndMask(BlockMask):
   def block_len(self) -> int:
     return self.left.block_len
 
+  @property
+  def slots_are_positions(self) -> bool:
+    return self.left.slots_are_positions and self.right.slots_are_positions
+
   def pattern(self) -> np.ndarray:
     return self.left.pattern() & self.right.pattern()
 
@@ -222,8 +255,106 @@ class OrMask(BlockMask):
   def block_len(self) -> int:
     return self.left.block_len
 
+  @property
+  def slots_are_positions(self) -> bool:
+    return self.left.slots_are_positions and self.right.slots_are_positions
+
   def pattern(self) -> np.ndarray:
     return self.left.pattern() | self.right.pattern()
+
+
+@jax.tree_util.register_pytree_node_class
+class RuntimeTreeMask:
+  """A token tree whose parents are runtime data (e.g. grown inside jit).
+
+  ``TreeMask`` with ``parents`` an int32 array instead of a static tuple:
+  ``[T]`` (one tree for every row) or ``[B, T]`` (a tree per row), same
+  convention (``-1`` for a root, ``-1 <= parents[..., i] < i``). Use it when
+  the tree's shape is only known at run time, e.g. a dynamic draft tree
+  chosen by the drafter's scores; with a tree fixed at trace time prefer
+  ``TreeMask``, whose pattern is a compile-time constant.
+
+  It is a pytree whose one leaf is ``parents``, so it travels through
+  ``jax.jit``, ``lax.cond`` and loops as an ordinary (traced) argument and
+  is never a static one; ``block_len`` (T, the last dim) is static. It is
+  not a ``BlockMask``: ``pattern()`` is a ``jnp`` array computed in the
+  trace, and it does not combine with ``&`` / ``|``.
+
+  Parents are validated when concrete (NumPy, lists, non-traced arrays);
+  traced parents cannot be checked, and parents that break the rule give
+  the ancestor closure of whatever graph they describe. Example::
+
+      RuntimeTreeMask(jnp.array([[-1, 0, 0, 1],   # row 0: two children of 0
+                                 [-1, 0, 1, 2]])) # row 1: a chain (causal)
+  """
+
+  parents: jax.Array  # [T] or [B, T] int32
+
+  # Data, never a static argument: unhashable, so `jax.jit` refuses it in
+  # `static_argnames` instead of retracing for every new object.
+  __hash__ = None
+
+  def __init__(self, parents):
+    if not isinstance(parents, jax.core.Tracer):
+      _check_runtime_parents(np.asarray(parents))
+    self.parents = jnp.asarray(parents, jnp.int32)
+
+  @property
+  def block_len(self) -> int:
+    return self.parents.shape[-1]
+
+  @property
+  def slots_are_positions(self) -> bool:
+    return False
+
+  def pattern(self) -> jax.Array:
+    """Bool ``[T, T]`` or ``[B, T, T]`` (as ``parents``): node i sees node j.
+
+    The ancestor closure, computed with ``jnp`` from the runtime parents:
+    ``reach`` starts as "itself or its parent" (paths of length <= 1) and
+    each boolean matrix squaring doubles the path length it covers, so
+    ``ceil(log2(T - 1))`` squarings reach every ancestor (depth <= T - 1).
+    The products are of 0/1 values summed in float32, exact at any matmul
+    precision.
+    """
+    t = self.block_len
+    nodes = jnp.arange(t, dtype=jnp.int32)
+    reach = ((self.parents[..., :, None] == nodes)
+             | (nodes[:, None] == nodes))                    # [..., T, T]
+    for _ in range(max(t - 2, 0).bit_length()):
+      r = reach.astype(jnp.float32)
+      reach = jnp.einsum("...ij,...jk->...ik", r, r) > 0.5
+    return reach
+
+  def tree_flatten(self):
+    return (self.parents,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    obj = object.__new__(cls)  # Leaves may be tracers or placeholders.
+    obj.parents = children[0]
+    return obj
+
+  def __repr__(self) -> str:
+    return f"RuntimeTreeMask(parents={self.parents!r})"
+
+
+def _check_runtime_parents(parents: np.ndarray) -> None:
+  if parents.ndim not in (1, 2) or parents.shape[-1] == 0:
+    raise ValueError(f"RuntimeTreeMask parents must be [T] or [B, T] with "
+                     f"T >= 1; got shape {parents.shape}.")
+  if not np.issubdtype(parents.dtype, np.integer):
+    raise ValueError(f"RuntimeTreeMask parents must be integers; got "
+                     f"{parents.dtype}.")
+  nodes = np.arange(parents.shape[-1])
+  bad = np.argwhere((parents < -1) | (parents >= nodes))
+  if bad.size:
+    where = tuple(int(x) for x in bad[0])
+    raise ValueError(
+        f"parents[{', '.join(map(str, where))}]={int(parents[where])} is "
+        f"invalid: each parent must precede its child (-1 <= parents[..., i] "
+        f"< i, -1 for a root); got parents={parents.tolist()}.")
 
 
 def materialize_mask(pattern: np.ndarray, offsets, seq_len: int) -> np.ndarray:

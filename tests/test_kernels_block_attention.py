@@ -38,6 +38,12 @@ def _make_mask(kind: str, block_len: int, rng: np.random.Generator):
   raise ValueError(kind)
 
 
+def _random_parents(rng, *shape):
+  """Random valid tree parents of shape [..., T]: parents[..., i] in [-1, i)."""
+  t = shape[-1]
+  return np.floor(rng.random(shape) * (np.arange(t) + 1)).astype(np.int32) - 1
+
+
 def _random_inputs(rng, batch, block_len, num_heads, num_kv_heads, head_dim,
                    seq_len, dtype):
   q = rng.normal(size=(batch, block_len, num_heads, head_dim))
@@ -160,6 +166,36 @@ class TestMasks:
         node = parents[node]
       assert set(np.flatnonzero(pattern[i])) == ancestors
 
+  @hypothesis.settings(max_examples=12, deadline=None)
+  @hypothesis.given(st.integers(1, 9), st.integers(0, 2**32 - 1))
+  def test_runtime_tree_pattern_equals_tree_mask(self, block_len, seed):
+    parents = _random_parents(np.random.default_rng(seed), 3, block_len)
+    got = jax.jit(lambda m: m.pattern())(kernels.RuntimeTreeMask(parents))
+    assert got.shape == (3, block_len, block_len)
+    for row, p in zip(np.asarray(got), parents):
+      np.testing.assert_array_equal(row, kernels.TreeMask(p).pattern())
+    shared = kernels.RuntimeTreeMask(parents[0]).pattern()
+    np.testing.assert_array_equal(shared,
+                                  kernels.TreeMask(parents[0]).pattern())
+
+  def test_runtime_tree_is_a_pytree(self):
+    mask = kernels.RuntimeTreeMask([[-1, 0, 1], [-1, -1, 0]])
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    assert len(leaves) == 1 and leaves[0].dtype == jnp.int32
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert isinstance(again, kernels.RuntimeTreeMask) and again.block_len == 3
+    with pytest.raises(TypeError, match="unhashable"):
+      hash(mask)  # data, not a static jit argument
+    assert not mask.slots_are_positions
+    assert kernels.CausalBlockMask(3).slots_are_positions
+    assert not kernels.TreeMask((-1, 0, 1)).slots_are_positions
+    assert not (kernels.CausalBlockMask(3)
+                | kernels.TreeMask((-1, 0, 1))).slots_are_positions
+    with pytest.raises(ValueError, match=r"parents\[1, 1\]=1 is invalid"):
+      kernels.RuntimeTreeMask([[-1, 0, 1], [-1, 1, 0]])
+    with pytest.raises(ValueError, match=r"\[T\] or \[B, T\]"):
+      kernels.RuntimeTreeMask(np.zeros((1, 1, 2), np.int32))
+
   def test_mask_is_static_jit_argument_without_retrace(self):
     rng = np.random.default_rng(0)
     q, k, v = _random_inputs(rng, 1, 2, 2, 1, 16, 16, jnp.float32)
@@ -195,6 +231,23 @@ class TestReference:
     want = _naive_attention(q, k, v, offsets, mask.pattern(),
                             1 / np.sqrt(head_dim))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+  def test_runtime_tree_matches_naive_softmax_per_row(self):
+    rng = np.random.default_rng(7)
+    batch, block_len, seq_len = 3, 5, 24
+    q, k, v = _random_inputs(rng, batch, block_len, 4, 2, 8, seq_len,
+                             jnp.float32)
+    parents = _random_parents(rng, batch, block_len)
+    offsets = np.array([0, 7, seq_len - block_len], np.int32)
+    got = jax.jit(kernels.block_attention_reference)(
+        q, k, v, jnp.asarray(offsets), kernels.RuntimeTreeMask(parents))
+    for b in range(batch):
+      want = _naive_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1],
+                              offsets[b:b + 1],
+                              kernels.TreeMask(parents[b]).pattern(),
+                              1 / np.sqrt(8))
+      np.testing.assert_allclose(np.asarray(got[b:b + 1]), want, atol=1e-5,
+                                 rtol=1e-5)
 
   def test_row_without_visible_keys_is_zero(self):
     rng = np.random.default_rng(1)
@@ -270,6 +323,32 @@ class TestBlockAttention:
   def test_matches_reference_bf16(self, case):
     self._check(case, CAUSAL, jnp.bfloat16)
 
+  @pytest.mark.parametrize("case", KERNEL_CASES[1:2], ids=[c[0] for c in
+                                                           KERNEL_CASES[1:2]])
+  @pytest.mark.parametrize("per_row", [False, True])
+  def test_runtime_tree_matches_static_tree(self, case, per_row):
+    """A RuntimeTreeMask gives each row the output of TreeMask(its parents)."""
+    _, batch, block_len, heads, kv_heads, head_dim, seq_len, bkv, rule = case
+    rng = np.random.default_rng([batch, block_len, heads, seq_len])
+    parents = _random_parents(rng, batch if per_row else 1, block_len)
+    q, k, v = _random_inputs(rng, batch, block_len, heads, kv_heads, head_dim,
+                             seq_len, jnp.float32)
+    offsets = jnp.asarray(_offsets(rule, rng, batch, block_len, seq_len, bkv))
+    block_sizes = kernels.BlockSizes(block_kv=bkv)
+    mask = kernels.RuntimeTreeMask(parents if per_row else parents[0])
+    got = kernels.block_attention(q, k, v, offsets, mask,
+                                  block_sizes=block_sizes,
+                                  interpret=self.INTERPRET)
+    np.testing.assert_allclose(
+        got, kernels.block_attention_reference(q, k, v, offsets, mask),
+        **TOLERANCES[jnp.float32])
+    for b in range(batch):
+      static = kernels.TreeMask(parents[b if per_row else 0])
+      want = kernels.block_attention(q, k, v, offsets, static,
+                                     block_sizes=block_sizes,
+                                     interpret=self.INTERPRET)
+      np.testing.assert_allclose(got[b], want[b], atol=1e-6, rtol=1e-6)
+
   def test_tiles_past_the_block_are_skipped(self):
     # NaNs in tiles wholly after offset + T would poison the output if those
     # tiles were loaded and masked rather than skipped.
@@ -308,6 +387,10 @@ class TestBlockAttention:
            block_sizes=kernels.BlockSizes(block_kv=24))
     with pytest.raises(ValueError, match=r"offsets must have shape \(1,\)"):
       call(q, k, v, jnp.zeros((2,), jnp.int32), kernels.CausalBlockMask(2))
+    with pytest.raises(ValueError, match=r"\[T\] or \[B, T\] with B=1"):
+      call(q, k, v, offsets, kernels.RuntimeTreeMask([[-1, 0], [-1, 0]]))
+    with pytest.raises(ValueError, match="must equal the query block length"):
+      call(q, k, v, offsets, kernels.RuntimeTreeMask([-1, 0, 1]))
 
 
 class TestBlockAttentionInterpret(TestBlockAttention):
@@ -331,11 +414,13 @@ def test_skipped_kv_tile_fraction():
 
 # Distinct shapes per platform so no jit cache entry traced for one platform's
 # branch is reused for the other.
+@pytest.mark.parametrize("runtime_mask", [False, True])
 @pytest.mark.parametrize("platform,backend,marker,seq_len", [
     ("cuda", "gpu", "__gpu$xla.gpu.triton", 200),
     ("tpu", "tpu", "tpu_custom_call", 232),
 ])
-def test_lowers_for_gpu_and_tpu(platform, backend, marker, seq_len):
+def test_lowers_for_gpu_and_tpu(platform, backend, marker, seq_len,
+                                runtime_mask):
   """Lowers (not compiles) the kernel for Triton and Mosaic from a CPU host."""
   from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   batch, block_len, heads, kv_heads, head_dim = 2, 3, 4, 2, 64
@@ -344,8 +429,13 @@ def test_lowers_for_gpu_and_tpu(platform, backend, marker, seq_len):
           sds((batch, seq_len, kv_heads, head_dim), jnp.bfloat16),
           sds((batch, seq_len, kv_heads, head_dim), jnp.bfloat16),
           sds((batch,), jnp.int32))
-  fn = functools.partial(kernels.block_attention,
-                         mask=kernels.TreeMask((-1, 0, 0)))
+  if runtime_mask:  # per-row parents [B, T], traced
+    args += (sds((batch, block_len), jnp.int32),)
+    fn = lambda q, k, v, offsets, parents: kernels.block_attention(
+        q, k, v, offsets, kernels.RuntimeTreeMask(parents))
+  else:
+    fn = functools.partial(kernels.block_attention,
+                           mask=kernels.TreeMask((-1, 0, 0)))
   checks = [jax.export.DisabledSafetyCheck.custom_call(marker)]
   abstract_mesh = jax.sharding.AbstractMesh(
       (1,), ("x",), abstract_device=mesh_lib.AbstractDevice(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import blockdec
+from blockdec import kernels
 from blockdec.models import transformer
 from tests.helpers import random_model
 
@@ -91,12 +92,23 @@ def test_bfloat16_model_runs():
   assert out.tokens.shape == (1, 8) and int(out.lengths[0]) == 8
 
 
-@pytest.mark.parametrize("parents", [None, (-1, 0, 0, 1, 2, -1)])
+_PREFIX_MASKS = [
+    None,
+    kernels.TreeMask((-1, 0, 0, 1, 2, -1)),
+    kernels.BlockBidirectionalMask(6, sub_block_len=4),
+    # One tree per row: a forest, a chain, a star.
+    kernels.RuntimeTreeMask(np.array([[-1, 0, 0, 1, 2, -1],
+                                      [-1, 0, 1, 2, 3, 4],
+                                      [-1, 0, 0, 0, 0, 0]])),
+]
+
+
+@pytest.mark.parametrize("mask", _PREFIX_MASKS,
+                         ids=["causal", "tree", "bidir", "runtime_tree"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)])
-def test_prefix_block_attention_equals_masked_attention(parents, heads):
+def test_prefix_block_attention_equals_masked_attention(mask, heads):
   """Attention to (cached prefix, own block) equals plain masked attention
   over the cache with the block written at its slots."""
-  from blockdec.kernels import masks
   from blockdec.models import attention
   (h, h_kv), b, t, s, d = heads, 3, 6, 20, 8
   rng = np.random.RandomState(0)
@@ -105,16 +117,18 @@ def test_prefix_block_attention_equals_masked_attention(parents, heads):
   k_cache, v_cache = (rng.randn(b, h_kv, s, d).astype(np.float32)
                       for _ in range(2))  # stale slots hold noise
   offsets = np.array([0, 5, s - t], np.int32)
-  pattern = (np.tri(t, dtype=bool) if parents is None
-             else masks.TreeMask(parents).pattern())
+  pattern = (np.tri(t, dtype=bool) if mask is None
+             else np.asarray(mask.pattern()))  # [T, T] or [B, T, T]
   got = attention.prefix_block_attention(  # keys are key-major in the cache
       q, k_cache.swapaxes(2, 3), v_cache, k, v, offsets, pattern)
   k_full, v_full = k_cache.copy(), v_cache.copy()
   for row, off in enumerate(offsets):
     k_full[row, :, off:off + t] = k[row].swapaxes(0, 1)
     v_full[row, :, off:off + t] = v[row].swapaxes(0, 1)
-  mask = masks.materialize_mask(pattern, offsets, s)
-  want = attention.dot_product_attention(q, k_full, v_full, mask)
+  rows = np.broadcast_to(pattern, (b, t, t))
+  visible = np.concatenate([  # [B, T, S]
+      kernels.materialize_mask(rows[r], offsets[r:r + 1], s) for r in range(b)])
+  want = attention.dot_product_attention(q, k_full, v_full, visible)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 

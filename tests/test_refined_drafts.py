@@ -10,6 +10,7 @@ import pytest
 
 import blockdec
 from blockdec import decoding
+from blockdec import kernels
 from blockdec.decoding import (DecodeOptions, DraftOptions, DraftTree, NGramLM,
                                NeuralRescorer, top_k_lattice)
 from blockdec.decoding.lattice import small_top_k
@@ -190,7 +191,7 @@ def test_draft_tree_layout():
 # --------------------------------------------------- tree attention, cache
 
 
-_apply = jax.jit(transformer.apply, static_argnames=("cfg", "parents"))
+_apply = jax.jit(transformer.apply, static_argnames=("cfg", "mask"))
 
 
 @pytest.mark.parametrize("backend,batch,p,k", [("xla", 2, 3, 4),
@@ -211,7 +212,7 @@ def test_tree_call_equals_separate_chains(backend, batch, p, k):
   tree_pos = prompt_len + jnp.asarray(tree.depths)[None].repeat(batch, 0)
   logits, tree_cache = _apply(params, cfg=cfg, tokens=tree.flatten(drafts),
                               positions=tree_pos, cache=cache,
-                              parents=tree.parents)
+                              mask=kernels.TreeMask(tree.parents))
   chain_pos = prompt_len + jnp.arange(k)[None].repeat(batch, 0)
   for c in range(p):
     want, chain_cache = _apply(params, cfg=cfg, tokens=drafts[:, c],
@@ -244,8 +245,8 @@ def _lattice_oracle(k, wrong_depth):
   """Heads right everywhere except depth `wrong_depth`, where the right token
   is their second choice (logit 9.5 against 10 for a wrong one)."""
 
-  def score(params, tokens, positions, cache, parents=None):
-    del params, positions, parents  # position-free: any tree works
+  def score(params, tokens, positions, cache, mask=None):
+    del params, positions, mask  # position-free: any tree works
     outs, tok = [], tokens
     for j in range(k):
       tok = _rule(tok)
@@ -258,8 +259,8 @@ def _lattice_oracle(k, wrong_depth):
   return score
 
 
-def _small_lm_oracle(params, tokens, positions, cache, parents=None):
-  del params, positions, parents
+def _small_lm_oracle(params, tokens, positions, cache, mask=None):
+  del params, positions, mask
   return 10.0 * jax.nn.one_hot(_rule(tokens), VOCAB)[:, :, None], cache
 
 

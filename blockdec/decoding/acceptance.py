@@ -1,12 +1,14 @@
 """Acceptance rules for block verification (Stern et al. 2018, sec. 3 and 5).
 
-A rule decides, for each drafted token `P[i]` (i >= 1), whether it is
-acceptable given head 1's logits at block position `i - 1`, the model's own
-prediction for that slot. The verifier then accepts the longest prefix of
-acceptable tokens; `P[0]` is head 1's argmax and always accepted.
+A rule decides, for each drafted token, whether it is acceptable given head
+1's logits at the node before it, the model's own prediction for that slot.
+Rules are verifiers (`verify.Verifier`): the longest prefix of acceptable
+drafts is accepted and the next token is head 1's argmax after it.
 
-Only `Exact()` reproduces greedy decoding. The others trade quality for
-longer blocks, and every result produced with them must say so.
+Only `Exact()` is lossless: it reproduces greedy decoding, and with
+`sampling` it verifies by speculative sampling, so the output is distributed
+exactly as the target's samples. The others trade quality for longer blocks
+(greedy decoding only), and every result produced with them must say so.
 
 Rules are frozen dataclasses: hashable, so they ride along as static
 arguments of jitted functions.
@@ -20,28 +22,47 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from blockdec.decoding.verify import (SpeculativeSampling, Verifier,
+                                      greedy_verdict)
 
-class AcceptanceRule(abc.ABC):
+
+class AcceptanceRule(Verifier):
   """Base class: `matches` says which drafted tokens are acceptable."""
 
   exact: bool = False  # True only for rules that reproduce greedy output.
 
   @abc.abstractmethod
   def matches(self, draft: jax.Array, logits: jax.Array) -> jax.Array:
-    """draft [B, T] int32, logits [B, T, V] -> bool [B, T]."""
+    """draft [..., T] int32, logits [..., T, V] -> bool [..., T]."""
 
-  def validate(self, block_size: int) -> None:
-    """Raises ValueError if the rule cannot be used with `block_size`."""
+  def validate(self, block_size: int, sampling=None) -> None:
+    """Raises ValueError if the rule cannot be used with these settings."""
+    if sampling is not None and not self.exact:
+      raise ValueError(
+          f"acceptance={self!r} is a lossy greedy rule and cannot be used with "
+          f"sampling={sampling!r}; with sampling use Exact() (lossless "
+          "speculative sampling) or Typical(...).")
+
+  def verify(self, drafts, logits, q, sampling, keys):
+    return greedy_verdict(self.matches(drafts, logits[..., :-1, :]), logits)
 
 
 @dataclasses.dataclass(frozen=True)
 class Exact(AcceptanceRule):
-  """Accept a token iff it is head 1's argmax: output equals greedy decoding."""
+  """Lossless: greedy, a token survives iff it is head 1's argmax (output
+  equals greedy decoding); with sampling, `SpeculativeSampling` (output
+  distributed as the target's samples)."""
 
   exact = True
+  lossless = True
 
   def matches(self, draft, logits):
     return draft == jnp.argmax(logits, axis=-1)
+
+  def verify(self, drafts, logits, q, sampling, keys):
+    if sampling is not None:
+      return SpeculativeSampling().verify(drafts, logits, q, sampling, keys)
+    return super().verify(drafts, logits, q, sampling, keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,18 +110,24 @@ class MinBlock(AcceptanceRule):
   l: int = 2
   base: AcceptanceRule = Exact()
 
-  def __post_init__(self):
-    if isinstance(self.l, bool) or not isinstance(self.l, int) or self.l < 1:
-      raise ValueError(f"MinBlock l={self.l!r} must be a positive integer.")
-
   @property
   def exact(self):  # l = 1 forces nothing beyond the always-correct P[0].
     return self.l == 1 and self.base.exact
 
-  def validate(self, block_size):
+  def __post_init__(self):
+    if isinstance(self.l, bool) or not isinstance(self.l, int) or self.l < 1:
+      raise ValueError(f"MinBlock l={self.l!r} must be a positive integer.")
+    if not isinstance(self.base, AcceptanceRule):
+      raise TypeError(f"MinBlock base={self.base!r} must be an acceptance rule "
+                      "(Exact(), TopK(n), Distance(eps)).")
+
+  def validate(self, block_size, sampling=None):
     if self.l > block_size:
       raise ValueError(f"MinBlock l={self.l} exceeds block_size={block_size}.")
-    self.base.validate(block_size)
+    if sampling is not None:
+      raise ValueError(f"acceptance={self!r} is greedy-only; with sampling use "
+                       "Exact() or Typical(...).")
+    self.base.validate(block_size, sampling)
 
   def matches(self, draft, logits):
     forced = jnp.arange(draft.shape[-1]) < self.l - 1

@@ -90,13 +90,33 @@ class AdaptiveBlockSize:
         raise ValueError(f"AdaptiveBlockSize sizes={self.sizes!r} must be a "
                          "non-empty tuple of positive ints.")
 
-  def survival(self, state) -> jax.Array:
-    """q [B, k] of the module docstring from a `DecodeState`."""
+  def init(self, batch: int, block_size: int):
+    """The rule's carry: per-row counts of verified and surviving drafts.
+
+    tested [B, k] float32: entry j counts calls that verified draft j after
+    accepting drafts 1..j-1; passed [B, k]: those that accepted draft j.
+    """
+    zeros = jnp.zeros((batch, block_size), jnp.float32)
+    return {"tested": zeros, "passed": zeros}
+
+  def update(self, carry, accepted: jax.Array, t: int, active: jax.Array):
+    """The carry after a call verifying t - 1 drafts that accepted
+    `accepted` [B] of them (rows not `active` [B] are left alone)."""
+    depth = jnp.arange(carry["tested"].shape[1])[None, :]
+    verified = accepted[:, None] + 1  # Root included.
+    reached = active[:, None] & (depth >= 1) & (depth < t)
+    return {"tested": carry["tested"] + (reached & (depth <= verified)),
+            "passed": carry["passed"] + (reached & (depth < verified))}
+
+  def survival(self, carry, draft) -> jax.Array:
+    """q [B, k] of the module docstring from the carry and the next draft
+    (`core.Draft`; its `confidence` [B, k - 1] for "confidence")."""
     if self.estimate == "confidence":
-      return state.confidence
+      conf = draft.confidence.astype(jnp.float32)
+      return jnp.concatenate([jnp.ones_like(conf[:, :1]), conf], axis=1)
     # The rate at which each draft depth survived so far, with one optimistic
     # pseudo-success: a depth never verified looks certain, so it is tried.
-    return (state.draft_passed + 1.0) / (state.draft_tested + 1.0)
+    return (carry["passed"] + 1.0) / (carry["tested"] + 1.0)
 
   def candidate_sizes(self, block_size: int) -> tuple[int, ...]:
     """The sorted candidate lengths for `block_size` drafted tokens."""

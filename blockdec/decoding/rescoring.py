@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from blockdec.decoding.lattice import DraftTree, Lattice
 from blockdec.decoding.ngram import NGramLM
+from blockdec.kernels.masks import TreeMask
 
 PathScorer = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
@@ -135,18 +136,21 @@ def ngram_scorer(ngram: NGramLM, history: jax.Array, lattice: Lattice,
   return scorer
 
 
-def tree_call(score_fn, params, tokens, positions, cache, parents=None):
+def tree_call(score_fn, params, tokens, positions, cache, mask=None):
   """Runs `score_fn` on a block; returns (head_fn, cache).
 
   `head_fn(nodes [B, M], num_heads) -> logits [B, M, num_heads, V]` gives the
   heads at chosen block positions. A split scorer (one with `.trunk` and
   `.heads`, see `state.SplitScoreFn`) computes heads only there; a plain one
-  computes every head everywhere and `head_fn` slices. `parents` (a static
-  tuple, see `DraftTree`) makes the call a tree call: block position i holds
-  a node at `positions[:, i]` that attends to the committed cache and its
+  computes every head everywhere and `head_fn` slices. `mask` is forwarded
+  as `mask=` (and only when set, so scorers that take no mask still serve
+  causal calls): a block mask of `blockdec.kernels`, e.g.
+  `TreeMask(tree.parents)` (static, see `DraftTree`) or `RuntimeTreeMask`
+  (traced parents) makes the call a tree call: block position i holds a
+  node at `positions[:, i]` that attends to the committed cache and its
   ancestors only. None is the ordinary causal block.
   """
-  kw = {} if parents is None else {"parents": parents}
+  kw = {} if mask is None else {"mask": mask}
   if hasattr(score_fn, "trunk") and hasattr(score_fn, "heads"):
     hidden, cache = score_fn.trunk(params, tokens, positions, cache, **kw)
 
@@ -185,7 +189,7 @@ def neural_scorer(score_fn, params, offsets: jax.Array,
   extra small-LM calls at all (cheaper, approximate).
 
   Args:
-    score_fn: the small LM's scoring callable (tree calls via `parents=`).
+    score_fn: the small LM's scoring callable (tree calls via `mask=`).
     params: its parameters.
     offsets: [B] position of depth 0 (the committed length).
     path_log_probs: [B, k, V] log P_small at each depth given the argmax path.
@@ -214,7 +218,7 @@ def neural_scorer(score_fn, params, offsets: jax.Array,
 
   def later(j, beams, cache):
     head_fn, cache = tree_call(score_fn, params, tree.flatten(beams), positions,
-                               cache, tree.parents)
+                               cache, mask=TreeMask(tree.parents))
     nodes = jnp.broadcast_to(
         jax.lax.dynamic_index_in_dim(paths, j - 1, 1, keepdims=False),
         (beams.shape[0], beam_width))  # [B, W]

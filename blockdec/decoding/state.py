@@ -1,4 +1,8 @@
-"""Loop state, static options and outputs shared by the decoding loops."""
+"""Static options, outputs and helpers shared by the decoding loops.
+
+`core.py` is the draft-and-verify loop every method runs; `greedy.py` is the
+plain reference loop. `DecodeState` is the reference loop's state.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from blockdec.decoding.acceptance import AcceptanceRule, Exact
-from blockdec.decoding.adaptive import AdaptiveBlockSize
+from blockdec.decoding.acceptance import Exact
+from blockdec.decoding.sampling import Sampling
+from blockdec.decoding.verify import Verifier
 
 # score(params, tokens [B, T], positions [B, T], cache) -> (logits [B, T, k, V], cache)
 # The callable writes the block's keys/values at `positions` and treats every
@@ -59,46 +64,43 @@ class DecodeOptions:
 
   Attributes:
     max_new_tokens: N, the per-row budget of generated tokens.
-    block_size: k, tokens drafted and verified per call (1 = greedy).
-    acceptance: the verification rule; `Exact()` reproduces greedy output.
+    block_size: k, tokens fed and verified per call (1 = one token).
+    acceptance: the verifier (`verify.Verifier`); `Exact()` is lossless:
+      greedy output, or speculative sampling with `sampling`.
     eos_id: a token that ends its row (counted in `lengths`), or None.
     pad_id: written after each row's end in the output.
-    compact_rows: blockwise and refined-draft loops: once at most half of
-      the rows are active, continue on a batch of half the size holding them
-      (same output; see `while_loop_compacting` for what the state must
-      look like, else it is skipped).
-    adaptive: blockwise loop: choose per call how many of the k drafted
-      tokens to verify (`AdaptiveBlockSize`), or None to verify all k.
+    compact_rows: core loop: once at most half of the rows are active,
+      continue on a batch of half the size holding them (same output; see
+      `while_loop_compacting` for what the state must look like, else it
+      is skipped).
+    adaptive: core loop: choose per call how many of the drafted tokens to
+      verify (`adaptive.AdaptiveBlockSize`), or None to verify them all.
+    sampling: `sampling.Sampling` to sample, or None for greedy decoding.
   """
 
   max_new_tokens: int
   block_size: int = 1
-  acceptance: AcceptanceRule = Exact()
+  acceptance: Verifier = Exact()
   eos_id: int | None = None
   pad_id: int = 0
   compact_rows: bool = True
-  adaptive: AdaptiveBlockSize | None = None
+  adaptive: Any = None
+  sampling: Sampling | None = None
 
 
 @flax.struct.dataclass
 class DecodeState:
-  """Per-row state of the blockwise loop (greedy is the k = 1 case).
+  """Per-row state of the greedy reference loop.
 
   Attributes:
     step: [] int32 loop iterations so far.
     prompt_lengths: [B] int32.
     tokens: [B, N + k] int32 generated tokens; garbage past `lengths`.
     lengths: [B] int32 committed generated tokens per row.
-    proposal: [B, k] int32 the next block to verify; proposal[:, 0] is head
-      1's argmax, always correct.
+    proposal: [B, 1] int32 the next token (head 1's argmax).
     done: [B] bool rows that hit EOS or their budget.
     num_calls: [B] int32 model calls while the row was active.
-    accepted_hist: [B, k] int32; entry a-1 counts calls that accepted a tokens.
-    confidence: [B, k] float32 the heads' probability of each proposal
-      token (adaptive block sizes; ones when unused).
-    draft_tested: [B, k] float32; entry j counts calls that verified draft
-      P[j] after accepting P[0..j-1] (adaptive block sizes; else zeros).
-    draft_passed: [B, k] float32; entry j counts those that accepted P[j].
+    accepted_hist: [B, 1] int32 calls per row.
     cache: the scoring function's cache pytree (opaque here).
   """
 
@@ -110,14 +112,10 @@ class DecodeState:
   done: jax.Array
   num_calls: jax.Array
   accepted_hist: jax.Array
-  confidence: jax.Array
-  draft_tested: jax.Array
-  draft_passed: jax.Array
   cache: Any
 
   @classmethod
-  def make(cls, prompt_lengths, proposal, cache, options: DecodeOptions,
-           confidence=None):
+  def make(cls, prompt_lengths, proposal, cache, options: DecodeOptions):
     batch, k = proposal.shape
     zeros = jnp.zeros((batch,), jnp.int32)
     return cls(
@@ -130,10 +128,6 @@ class DecodeState:
         done=jnp.zeros((batch,), bool),
         num_calls=zeros,
         accepted_hist=jnp.zeros((batch, k), jnp.int32),
-        confidence=(jnp.ones((batch, k), jnp.float32) if confidence is None
-                    else confidence.astype(jnp.float32)),
-        draft_tested=jnp.zeros((batch, k), jnp.float32),
-        draft_passed=jnp.zeros((batch, k), jnp.float32),
         cache=cache)
 
   @property
@@ -150,7 +144,8 @@ class DecodeOutput:
     tokens: [B, N] int32, `pad_id` after each row's end.
     lengths: [B] int32 generated tokens per row (an ending EOS counts).
     num_calls: [B] int32 model calls after prefill while the row was active.
-    accepted_hist: [B, k] int32 calls that accepted 1..k tokens.
+    accepted_hist: [B, K] int32; entry a - 1 counts the row's calls that
+      committed a tokens.
   """
 
   tokens: jax.Array

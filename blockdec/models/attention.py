@@ -4,8 +4,11 @@
 with a cache it attends to the committed prefix and to the block's own keys
 in one softmax, then writes the block); `pallas` writes the block and calls
 the block-masked flash kernel in `blockdec.kernels` for prefill and decoding.
-Both see the same mask: a query at position `p` attends to the keys at
-positions `<= p` (slot `s` of the cache holds position `s`).
+Both see the same mask. By default (a causal block) a query at position `p`
+attends to the keys at positions `<= p` (slot `s` of the cache holds position
+`s`); a block mask (`blockdec.kernels.masks`: a token tree, block diffusion,
+or a tree whose parents are runtime data) changes only which of the block's
+own keys each query sees, never the committed prefix, which every query sees.
 """
 
 from __future__ import annotations
@@ -63,40 +66,48 @@ def self_attention(q, k, v, positions):
 
 
 def cached_attention(q, k, v, cache, layer: int, positions, *,
-                     backend: str = "xla",
-                     parents: tuple[int, ...] | None = None,
-                     empty: bool = False):
+                     backend: str = "xla", mask=None, empty: bool = False):
   """Writes a block's keys/values into the cache and attends to the row's prefix.
+
+  Query i of row b sees the committed slots `< positions[b, 0]` and block key
+  j where `pattern[i, j]` (the mask's pattern; per row for a per-row runtime
+  tree). Example: `mask=TreeMask((-1, 0, 0))` with `positions[b] = [7, 8, 8]`
+  (offset + depth) writes slots 7, 8, 9; node 2 sees slots 0..6, 7 and 9.
 
   Args:
     q: [B, T, H, D] queries of the block at `positions`.
     k: [B, T, H_kv, D] the block's keys; v likewise.
     cache: the `KVCache`; the block goes into layer `layer` at slots
-      `positions` (tree: slots `positions[:, 0] + 0 .. T-1`).
+      `positions` when `mask.slots_are_positions` (causal, block
+      bidirectional), else (a tree) at slots `positions[:, 0] + 0 .. T-1`.
     layer: which layer's buffers.
     positions: [B, T] int32, consecutive per row (tree: offset + depth).
     backend: "xla" or "pallas".
-    parents: None for the causal block, or a static token tree (node i's
-      parent block index, -1 for a root at depth 0, `kernels.TreeMask`
-      convention): node i then sees the committed slots `< positions[:, 0]`
-      and the block slots of its ancestors and itself.
+    mask: None (the causal block) or the block's mask, with `block_len == T`:
+      a static, hashable `kernels.BlockMask` (`CausalBlockMask`, `TreeMask`,
+      `BlockBidirectionalMask`, `PatternMask`, `&`/`|` combinations), or a
+      `kernels.RuntimeTreeMask`, a token tree whose parents ([T] or [B, T]
+      int32) are traced: its pattern is computed in the trace (ancestor
+      closure in jnp) on the xla backend and passed to the kernel on the
+      pallas backend.
     empty: True when no slot before `positions[:, 0]` holds a committed
       token (prefill of a fresh cache): the block then attends only to
-      itself and the cache is only written (xla backend; same result).
+      itself and the cache is only written (xla backend, causal block; same
+      result).
 
   Returns:
     (out [B, T, H, D], the cache with the block written).
   """
-  t = q.shape[1]
-  if parents is not None and len(parents) != t:
-    raise ValueError(f"parents has {len(parents)} nodes but the block has "
-                     f"T={t} tokens.")
+  from blockdec.kernels import masks  # Lazily, like the kernel below.
+  b, t = q.shape[:2]
   if backend not in ("xla", "pallas"):
     raise ValueError(f"attention backend={backend!r}; allowed: 'xla', 'pallas'.")
-  slots = positions if parents is None else (
+  _check_mask(mask, b, t)
+  causal = mask is None or isinstance(mask, masks.CausalBlockMask)
+  slots = positions if mask is None or mask.slots_are_positions else (
       positions[:, :1] + jnp.arange(t, dtype=positions.dtype))
   offsets = positions[:, 0].astype(jnp.int32)
-  if backend == "xla" and empty and parents is None:
+  if backend == "xla" and empty and causal:
     # Prefill: reading the cache would only add masked-out slots (P + N + k
     # of them per query); skipping them made the demo model's prefill 12%
     # faster at batch 1 and 6% at batch 8 on 2 CPU cores.
@@ -110,25 +121,50 @@ def cached_attention(q, k, v, cache, layer: int, positions, *,
     # XLA:CPU duplicate the one-token write into the attention's reshape and
     # copy each cache buffer three times per greedy step at batch 1 (40% of
     # the step, demo model).
+    pattern = np.tri(t, dtype=bool) if mask is None else mask.pattern()
     out = prefix_block_attention(q, cache.k[layer], cache.v[layer], k, v,
-                                 offsets, _block_pattern(t, parents))
+                                 offsets, pattern)
     k, v = _after(out, k), _after(out, v)
     return out, cache.write(layer, k, v, slots)
   cache = cache.write(layer, k, v, slots)
   from blockdec import kernels  # Imported lazily: the kernel is optional.
-  mask = (kernels.CausalBlockMask(t) if parents is None
-          else kernels.TreeMask(parents))
-  run = functools.partial(
-      kernels.block_attention, mask=mask,
-      interpret=jax.default_backend() == "cpu")
+  mask = masks.CausalBlockMask(t) if mask is None else mask
+  kernel = functools.partial(kernels.block_attention,
+                             interpret=jax.default_backend() == "cpu")
+  # A runtime mask is an argument (traced, split with the rows under a
+  # mesh); a static one is bound here.
+  runtime = isinstance(mask, masks.RuntimeTreeMask)
+  extra = (mask,) if runtime else ()
+  run = kernel if runtime else functools.partial(kernel, mask=mask)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
-    run = _on_mesh(run, mesh, batch=q.shape[0], num_kv_heads=cache.k[0].shape[1])
+    run = _on_mesh(run, mesh, batch=b, num_kv_heads=cache.k[0].shape[1],
+                   mask_ndim=mask.parents.ndim if runtime else None)
   # The kernel takes [B, S, H_kv, D] and goes head-major inside (padding
   # its copy); XLA folds the transposes into that copy.
   out = run(q, cache.k[layer].transpose(0, 3, 1, 2),
-            cache.v[layer].swapaxes(1, 2), offsets)
+            cache.v[layer].swapaxes(1, 2), offsets, *extra)
   return out, cache
+
+
+def _check_mask(mask, batch: int, t: int) -> None:
+  """Raises unless `mask` is None or a block mask for T = t (and B = batch)."""
+  from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
+  if mask is None:
+    return
+  if not isinstance(mask, (masks.BlockMask, masks.RuntimeTreeMask)):
+    raise TypeError(
+        f"mask must be None (causal block), a kernels.BlockMask (e.g. "
+        f"TreeMask(parents)) or a kernels.RuntimeTreeMask; got "
+        f"{type(mask).__name__}. A tuple of parents is TreeMask(parents).")
+  if mask.block_len != t:
+    raise ValueError(f"mask.block_len={mask.block_len} must equal the block "
+                     f"length T={t} (tokens per call); mask={mask!r}.")
+  if isinstance(mask, masks.RuntimeTreeMask):
+    shape = mask.parents.shape
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != batch):
+      raise ValueError(f"RuntimeTreeMask parents must be [T] or [B, T] with "
+                       f"B={batch}, T={t}; got shape {shape}.")
 
 
 def _after(first: jax.Array, x: jax.Array) -> jax.Array:
@@ -141,17 +177,10 @@ def _after(first: jax.Array, x: jax.Array) -> jax.Array:
   return x + first.reshape(-1)[0].astype(x.dtype) * 0
 
 
-def _block_pattern(t: int, parents: tuple[int, ...] | None) -> np.ndarray:
-  """[T, T] NumPy bool: block query i sees block key j."""
-  if parents is None:
-    return np.tri(t, dtype=bool)
-  from blockdec.kernels import masks  # NumPy only; lazily like the kernel.
-  return masks.TreeMask(parents).pattern()
-
-
 def prefix_block_attention(q: jax.Array, k_prefix: jax.Array,
                            v_prefix: jax.Array, k: jax.Array, v: jax.Array,
-                           offsets: jax.Array, pattern: np.ndarray) -> jax.Array:
+                           offsets: jax.Array,
+                           pattern: np.ndarray | jax.Array) -> jax.Array:
   """Attention of a block to a cached prefix and to itself, in one softmax.
 
   Args:
@@ -161,9 +190,10 @@ def prefix_block_attention(q: jax.Array, k_prefix: jax.Array,
     v_prefix: [B, H_kv, S, D] cached values.
     k: [B, T, H_kv, D] the block's own keys; v likewise.
     offsets: [B] int32, committed slots per row.
-    pattern: static [T, T] bool, query i sees block key j (causal: lower
-      triangle; token tree: ancestors and itself). Each row must see at
-      least itself, so no query is left with nothing to attend to.
+    pattern: [T, T] bool, query i sees block key j (causal: lower triangle;
+      token tree: ancestors and itself), NumPy (static) or a jax array; or
+      [B, T, T], one pattern per row (a per-row runtime tree). Each row must
+      see at least itself, so no query is left with nothing to attend to.
 
   Returns:
     [B, T, H, D] in q's dtype; scores and softmax in float32. Equal to
@@ -186,7 +216,10 @@ def prefix_block_attention(q: jax.Array, k_prefix: jax.Array,
                        preferred_element_type=jnp.float32) * scale
   committed = jnp.arange(k_prefix.shape[3], dtype=jnp.int32) < offsets[:, None]
   s_prefix = jnp.where(committed[:, None, None, :], s_prefix, _MASK_VALUE)
-  seen = jnp.asarray(np.tile(np.asarray(pattern, bool), (g, 1)))  # [G*T, T]
+  pattern = jnp.asarray(pattern, bool)
+  if pattern.ndim == 2:
+    pattern = pattern[None]
+  seen = jnp.tile(pattern, (1, g, 1))[:, None]  # [1|B, 1, G*T, T]
   s_block = jnp.where(seen, s_block, _MASK_VALUE)
   top = jnp.maximum(s_prefix.max(-1), s_block.max(-1))[..., None]
   p_prefix = jnp.exp(s_prefix - top)
@@ -200,8 +233,9 @@ def prefix_block_attention(q: jax.Array, k_prefix: jax.Array,
       0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _on_mesh(kernel, mesh, *, batch: int, num_kv_heads: int):
-  """`kernel(q, k, v, offsets)` run per shard with `jax.shard_map`.
+def _on_mesh(kernel, mesh, *, batch: int, num_kv_heads: int,
+             mask_ndim: int | None = None):
+  """`kernel(q, k, v, offsets[, mask])` run per shard with `jax.shard_map`.
 
   A Pallas call is opaque to XLA's SPMD partitioner, so under a mesh (set by
   `jax.set_mesh`, as the sharded decode does) each device runs the kernel on
@@ -209,7 +243,9 @@ def _on_mesh(kernel, mesh, *, batch: int, num_kv_heads: int):
   heads (over "model"). Query head h reads KV head h // G, so splitting both
   into equal contiguous slices keeps every group on one device. An axis the
   mesh lacks, or that does not divide the dim, is not used (replicated).
-  `check_vma=False`: pallas_call has no varying-manual-axes rule.
+  `mask_ndim` (a `RuntimeTreeMask` passed as a fifth argument): 2 splits
+  its [B, T] parents with the rows, 1 replicates [T] parents; None, no mask
+  argument. `check_vma=False`: pallas_call has no varying-manual-axes rule.
   """
 
   def axis(name, size):
@@ -218,6 +254,9 @@ def _on_mesh(kernel, mesh, *, batch: int, num_kv_heads: int):
 
   rows, heads = axis("data", batch), axis("model", num_kv_heads)
   qkv = P(rows, None, heads, None)  # [B, T|S, H|H_kv, D]
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv, qkv, qkv, P(rows)),
+  in_specs = (qkv, qkv, qkv, P(rows))
+  if mask_ndim is not None:
+    in_specs += (P(rows, None) if mask_ndim == 2 else P(None),)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs,
                        out_specs=qkv, check_vma=False)
 

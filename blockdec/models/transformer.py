@@ -113,16 +113,19 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, cache: KVCache | None = None,
-               layer: int = 0, parents: tuple[int, ...] | None = None,
+               layer: int = 0, mask=None,
                rope: tuple[jax.Array, jax.Array] | None = None,
                empty_cache: bool = False):
     """x [B, T, d]; cache: None (self-attention) or the stacked KV cache.
 
     With a cache, this layer's keys/values for the block are written at slots
     `positions` of layer `layer` (in place) and the block attends to them.
-    With a token tree (`parents`, static), node i sits at `positions[:, i]`
-    (offset + depth) but in slot `positions[:, 0] + i`, and attends to the
-    committed prefix and its ancestors (see `attention.cached_attention`).
+    `mask` (needs a cache unless None or causal): None for the causal block,
+    or a block mask of `blockdec.kernels` (static: `TreeMask`,
+    `BlockBidirectionalMask`, ...; runtime: `RuntimeTreeMask`) saying which
+    of the block's own keys each query sees; every query sees the committed
+    prefix. For a tree, node i sits at `positions[:, i]` (offset + depth) but
+    in slot `positions[:, 0] + i` (see `attention.cached_attention`).
     `rope`: `rope_angles` of `positions` (position="rope"), computed once
     per call by the trunk for all layers. `empty_cache` (static): nothing is
     committed before the block (prefill), so the cache is only written.
@@ -139,13 +142,15 @@ class Attention(nn.Module):
       q = apply_rope(q, rope)
       k = apply_rope(k, rope)
     if cache is None:
-      if parents is not None:
-        raise ValueError("a token tree (parents) needs a KV cache.")
+      from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
+      if mask is not None and not isinstance(mask, masks.CausalBlockMask):
+        raise ValueError(f"mask={mask!r} needs a KV cache; without one the "
+                         "model attends causally (mask=None).")
       out = attention.self_attention(q, k, v, positions)
     else:
       out, cache = attention.cached_attention(
           q, k, v, cache, layer, positions, backend=cfg.attention_backend,
-          parents=parents, empty=empty_cache)
+          mask=mask, empty=empty_cache)
     out = dense(cfg.d_model, cfg.proj_bias, "o")(out.reshape(b, t, h * d))
     return out, cache
 
@@ -168,10 +173,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, cache=None, layer=0, parents=None,
+  def __call__(self, x, positions, cache=None, layer=0, mask=None,
                rope=None, empty_cache=False):
     attn_out, cache = Attention(self.cfg, name="attn")(
-        _norm(self.cfg, "attn_norm")(x), positions, cache, layer, parents,
+        _norm(self.cfg, "attn_norm")(x), positions, cache, layer, mask,
         rope, empty_cache)
     x = x + attn_out
     x = x + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
@@ -212,14 +217,17 @@ class Transformer(nn.Module):
       self.proposal_heads = ProposalHeads(cfg)
 
   def trunk(self, tokens, positions, cache: KVCache | None = None,
-            parents: tuple[int, ...] | None = None,
-            empty_cache: bool = False):
+            mask=None, empty_cache: bool = False):
     """tokens, positions [B, T] -> (normalised hidden [B, T, d], cache).
 
     With a cache, the block is written at slots `positions[:, 0] ...` and the
-    returned cache has `end_index = positions[:, 0] + T`. `parents` (static)
-    makes the block a token tree; see `Attention`. `empty_cache` (static):
-    the cache holds nothing committed yet (prefill), so it is not read.
+    returned cache has `end_index = positions[:, 0] + T`. `mask`: None (the
+    causal block) or a block mask with `block_len == T`, static and hashable
+    (`kernels.TreeMask(parents)` scores a token tree,
+    `kernels.BlockBidirectionalMask(T, n)` a block-diffusion block) or a
+    `kernels.RuntimeTreeMask` with traced parents; see `Attention`.
+    `empty_cache` (static): the cache holds nothing committed yet (prefill),
+    so it is not read.
     """
     x = self.embed(tokens)
     if self.cfg.position == "learned":
@@ -229,7 +237,7 @@ class Transformer(nn.Module):
       rope = rope_angles(self.cfg, positions,
                          None if cache is None else cache.length)
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, positions, cache, i, parents, rope, empty_cache)
+      x, cache = layer(x, positions, cache, i, mask, rope, empty_cache)
     if cache is not None:
       cache = cache.set_end_index(positions[:, 0] + tokens.shape[1])
     return self.final_norm(x), cache
@@ -251,8 +259,8 @@ class Transformer(nn.Module):
     return self.vocab_logits(jnp.stack(hs, axis=2))
 
   def __call__(self, tokens, positions, cache=None, num_heads=None,
-               parents=None):
-    h, cache = self.trunk(tokens, positions, cache, parents)
+               mask=None):
+    h, cache = self.trunk(tokens, positions, cache, mask)
     return self.head_logits(h, num_heads), cache
 
 
@@ -280,13 +288,15 @@ def make_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
 
 
 def apply(params, cfg: ModelConfig, tokens, positions, cache=None,
-          num_heads=None, parents=None):
+          num_heads=None, mask=None):
   """Logits [B, T, num_heads, V] (float32) and the updated cache.
 
-  `parents` (a static tuple) scores a token tree instead of a causal block.
+  `mask` (see `Transformer.trunk`): None scores a causal block; a static
+  block mask (e.g. `kernels.TreeMask(parents)`, a static argument under
+  `jax.jit`) or a `kernels.RuntimeTreeMask` (a traced one) another pattern.
   """
   return Transformer(cfg).apply({"params": params}, tokens, positions, cache,
-                                num_heads, parents)
+                                num_heads, mask)
 
 
 def forward_logits(params, cfg: ModelConfig, tokens):

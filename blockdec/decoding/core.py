@@ -1,0 +1,425 @@
+"""The draft-and-verify core: the one loop every decoding method runs.
+
+Every method of the blockwise family is the same loop; only who drafts and
+how verification decides differ:
+
+  prefill   run the prompts; the first token is chosen from head 1 at each
+            row's last prompt token (argmax, or a draw with sampling); the
+            drafter's `init` sees the heads there.
+  loop      while a row is active (and at most N calls):
+    propose   the drafter's `propose` -> `Draft`: C chains of D tokens that
+              all follow the decided token (the root), optionally with
+              their draft distributions q;
+    call      the target model once on the root and the drafts (a causal
+              block for one chain, a token tree for several);
+    verify    the verifier's `Verdict`: kept chain, accepted drafts a in
+              [0, D], next token;
+    commit    root + a drafts (cut after an EOS, clamped to the budget) are
+              written; lengths, done, num_calls and the histogram advance;
+              for a tree the kept path's keys and values move into place;
+    update    the drafter's `update` sees the call (heads at the last
+              committed node, what was committed).
+  finalize  mask every row after its end, once.
+
+Row compaction (`state.while_loop_compacting`), EOS, ragged prompts, the
+budget and the adaptive draft length (`adaptive.AdaptiveBlockSize`) belong
+to the loop, so every drafter has them. A drafter's state lives in its own
+pytree carry; it must be a scalar or have the batch as leading axis in
+every leaf (so rows can be compacted), and a drafter must not close over
+per-row arrays.
+
+Randomness (sampling only) is keyed by the run's key, the row's index in the
+caller's batch (`LoopState.row_ids`, which compaction carries along) and the
+index of the generated token a draw decides (`sampling.token_keys`): a
+row's output does not depend on its neighbours or on compaction.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from blockdec.decoding import sampling as sampling_lib
+from blockdec.kernels import masks
+from blockdec.decoding.lattice import DraftTree
+from blockdec.decoding.rescoring import tree_call
+from blockdec.decoding.state import (DecodeOptions, DecodeOutput, ScoreFn,
+                                     SplitScoreFn, finalize,
+                                     while_loop_compacting, write_rows)
+from blockdec.decoding.verify import VerifyKeys
+
+# compact(cache, src_slots [B, A], offsets [B], end_index [B]) -> cache:
+# moves the entries at src_slots[b, i] to slot offsets[b] + i and sets the
+# end index (a "slot s holds position s" cache after a tree call).
+CompactFn = Callable[[Any, jax.Array, jax.Array, jax.Array], Any]
+# heads(nodes [B, M], num_heads) -> logits [B, M, num_heads, V] at fed nodes.
+HeadFn = Callable[[jax.Array, int], jax.Array]
+
+
+@flax.struct.dataclass
+class Draft:
+  """What a drafter proposes for one call.
+
+  Attributes:
+    tokens: [B, C, D] int32 C chains of D drafted tokens after the root.
+    q: [B, C, D, V] float32 the filtered distribution each token was drawn
+      from (sampling), or None for deterministic drafts.
+    confidence: [B, D] float32 the drafter's probability of chain 0's
+      tokens (the adaptive rule's "confidence" estimate), or None.
+  """
+
+  tokens: jax.Array
+  q: jax.Array | None = None
+  confidence: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a drafter may read besides its carry (static parts only here).
+
+  Attributes:
+    sampling: the run's sampling settings, or None (greedy drafts).
+    want_confidence: the adaptive rule reads `Draft.confidence`.
+  """
+
+  sampling: sampling_lib.Sampling | None = None
+  want_confidence: bool = False
+
+
+@dataclasses.dataclass
+class View:
+  """A drafter's view of the call that just ran (or of the prefill).
+
+  Attributes:
+    heads: heads [B, n, V] of the target at the last committed node
+      (prefill: the last prompt token): head 1 predicts the next token,
+      head j the token j - 1 places after it. Call as `heads(n)`. None in
+      `propose` (read the heads in `init`/`update`, keep what is needed).
+    next_token: [B] int32 the token the next call feeds first.
+    lengths: [B] int32 generated tokens committed so far.
+    committed: [B, K] int32 this call's committed tokens (valid up to
+      `num_committed`); None at prefill.
+    num_committed: [B] int32 tokens committed by this call (0 at prefill).
+    offsets: [B] int32 position of the first token this call committed.
+    prompts: [B, P] int32 and prompt_lengths [B]: the rows' prompts.
+    generated: [B, M] int32 generated tokens (valid up to `lengths`).
+    keys: [B] per-row keys (sampling), or None.
+    context: static settings.
+  """
+
+  heads: Callable[[int], jax.Array]
+  next_token: jax.Array
+  lengths: jax.Array
+  committed: jax.Array | None
+  num_committed: jax.Array
+  offsets: jax.Array
+  prompts: jax.Array
+  prompt_lengths: jax.Array
+  generated: jax.Array
+  keys: jax.Array | None
+  context: Context
+
+
+class Drafter(abc.ABC):
+  """Proposes drafts; a hashable static object with a pytree carry.
+
+  A chain drafter (`tree is None`) proposes one chain (C = 1) of
+  `num_drafts` tokens; a tree drafter proposes the chains of `tree` (a
+  `lattice.DraftTree`), verified in one tree call.
+  """
+
+  @property
+  @abc.abstractmethod
+  def num_drafts(self) -> int:
+    """D, tokens drafted per chain after the root (static)."""
+
+  @property
+  def tree(self) -> DraftTree | None:
+    """The token tree the chains form, or None for one chain."""
+    return None
+
+  @property
+  def cache_slots(self) -> int:
+    """Cache slots a call writes past the committed length."""
+    return 1 + self.num_drafts if self.tree is None else self.tree.size
+
+  @abc.abstractmethod
+  def init(self, view: View) -> Any:
+    """The carry after prefill."""
+
+  @abc.abstractmethod
+  def propose(self, carry, view: View) -> Draft:
+    """The drafts for the next call (`view` as after the last update)."""
+
+  @abc.abstractmethod
+  def update(self, carry, view: View) -> Any:
+    """The carry after a call."""
+
+
+class NoDrafter(Drafter):
+  """Drafts nothing: one token per call (ancestral sampling, or greedy)."""
+
+  def __hash__(self):
+    return hash(NoDrafter)
+
+  def __eq__(self, other):
+    return isinstance(other, NoDrafter)
+
+  @property
+  def num_drafts(self):
+    return 0
+
+  def init(self, view):
+    return None
+
+  def propose(self, carry, view):
+    return Draft(tokens=jnp.zeros((view.lengths.shape[0], 1, 0), jnp.int32))
+
+  def update(self, carry, view):
+    return None
+
+
+@flax.struct.dataclass
+class LoopState:
+  """Per-row state of the core loop.
+
+  Attributes:
+    step: [] int32 calls so far.
+    row_ids: [B] int32 each row's index in the caller's batch.
+    prompts: [B, P] int32 and prompt_lengths [B] int32.
+    tokens: [B, N + K] int32 generated tokens; garbage past `lengths`.
+    lengths: [B] int32 committed generated tokens.
+    next_token: [B] int32 decided, fed and committed first by the next call.
+    done: [B] bool rows that hit EOS or their budget.
+    num_calls: [B] int32 calls while the row was active.
+    accepted_hist: [B, K] int32; entry a - 1 counts calls committing a
+      tokens (K = D + 1).
+    cache: the target's cache.
+    drafter: the drafter's carry.
+    policy: the adaptive rule's carry (None without one).
+  """
+
+  step: jax.Array
+  row_ids: jax.Array
+  prompts: jax.Array
+  prompt_lengths: jax.Array
+  tokens: jax.Array
+  lengths: jax.Array
+  next_token: jax.Array
+  done: jax.Array
+  num_calls: jax.Array
+  accepted_hist: jax.Array
+  cache: Any
+  drafter: Any
+  policy: Any
+
+  @property
+  def positions(self) -> jax.Array:
+    """[B] position of the next token to commit (prompt included)."""
+    return self.prompt_lengths + self.lengths
+
+
+def prefill_call(score_fn: ScoreFn, params, prompts, cache) -> tuple[HeadFn, Any]:
+  """Runs the prompts [B, P] once (fast path when the scorer has one)."""
+  batch, p = prompts.shape
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
+  if isinstance(score_fn, SplitScoreFn) and score_fn.prefill is not None:
+    hidden, cache = score_fn.prefill(params, prompts, positions, cache)
+
+    def head_fn(nodes, num_heads):
+      picked = jnp.take_along_axis(
+          hidden, nodes.reshape(nodes.shape + (1,) * (hidden.ndim - 2)), axis=1)
+      return score_fn.heads(params, picked, num_heads)
+
+    return head_fn, cache
+  return tree_call(score_fn, params, prompts, positions, cache)
+
+
+def _view(state: LoopState, heads, committed, num_committed, offsets, keys,
+          context) -> View:
+  return View(heads=heads, next_token=state.next_token, lengths=state.lengths,
+              committed=committed, num_committed=num_committed,
+              offsets=offsets, prompts=state.prompts,
+              prompt_lengths=state.prompt_lengths, generated=state.tokens,
+              keys=keys, context=context)
+
+
+def run(score_fn: ScoreFn, params, prompts: jax.Array,
+        prompt_lengths: jax.Array, cache, options: DecodeOptions,
+        drafter: Drafter, *, key: jax.Array | None = None,
+        compact_fn: CompactFn | None = None,
+        row_ids: jax.Array | None = None) -> DecodeOutput:
+  """Decodes with `drafter` and `options.acceptance` as the verifier.
+
+  Args:
+    score_fn: the target's scoring callable (`state.ScoreFn`, or a
+      `SplitScoreFn`); it must return at least as many heads as the drafter
+      reads.
+    params: passed through to `score_fn`.
+    prompts: [B, P] int32, right-padded.
+    prompt_lengths: [B] int32 in [1, P].
+    cache: an empty cache with room for P + N + `drafter.cache_slots`.
+    options: static options; `options.acceptance` is the verifier,
+      `options.sampling` the sampling settings (None: greedy),
+      `options.adaptive` the draft-length rule (chains only).
+    drafter: static drafter.
+    key: PRNG key (required with sampling).
+    compact_fn: moves the kept path's cache entries after a tree call
+      (required for tree drafters).
+    row_ids: [B] int32 the rows' indices in the caller's batch (keys);
+      default 0..B-1.
+
+  Returns:
+    `DecodeOutput`; accepted_hist has D + 1 columns.
+
+  Traceable: call it under `jax.jit` with `options` and `drafter` static.
+  """
+  sampling, verifier, adaptive = (options.sampling, options.acceptance,
+                                  options.adaptive)
+  d, tree = drafter.num_drafts, drafter.tree
+  if sampling is not None and key is None:
+    raise ValueError("sampling needs a PRNG key (key=jax.random.key(seed)).")
+  if tree is not None and compact_fn is None:
+    raise ValueError("a tree drafter needs a compact_fn for the cache.")
+  if tree is not None and adaptive is not None:
+    raise ValueError("the adaptive draft length works on chains, not trees.")
+  tree_mask = None if tree is None else masks.TreeMask(tree.parents)
+  context = Context(sampling=sampling, want_confidence=(
+      adaptive is not None and adaptive.estimate == "confidence"))
+  batch = prompts.shape[0]
+  if row_ids is None:
+    row_ids = jnp.arange(batch, dtype=jnp.int32)
+  n = options.max_new_tokens
+
+  def keys_of(state):
+    return (None if sampling is None
+            else sampling_lib.row_keys(key, state.row_ids))
+
+  # Prefill: the first token comes from head 1 at the last prompt token.
+  head_fn, cache = prefill_call(score_fn, params, prompts, cache)
+  last = (prompt_lengths - 1)[:, None]
+  zeros = jnp.zeros((batch,), jnp.int32)
+  state = LoopState(
+      step=jnp.zeros((), jnp.int32), row_ids=row_ids.astype(jnp.int32),
+      prompts=prompts, prompt_lengths=prompt_lengths.astype(jnp.int32),
+      tokens=jnp.full((batch, n + d + 1), options.pad_id, jnp.int32),
+      lengths=zeros, next_token=zeros, done=jnp.zeros((batch,), bool),
+      num_calls=zeros, accepted_hist=jnp.zeros((batch, d + 1), jnp.int32),
+      cache=cache, drafter=None,
+      policy=None if adaptive is None else adaptive.init(batch, d + 1))
+  keys = keys_of(state)
+  first_logits = head_fn(last, 1)[:, 0, 0]  # [B, V]
+  first_keys = (None if keys is None else
+                sampling_lib.token_keys(keys, zeros, sampling_lib.NEXT))
+  state = state.replace(next_token=sampling_lib.choose(first_logits, sampling,
+                                                       first_keys))
+  heads_at_last = lambda m: head_fn(last, m)[:, 0]
+  state = state.replace(drafter=drafter.init(
+      _view(state, heads_at_last, None, zeros, prompt_lengths, keys, context)))
+
+  def cond(state: LoopState):
+    return ~jnp.all(state.done) & (state.step < n)
+
+  def step(state: LoopState, draft: Draft, t: int) -> LoopState:
+    """One call feeding the root and the first t - 1 drafts of each chain."""
+    rows = state.lengths.shape[0]  # Shrinks as rows are compacted.
+    keys = keys_of(state)
+    offsets = state.positions  # [B]
+    drafts = draft.tokens[:, :, :t - 1]  # [B, C, t-1]
+    chains = drafts.shape[1]
+    root = state.next_token[:, None]
+    if tree is None:
+      fed = jnp.concatenate([root, drafts[:, 0]], axis=1)  # [B, t]
+      positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)
+      head_fn, cache = tree_call(score_fn, params, fed, positions, state.cache)
+      paths = jnp.arange(t, dtype=jnp.int32)[None]  # [1, t]
+    else:
+      full = jnp.concatenate(
+          [jnp.broadcast_to(root[:, None], (rows, chains, 1)), drafts], axis=2)
+      fed = tree.flatten(full)  # [B, T]
+      positions = offsets[:, None] + jnp.asarray(tree.depths, jnp.int32)
+      head_fn, cache = tree_call(score_fn, params, fed, positions, state.cache,
+                                 mask=tree_mask)
+      paths = jnp.asarray(tree.paths, jnp.int32)  # [C, t]
+    nodes = jnp.broadcast_to(paths.reshape(1, -1), (rows, chains * t))
+    logits = head_fn(nodes, 1)[:, :, 0].reshape(rows, chains, t, -1)
+    verify_keys = None
+    if keys is not None:
+      index = state.lengths[:, None] + 1 + jnp.arange(t, dtype=jnp.int32)
+      verify_keys = VerifyKeys(
+          accept=sampling_lib.token_keys(keys, index[:, :t - 1],
+                                         sampling_lib.ACCEPT),
+          next=sampling_lib.token_keys(keys, index, sampling_lib.NEXT))
+    q = None if draft.q is None else draft.q[:, :, :t - 1]
+    verdict = verifier.verify(drafts, logits, q, sampling, verify_keys)
+
+    # Commit the root and the accepted drafts of the kept chain.
+    kept = jnp.take_along_axis(full if tree is not None else fed[:, None],
+                               verdict.chain[:, None, None], axis=1)[:, 0]
+    count = verdict.accepted + 1  # [B] in [1, t]
+    ended = jnp.zeros_like(state.done)
+    if options.eos_id is not None:
+      is_eos = (kept == options.eos_id) & (jnp.arange(t) < count[:, None])
+      ended = jnp.any(is_eos, axis=-1)
+      count = jnp.where(ended, jnp.argmax(is_eos, axis=-1) + 1, count)
+    count = jnp.minimum(count, n - state.lengths)
+    active = ~state.done
+    count = jnp.where(active, count, 0).astype(jnp.int32)
+    tokens = write_rows(state.tokens, kept, state.lengths)
+    lengths = state.lengths + count
+    done = state.done | (active & ended) | (lengths >= n)
+    path = paths[jnp.zeros_like(verdict.chain) if tree is None
+                 else verdict.chain]  # [B, t]
+    if tree is not None:
+      cache = compact_fn(cache, offsets[:, None] + path, offsets,
+                         offsets + count)
+    hist = state.accepted_hist + (
+        active[:, None]
+        & (jnp.arange(d + 1)[None, :] == count[:, None] - 1))
+    policy = state.policy
+    if adaptive is not None:
+      policy = adaptive.update(policy, verdict.accepted, t, active)
+    new = state.replace(
+        step=state.step + 1, tokens=tokens, lengths=lengths,
+        next_token=jnp.where(active, verdict.next_token, state.next_token),
+        done=done, num_calls=state.num_calls + active,
+        accepted_hist=hist.astype(jnp.int32), cache=cache, policy=policy)
+    # The drafter reads the heads at the last committed node.
+    last = jnp.take_along_axis(path, jnp.maximum(count - 1, 0)[:, None],
+                               axis=1)  # [B, 1]
+    view = _view(new, lambda m: head_fn(last, m)[:, 0], kept, count, offsets,
+                 keys, context)
+    return new.replace(drafter=drafter.update(state.drafter, view))
+
+  def propose(state: LoopState) -> Draft:
+    # No heads here: a drafter reads them in update() and keeps what it needs.
+    return drafter.propose(state.drafter, _view(
+        state, None, None, jnp.zeros_like(state.lengths), state.positions,
+        keys_of(state), context))
+
+  if adaptive is None:
+    def body(state):
+      return step(state, propose(state), d + 1)
+  else:
+    sizes = adaptive.candidate_sizes(d + 1)
+    branches = [functools.partial(step, t=t) for t in sizes]
+
+    def body(state):
+      draft = propose(state)
+      which = adaptive.choose(adaptive.survival(state.policy, draft),
+                              ~state.done, d + 1)
+      return jax.lax.switch(which, branches, state, draft)
+
+  state = while_loop_compacting(cond, body, state, lambda s: s.done,
+                                options.compact_rows)
+  return finalize(state, options)
+
+
+__all__ = ["Context", "Draft", "Drafter", "LoopState", "NoDrafter", "View",
+           "prefill_call", "run"]

@@ -1,0 +1,77 @@
+"""Stern et al.'s proposal heads as a drafter (blockwise parallel decoding).
+
+After a call, the heads at the last committed node predict the next block:
+head 1 the next token (the verifier decides that one), head j + 1 the token
+j places after it. The drafts are their argmaxes under greedy decoding, and
+draws from their filtered distributions q with sampling (which the
+speculative-sampling verifier needs). Heads do not see each other's drafts:
+head j's q is the same whatever heads 2..j-1 drew, which is still a valid
+draft distribution.
+
+Worked example, k = 3, greedy: after the call the heads at the last
+committed node read [the, cat, sat]; "the" is head 1's (the next token,
+chosen by the verifier), so the next call feeds [the, cat, sat] with drafts
+[cat, sat].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from blockdec.decoding import sampling as sampling_lib
+from blockdec.decoding.core import Draft, Drafter, View
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsDrafter(Drafter):
+  """Drafts `block_size - 1` tokens with heads 2..block_size.
+
+  Carry: tokens [B, D] int32 the next drafts; q [B, D, V] their filtered
+  distributions (sampling only); confidence [B, D] (adaptive "confidence"
+  estimate only).
+  """
+
+  block_size: int
+
+  @property
+  def num_drafts(self) -> int:
+    return self.block_size - 1
+
+  def init(self, view: View):
+    return self.update(None, view)
+
+  def update(self, carry, view: View):
+    del carry
+    d = self.num_drafts
+    context = view.context
+    batch = view.lengths.shape[0]
+    if d == 0:
+      return {"tokens": jnp.zeros((batch, 0), jnp.int32)}
+    logits = view.heads(self.block_size)[:, 1:]  # [B, D, V] heads 2..k
+    if context.sampling is None:
+      tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      out = {"tokens": tokens}
+      if context.want_confidence:
+        logits = logits.astype(jnp.float32)
+        out["confidence"] = 1.0 / jnp.sum(
+            jnp.exp(logits - logits.max(-1, keepdims=True)), -1)
+      return out
+    log_q = context.sampling.log_probs(logits)  # [B, D, V]
+    # Draft j is generated token lengths + j (the next token is `lengths`).
+    index = view.lengths[:, None] + 1 + jnp.arange(d, dtype=jnp.int32)
+    keys = sampling_lib.token_keys(view.keys, index, sampling_lib.DRAFT)
+    tokens = sampling_lib.sample(keys, log_q)
+    q = jnp.exp(log_q)
+    out = {"tokens": tokens, "q": q}
+    if context.want_confidence:
+      out["confidence"] = jnp.take_along_axis(q, tokens[..., None], -1)[..., 0]
+    return out
+
+  def propose(self, carry, view: View) -> Draft:
+    q = carry.get("q")
+    return Draft(tokens=carry["tokens"][:, None],
+                 q=None if q is None else q[:, None],
+                 confidence=carry.get("confidence"))
