@@ -166,6 +166,11 @@ class SpeculativeSampling(Verifier):
     mass = jnp.sum(r, axis=-1, keepdims=True)
     return jnp.where(mass > 0, r / jnp.where(mass > 0, mass, 1.0), p)
 
+  def acceptance_ratio(self, p_draft: jax.Array,
+                       q_draft: jax.Array) -> jax.Array:
+    """p(x) / q(x) of each draft x; it is accepted iff a uniform is below."""
+    return p_draft / jnp.maximum(q_draft, jnp.finfo(jnp.float32).tiny)
+
   def verify(self, drafts, logits, q, sampling, keys):
     if drafts.shape[1] != 1:
       raise ValueError(f"speculative sampling verifies one chain; got "
@@ -179,8 +184,8 @@ class SpeculativeSampling(Verifier):
     q_draft = jnp.sum(q * one_hot, axis=-1)
     if d:
       u = sampling_lib.uniform(keys.accept)  # [B, D]
-      # u < p / q without dividing (q > 0 for a token that was drawn from q).
-      accepted = accepted_drafts(u * q_draft < p_draft).astype(jnp.int32)
+      accepted = accepted_drafts(
+          u < self.acceptance_ratio(p_draft, q_draft)).astype(jnp.int32)
     else:  # Nothing drafted: plain ancestral sampling.
       accepted = jnp.zeros(draft.shape[:1], jnp.int32)
     # Row b draws its next token from the residual at its first rejection,
