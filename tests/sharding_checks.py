@@ -172,6 +172,28 @@ def check_decode(backends=("xla",), meshes=MESHES, fns=None):
                                       ref.num_calls, err_msg=where)
         assert _spec(out.tokens)[0] == "data" or shape[0] == 1, (
             where, out.tokens.sharding)
+  if fns is not None:
+    return
+  # Every method of the core runs sharded: refined drafts as a token tree,
+  # and speculative sampling (same key: same samples as on one device).
+  runs = (
+      dict(method=blockdec.Refined(block_size=3, num_drafts=2)),
+      dict(method=blockdec.Blockwise(3), sampling=blockdec.Sampling(0.8),
+           key=jax.random.key(5)),
+  )
+  for run in runs:
+    ref = blockdec.decode(params, cfg, prompts, lengths, 10, **run)
+    if "sampling" not in run:
+      np.testing.assert_array_equal(ref.tokens, ref_greedy.tokens)
+    for shape in ((4, 2), (1, 8)):
+      mesh = blockdec.make_mesh(shape)
+      out = blockdec.decode(blockdec.shard_params(params, cfg, mesh), cfg,
+                            prompts, lengths, 10, mesh=mesh, **run)
+      where = f"{run} mesh={shape}"
+      np.testing.assert_array_equal(np.asarray(out.tokens), ref.tokens,
+                                    err_msg=where)
+      np.testing.assert_array_equal(np.asarray(out.num_calls), ref.num_calls,
+                                    err_msg=where)
 
 
 def check_decode_pallas():
@@ -205,12 +227,12 @@ def check_cache_sharding():
   mesh = blockdec.make_mesh((4, 2))
   prompts, lengths = prompts_and_lengths(cfg.vocab_size)
   fn, param_sh, prompt_sh, row_sh = api._sharded_decoder(  # pylint: disable=protected-access
-      cfg, DecodeOptions(max_new_tokens=4, block_size=2), False, mesh,
-      sharding.DEFAULT_RULES, prompts.shape)
+      cfg, DecodeOptions(max_new_tokens=4, block_size=2),
+      blockdec.Blockwise(2), mesh, sharding.DEFAULT_RULES, prompts.shape, 2)
   with jax.set_mesh(mesh):
     hlo = fn.lower(jax.device_put(params, param_sh),
                    jax.device_put(prompts, prompt_sh),
-                   jax.device_put(lengths, row_sh)).as_text()
+                   jax.device_put(lengths, row_sh), None, None).as_text()
   # Shardy: at creation (k, v) and after every model call (prefill, loop).
   pinned = '{"data"}, {"model"}, {}, {}]>'
   assert hlo.count("sharding_constraint") >= 4 and hlo.count(pinned) >= 4, (

@@ -368,6 +368,32 @@ def test_refined_decode_equals_greedy(source, k, p, beam, with_eos):
     np.testing.assert_array_equal((hist * np.arange(1, k + 1)).sum(-1), lens)
 
 
+@pytest.mark.parametrize("estimate", ["history", "confidence"])
+def test_refined_through_the_core_adaptive_and_compaction(estimate):
+  """Refined drafts get what every method of the core gets: the adaptive
+  draft length and row compaction, with the output still greedy's and
+  compaction changing nothing."""
+  cfg, params = random_model(EXACT_ARCH, param_seed=7)
+  params = {**params, "proposal_heads": jax.tree_util.tree_map(
+      np.zeros_like, params["proposal_heads"])}
+  prompts, lengths = ragged_prompts(11, 5, 6, cfg.vocab_size)
+  ngram = NGramLM.build(_random_docs(EXACT_ARCH, cfg.vocab_size, 20), 3,
+                        cfg.vocab_size)
+  method = blockdec.Refined(block_size=6, lattice_width=3, ngram=ngram,
+                            adaptive=blockdec.AdaptiveBlockSize(
+                                0.2, estimate=estimate))
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=24, eos_id=3)
+  outs = [blockdec.decode(params, cfg, prompts, lengths, 24, method=method,
+                          eos_id=3, compact_rows=c) for c in (True, False)]
+  assert_same_or_near_tie(cfg, params, prompts, lengths, greedy, outs[0])
+  for field in ("tokens", "lengths", "num_calls", "accepted_hist"):
+    np.testing.assert_array_equal(getattr(outs[0], field),
+                                  getattr(outs[1], field), err_msg=field)
+  if estimate == "history":  # Untried depths look certain: drafts are tried.
+    assert np.asarray(outs[0].accepted_hist)[:, 1:].sum() > 0
+
+
 def test_refined_decode_rejects_bad_arguments():
   cfg, params = random_model(EXACT_ARCH)
   prompts, lengths = ragged_prompts(0, 2, 4, cfg.vocab_size)

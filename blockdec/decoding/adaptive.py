@@ -112,6 +112,10 @@ class AdaptiveBlockSize:
     """q [B, k] of the module docstring from the carry and the next draft
     (`core.Draft`; its `confidence` [B, k - 1] for "confidence")."""
     if self.estimate == "confidence":
+      if draft.confidence is None:
+        raise ValueError("AdaptiveBlockSize(estimate='confidence') needs a "
+                         "drafter that reports its confidence; use "
+                         "estimate='history'.")
       conf = draft.confidence.astype(jnp.float32)
       return jnp.concatenate([jnp.ones_like(conf[:, :1]), conf], axis=1)
     # The rate at which each draft depth survived so far, with one optimistic

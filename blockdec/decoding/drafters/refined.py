@@ -152,14 +152,24 @@ class RefinedDrafter(Drafter):
   def tree(self):
     return self._tree
 
-  def _lattice(self, view: View) -> Lattice:
+  def _lattice(self, view: View) -> tuple[Lattice, jax.Array]:
     """The heads' lattice after the last committed token, rooted at the
-    token the verifier chose (head 1's argmax under greedy decoding)."""
+    token the verifier chose (head 1's argmax under greedy decoding), and
+    the heads' logits [B, k, V]."""
     heads = view.heads(self.k)  # [B, k, V]
     lattice = top_k_lattice(heads, min(self.options.lattice_width,
                                        heads.shape[-1]))
     root = jnp.broadcast_to(view.next_token[:, None], lattice.tokens[:, 0].shape)
-    return lattice.replace(tokens=lattice.tokens.at[:, 0].set(root))
+    return lattice.replace(tokens=lattice.tokens.at[:, 0].set(root)), heads
+
+  def _carry(self, drafts, heads, rescorer_cache, view: View):
+    carry = {"drafts": drafts, "rescorer_cache": rescorer_cache}
+    if view.context.want_confidence:
+      # The heads' probability of draft 0's tokens (adaptive length).
+      log_p = jax.nn.log_softmax(heads[:, 1:].astype(jnp.float32), axis=-1)
+      carry["confidence"] = jnp.exp(jnp.take_along_axis(
+          log_p, drafts[:, 0, 1:, None], axis=-1)[..., 0])  # [B, k-1]
+    return carry
 
   def _rescorer_commit(self, cache, committed, count, path, offsets):
     """One small-LM call: commits committed[:, :count] (at `offsets`) and
@@ -210,7 +220,7 @@ class RefinedDrafter(Drafter):
     return out, rescorer_cache
 
   def init(self, view: View):
-    lattice = self._lattice(view)
+    lattice, heads = self._lattice(view)
     rescorer_cache = path_log_probs = None
     if self.rescorer is not None:
       batch, p = view.prompts.shape
@@ -224,10 +234,10 @@ class RefinedDrafter(Drafter):
           view.prompt_lengths)
     drafts, rescorer_cache = self._drafts(lattice, view, rescorer_cache,
                                           path_log_probs)
-    return {"drafts": drafts, "rescorer_cache": rescorer_cache}
+    return self._carry(drafts, heads, rescorer_cache, view)
 
   def update(self, carry, view: View):
-    lattice = self._lattice(view)
+    lattice, heads = self._lattice(view)
     rescorer_cache, path_log_probs = carry["rescorer_cache"], None
     if self.rescorer is not None:
       rescorer_cache, path_log_probs = self._rescorer_commit(
@@ -235,7 +245,8 @@ class RefinedDrafter(Drafter):
           lattice.argmax_path(), view.offsets)
     drafts, rescorer_cache = self._drafts(lattice, view, rescorer_cache,
                                           path_log_probs)
-    return {"drafts": drafts, "rescorer_cache": rescorer_cache}
+    return self._carry(drafts, heads, rescorer_cache, view)
 
   def propose(self, carry, view: View) -> Draft:
-    return Draft(tokens=carry["drafts"][:, :, 1:])
+    return Draft(tokens=carry["drafts"][:, :, 1:],
+                 confidence=carry.get("confidence"))
