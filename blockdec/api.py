@@ -77,7 +77,7 @@ def _decode_impl(params, prompts, prompt_lengths, key, arrays, *,
   slots = 1 if drafter is None else drafter.cache_slots
   cache = transformer.make_cache(
       cfg, batch, cache_length(p, options.max_new_tokens, slots))
-  score = model_score_fn(cfg, num_heads=max(k, 1))
+  score = model_score_fn(cfg, num_heads=min(k, cfg.num_prediction_heads))
   if cache_sharding is not None:
     # Keep the cache split (batch over data, kv heads over model) through
     # every call of the loop, not only where XLA's propagation would put it.
@@ -226,9 +226,13 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
                     "blockdec.Sampling(temperature, top_k, top_p).")
   key = _check_key(key, sampling)
   block_size = method.resolve_block_size(cfg)
+  if not method.reads_heads and (isinstance(block_size, bool) or not
+                                 isinstance(block_size, int) or block_size < 1):
+    raise ValueError(f"{type(method).__name__} block size {block_size!r} must "
+                     "be a positive int.")
   prompts, prompt_lengths = _check_inputs(
-      params, cfg, prompts, prompt_lengths, max_new_tokens, block_size, eos_id,
-      pad_id)
+      params, cfg, prompts, prompt_lengths, max_new_tokens,
+      block_size if method.reads_heads else 1, eos_id, pad_id)
   acceptance = method.acceptance
   if not isinstance(acceptance, decoding.Verifier):
     raise TypeError(f"acceptance={acceptance!r} must be a blockdec verifier "

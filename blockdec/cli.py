@@ -4,12 +4,16 @@ r"""The `blockdec` command: train, decode, eval.
   blockdec train --config configs/heads_frozen.py:cpu --cache_dir=cache
   blockdec decode --checkpoint cache/heads_frozen_cpu-... --prompt "def main(" \
       --max_new_tokens=64
+  blockdec decode --checkpoint cache/heads_frozen_cpu-... --prompt "def main(" \
+      --temperature=0.6 --top_p=0.95 --seed=0
   blockdec eval --checkpoint cache/heads_frozen_cpu-... --num_prompts=16
   python -m blockdec.cli train --config configs/base_lm.py:tiny
 
 `train` trains the config (or reuses a finished run of the same config from
 the cache; a head config trains or reuses its base LM first) and prints the
-run folder. `decode` continues one prompt greedily and blockwise. `eval`
+run folder. `decode` continues one prompt greedily and blockwise (with
+`--temperature` > 0: samples it by speculative sampling with the heads,
+lossless: distributed as the model's own samples). `eval`
 reports held-out loss, per-head agreement and block efficiency on held-out
 prompts. The logic lives in blockdec.training; this file only parses flags.
 """
@@ -35,6 +39,11 @@ _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (decode).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
 _BLOCK = flags.DEFINE_integer(
     "block_size", 0, "Blockwise block size k; 0 = all the model's heads.")
+_TEMPERATURE = flags.DEFINE_float(
+    "temperature", 0.0, "decode: sampling temperature; 0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "decode: top-k filter; 0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "decode: top-p filter; 1 = off.")
+_SEED = flags.DEFINE_integer("seed", 0, "decode: sampling seed.")
 _CORPUS = flags.DEFINE_string(
     "corpus", "stdlib", "Corpus whose held-out split eval uses.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16, "Held-out prompts (eval).")
@@ -69,12 +78,33 @@ def _decode():
     raise app.UsageError("decode needs --prompt.")
   cfg, params, tokenizer = _load()
   prompt = _PROMPT.value.encode().decode("unicode_escape")  # Allow "\n".
+  if _TEMPERATURE.value > 0:
+    _sample(cfg, params, tokenizer, prompt)
+    return
   r = evaluation.compare_decoding(params, cfg, tokenizer, [prompt],
                                   max_new_tokens=_MAX_NEW.value,
                                   block_size=_BLOCK.value or None, repeats=1)
   print(prompt + r["blockwise"][0])
   print(f"\n[block efficiency {r['block_efficiency']:.2f}, speedup "
         f"{r['speedup']:.2f}x, identical to greedy: {r['identical']}]")
+
+
+def _sample(cfg, params, tokenizer, prompt):
+  import jax
+  import blockdec
+  from blockdec.training import train
+  sampling = blockdec.Sampling(temperature=_TEMPERATURE.value,
+                               top_k=_TOP_K.value or None,
+                               top_p=_TOP_P.value if _TOP_P.value < 1 else None)
+  room = max(cfg.max_seq_len - _MAX_NEW.value, 1)
+  prompts, lengths = train.pad_prompts([tokenizer.encode(prompt)[-room:]])
+  out = blockdec.decode(params, cfg, prompts, lengths, _MAX_NEW.value,
+                        method=blockdec.Blockwise(_BLOCK.value or None),
+                        sampling=sampling, key=jax.random.key(_SEED.value))
+  n = int(out.lengths[0])
+  print(prompt + tokenizer.decode(out.tokens[0, :n]))
+  print(f"\n[speculative sampling, {sampling}: "
+        f"{float(out.block_efficiency):.2f} tokens per call]")
 
 
 def _eval():

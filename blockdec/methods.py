@@ -36,6 +36,8 @@ class Method:
 
   acceptance: Verifier = Exact()
   adaptive: AdaptiveBlockSize | None = None
+  # Drafts with the model's proposal heads: block_size <= num_prediction_heads.
+  reads_heads: bool = False
 
   def resolve_block_size(self, cfg: ModelConfig) -> int:
     """Tokens fed per call: the root and the drafts of one chain."""
@@ -89,6 +91,7 @@ class Blockwise(Method):
   block_size: int | None = None
   acceptance: Verifier = Exact()
   adaptive: AdaptiveBlockSize | None = None
+  reads_heads = True
 
   def __post_init__(self):
     _check_block_size(self.block_size)
@@ -143,6 +146,7 @@ class Refined(Method):
   # Static facts of the stripped arrays (so equal specs compile alike).
   rescorer_cfg: ModelConfig | None = None
   has_ngram: bool = False
+  reads_heads = True
 
   def __post_init__(self):
     _check_block_size(self.block_size)

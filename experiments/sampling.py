@@ -412,9 +412,9 @@ def what_this_shows(result) -> str:
         below = sum(s["tokens_per_call"] < g["tokens_per_call"] for s in sel)
         parts.append(
             f"At batch {g['batch']}, {below} of {len(sel)} sampled settings "
-            "commit fewer tokens per call than greedy blockwise (a sampled "
-            "draft survives with probability min(1, p/q) instead of whenever "
-            "it is the argmax).")
+            "commit fewer tokens per call than greedy blockwise"
+            + (" (a sampled draft survives with probability min(1, p/q), a "
+               "greedy one whenever it is the argmax)." if below else "."))
   if sampled:
     gap = [s for _, s in sampled if s["speedup"] < s["tokens_per_call"]]
     if gap:
