@@ -256,10 +256,7 @@ def _check_inputs(q, k, v, offsets, mask):
     raise TypeError(f"mask must be a BlockMask (e.g. CausalBlockMask(T)) or a "
                     f"RuntimeTreeMask; got {type(mask).__name__}.")
   if isinstance(mask, masks_lib.RuntimeTreeMask):
-    shape = mask.parents.shape
-    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != batch):
-      raise ValueError(f"RuntimeTreeMask parents must be [T] or [B, T] with "
-                       f"B={batch}; got shape {shape}.")
+    mask.check_batch(batch)
   if mask.block_len != block_len:
     raise ValueError(f"{mask.block_len=} must equal the query block length "
                      f"T={block_len} (q.shape[1]).")

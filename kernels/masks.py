@@ -303,6 +303,13 @@ class RuntimeTreeMask:
   def block_len(self) -> int:
     return self.parents.shape[-1]
 
+  def check_batch(self, batch: int) -> None:
+    """Raises unless the parents are [T] or [batch, T]."""
+    shape = self.parents.shape
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != batch):
+      raise ValueError(f"RuntimeTreeMask parents must be [T] or [B, T] with "
+                       f"B={batch}, T={self.block_len}; got shape {shape}.")
+
   @property
   def slots_are_positions(self) -> bool:
     return False

@@ -161,10 +161,7 @@ def _check_mask(mask, batch: int, t: int) -> None:
     raise ValueError(f"mask.block_len={mask.block_len} must equal the block "
                      f"length T={t} (tokens per call); mask={mask!r}.")
   if isinstance(mask, masks.RuntimeTreeMask):
-    shape = mask.parents.shape
-    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != batch):
-      raise ValueError(f"RuntimeTreeMask parents must be [T] or [B, T] with "
-                       f"B={batch}, T={t}; got shape {shape}.")
+    mask.check_batch(batch)
 
 
 def _after(first: jax.Array, x: jax.Array) -> jax.Array:
