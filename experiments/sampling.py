@@ -34,7 +34,11 @@ over prompts, over the number of prompts squared): both methods decode the
 same prompts, so the spread between prompts is common to both and not part
 of the comparison. `nll_stderr_iid` treats all samples as independent draws
 (larger). The check is |NLL_spec - NLL_anc| <= 3 * sqrt(se_spec^2 +
-se_anc^2). Every sample has exactly `--new_tokens` tokens (no EOS), so the
+se_anc^2). Sample i of both methods shares its prompt and key, so the JSON
+also gives the paired test (`nll_paired_z`: mean of the per-sample
+differences over its standard error), which stays valid if shared random
+draws correlate the two methods' samples (the combined-se test then errs
+towards "within"). Every sample has exactly `--new_tokens` tokens (no EOS), so the
 pooled per-token mean is also the mean over samples. degenerate_share: the
 share of samples flagged by blockdec.metrics.is_degenerate.
 
@@ -42,7 +46,7 @@ Launch (from the repository root; needs the finished `make demo` model in
 cache/, and refuses to train it):
 
   python experiments/sampling.py            # -> experiments/results/sampling.{json,md,png}
-  python experiments/sampling.py --quick    # CI-sized check (< 2 min): T=0.6 only
+  python experiments/sampling.py --quick    # CI-sized check (< 2 min): T=0.6, no top_p
   python experiments/sampling.py --smoke    # tiny random model, no cache needed
 
 The machine is shared with other engineers' jobs; the 1-minute load average
@@ -289,7 +293,7 @@ def run_setting(params, cfg, tokenizer, prompts, prompt_lengths, chunks, args,
       seconds, out = decode_pass(params, cfg, chunks, n, method, sampling, key)
       times[name].append(seconds)
       outs[name].append(out)
-  rows = []
+  rows, per_sample = [], []
   for name in methods:
     # Samples in (repeat, call, row) order; for greedy only one repeat (the
     # repeats are the same tokens).
@@ -308,6 +312,7 @@ def run_setting(params, cfg, tokenizer, prompts, prompt_lengths, chunks, args,
       mean = float(nll.sum() / count.sum())
       se = se_iid = (float((nll / count).std(ddof=1) / math.sqrt(len(nll)))
                      if len(nll) > 1 else float("nan"))
+    per_sample.append(nll / np.maximum(count, 1))
     median = float(np.median(times[name]))
     per_pass = int(np.sum([o.lengths.sum() for o in outs[name][0]]))
     all_calls = np.concatenate([o.num_calls for p in outs[name] for o in p])
@@ -339,9 +344,16 @@ def run_setting(params, cfg, tokenizer, prompts, prompt_lengths, chunks, args,
     diff = spec["mean_nll"] - anc["mean_nll"]
     se = math.hypot(spec["nll_stderr"], anc["nll_stderr"])
     se_iid = math.hypot(spec["nll_stderr_iid"], anc["nll_stderr_iid"])
+    # Sample i of both methods shares its prompt and key: the paired
+    # difference removes what they share (the prompt; the key's draws where
+    # both methods use them alike).
+    d = per_sample[1] - per_sample[0]
+    paired_se = float(d.std(ddof=1) / math.sqrt(len(d)))
     spec.update(nll_diff=diff, nll_diff_se=se, nll_z=diff / se,
                 nll_within_3se=bool(abs(diff) <= 3 * se),
-                nll_within_3se_iid=bool(abs(diff) <= 3 * se_iid))
+                nll_within_3se_iid=bool(abs(diff) <= 3 * se_iid),
+                nll_paired_diff=float(d.mean()), nll_paired_se=paired_se,
+                nll_paired_z=float(d.mean() / paired_se))
   else:
     same = all(np.array_equal(a.tokens, b.tokens)
                for a, b in zip(outs[names[0]][0], outs[names[1]][0]))
@@ -479,7 +491,8 @@ def markdown(result) -> str:
         f"{spec['nll_diff_se']:.3f}, z = {spec['nll_z']:+.2f}: "
         + ("within 3 se" if spec["nll_within_3se"] else "NOT within 3 se")
         + (" (also with iid se)" if spec["nll_within_3se_iid"] else
-           " (iid se: not within)"))
+           " (iid se: not within)")
+        + f"; paired by (prompt, key): z = {spec['nll_paired_z']:+.2f}")
   lines += ["", f"## Target: speculative sampling at temperature "
             f"{TARGET_TEMPERATURE:g} >= {TARGET_TOKENS_PER_CALL:.1f} tokens "
             "per call", ""] + target_lines(result)

@@ -311,3 +311,22 @@ def test_sampling_errors():
   b = blockdec.decode(params, cfg, prompts, lengths, 4,
                       sampling=blockdec.Sampling(), key=jax.random.key(3))
   np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+@pytest.mark.parametrize("agree", [0, 2, 3])
+def test_oracle_heads_that_are_right_are_accepted(agree):
+  """Oracle heads whose q equals the target's p for `agree` drafts: those
+  drafts are accepted (ratio 1) unless a token off the ~1 - 1e-3 mode is
+  drawn, and a wrong head's draft is rejected (its token has p ~ 1e-4)."""
+  from blockdec import decoding  # pylint: disable=g-import-not-at-top
+  from tests.helpers import oracle_score_fn  # pylint: disable=g-import-not-at-top
+  vocab, k, n = 17, 4, 24
+  prompts = jnp.asarray(np.array([[5, 9, 1], [7, 0, 0], [3, 3, 0]], np.int32))
+  lengths = jnp.asarray(np.array([3, 1, 2], np.int32))
+  options = decoding.DecodeOptions(max_new_tokens=n, block_size=k,
+                                   sampling=blockdec.Sampling(1.0))
+  out = decoding.blockwise_decode(oracle_score_fn(vocab, k, agree), None,
+                                  prompts, lengths, jnp.zeros(()), options,
+                                  key=jax.random.key(0))
+  per_call = np.asarray(out.lengths).sum() / np.asarray(out.num_calls).sum()
+  assert per_call == pytest.approx(min(agree + 1, k), abs=0.15), per_call
