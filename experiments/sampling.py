@@ -25,22 +25,22 @@ tokens_per_call = sum(lengths) / sum(num_calls) over all repeats; speedup =
 speculative tokens/s over ancestral tokens/s of the same setting.
 
 Quality: mean_nll is the generated tokens' negative log-likelihood per token
-under the model's UNFILTERED temperature-1 head 1 (`blockdec.forward_logits`
-on prompt + sample), pooled over all repeats' samples. Both methods should
-sample one distribution, so their NLLs should agree within noise. Its
-standard error `nll_stderr` is stratified by prompt (the variance of each
-prompt's per-sample NLLs over the repeats, divided by the repeats, summed
-over prompts, over the number of prompts squared): both methods decode the
-same prompts, so the spread between prompts is common to both and not part
-of the comparison. `nll_stderr_iid` treats all samples as independent draws
-(larger). The check is |NLL_spec - NLL_anc| <= 3 * sqrt(se_spec^2 +
+under the model's UNFILTERED temperature-1 head 1 (`evaluation.sample_nll`:
+`blockdec.forward_logits` on prompt + sample), pooled over all repeats'
+samples. Both methods should sample one distribution, so their NLLs should
+agree within noise. Its standard error `nll_stderr` is stratified by prompt
+(the variance of each prompt's per-sample NLLs over the repeats, divided by
+the repeats, summed over prompts, over the number of prompts squared): both
+methods decode the same prompts, so the spread between prompts is common to
+both and not part of the comparison. `nll_stderr_iid` treats all samples as
+independent draws. The check is |NLL_spec - NLL_anc| <= 3 * sqrt(se_spec^2 +
 se_anc^2). Sample i of both methods shares its prompt and key, so the JSON
-also gives the paired test (`nll_paired_z`: mean of the per-sample
-differences over its standard error), which stays valid if shared random
-draws correlate the two methods' samples (the combined-se test then errs
-towards "within"). Every sample has exactly `--new_tokens` tokens (no EOS), so the
-pooled per-token mean is also the mean over samples. degenerate_share: the
-share of samples flagged by blockdec.metrics.is_degenerate.
+also gives the paired test (`nll_paired_z`: mean of the per-sample differences
+over its standard error), which stays valid if shared random draws correlate
+the two methods' samples (the combined-se test then errs towards "within").
+Every sample has exactly `--new_tokens` tokens (no EOS), so the pooled
+per-token mean is also the mean over samples. degenerate_share: the share of
+samples flagged by blockdec.metrics.is_degenerate.
 
 Launch (from the repository root; needs the finished `make demo` model in
 cache/, and refuses to train it):
@@ -64,6 +64,7 @@ import pathlib
 import shlex
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import blockdec  # noqa: E402
 from blockdec import metrics  # noqa: E402
 from blockdec.training import data as data_lib  # noqa: E402
+from blockdec.training import evaluation  # noqa: E402
 from blockdec.training import pipeline  # noqa: E402
 from blockdec.training.train import pad_prompts  # noqa: E402
 
@@ -215,35 +217,15 @@ def decode_pass(params, cfg, chunks, n, method, sampling, key):
 
 
 def sample_nll(params, cfg, prompts, prompt_lengths, tokens, lengths):
-  """Per-sample (NLL sum, token count) of generated `tokens` [S, N] under
-  the unfiltered temperature-1 head 1, given their prompts [S, P].
-
-  The sequences are written as prompt + sample into one [S, P + N] array
-  (padding after the sample; the model is causal, so it reads none of it).
-  Logit t predicts token t + 1, so generated token j of row s, at position
-  len_s + j, is scored by logit len_s + j - 1.
+  """Per-sample (NLL sum, token count) of generated `tokens` [S, N] (`lengths`
+  [S] of them) under the unfiltered temperature-1 head 1, given their
+  prompts [S, P]: `evaluation.sample_nll` (one forward call), split by row.
   """
-  s, n = tokens.shape
-  width = prompts.shape[1] + n
-  seq = np.zeros((s, width), np.int32)
-  for r in range(s):
-    seq[r, :prompt_lengths[r]] = prompts[r, :prompt_lengths[r]]
-    seq[r, prompt_lengths[r]:prompt_lengths[r] + n] = tokens[r]
-  pos = prompt_lengths[:, None] + np.arange(n)[None, :]  # [S, N]
-  nll, count = [], []
-  for i in range(0, s, 8):  # One [8, P + N] shape: one compile.
-    rows = np.arange(i, i + 8) % s
-    logp = jax.nn.log_softmax(blockdec.forward_logits(params, cfg, seq[rows]))
-    picked = jnp.take_along_axis(
-        jnp.take_along_axis(logp, jnp.asarray(pos[rows] - 1)[..., None],
-                            axis=1),
-        jnp.asarray(seq[rows][np.arange(8)[:, None], pos[rows]])[..., None],
-        axis=2)[..., 0]  # [8, N]
-    valid = np.arange(n)[None, :] < lengths[rows][:, None]
-    take = min(8, s - i)
-    nll.append(-np.where(valid, np.asarray(picked), 0.0).sum(1)[:take])
-    count.append(valid.sum(1)[:take])
-  return np.concatenate(nll), np.concatenate(count)
+  out = types.SimpleNamespace(tokens=tokens, lengths=lengths)
+  per_token = evaluation.sample_nll(params, cfg, prompts, prompt_lengths, out)
+  rows = np.split(per_token, np.cumsum(lengths)[:-1])
+  return (np.array([r.sum() for r in rows], np.float64),
+          np.asarray(lengths, np.int64))
 
 
 def nll_stats(nll, count, prompt_ids):
@@ -317,6 +299,8 @@ def run_setting(params, cfg, tokenizer, prompts, prompt_lengths, chunks, args,
     per_pass = int(np.sum([o.lengths.sum() for o in outs[name][0]]))
     all_calls = np.concatenate([o.num_calls for p in outs[name] for o in p])
     all_lengths = np.concatenate([o.lengths for p in outs[name] for o in p])
+    steps = float(np.mean([sum(int(o.num_calls.max()) for o in p)
+                           for p in outs[name]]))
     hist = np.sum([o.accepted_hist.sum(0) for p in outs[name] for o in p],
                   axis=0)
     rows.append(dict(
@@ -334,6 +318,10 @@ def run_setting(params, cfg, tokenizer, prompts, prompt_lengths, chunks, args,
         num_prompts=len(np.unique(prompt_ids)),
         calls_per_pass=len(chunks), tokens_per_pass=per_pass,
         median_s=median, times_s=times[name], warmup_s=warmup[name],
+        # Pass seconds per decode-loop step (one model call for the whole
+        # batch; a call runs until its slowest row is done; prefill spread
+        # over the steps).
+        steps_per_pass=steps, ms_per_step=1e3 * median / steps,
         accepted_hist=hist.tolist(),
         block_size=1 if name in (ANCESTRAL, GREEDY_AR) else args.block_size,
         load_1min=[load0, os.getloadavg()[0]]))
@@ -389,6 +377,12 @@ def target_lines(result):
   return lines
 
 
+def span(xs, fmt="{:.2f}") -> str:
+  """"lo-hi" of numbers, or one number when they agree at `fmt`."""
+  lo, hi = fmt.format(min(xs)), fmt.format(max(xs))
+  return lo if lo == hi else f"{lo}-{hi}"
+
+
 def what_this_shows(result) -> str:
   ps = pairs(result["rows"])
   sampled = [(a, s) for a, s in ps if s["temperature"] is not None]
@@ -410,9 +404,8 @@ def what_this_shows(result) -> str:
       tpc = [s["tokens_per_call"] for s in sel]
       sp = [s["speedup"] for s in sel]
       parts.append(
-          f"At temperature {t:g} speculative sampling commits "
-          f"{min(tpc):.2f}-{max(tpc):.2f} tokens per call and runs "
-          f"{min(sp):.2f}-{max(sp):.2f}x the ancestral tokens/s.")
+          f"At temperature {t:g} speculative sampling commits {span(tpc)} "
+          f"tokens per call and runs {span(sp)}x the ancestral tokens/s.")
   if greedy:
     tpc = ", ".join(f"{s['tokens_per_call']:.2f} (batch {s['batch']}, "
                     f"{s['speedup']:.2f}x)" for _, s in greedy)
@@ -435,6 +428,17 @@ def what_this_shows(result) -> str:
           "below tokens per call: a speculative call verifies block_size "
           "positions and filters and samples k heads' distributions, so it "
           "costs more than an ancestral call.")
+    for b in sorted({s["batch"] for _, s in ps}):
+      cost = [s["ms_per_step"] / a["ms_per_step"] for a, s in sampled
+              if s["batch"] == b]
+      g = [s["ms_per_step"] / a["ms_per_step"] for a, s in greedy
+           if s["batch"] == b]
+      if cost:
+        parts.append(
+            f"At batch {b} a speculative step (one call for the batch) "
+            f"takes {span(cost)}x the time of an ancestral step"
+            + (f" (a greedy blockwise step {g[0]:.1f}x a greedy one)."
+               if g else "."))
   return " ".join(parts)
 
 
@@ -466,16 +470,19 @@ def markdown(result) -> str:
       "token under the unfiltered temperature-1 model, pooled over all "
       "repeats' samples, +- its standard error stratified by prompt "
       "(`nll_stderr_iid` in the JSON treats samples as iid). Greedy rows: "
-      "one sample per prompt (the repeats give the same tokens).", "",
+      "one sample per prompt (the repeats give the same tokens). ms/step: "
+      "median pass seconds over the pass's decode-loop steps (one model "
+      "call for the batch; a batch runs until its slowest row is done).", "",
       "| method | T | top_p | batch | tokens/call | tokens/s | speedup | "
-      "NLL +- se | degenerate | samples |",
-      "|---|---|---|---|---|---|---|---|---|---|"]
+      "ms/step | NLL +- se | degenerate | samples |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
     lines.append(
         f"| {r['method']} | {fmt_t(r['temperature'])} | "
         f"{'' if r['temperature'] is None else (r['top_p'] or 'none')} | "
         f"{r['batch']} | {r['tokens_per_call']:.2f} | "
         f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+        f"{r['ms_per_step']:.2f} | "
         f"{r['mean_nll']:.3f} +- {r['nll_stderr']:.3f} | "
         f"{r['degenerate_share']:.0%} | {r['num_samples']} |")
   lines += ["", "## Same distribution? (|NLL_spec - NLL_anc| <= 3 combined "
