@@ -147,9 +147,9 @@ def test_greedy_loop_does_not_copy_the_cache():
   cfg, params = random_model(0, n_layers=2, n_heads=2, n_kv_heads=2)
   prompts = np.ones((1, 8), np.int32)
   hlo = api._decode.lower(  # pylint: disable=protected-access
-      params, prompts, np.array([8], np.int32), cfg=cfg,
+      params, prompts, np.array([8], np.int32), None, None, cfg=cfg,
       options=DecodeOptions(max_new_tokens=8, block_size=1),
-      greedy=True).compile().as_text()
+      method=blockdec.Autoregressive()).compile().as_text()
   s = 8 + 8 + 1
   shape = f"f32[1,{cfg.num_kv_heads},{s},{cfg.dim_per_head}]"
   copies = [line for line in hlo.splitlines()
