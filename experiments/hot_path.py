@@ -19,11 +19,12 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from blockdec import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -78,18 +79,6 @@ def _child(tree: pathlib.Path, cache_dir: str, repeats: int, new_tokens: int):
   return json.loads(line[len("RESULT "):])
 
 
-def _machine() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--baseline", default="HEAD~1")
@@ -126,7 +115,7 @@ def main():
     rows.append({"method": method, "batch": int(batch),
                  "baseline_tokens_per_s": base, "current_tokens_per_s": cur,
                  "ratio": cur / base, "same_tokens_and_calls": same})
-  result = {"machine": _machine(), "baseline": rev,
+  result = {"machine": metrics.machine_description(), "baseline": rev,
             "command": "python experiments/hot_path.py " + " ".join(sys.argv[1:]),
             "load_1min": os.getloadavg()[0], "rounds": args.rounds,
             "repeats": args.repeats, "new_tokens": args.new_tokens,
