@@ -116,7 +116,7 @@ def _decode(params, prompts, prompt_lengths, key, arrays, *, cfg: ModelConfig,
 @functools.lru_cache(maxsize=64)
 def _sharded_decoder(cfg: ModelConfig, options: DecodeOptions,
                      method: methods.Method, mesh: jax.sharding.Mesh, rules,
-                     prompts_shape, cache_slots: int):
+                     prompts_shape):
   """`_decode` jitted for one mesh: params, prompts and cache sharded.
 
   Cached per (config, options, method, mesh, rules, shapes), so repeated
@@ -126,7 +126,7 @@ def _sharded_decoder(cfg: ModelConfig, options: DecodeOptions,
   batch, p = prompts_shape
   cache_shape = jax.eval_shape(functools.partial(
       transformer.make_cache, cfg, batch,
-      cache_length(p, options.max_new_tokens, cache_slots)))
+      cache_length(p, options.max_new_tokens, _cache_slots(method, options))))
   param_sh = sharding_lib.param_shardings(cfg, mesh, rules)
   prompt_sh = sharding_lib.batch_sharding(mesh, prompts_shape, rules)
   row_sh = sharding_lib.batch_sharding(mesh, (batch,), rules)
@@ -156,9 +156,8 @@ def _run_decode(params, prompts, prompt_lengths, cfg, options, method, mesh,
   options = dataclasses.replace(options, compact_rows=False)
   rules = sharding_lib.DEFAULT_RULES if rules is None else \
       sharding_lib.ShardingConfig(rules=rules).rules
-  slots = _cache_slots(method, options)
   fn, param_sh, prompt_sh, row_sh = _sharded_decoder(
-      cfg, options, method, mesh, rules, tuple(prompts.shape), slots)
+      cfg, options, method, mesh, rules, tuple(prompts.shape))
   # A no-op for arrays already placed this way (e.g. by shard_params).
   params = jax.device_put(params, param_sh)
   prompts = jax.device_put(prompts, prompt_sh)

@@ -228,7 +228,7 @@ def check_cache_sharding():
   prompts, lengths = prompts_and_lengths(cfg.vocab_size)
   fn, param_sh, prompt_sh, row_sh = api._sharded_decoder(  # pylint: disable=protected-access
       cfg, DecodeOptions(max_new_tokens=4, block_size=2),
-      blockdec.Blockwise(2), mesh, sharding.DEFAULT_RULES, prompts.shape, 2)
+      blockdec.Blockwise(2), mesh, sharding.DEFAULT_RULES, prompts.shape)
   with jax.set_mesh(mesh):
     hlo = fn.lower(jax.device_put(params, param_sh),
                    jax.device_put(prompts, prompt_sh),

@@ -50,7 +50,7 @@ from blockdec.kernels import masks
 from blockdec.decoding.lattice import DraftTree
 from blockdec.decoding.rescoring import tree_call
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, ScoreFn,
-                                     SplitScoreFn, finalize,
+                                     finalize,
                                      while_loop_compacting, write_rows)
 from blockdec.decoding.verify import VerifyKeys
 
@@ -225,22 +225,6 @@ class LoopState:
     return self.prompt_lengths + self.lengths
 
 
-def prefill_call(score_fn: ScoreFn, params, prompts, cache) -> tuple[HeadFn, Any]:
-  """Runs the prompts [B, P] once (fast path when the scorer has one)."""
-  batch, p = prompts.shape
-  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
-  if isinstance(score_fn, SplitScoreFn) and score_fn.prefill is not None:
-    hidden, cache = score_fn.prefill(params, prompts, positions, cache)
-
-    def head_fn(nodes, num_heads):
-      picked = jnp.take_along_axis(
-          hidden, nodes.reshape(nodes.shape + (1,) * (hidden.ndim - 2)), axis=1)
-      return score_fn.heads(params, picked, num_heads)
-
-    return head_fn, cache
-  return tree_call(score_fn, params, prompts, positions, cache)
-
-
 def _view(state: LoopState, heads, committed, num_committed, offsets, keys,
           context) -> View:
   return View(heads=heads, next_token=state.next_token, lengths=state.lengths,
@@ -302,7 +286,10 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
             else sampling_lib.row_keys(key, state.row_ids))
 
   # Prefill: the first token comes from head 1 at the last prompt token.
-  head_fn, cache = prefill_call(score_fn, params, prompts, cache)
+  positions = jnp.broadcast_to(
+      jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
+  head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
+                             prefill=True)
   last = (prompt_lengths - 1)[:, None]
   zeros = jnp.zeros((batch,), jnp.int32)
   state = LoopState(
@@ -422,4 +409,4 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
 
 
 __all__ = ["Context", "Draft", "Drafter", "LoopState", "NoDrafter", "View",
-           "prefill_call", "run"]
+           "run"]

@@ -136,7 +136,8 @@ def ngram_scorer(ngram: NGramLM, history: jax.Array, lattice: Lattice,
   return scorer
 
 
-def tree_call(score_fn, params, tokens, positions, cache, mask=None):
+def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
+              prefill: bool = False):
   """Runs `score_fn` on a block; returns (head_fn, cache).
 
   `head_fn(nodes [B, M], num_heads) -> logits [B, M, num_heads, V]` gives the
@@ -148,11 +149,16 @@ def tree_call(score_fn, params, tokens, positions, cache, mask=None):
   `TreeMask(tree.parents)` (static, see `DraftTree`) or `RuntimeTreeMask`
   (traced parents) makes the call a tree call: block position i holds a
   node at `positions[:, i]` that attends to the committed cache and its
-  ancestors only. None is the ordinary causal block.
+  ancestors only. None is the ordinary causal block. `prefill=True` (a
+  causal call on a cache that holds nothing committed, e.g. the prompts)
+  uses the split scorer's `prefill` trunk where it has one.
   """
   kw = {} if mask is None else {"mask": mask}
   if hasattr(score_fn, "trunk") and hasattr(score_fn, "heads"):
-    hidden, cache = score_fn.trunk(params, tokens, positions, cache, **kw)
+    trunk = score_fn.trunk
+    if prefill and mask is None and getattr(score_fn, "prefill", None):
+      trunk = score_fn.prefill
+    hidden, cache = trunk(params, tokens, positions, cache, **kw)
 
     def head_fn(nodes, num_heads):
       picked = jnp.take_along_axis(

@@ -86,15 +86,10 @@ def accepted_drafts(matches: jax.Array) -> jax.Array:
   return jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=-1), axis=-1)
 
 
-def _pick(x: jax.Array, chain: jax.Array) -> jax.Array:
-  """x [B, C, ...], chain [B] -> x[b, chain[b]] [B, ...]."""
-  index = chain.reshape((-1, 1) + (1,) * (x.ndim - 2))
+def _pick(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x [B, N, ...], index [B] -> x[b, index[b]] [B, ...]."""
+  index = index.reshape((-1, 1) + (1,) * (x.ndim - 2))
   return jnp.take_along_axis(x, index, axis=1)[:, 0]
-
-
-def _at(x: jax.Array, index: jax.Array) -> jax.Array:
-  """x [B, T, ...], index [B] -> x[b, index[b]] [B, ...]."""
-  return _pick(x, index)
 
 
 class Verifier(abc.ABC):
@@ -134,7 +129,7 @@ def greedy_verdict(matches: jax.Array, logits: jax.Array) -> Verdict:
   per_chain = accepted_drafts(matches)  # [B, C]
   chain = jnp.argmax(per_chain, axis=-1).astype(jnp.int32)
   accepted = _pick(per_chain, chain).astype(jnp.int32)
-  next_logits = _at(_pick(logits, chain), accepted)  # [B, V]
+  next_logits = _pick(_pick(logits, chain), accepted)  # [B, V]
   return Verdict(accepted=accepted,
                  next_token=jnp.argmax(next_logits, axis=-1).astype(jnp.int32),
                  chain=chain)
@@ -191,8 +186,8 @@ class SpeculativeSampling(Verifier):
     # Row b draws its next token from the residual at its first rejection,
     # or from p after the last draft; pad q with zeros so index D is p.
     q_pad = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)
-    dist = self.residual(_at(p, accepted), _at(q_pad, accepted))  # [B, V]
-    next_key = _at(keys.next, accepted)
+    dist = self.residual(_pick(p, accepted), _pick(q_pad, accepted))  # [B, V]
+    next_key = _pick(keys.next, accepted)
     next_token = sampling_lib.sample(next_key, jnp.log(dist))
     return Verdict(accepted=accepted, next_token=next_token,
                    chain=jnp.zeros_like(accepted))
@@ -235,7 +230,7 @@ class Typical(Verifier):
     verdict = greedy_verdict(p_draft > bar[:, :, :-1], logits)
     if sampling is None:
       return verdict
-    next_log_p = _at(_pick(log_p, verdict.chain), verdict.accepted)
-    next_token = sampling_lib.sample(_at(keys.next, verdict.accepted),
+    next_log_p = _pick(_pick(log_p, verdict.chain), verdict.accepted)
+    next_token = sampling_lib.sample(_pick(keys.next, verdict.accepted),
                                      next_log_p)
     return verdict.replace(next_token=next_token)
