@@ -63,6 +63,11 @@ def _train():
   if "head_agreement" in run.summary:
     print("head agreement with greedy: " + " ".join(
         f"{a:.2f}" for a in run.summary["head_agreement"]))
+  if "draft_agreement" in run.summary:
+    d = run.summary["draft_agreement"]
+    print(f"draft agreement with the base's greedy: {d['agreement']:.3f}; "
+          "tokens per base call at block size " + ", ".join(
+              f"{k}: {v:.2f}" for k, v in d["tokens_per_call"].items()))
 
 
 def _load():

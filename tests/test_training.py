@@ -275,3 +275,56 @@ def test_head_agreement_of_head_one_is_perfect(base):
       [tokenizer.encode("def gamma(x):\n"), tokenizer.encode("# f")])
   agree = diagnostics.head_agreement(params, cfg, prompts, lengths, 10)
   assert agree.shape == (1,) and agree[0] == pytest.approx(1.0)
+
+
+def test_draft_model_trains_on_the_base_vocabulary_and_resumes(base, corpus,
+                                                              tmp_path):
+  """configs/draft_model.py:tiny: a fresh small model distilled from the base;
+  a run killed after step 3 resumes to the uninterrupted run's parameters."""
+  cfg, params, tokenizer, _ = base
+  config = tiny("draft_model", corpus, steps=4, checkpoint_every=2,
+                log_every=1, **{"distill.cache_dir": str(tmp_path / "distill")})
+  init = (cfg, params, tokenizer)
+  summary = train.train(config, tmp_path / "a", init=init)
+  killed = train.Trainer(config, tmp_path / "b", init=init).run(stop_at_step=3)
+  assert killed[1] is None and int(killed[0].step) == 3
+  train.train(config, tmp_path / "b", init=init)
+  dcfg, dparams, dtok = blockdec.load_checkpoint(tmp_path / "a")
+  _, resumed, _ = blockdec.load_checkpoint(tmp_path / "b")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, dparams)
+  assert (dcfg.vocab_size, dcfg.max_seq_len) == (cfg.vocab_size, cfg.max_seq_len)
+  assert (dcfg.d_model, dcfg.num_prediction_heads) == (16, 1)
+  assert dtok.kind == tokenizer.kind
+  assert summary["regime"] == "draft" and np.isfinite(summary["valid"]["loss"])
+  report = summary["draft_agreement"]
+  assert 0 <= report["agreement"] <= 1
+  assert set(report["tokens_per_call"]) == {4, 8}
+  assert len(list((tmp_path / "distill").glob("distill-*.npz"))) == 1
+
+
+def test_bad_draft_configs_fail_clearly(base, corpus, tmp_path):
+  init = base[:3]
+  cases = [({"model.vocab_size": 300}, "share its base's vocabulary"),
+           ({"model.num_prediction_heads": 2}, "head 1 only"),
+           ({"model.n_heads": 5}, "d_model=16 must be divisible by n_heads=5")]
+  for changes, match in cases:
+    with pytest.raises(ValueError, match=match):
+      train.Trainer(tiny("draft_model", corpus, **changes), tmp_path / "d",
+                    init=init)
+  orphan = tiny("draft_model", corpus)
+  orphan.base = None
+  with pytest.raises(ValueError, match="distill a draft from"):
+    train.Trainer(orphan, tmp_path / "o")
+  with pytest.raises(ValueError, match="draft_model preset 'huge' unknown"):
+    pipeline.load_config(ROOT / "configs" / "draft_model.py", "huge")
+
+
+def test_draft_tokens_per_call_on_an_oracle():
+  match = np.array([[1, 1, 0, 1, 1, 1, 1, 0, 0]], bool)  # Continuation: t 0..7.
+  start, end = np.array([0]), np.array([9])
+  # Block 4: [1 1 0] [1 1 1 1 0] -> 8 tokens in 2 calls; block 2: [1 1 0]
+  # [1 1 1] [1 0] -> 3 calls; a draft that never agrees gives 1 per call.
+  assert diagnostics.draft_tokens_per_call(match, start, end, 4) == 4.0
+  assert diagnostics.draft_tokens_per_call(match, start, end, 2) == 8 / 3
+  assert diagnostics.draft_tokens_per_call(~match & False, start, end, 4) == 1.0
+  assert diagnostics.draft_tokens_per_call(match | True, start, end, 3) == 4.0

@@ -40,14 +40,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.name = "run"             # Prefix of the run folder under the cache.
   # "base" (train a LM, head 1), "frozen" (heads 2..k on a frozen base),
   # "finetune" (all parameters on the mean of the k head losses), "distill"
-  # (frozen base, heads on the base's own greedy continuations), or
-  # "distill_finetune" (both).
+  # (frozen base, heads on the base's own greedy continuations),
+  # "distill_finetune" (both), or "draft" (a fresh small model on the base's
+  # greedy continuations: a speculative-decoding draft, configs/draft_model.py).
   c.regime = "base"
   c.seed = 0                 # Parameter init and data order.
   c.workdir = ""             # Run folder; "" = <cache_dir>/<name>-<config hash>.
 
-  # The model. For "base": a full ModelConfig (see default_model). For the
-  # head regimes: changes applied to the base checkpoint's ModelConfig, e.g.
+  # The model. For "base" and "draft": a full ModelConfig (see default_model;
+  # a draft's vocab_size and max_seq_len 0 = the base's). For the head
+  # regimes: changes applied to the base checkpoint's ModelConfig, e.g.
   # {"num_prediction_heads": 8}; trunk fields must match the checkpoint.
   c.model = default_model()
 
@@ -88,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Head regimes start from this checkpoint folder; "" = train (or reuse from
   # the cache) the run described by `base`.
   c.init_from = ""
-  c.base = None              # The base LM's config (head regimes).
+  c.base = None              # The base LM's config (head and draft regimes).
 
   c.distill = ml_collections.ConfigDict()
   c.distill.num_sequences = 512  # Greedy continuations generated (cached on disk).
@@ -152,9 +154,10 @@ def check_config(c) -> None:
                                   and not isinstance(value, bool) and value > 0):
       raise ValueError(f"config.{path}={value!r} must be a number > 0.")
   if c.regime != "base" and not c.init_from and c.base is None:
-    raise ValueError(f"config.regime={c.regime!r} trains heads on a base "
-                     "model: set config.init_from to a checkpoint folder or "
-                     "config.base to the base LM's config.")
+    raise ValueError(f"config.regime={c.regime!r} needs a base model (to "
+                     "train heads on, or to distill a draft from): set "
+                     "config.init_from to a checkpoint folder or config.base "
+                     "to the base LM's config.")
   if REGIMES[c.regime]["distill"]:
     for path in ("num_sequences", "prefix_len", "new_tokens", "batch_size"):
       _positive_int(f"distill.{path}", c.distill[path])

@@ -13,6 +13,11 @@ argmax at position t with the sequence token at t + i:
 Positions count while t + i stays inside the continuation. Head 1 agrees
 everywhere by construction (up to float near-ties between a cached and an
 uncached forward pass), which the tests use as a check.
+
+A draft model (the "draft" training regime) is scored the same way against
+its base's greedy continuation (`draft_agreement`), and
+`draft_tokens_per_call` turns its per-position matches into the tokens per
+target call of exact speculative decoding.
 """
 
 from __future__ import annotations
@@ -52,14 +57,12 @@ def agreement_counts(pred: np.ndarray, seq: np.ndarray, start: np.ndarray,
   return hits, counts
 
 
-def head_agreement(params, cfg, prompts, prompt_lengths,
-                   new_tokens: int = 64) -> np.ndarray:
-  """Top-1 agreement [k] of each head with the greedy continuation.
+def greedy_sequences(params, cfg, prompts, prompt_lengths, new_tokens: int):
+  """Prompts continued greedily by the model, packed for teacher forcing.
 
-  Args:
-    params, cfg: the model (all its heads are scored).
-    prompts: int [B, P] right-padded; prompt_lengths: int [B].
-    new_tokens: greedy tokens generated per prompt.
+  Returns seq int32 [B, P + new_tokens] (prompt, continuation, zeros),
+  start int [B] (the last prompt position) and end int [B] (one past the
+  continuation).
   """
   prompts = np.asarray(prompts, np.int32)
   lengths = np.asarray(prompt_lengths, np.int32)
@@ -72,10 +75,94 @@ def head_agreement(params, cfg, prompts, prompt_lengths,
     n = lengths[r]
     seq[r, :n] = prompts[r, :n]
     seq[r, n:n + gen_len[r]] = gen[r, :gen_len[r]]
+  return seq, lengths - 1, lengths + gen_len
+
+
+def predictions(params, cfg, seq) -> np.ndarray:
+  """Each head's argmax int [B, T, k] over the teacher-forced `seq` [B, T]."""
   positions = np.broadcast_to(np.arange(seq.shape[1], dtype=np.int32), seq.shape)
   logits, _ = _apply(params, cfg, seq, positions)
-  pred = np.asarray(logits.argmax(-1))  # [B, T, k]
-  hits, counts = agreement_counts(pred, seq, lengths - 1, lengths + gen_len)
+  return np.asarray(logits.argmax(-1))
+
+
+def head_agreement(params, cfg, prompts, prompt_lengths,
+                   new_tokens: int = 64) -> np.ndarray:
+  """Top-1 agreement [k] of each head with the greedy continuation.
+
+  Args:
+    params, cfg: the model (all its heads are scored).
+    prompts: int [B, P] right-padded; prompt_lengths: int [B].
+    new_tokens: greedy tokens generated per prompt.
+  """
+  seq, start, end = greedy_sequences(params, cfg, prompts, prompt_lengths,
+                                     new_tokens)
+  hits, counts = agreement_counts(predictions(params, cfg, seq), seq, start,
+                                  end)
   return hits / np.maximum(counts, 1)
 
 
+def draft_agreement(params, cfg, teacher, prompts, prompt_lengths,
+                    new_tokens: int = 64, block_sizes=(4, 8)) -> dict:
+  """How well a draft model drafts its target's greedy continuation.
+
+  Args:
+    params, cfg: the draft (head 1 is scored).
+    teacher: (cfg, params) of the target whose greedy continuation is scored.
+    prompts: int [B, P] right-padded; prompt_lengths: int [B].
+    new_tokens: greedy tokens the target generates per prompt.
+    block_sizes: draft lengths to report tokens per call for.
+
+  Returns:
+    {"agreement": share of continuation positions where the draft's argmax
+    is the target's next greedy token, "tokens_per_call": {block size:
+    draft_tokens_per_call}}.
+  """
+  t_cfg, t_params = teacher
+  seq, start, end = greedy_sequences(t_params, t_cfg, prompts, prompt_lengths,
+                                     new_tokens)
+  pred = predictions(params, cfg, seq)[:, :, :1]  # [B, T, 1]
+  hits, counts = agreement_counts(pred, seq, start, end)
+  match = pred[:, :-1, 0] == seq[:, 1:]  # [B, T - 1]
+  return {"agreement": float(hits[0] / max(counts[0], 1)),
+          "tokens_per_call": {
+              int(k): draft_tokens_per_call(match, start, end, k)
+              for k in block_sizes}}
+
+
+def draft_tokens_per_call(match: np.ndarray, start: np.ndarray,
+                          end: np.ndarray, block_size: int) -> float:
+  """Tokens per target call of exact speculative decoding with a draft model.
+
+  Under greedy verification a drafted token is accepted while it equals the
+  target's greedy token, and then the draft has seen only target tokens, so
+  its autoregressive drafts ARE its teacher-forced predictions on the
+  target's greedy sequence. Each call therefore accepts the run of matches
+  starting at the current position (at most `block_size`) plus the target's
+  own next token:
+
+      match   1 1 0 1 1 1 1 0        (block_size 4)
+      calls   [1 1 0] [1 1 1 1 0]    -> 3 + 5 tokens in 2 calls
+
+  (a call's last position is the target's own token, whatever the draft said).
+
+  Args:
+    match: bool [B, T]; match[b, t]: the draft's argmax at t equals seq[t + 1].
+    start: int [B] the last prompt position; end: int [B] one past the
+      continuation (as `greedy_sequences` returns them).
+    block_size: drafted tokens per call.
+
+  Returns:
+    Generated tokens over target calls, all rows together (the last call of
+    a row may be cut short by the end of its continuation).
+  """
+  match = np.asarray(match, bool)
+  tokens = calls = 0
+  for row, t, stop in zip(match, np.asarray(start), np.asarray(end)):
+    tokens += max(stop - 1 - t, 0)
+    while t < stop - 1:
+      run = 0
+      while run < block_size and t + run < stop - 1 and row[t + run]:
+        run += 1
+      t += run + 1
+      calls += 1
+  return float(tokens / max(calls, 1))

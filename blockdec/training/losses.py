@@ -26,12 +26,21 @@ import optax
 # What each regime trains and which heads its loss averages.
 #   trains: "all" parameters, or only params["proposal_heads"] (frozen base).
 #   heads:  "first" (head 1 only), "proposals" (heads 2..k), "all" (1..k).
+#   distill: targets are the base's greedy continuations (distill.generate).
+#   model:  "fresh" (initialised from config.model and config.seed) or
+#           "base" (the base checkpoint, plus any heads it lacks).
+# "draft" trains a small separate model (a speculative-decoding draft) on the
+# base's own greedy text; it shares only the base's tokenizer.
 REGIMES = {
-    "base": dict(trains="all", heads="first", distill=False),
-    "frozen": dict(trains="heads", heads="proposals", distill=False),
-    "finetune": dict(trains="all", heads="all", distill=False),
-    "distill": dict(trains="heads", heads="proposals", distill=True),
-    "distill_finetune": dict(trains="all", heads="all", distill=True),
+    "base": dict(trains="all", heads="first", distill=False, model="fresh"),
+    "frozen": dict(trains="heads", heads="proposals", distill=False,
+                   model="base"),
+    "finetune": dict(trains="all", heads="all", distill=False, model="base"),
+    "distill": dict(trains="heads", heads="proposals", distill=True,
+                    model="base"),
+    "distill_finetune": dict(trains="all", heads="all", distill=True,
+                             model="base"),
+    "draft": dict(trains="all", heads="first", distill=True, model="fresh"),
 }
 
 

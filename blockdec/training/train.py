@@ -10,7 +10,10 @@ Regimes (losses.REGIMES): "base" trains everything on head 1; "frozen" and
 only that subtree and the trunk's hidden states are computed under
 `stop_gradient`, so nothing is differentiated through the trunk and the base
 parameters come out bit-for-bit unchanged; "finetune" and "distill_finetune"
-train everything on the mean of the k head losses.
+train everything on the mean of the k head losses; "draft" trains a FRESH
+small model (config.model, with the base's vocabulary, tokenizer and
+max_seq_len) on head 1 over the base's greedy continuations: a draft model
+for speculative decoding.
 
 Resume is exact: batch i is a pure function of (seed, i) (data.py), there is
 no other randomness, and the full state (params, optimizer state, step) is in
@@ -171,6 +174,28 @@ def model_config_from(model, vocab_size: int) -> ModelConfig:
     raise ValueError(f"config.model: {e}") from None
 
 
+def draft_model_config(model, base_cfg: ModelConfig) -> ModelConfig:
+  """The draft regime's ModelConfig: `config.model` on the base's vocabulary.
+
+  vocab_size and max_seq_len 0 take the base's; a draft must share the
+  base's vocabulary (its tokens are verified by the base) and has one head.
+  """
+  d = dict(model)
+  if d.get("vocab_size", 0) not in (0, base_cfg.vocab_size):
+    raise ValueError(f"config.model.vocab_size={d['vocab_size']} differs from "
+                     f"the base's {base_cfg.vocab_size}: a draft model must "
+                     "share its base's vocabulary; set it to 0 (= the base's).")
+  d["vocab_size"] = base_cfg.vocab_size
+  if not d.get("max_seq_len"):
+    d["max_seq_len"] = base_cfg.max_seq_len
+  cfg = model_config_from(d, base_cfg.vocab_size)
+  if cfg.num_prediction_heads != 1:
+    raise ValueError(f"config.model.num_prediction_heads="
+                     f"{cfg.num_prediction_heads}: the draft regime trains "
+                     "head 1 only; set it to 1.")
+  return cfg
+
+
 def heads_model(base_cfg: ModelConfig, base_params, overrides, seed: int):
   """The head-regime model: base config + overrides, base weights + new heads.
 
@@ -210,8 +235,9 @@ class Trainer:
   Args:
     config: a training ConfigDict (defaults.default_config()).
     workdir: the run folder.
-    init: (cfg, params, tokenizer) of the base model for head regimes; by
-      default loaded from `config.init_from`.
+    init: (cfg, params, tokenizer) of the base model for the head and draft
+      regimes (the starting point or the teacher); by default loaded from
+      `config.init_from`.
     docs: the corpus documents (default: loaded from config.data.corpus).
   """
 
@@ -241,7 +267,11 @@ class Trainer:
       if init is None:
         init = checkpointing.load_checkpoint(c.init_from)
       base_cfg, base_params, self.tokenizer = init
-      self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
+      if losses.REGIMES[self.regime]["model"] == "fresh":  # A draft model.
+        self.cfg = draft_model_config(c.model, base_cfg)
+        params = api.init_params(self.cfg, jax.random.key(c.seed))
+      else:
+        self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
       self.teacher = (base_cfg, base_params)
     if self.tokenizer.vocab_size > self.cfg.vocab_size:
       raise ValueError(f"config.model.vocab_size={self.cfg.vocab_size} is "
@@ -415,6 +445,8 @@ class Trainer:
     n = self.config.diagnostics.num_prompts
     if n and self.cfg.num_prediction_heads > 1:
       summary["head_agreement"] = self.head_agreement(params, n)
+    if n and self.regime == "draft":
+      summary["draft_agreement"] = self.draft_agreement(params, n)
     (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_loss_curve(rows, self.workdir / "loss_curve.png",
                     title=f"{self.config.name} ({self.regime})")
@@ -422,15 +454,27 @@ class Trainer:
 
   def head_agreement(self, params, num_prompts: int) -> list[float]:
     """Per-head agreement with greedy continuations of held-out prompts."""
+    return diagnostics.head_agreement(
+        params, self.cfg, *self._diagnostic_prompts(num_prompts),
+        self.config.diagnostics.new_tokens).tolist()
+
+  def draft_agreement(self, params, num_prompts: int) -> dict:
+    """The draft's agreement with the teacher's greedy continuations of
+    held-out prompts, and its tokens per call (diagnostics.draft_agreement)."""
+    return diagnostics.draft_agreement(
+        params, self.cfg, self.teacher,
+        *self._diagnostic_prompts(num_prompts),
+        self.config.diagnostics.new_tokens)
+
+  def _diagnostic_prompts(self, num_prompts: int):
+    """Held-out prompts (int32 [B, P], lengths [B]) with room to generate."""
     d = self.config.diagnostics
     docs = self.splits["valid"]
     texts = data_lib.heldout_prompts(docs, num_prompts, min_bytes=64,
                                      max_bytes=128, seed=self.config.seed)
     ids = [self.tokenizer.encode(t)[:max(self.cfg.max_seq_len - d.new_tokens, 1)]
            for t in texts]
-    prompts, lengths = pad_prompts(ids)
-    return diagnostics.head_agreement(params, self.cfg, prompts, lengths,
-                                      d.new_tokens).tolist()
+    return pad_prompts(ids)
 
 
 def pad_prompts(ids: list[np.ndarray]):
