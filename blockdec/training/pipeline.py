@@ -2,10 +2,11 @@
 
 `train_or_load(config, cache_dir)` returns a trained model for a config,
 training it only when the cache has no finished run of that exact config.
-Runs live in `<cache_dir>/<name>-<hash of the config>`; a head config whose
-`init_from` is empty first does the same for its `base` config, so the base
-LM is trained once and shared by every head regime built on it. An
-interrupted run resumes from its last checkpoint the next time.
+Runs live in `<cache_dir>/<name>-<hash of the config>`; a head or draft
+config whose `init_from` is empty first does the same for its `base` config,
+so the base LM is trained once and shared by every head regime and draft
+model built on it. An interrupted run resumes from its last checkpoint the
+next time.
 
     config = load_config("configs/heads_frozen.py:cpu")
     run = train_or_load(config, "cache")
