@@ -1,14 +1,23 @@
 """Public entry points: bind the model to the model-agnostic decoding loops.
 
 Inputs are checked on the host before anything is traced, so bad input gives
-a `ValueError` naming the value and what is allowed instead of a silent wrong
-answer (JAX clamps out-of-range gathers without complaint).
+a `TypeError` (wrong type) or `ValueError` (wrong value) naming the argument,
+the value and what is allowed instead of a silent wrong answer (JAX clamps
+out-of-range gathers without complaint). NumPy integer scalars are ints.
+
+Under a caller's own `jax.jit`, the arrays are tracers and the checks that
+need their values are skipped: token ids inside the vocabulary, prompt
+lengths in [1, P] (the budget is then checked against the padded width P)
+and finite weights. Shapes, dtypes, the config and every option are still
+checked. Check once outside the jit (e.g. call `check_params` and decode one
+batch eagerly), or keep the inputs trusted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +26,7 @@ import numpy as np
 from blockdec import decoding
 from blockdec import methods
 from blockdec import sharding as sharding_lib
+from blockdec import validation
 from blockdec.config import ModelConfig
 from blockdec.decoding import AcceptanceRule, DecodeOptions, DecodeOutput, Exact
 from blockdec.decoding import core
@@ -223,6 +233,12 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
   if sampling is not None and not isinstance(sampling, decoding.Sampling):
     raise TypeError(f"sampling={sampling!r} must be None (greedy) or a "
                     "blockdec.Sampling(temperature, top_k, top_p).")
+  _check_cfg(cfg)
+  max_new_tokens = validation.check_int("max_new_tokens", max_new_tokens,
+                                        low=1)
+  eos_id = _check_token_arg("eos_id", eos_id, cfg, optional=True)
+  pad_id = _check_token_arg("pad_id", pad_id, cfg)
+  compact_rows = validation.check_bool("compact_rows", compact_rows)
   key = _check_key(key, sampling)
   block_size = method.resolve_block_size(cfg)
   if not method.reads_heads and (isinstance(block_size, bool) or not
@@ -231,7 +247,7 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
                      "be a positive int.")
   prompts, prompt_lengths = _check_inputs(
       params, cfg, prompts, prompt_lengths, max_new_tokens,
-      block_size if method.reads_heads else 1, eos_id, pad_id)
+      block_size if method.reads_heads else 1)
   acceptance = method.acceptance
   if not isinstance(acceptance, decoding.Verifier):
     raise TypeError(f"acceptance={acceptance!r} must be a blockdec verifier "
@@ -280,7 +296,7 @@ def _check_refined(method, cfg, sampling):
                      f"differs from the model's {cfg.vocab_size}.")
   if method.rescorer is not None:
     rescorer_cfg, rescorer_params = method.rescorer
-    check_params(rescorer_params, rescorer_cfg)
+    check_params(rescorer_params, rescorer_cfg, name="rescorer params")
     if rescorer_cfg.vocab_size != cfg.vocab_size:
       raise ValueError(f"the rescorer's vocab_size={rescorer_cfg.vocab_size} "
                        f"differs from the model's {cfg.vocab_size}.")
@@ -326,6 +342,7 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
     `DecodeOutput`; `accepted_hist[b, a-1]` counts row b's calls that
     accepted a tokens, and `block_efficiency` is tokens per call.
   """
+  block_size = validation.check_int("block_size", block_size, optional=True)
   return decode(params, cfg, prompts, prompt_lengths, max_new_tokens,
                 method=methods.Blockwise(block_size=block_size,
                                          acceptance=acceptance,
@@ -359,6 +376,10 @@ def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
   Returns:
     `DecodeOutput`; `block_efficiency` is tokens per (main-model) call.
   """
+  block_size = validation.check_int("block_size", block_size, optional=True)
+  num_drafts = validation.check_int("num_drafts", num_drafts)
+  lattice_width = validation.check_int("lattice_width", lattice_width)
+  beam_width = validation.check_int("beam_width", beam_width, optional=True)
   return decode(params, cfg, prompts, prompt_lengths, max_new_tokens,
                 method=methods.Refined(
                     block_size=block_size, num_drafts=num_drafts,
@@ -380,8 +401,10 @@ def forward_logits(params, cfg: ModelConfig, tokens) -> jax.Array:
   """Head-1 logits [B, T, V] (float32) of full sequences tokens [B, T]."""
   check_params(params, cfg)
   tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}.")
+  if tokens.ndim != 2 or 0 in tokens.shape:
+    raise ValueError(f"tokens must be a non-empty int array [B, T], got "
+                     f"shape {tokens.shape}.")
+  validation.check_int_dtype("tokens", tokens)
   if tokens.shape[1] > cfg.max_seq_len:
     raise ValueError(f"sequence length {tokens.shape[1]} exceeds "
                      f"max_seq_len={cfg.max_seq_len}.")
@@ -399,10 +422,16 @@ def _expected_shapes(cfg: ModelConfig):
   return jax.tree_util.tree_flatten_with_path(shapes)
 
 
-def check_params(params, cfg: ModelConfig) -> None:
-  """Raises ValueError if `params` do not have the structure `cfg` implies."""
+def _check_cfg(cfg) -> None:
   if not isinstance(cfg, ModelConfig):
     raise TypeError(f"cfg must be a blockdec.ModelConfig, got {type(cfg).__name__}.")
+
+
+def check_params(params, cfg: ModelConfig, *, name: str = "params") -> None:
+  """Raises ValueError if `params` do not have the structure `cfg` implies,
+  or if a weight is NaN or infinite (checked once per set of arrays; skipped
+  for tracers, e.g. under a caller's `jax.jit`)."""
+  _check_cfg(cfg)
   expected, expected_def = _expected_shapes(cfg)
   got, got_def = jax.tree_util.tree_flatten_with_path(params)
   if got_def != expected_def:
@@ -410,15 +439,57 @@ def check_params(params, cfg: ModelConfig) -> None:
     have = {jax.tree_util.keystr(p) for p, _ in got}
     missing, extra = sorted(want - have)[:5], sorted(have - want)[:5]
     raise ValueError(
-        "params do not match the config: "
+        f"{name} do not match the config: "
         f"missing {missing}, unexpected {extra} (showing up to 5 each). "
         "Were they made for another ModelConfig (e.g. num_prediction_heads "
         f"or n_layers)? cfg={cfg}")
   for (path, want), (_, have) in zip(expected, got):
     if tuple(want.shape) != tuple(np.shape(have)):
       raise ValueError(
-          f"params{jax.tree_util.keystr(path)} has shape {tuple(np.shape(have))}"
+          f"{name}{jax.tree_util.keystr(path)} has shape {tuple(np.shape(have))}"
           f" but the config implies {tuple(want.shape)}; cfg={cfg}")
+  _check_finite(got, name)
+
+
+# Sets of parameter arrays already found finite: id(leaves) -> weak refs, so
+# a model decoded many times is scanned once, and a freed array's reused id
+# is not mistaken for it.
+_FINITE_CHECKED: dict = {}
+
+
+@jax.jit
+def _non_finite_counts(leaves):
+  return jnp.stack([jnp.sum(~jnp.isfinite(x)) for x in leaves])
+
+
+def _check_finite(flat, name: str) -> None:
+  """Raises ValueError naming the first leaf of `flat` (path, array pairs)
+  holding NaN or inf: such weights make every logit NaN, and the argmax of
+  NaN logits is token 0, so decoding would return zeros at full speed."""
+  leaves = [leaf for _, leaf in flat]
+  if not leaves or not all(_is_concrete(x) for x in leaves):
+    return
+  key = tuple(id(x) for x in leaves)
+  refs = _FINITE_CHECKED.get(key)
+  if refs is not None and all(r() is x for r, x in zip(refs, leaves)):
+    return
+  counts = np.asarray(_non_finite_counts(leaves))
+  if counts.any():
+    i = int(np.flatnonzero(counts)[0])
+    path, leaf = flat[i]
+    raise ValueError(
+        f"{name}{jax.tree_util.keystr(path)} holds {int(counts[i])} NaN or "
+        f"infinite values of {np.size(leaf)} ({int((counts > 0).sum())} of "
+        f"{len(leaves)} arrays are affected); non-finite weights make every "
+        "logit NaN. Load the checkpoint again or check the training run's "
+        "loss.")
+  try:
+    refs = tuple(weakref.ref(x) for x in leaves)
+  except TypeError:  # Not weak-referenceable: check again next time.
+    return
+  if len(_FINITE_CHECKED) >= 16:
+    _FINITE_CHECKED.pop(next(iter(_FINITE_CHECKED)))
+  _FINITE_CHECKED[key] = refs
 
 
 def _is_concrete(x) -> bool:
@@ -437,31 +508,30 @@ def _check_token_ids(name, tokens, vocab_size, valid=None):
                      f"[0, {vocab_size}).")
 
 
+def _check_token_arg(name, value, cfg, optional=False):
+  """A token id argument (eos_id, pad_id) as a Python int in the vocabulary."""
+  return validation.check_int(name, value, low=0, high=cfg.vocab_size - 1,
+                              optional=optional,
+                              hint=f" (vocab_size={cfg.vocab_size})")
+
+
 def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
-                  block_size, eos_id, pad_id):
+                  block_size):
   check_params(params, cfg)
   prompts = jnp.asarray(prompts)
   prompt_lengths = jnp.asarray(prompt_lengths)
   if prompts.ndim != 2 or prompts.shape[1] == 0 or prompts.shape[0] == 0:
     raise ValueError(
         f"prompts must be a non-empty int array [B, P], got shape {prompts.shape}.")
-  if not jnp.issubdtype(prompts.dtype, jnp.integer):
-    raise ValueError(f"prompts must hold integer token ids, got {prompts.dtype}.")
+  validation.check_int_dtype("prompts", prompts)
   if prompt_lengths.shape != (prompts.shape[0],):
     raise ValueError(f"prompt_lengths must have shape ({prompts.shape[0]},), "
                      f"got {prompt_lengths.shape}.")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-      or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int.")
+  validation.check_int_dtype("prompt_lengths", prompt_lengths)
   k = cfg.num_prediction_heads
-  if isinstance(block_size, bool) or not isinstance(block_size, int) \
-      or not 1 <= block_size <= k:
+  if not validation.is_int(block_size) or not 1 <= block_size <= k:
     raise ValueError(f"block_size={block_size!r} must be an int in [1, {k}] "
                      f"(the model has num_prediction_heads={k}).")
-  for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
-    if value is not None and not 0 <= value < cfg.vocab_size:
-      raise ValueError(f"{name}={value} is outside the vocabulary "
-                       f"[0, {cfg.vocab_size}).")
   p = prompts.shape[1]
   if _is_concrete(prompt_lengths):
     lengths = np.asarray(prompt_lengths)

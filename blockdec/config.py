@@ -2,14 +2,17 @@
 
 `ModelConfig` is passed as a static argument to jitted functions, so it must be
 hashable and never change after construction. Every field is checked in
-`__post_init__`; a bad value raises a `ValueError` that names the field, the
-value and what is allowed.
+`__post_init__`: a value of the wrong type raises a `TypeError`, a bad value a
+`ValueError`, each naming the field, the value and what is allowed. NumPy
+scalars are stored as the Python numbers they equal.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
+
+from blockdec import validation
 
 _NORMS = ("rmsnorm", "layernorm")
 _MLPS = ("swiglu", "gelu")
@@ -57,13 +60,21 @@ class ModelConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"
 
   def __post_init__(self):
+    def store(name, value):  # Normalised (e.g. np.int64 -> int) in place.
+      object.__setattr__(self, name, value)
+
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len",
                  "num_prediction_heads"):
-      _check_positive_int(name, getattr(self, name))
+      store(name, validation.check_int(name, getattr(self, name), low=1))
     for name in ("n_kv_heads", "d_ff", "head_dim", "head_hidden"):
-      value = getattr(self, name)
-      if value is not None:
-        _check_positive_int(name, value)
+      store(name, validation.check_int(name, getattr(self, name), low=1,
+                                       optional=True))
+    for name in ("tie_embeddings", "qkv_bias", "proj_bias"):
+      store(name, validation.check_bool(name, getattr(self, name)))
+    for name in ("norm_eps", "rope_theta"):
+      store(name, validation.check_number(name, getattr(self, name), low=0,
+                                          low_open=True))
+    store("rope_scaling", _check_rope_scaling(self.rope_scaling))
     _check_choice("norm", self.norm, _NORMS)
     _check_choice("mlp", self.mlp, _MLPS)
     _check_choice("position", self.position, _POSITIONS)
@@ -80,17 +91,6 @@ class ModelConfig:
     if self.position == "rope" and self.dim_per_head % 2:
       raise ValueError(
           f"head_dim={self.dim_per_head} must be even for rotary embeddings.")
-    if not self.norm_eps > 0:
-      raise ValueError(f"norm_eps={self.norm_eps} must be > 0.")
-    if not self.rope_theta > 0:
-      raise ValueError(f"rope_theta={self.rope_theta} must be > 0.")
-    if self.rope_scaling is not None:
-      if (not isinstance(self.rope_scaling, tuple)
-          or len(self.rope_scaling) != 4):
-        raise ValueError(
-            f"rope_scaling={self.rope_scaling!r} must be None or a tuple "
-            "(factor, low_freq_factor, high_freq_factor, "
-            "original_max_position).")
 
   @property
   def num_kv_heads(self) -> int:
@@ -130,11 +130,35 @@ class ModelConfig:
     return cls(**d)
 
 
-def _check_positive_int(name, value):
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name}={value!r} must be a positive integer.")
-
-
 def _check_choice(name, value, allowed):
+  if not isinstance(value, str):
+    raise TypeError(f"{name}={value!r} must be a string; allowed: {allowed}.")
   if value not in allowed:
     raise ValueError(f"{name}={value!r} is not supported; allowed: {allowed}.")
+
+
+def _check_rope_scaling(scaling):
+  """Llama-3 scaling (factor, low_freq_factor, high_freq_factor,
+  original_max_position) as a tuple of Python numbers, or None.
+
+  The frequencies divide by the factor, by each frequency factor and by
+  their difference, so all must be > 0 and high_freq_factor > low_freq_factor.
+  """
+  if scaling is None:
+    return None
+  what = ("rope_scaling must be None or a tuple (factor, low_freq_factor, "
+          "high_freq_factor, original_max_position)")
+  if not isinstance(scaling, tuple) or len(scaling) != 4:
+    raise ValueError(f"{what}; got {scaling!r}.")
+  factor, low, high, original = scaling
+  factor, low, high = (
+      validation.check_number(f"rope_scaling {name}", value, low=0,
+                              low_open=True)
+      for name, value in (("factor", factor), ("low_freq_factor", low),
+                          ("high_freq_factor", high)))
+  original = validation.check_int("rope_scaling original_max_position",
+                                  original, low=1)
+  if not high > low:
+    raise ValueError(f"rope_scaling high_freq_factor={high} must exceed "
+                     f"low_freq_factor={low}; got {scaling!r}.")
+  return (factor, low, high, original)

@@ -218,6 +218,10 @@ def config_dict():
   return c
 
 
+# Every logical axis name the arrays use (a rule naming another is a typo).
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
+
 def _check_rules(rules) -> tuple[tuple[str, Any], ...]:
   out = []
   for rule in rules:
@@ -225,10 +229,18 @@ def _check_rules(rules) -> tuple[tuple[str, Any], ...]:
     if len(rule) != 2 or not isinstance(rule[0], str):
       raise ValueError(f"sharding rule {rule!r} must be a (logical name, mesh "
                        "axis or None) pair, e.g. ('batch', 'data').")
-    target = rule[1]
+    name, target = rule
+    if name not in LOGICAL_AXES:
+      raise ValueError(f"sharding rule {rule!r} names the logical axis "
+                       f"{name!r}; allowed: {LOGICAL_AXES}.")
     if isinstance(target, list):
       target = tuple(target)
-    out.append((rule[0], target))
+    axes = target if isinstance(target, tuple) else (target,)
+    if target is not None and not all(a in MESH_AXES for a in axes):
+      raise ValueError(f"sharding rule {rule!r} names the mesh axis "
+                       f"{target!r}; allowed: None, one of {MESH_AXES} or a "
+                       "tuple of them.")
+    out.append((name, target))
   return tuple(out)
 
 

@@ -299,9 +299,11 @@ def test_sampling_errors():
                     method=blockdec.Refined(3, num_drafts=2),
                     sampling=blockdec.Sampling(), key=jax.random.key(0))
   for bad in (dict(temperature=0), dict(temperature=-1.0), dict(top_k=0),
-              dict(top_p=0.0), dict(top_p=1.5), dict(temperature="1")):
+              dict(top_p=0.0), dict(top_p=1.5)):
     with pytest.raises(ValueError, match="Sampling"):
       blockdec.Sampling(**bad)
+  with pytest.raises(TypeError, match="Sampling temperature='1'"):
+    blockdec.Sampling(temperature="1")
   with pytest.raises(TypeError, match="Sampling"):
     blockdec.decode(params, cfg, prompts, lengths, 4, sampling=0.7,
                     key=jax.random.key(0))

@@ -22,6 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from blockdec import validation
 from blockdec.decoding.verify import (SpeculativeSampling, Verifier,
                                       greedy_verdict)
 
@@ -72,8 +73,8 @@ class TopK(AcceptanceRule):
   n: int = 2
 
   def __post_init__(self):
-    if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-      raise ValueError(f"TopK n={self.n!r} must be a positive integer.")
+    object.__setattr__(self, "n", validation.check_int("TopK n", self.n,
+                                                       low=1))
 
   def matches(self, draft, logits):
     draft_logit = jnp.take_along_axis(logits, draft[..., None], axis=-1)
@@ -93,8 +94,8 @@ class Distance(AcceptanceRule):
   eps: int = 1
 
   def __post_init__(self):
-    if isinstance(self.eps, bool) or not isinstance(self.eps, int) or self.eps < 0:
-      raise ValueError(f"Distance eps={self.eps!r} must be an integer >= 0.")
+    object.__setattr__(self, "eps", validation.check_int("Distance eps",
+                                                         self.eps, low=0))
 
   def matches(self, draft, logits):
     return jnp.abs(draft - jnp.argmax(logits, axis=-1)) <= self.eps
@@ -115,8 +116,8 @@ class MinBlock(AcceptanceRule):
     return self.l == 1 and self.base.exact
 
   def __post_init__(self):
-    if isinstance(self.l, bool) or not isinstance(self.l, int) or self.l < 1:
-      raise ValueError(f"MinBlock l={self.l!r} must be a positive integer.")
+    object.__setattr__(self, "l", validation.check_int("MinBlock l", self.l,
+                                                       low=1))
     if not isinstance(self.base, AcceptanceRule):
       raise TypeError(f"MinBlock base={self.base!r} must be an acceptance rule "
                       "(Exact(), TopK(n), Distance(eps)).")

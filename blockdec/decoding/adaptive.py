@@ -54,6 +54,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from blockdec import validation
 
 ESTIMATES = ("history", "confidence")
 
@@ -75,20 +76,17 @@ class AdaptiveBlockSize:
   estimate: str = "history"
 
   def __post_init__(self):
-    if (isinstance(self.token_cost, bool)
-        or not isinstance(self.token_cost, (int, float))
-        or not self.token_cost >= 0):
-      raise ValueError(f"AdaptiveBlockSize token_cost={self.token_cost!r} "
-                       "must be a number >= 0.")
+    object.__setattr__(self, "token_cost", validation.check_number(
+        "AdaptiveBlockSize token_cost", self.token_cost, low=0))
     if self.estimate not in ESTIMATES:
       raise ValueError(f"AdaptiveBlockSize estimate={self.estimate!r}; "
                        f"allowed: {ESTIMATES}.")
     if self.sizes is not None:
       if (not isinstance(self.sizes, tuple) or not self.sizes
-          or any(isinstance(t, bool) or not isinstance(t, int) or t < 1
-                 for t in self.sizes)):
+          or any(not validation.is_int(t) or t < 1 for t in self.sizes)):
         raise ValueError(f"AdaptiveBlockSize sizes={self.sizes!r} must be a "
                          "non-empty tuple of positive ints.")
+      object.__setattr__(self, "sizes", tuple(int(t) for t in self.sizes))
 
   def init(self, batch: int, block_size: int):
     """The rule's carry: per-row counts of verified and surviving drafts.
@@ -134,7 +132,12 @@ class AdaptiveBlockSize:
     return tuple(sorted(set(self.sizes)))
 
   def validate(self, block_size: int) -> None:
-    """Raises ValueError if a size exceeds `block_size`."""
+    """Raises ValueError if a size exceeds `block_size`, or if there is
+    nothing to choose (block_size 1 drafts no token)."""
+    if block_size < 2:
+      raise ValueError(f"adaptive={self!r} chooses how many drafts each call "
+                       f"verifies, but block_size={block_size} drafts none; "
+                       "use block_size >= 2 or adaptive=None.")
     too_big = [t for t in self.candidate_sizes(block_size) if t > block_size]
     if too_big:
       raise ValueError(f"AdaptiveBlockSize sizes {too_big} exceed "

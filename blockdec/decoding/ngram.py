@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blockdec import validation
+
 _INT32_MAX = np.iinfo(np.int32).max
 _MIN_DISCOUNT, _MAX_DISCOUNT = 0.05, 1.0
 
@@ -107,10 +109,8 @@ class NGramLM:
       vocab_size: V.
       discounts: optional D_1..D_n overriding the count-of-counts estimate.
     """
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-      raise ValueError(f"order={order!r} must be a positive int.")
-    if vocab_size < 1:
-      raise ValueError(f"vocab_size={vocab_size} must be positive.")
+    order = validation.check_int("order", order, low=1)
+    vocab_size = validation.check_int("vocab_size", vocab_size, low=1)
     if float(vocab_size) ** order >= 2.0 ** 62:
       raise ValueError(f"order={order} is too high for vocab_size={vocab_size}:"
                        " V**order must stay below 2**62.")

@@ -24,6 +24,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from blockdec import validation
+
 # What a key is drawn for; folded into a token's key so the uses never share.
 DRAFT, ACCEPT, NEXT = 0, 1, 2
 
@@ -44,20 +46,15 @@ class Sampling:
   top_p: float | None = None
 
   def __post_init__(self):
-    t = self.temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-      raise ValueError(f"Sampling temperature={t!r} must be a number > 0 "
-                       "(use sampling=None for greedy decoding).")
-    if self.top_k is not None and (
-        isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-        or self.top_k < 1):
-      raise ValueError(f"Sampling top_k={self.top_k!r} must be None or an "
-                       "int >= 1.")
-    p = self.top_p
-    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))
-                          or not 0 < p <= 1):
-      raise ValueError(f"Sampling top_p={p!r} must be None or a number in "
-                       "(0, 1].")
+    # Stored as Python numbers: equal settings hash alike (static argument).
+    object.__setattr__(self, "temperature", validation.check_number(
+        "Sampling temperature", self.temperature, low=0, low_open=True,
+        hint=" (use sampling=None for greedy decoding)"))
+    object.__setattr__(self, "top_k", validation.check_int(
+        "Sampling top_k", self.top_k, low=1, optional=True))
+    object.__setattr__(self, "top_p", validation.check_number(
+        "Sampling top_p", self.top_p, low=0, high=1, low_open=True,
+        optional=True))
 
   def log_probs(self, logits: jax.Array) -> jax.Array:
     """logits [..., V] -> filtered log-probabilities [..., V] (-inf = removed)."""

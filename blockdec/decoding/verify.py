@@ -47,6 +47,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from blockdec import validation
 from blockdec.decoding import sampling as sampling_lib
 from blockdec.decoding.sampling import Sampling
 
@@ -211,11 +212,8 @@ class Typical(Verifier):
 
   def __post_init__(self):
     for name in ("posterior_threshold", "posterior_alpha"):
-      value = getattr(self, name)
-      if (isinstance(value, bool) or not isinstance(value, (int, float))
-          or not 0 <= value <= 1):
-        raise ValueError(f"Typical {name}={value!r} must be a number in "
-                         "[0, 1].")
+      object.__setattr__(self, name, validation.check_number(
+          f"Typical {name}", getattr(self, name), low=0, high=1))
 
   def verify(self, drafts, logits, q, sampling, keys):
     del q
