@@ -2,14 +2,21 @@
 
     folder/
       model_config.json       ModelConfig.to_dict()
-      params.safetensors      every parameter, keyed by its path "layer_0/attn/q/kernel"
+      params.safetensors      every parameter, keyed by its path "layer_0/attn/q/kernel";
+                              its metadata holds a SHA-256 of the tensors
       tokenizer_config.json   (+ tokenizer.json for BPE), see training/tokenizers.py
       checkpoints/<step>/     orbax training state (training runs only)
 
 `save_checkpoint` writes the first three; a training run writes them when it
 finishes and keeps orbax checkpoints of the full training state (params,
 optimizer, step) under `checkpoints/` while it runs. `load_checkpoint` reads a
-finished folder, or the latest orbax step of an unfinished run.
+finished folder, or the newest orbax step of an unfinished run that restores.
+
+Damage is named, never silently used: a params file that does not parse or
+whose tensors no longer match the checksum saved with them raises
+`DamagedCheckpointError` naming the file; an orbax step that does not restore
+is skipped for the next older one (the trainer also moves it aside to
+`checkpoints.damaged/`, so the run resumes from the newest valid step).
 
     blockdec.save_checkpoint(folder, cfg, params, tokenizer)
     cfg, params, tokenizer = blockdec.load_checkpoint(folder)
@@ -17,11 +24,14 @@ finished folder, or the latest orbax step of an unfinished run.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
 
 import jax
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 from blockdec.api import check_params
@@ -30,6 +40,13 @@ from blockdec.config import ModelConfig
 CONFIG_FILE = "model_config.json"
 PARAMS_FILE = "params.safetensors"
 ORBAX_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints.damaged"  # Orbax steps that did not restore.
+CHECKSUM_KEY = "sha256"  # In params.safetensors' metadata.
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint file that cannot be read back as it was written; the
+  message names the file."""
 
 
 def flatten_params(params) -> dict[str, np.ndarray]:
@@ -69,31 +86,132 @@ def load_model_config(directory) -> ModelConfig:
     raise ValueError(f"{path} does not hold a valid ModelConfig: {e}") from None
 
 
+def params_digest(flat: dict[str, np.ndarray]) -> str:
+  """SHA-256 hex digest of flat params: names, dtypes, shapes and bytes."""
+  h = hashlib.sha256()
+  for name in sorted(flat):
+    a = np.ascontiguousarray(flat[name])
+    h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
+    h.update(a.reshape(-1).view(np.uint8).data)
+  return h.hexdigest()
+
+
 def save_checkpoint(directory, cfg: ModelConfig, params, tokenizer=None) -> None:
-  """Writes config, params (safetensors) and the tokenizer to `directory`."""
+  """Writes config, params (safetensors, with their checksum in its
+  metadata) and the tokenizer to `directory`."""
   check_params(params, cfg)
   directory = pathlib.Path(directory)
   save_model_config(directory, cfg)
+  flat = flatten_params(jax.device_get(params))
+  data = safetensors.numpy.save(
+      flat, metadata={"format": "blockdec", CHECKSUM_KEY: params_digest(flat)})
   tmp = directory / (PARAMS_FILE + ".tmp")
-  safetensors.numpy.save_file(flatten_params(jax.device_get(params)), str(tmp),
-                              metadata={"format": "blockdec"})
+  # A plain open() gives the file the mode every other checkpoint file gets
+  # (0666 less the umask; safetensors' own writer makes it 0600).
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
   tmp.replace(directory / PARAMS_FILE)  # Atomic: never a half-written file.
   if tokenizer is not None:
     tokenizer.save(directory)
 
 
+def load_params_file(path) -> dict:
+  """The params of a params.safetensors file, verified against the checksum
+  in its metadata (files without one, e.g. from older versions, load
+  unverified). Raises DamagedCheckpointError naming the file."""
+  path = pathlib.Path(path)
+  try:
+    with safetensors.safe_open(str(path), "np") as f:
+      metadata = f.metadata() or {}
+      flat = {name: f.get_tensor(name) for name in f.keys()}
+  except (safetensors.SafetensorError, OSError, ValueError) as e:
+    raise DamagedCheckpointError(
+        f"{path} is damaged: it does not read as a safetensors file ({e}). "
+        "Delete it to retrain, or restore it from a copy.") from None
+  want = metadata.get(CHECKSUM_KEY)
+  if want is not None:
+    got = params_digest(flat)
+    if got != want:
+      raise DamagedCheckpointError(
+          f"{path} is damaged: its tensors' SHA-256 {got[:16]}... differs "
+          f"from the {want[:16]}... saved with them (a flipped bit or a "
+          "bad copy). Delete it to retrain, or restore it from a copy.")
+  return unflatten_params(flat)
+
+
+def set_aside(path, into=None) -> pathlib.Path:
+  """Moves a damaged file or folder to `<into>/<name>.damaged` (default:
+  beside it; `.damaged.<n>` if taken), kept for inspection. Returns the new
+  path."""
+  path = pathlib.Path(path)
+  folder = path.parent if into is None else pathlib.Path(into)
+  folder.mkdir(parents=True, exist_ok=True)
+  target = folder / f"{path.name}.damaged"
+  n = 1
+  while target.exists():
+    target = folder / f"{path.name}.damaged.{n}"
+    n += 1
+  path.rename(target)
+  return target
+
+
+def restore_newest(mngr, restore, *, set_damaged_aside: bool = False,
+                   log=None):
+  """(step, state) of the newest orbax step that `restore(step)` restores.
+
+  Newer steps that fail (a missing metadata file, truncated data) are
+  reported through `log` and skipped; with `set_damaged_aside` they are also
+  moved to `<run>/checkpoints.damaged/` (and `mngr` reloaded), so a resumed
+  run can save those steps again. Returns (None, None) without steps.
+
+  Raises:
+    DamagedCheckpointError: steps exist but none restores; names them.
+  """
+  root = pathlib.Path(mngr.directory)
+  failed = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state = restore(step)
+    except Exception as e:  # pylint: disable=broad-except  # Orbax and
+      # TensorStore raise many types for a damaged step; each is reported.
+      failed.append((step, e))
+      if log is not None:
+        log(f"orbax step {root / str(step)} does not restore "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying "
+            "the previous step.")
+      continue
+    if failed and set_damaged_aside:
+      for bad, _ in failed:
+        set_aside(root / str(bad), into=root.parent / DAMAGED_DIR)
+      mngr.reload()
+    return step, state
+  if failed:
+    raise DamagedCheckpointError(
+        f"no orbax step under {root} restores: "
+        + "; ".join(f"step {s}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:120]}" for s, e in failed)
+        + f". Delete {root} to train from scratch.")
+  return None, None
+
+
 def latest_orbax_params(directory):
-  """Params of the latest orbax step under directory/checkpoints, or None."""
+  """Params of the newest orbax step under directory/checkpoints that
+  restores (damaged newer ones are skipped with a warning), or None."""
   import orbax.checkpoint as ocp  # Slow to import; only needed here.
+  from absl import logging
   root = pathlib.Path(directory).resolve() / ORBAX_DIR
   if not root.is_dir():
     return None
-  with ocp.CheckpointManager(root) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      return None
-    state = mngr.restore(step, args=ocp.args.StandardRestore())
-  return state["params"]
+  # An explicit handler: a damaged (e.g. empty) step cannot make the manager
+  # guess a multi-item layout and then fail on every step.
+  with ocp.CheckpointManager(
+      root, item_handlers=ocp.StandardCheckpointHandler()) as mngr:
+    _, state = restore_newest(
+        mngr, lambda step: mngr.restore(step, args=ocp.args.StandardRestore()),
+        log=logging.warning)
+  return None if state is None else state["params"]
 
 
 def is_hf_checkpoint(directory) -> bool:
@@ -119,8 +237,9 @@ def load_checkpoint(directory, *, with_tokenizer: bool = True):
   loads too, through `blockdec.load_hf_checkpoint`, with its tokenizer.json;
   so a head config's `init_from` may name one (configs/hf_heads.py).
 
-  Raises FileNotFoundError naming the missing file, and ValueError when the
-  parameters do not fit the saved config.
+  Raises FileNotFoundError naming the missing file, DamagedCheckpointError
+  (a ValueError) naming a damaged one, and ValueError when the parameters do
+  not fit the saved config or hold NaN or inf.
   """
   from blockdec.training.tokenizers import load_tokenizer
   directory = pathlib.Path(directory)
@@ -131,7 +250,7 @@ def load_checkpoint(directory, *, with_tokenizer: bool = True):
   cfg = load_model_config(directory)
   path = directory / PARAMS_FILE
   if path.exists():
-    params = unflatten_params(safetensors.numpy.load_file(str(path)))
+    params = load_params_file(path)
   else:
     params = latest_orbax_params(directory)
     if params is None:

@@ -8,6 +8,7 @@ r"""The `blockdec` command: train, decode, eval.
       --temperature=0.6 --top_p=0.95 --seed=0
   blockdec eval --checkpoint cache/heads_frozen_cpu-... --num_prompts=16
   python -m blockdec.cli train --config configs/base_lm.py:tiny
+  blockdec --help
 
 `train` trains the config (or reuses a finished run of the same config from
 the cache; a head config trains or reuses its base LM first) and prints the
@@ -16,12 +17,19 @@ run folder. `decode` continues one prompt greedily and blockwise (with
 lossless: distributed as the model's own samples). `eval`
 reports held-out loss, per-head agreement and block efficiency on held-out
 prompts. The logic lives in blockdec.training; this file only parses flags.
+
+The prompt is used as given, as UTF-8 text; `--prompt_escapes` reads
+backslash escapes in it (`\n`, `\t`, `\xNN`, `\u2603`). An error ends the
+command with one line on stderr and exit status 1 (2 for bad flags);
+`--verbose` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,19 +43,45 @@ _CACHE_DIR = flags.DEFINE_string(
     "cache_dir", "cache", "Folder of cached runs (train) and distillation data.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Checkpoint folder (decode, eval).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (decode).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+_PROMPT = flags.DEFINE_string(
+    "prompt", None, "Prompt text (decode), used as given (UTF-8).")
+_PROMPT_ESCAPES = flags.DEFINE_boolean(
+    "prompt_escapes", False, "decode: read backslash escapes in --prompt "
+    "(\\n, \\t, \\xNN, \\u2603).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.",
+                                lower_bound=1)
 _BLOCK = flags.DEFINE_integer(
-    "block_size", 0, "Blockwise block size k; 0 = all the model's heads.")
+    "block_size", 0, "Blockwise block size k; 0 = all the model's heads.",
+    lower_bound=0)
 _TEMPERATURE = flags.DEFINE_float(
-    "temperature", 0.0, "decode: sampling temperature; 0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "decode: top-k filter; 0 = off.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "decode: top-p filter; 1 = off.")
+    "temperature", 0.0, "decode: sampling temperature; 0 = greedy.",
+    lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "decode: top-k filter; 0 = off.",
+                              lower_bound=0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "decode: top-p filter in (0, 1]; "
+                            "1 = off.", lower_bound=0.0, upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "decode: sampling seed.")
 _CORPUS = flags.DEFINE_string(
     "corpus", "stdlib", "Corpus whose held-out split eval uses.")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16, "Held-out prompts (eval).")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16,
+                                    "Held-out prompts (eval).", lower_bound=1)
 _JSON = flags.DEFINE_boolean("json", False, "eval: print the result as JSON.")
+_VERBOSE = flags.DEFINE_boolean(
+    "verbose", False, "On an error, print the traceback, not one line.")
+
+# The flags each command reads (for --help).
+COMMAND_FLAGS = {
+    "train": ("config", "cache_dir"),
+    "decode": ("checkpoint", "prompt", "prompt_escapes", "max_new_tokens",
+               "block_size", "temperature", "top_k", "top_p", "seed"),
+    "eval": ("checkpoint", "corpus", "num_prompts", "max_new_tokens",
+             "block_size", "json"),
+}
+COMMAND_HELP = {
+    "train": "train a config, or reuse a finished run of it from the cache",
+    "decode": "continue one prompt greedily and blockwise, or sample it",
+    "eval": "held-out loss, head agreement and block efficiency",
+}
 
 
 def _train():
@@ -81,8 +115,8 @@ def _decode():
   from blockdec.training import evaluation
   if _PROMPT.value is None:
     raise app.UsageError("decode needs --prompt.")
+  prompt = prompt_text(_PROMPT.value, _PROMPT_ESCAPES.value)
   cfg, params, tokenizer = _load()
-  prompt = _PROMPT.value.encode().decode("unicode_escape")  # Allow "\n".
   if _TEMPERATURE.value > 0:
     _sample(cfg, params, tokenizer, prompt)
     return
@@ -141,17 +175,109 @@ def _eval():
         f"identical to greedy: {r['identical']}")
 
 
+def prompt_text(prompt: str, escapes: bool) -> str:
+  """The prompt as given, or with its backslash escapes read (`escapes`).
+
+  Characters outside Latin-1 become `\\uXXXX` escapes first, so that the
+  escape decoder, which reads bytes as Latin-1, gives them back unchanged:
+  "héllo ☃\\n" -> "héllo ☃" + newline.
+  """
+  if not escapes:
+    return prompt
+  try:
+    return prompt.encode("latin-1", "backslashreplace").decode(
+        "unicode_escape")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"--prompt={prompt!r} has a bad escape sequence "
+                     f"({e.reason}); with --prompt_escapes write a backslash "
+                     "as \\\\.") from None
+
+
+def usage() -> str:
+  """`blockdec --help`: the commands and the flags each one reads."""
+  lines = [f"usage: blockdec {{{','.join(COMMANDS)}}} [--flags]", "",
+           "commands:"]
+  for command in COMMANDS:
+    lines.append(f"  {command:<8}{COMMAND_HELP[command]}")
+    for name in COMMAND_FLAGS[command]:
+      flag = flags.FLAGS[name]
+      default = "" if flag.default is None else f" (default: {flag.default})"
+      lines.append(f"      --{name}: {flag.help}{default}")
+  lines += ["", "every command:",
+            f"      --verbose: {flags.FLAGS['verbose'].help}", "",
+            "Example:", "  blockdec train --config configs/base_lm.py:cpu "
+            "--config.steps=100"]
+  return "\n".join(lines)
+
+
+def _fail(message: str, status: int = 1, traceback_hint: bool = True):
+  """Ends the command with one line on stderr."""
+  message = " ".join(str(message).split())  # One line.
+  if traceback_hint:
+    message += " (--verbose shows the traceback)"
+  print(message, file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv):
+  """absl's parse, with flag and config-file errors as one line."""
+  if any(a in ("--help", "-h", "--helpshort", "help") for a in argv[1:]):
+    print(usage())
+    sys.exit(0)
+  verbose = any(a in ("--verbose", "--verbose=true") for a in argv[1:])
+  spec = _config_spec(argv)
+  if spec is not None and not pathlib.Path(spec.split(":")[0]).is_file():
+    _fail(f"blockdec: bad flags: --config={spec}: config file "
+          f"{spec.split(':')[0]} not found.", status=2, traceback_hint=False)
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    if verbose:
+      raise
+    _fail(f"blockdec: bad flags: {_config_error(e, argv) or e}", status=2)
+
+
+def _config_spec(argv) -> str | None:
+  """The value of --config in `argv` ("--config=x" or "--config x")."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _config_error(e, argv) -> str | None:
+  """A clear message for an unknown field in a --config.<field> override."""
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and isinstance(
+        e, (AttributeError, KeyError, flags.Error)):
+      field = arg[len("--config."):].split("=", 1)[0]
+      if f"'{field.split('.')[-1]}'" in str(e):
+        return f"{arg}: the config has no field {field!r}."
+  return None
+
+
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: blockdec {{{','.join(COMMANDS)}}} [--flags]; "
-                         f"got {argv[1:]}.")
-  {"train": _train, "decode": _decode, "eval": _eval}[argv[1]]()
+    _fail(f"usage: blockdec {{{','.join(COMMANDS)}}} [--flags]; got "
+          f"{argv[1:]}; see blockdec --help.", status=2, traceback_hint=False)
+  try:
+    {"train": _train, "decode": _decode, "eval": _eval}[argv[1]]()
+  except app.UsageError as e:
+    _fail(f"blockdec {argv[1]}: {e}; see blockdec --help.", status=2,
+          traceback_hint=False)
+  except Exception as e:  # pylint: disable=broad-except
+    if _VERBOSE.value:
+      traceback.print_exc()
+      sys.exit(1)
+    _fail(f"blockdec {argv[1]}: {type(e).__name__}: {e}")
 
 
 def run():
   """Console-script entry point (pyproject: blockdec = "blockdec.cli:run")."""
-  app.run(main, argv=sys.argv)
+  app.run(main, argv=sys.argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

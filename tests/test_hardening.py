@@ -2,6 +2,7 @@
 NumPy integer scalars are ints, non-finite weights are caught, damaged
 checkpoints are named and survived, the CLI speaks UTF-8."""
 
+import pathlib
 import re
 
 import jax
@@ -191,3 +192,297 @@ def test_checks_that_need_values_are_skipped_under_jit(model):
   fn(params, np.array([[1, cfg.vocab_size + 5]]))  # No error: values unseen.
   with _raises(TypeError, "tokens must be an integer array"):
     fn(params, np.array([[1.0, 2.0]]))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _tiny_run_config(corpus):
+  from tests.test_training import tiny
+  config = tiny("base_lm", corpus, steps=4, checkpoint_every=1, log_every=1,
+                eval_every=2)
+  config.keep_checkpoints = 3
+  return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A finished tiny run and the same run killed after step 3 (orbax steps
+  1..3 kept): (config, finished folder, killed folder)."""
+  from blockdec.training import train
+  from tests.test_training_data import write_corpus
+  root = tmp_path_factory.mktemp("runs")
+  config = _tiny_run_config(write_corpus(root / "corpus", n=30))
+  train.train(config, root / "finished")
+  killed = train.Trainer(config, root / "killed").run(stop_at_step=3)
+  assert killed[1] is None
+  return config, root / "finished", root / "killed"
+
+
+def _copy_run(src, dst):
+  import shutil
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _assert_same_params(a, b):
+  _, pa, _ = blockdec.load_checkpoint(a)
+  _, pb, _ = blockdec.load_checkpoint(b)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)
+
+
+def _truncate(path):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def _flip_bit(path, offset=-5):
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0x04
+  path.write_bytes(bytes(data))
+
+
+def test_params_file_has_a_checksum_and_the_usual_mode(model, tmp_path):
+  import os
+  import safetensors
+  cfg, params = model
+  blockdec.save_checkpoint(tmp_path, cfg, params)
+  path = tmp_path / "params.safetensors"
+  mode = lambda p: os.stat(p).st_mode & 0o777
+  assert mode(path) == mode(tmp_path / "model_config.json")
+  with safetensors.safe_open(str(path), "np") as f:
+    assert len(f.metadata()["sha256"]) == 64
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_truncate, "does not read as a safetensors file"),
+    (_flip_bit, "SHA-256"),
+    (lambda p: p.write_bytes(b""), "does not read as a safetensors file"),
+])
+def test_damaged_params_file_is_named(model, tmp_path, damage, message):
+  from blockdec.checkpointing import DamagedCheckpointError
+  cfg, params = model
+  blockdec.save_checkpoint(tmp_path, cfg, params)
+  path = tmp_path / "params.safetensors"
+  damage(path)
+  with pytest.raises(DamagedCheckpointError, match=re.escape(message)) as e:
+    blockdec.load_checkpoint(tmp_path, with_tokenizer=False)
+  assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flipped", "torn summary"])
+def test_damaged_cached_run_is_reported_and_finished_again(runs, tmp_path,
+                                                           damage):
+  from blockdec.training import pipeline
+  config, finished, _ = runs
+  config = config.copy_and_resolve_references()
+  config.workdir = str(_copy_run(finished, tmp_path / "run"))
+  if damage == "truncated":
+    _truncate(tmp_path / "run" / "params.safetensors")
+  elif damage == "bit-flipped":
+    _flip_bit(tmp_path / "run" / "params.safetensors")
+  else:
+    _truncate(tmp_path / "run" / "summary.json")
+  logs = []
+  run = pipeline.train_or_load(config, tmp_path, log=logs.append)
+  assert "is damaged" in logs[0], logs
+  assert any(line.startswith("[train]") for line in logs), logs
+  assert (tmp_path / "run" / "params.safetensors.damaged").exists()
+  assert run.summary["steps"] == 4
+  _assert_same_params(finished, tmp_path / "run")
+  logs.clear()
+  pipeline.train_or_load(config, tmp_path, log=logs.append)
+  assert logs == [f"[cache] {config.name}: reusing {tmp_path / 'run'}"]
+
+
+def _damage_orbax(kind, step_dir):
+  if kind == "missing metadata":
+    (step_dir / "default" / "_METADATA").unlink()
+  elif kind == "truncated data":
+    data = step_dir / "default" / "ocdbt.process_0" / "d"
+    _truncate(max(data.iterdir(), key=lambda p: p.stat().st_size))
+  elif kind == "empty step":
+    import shutil
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["missing metadata", "truncated data",
+                                  "empty step"])
+def test_resume_skips_a_damaged_orbax_step(runs, tmp_path, kind, capsys):
+  from blockdec.training import train
+  config, finished, killed = runs
+  run = _copy_run(killed, tmp_path / "run")
+  _damage_orbax(kind, run / "checkpoints" / "3")
+  # Unfinished run: load_checkpoint falls back to step 2 as well.
+  _, params, _ = blockdec.load_checkpoint(run, with_tokenizer=False)
+  assert params is not None
+  train.train(config, run)
+  assert "checkpoints/3 does not restore" in capsys.readouterr().out
+  assert (run / "checkpoints.damaged" / "3.damaged").is_dir()
+  _assert_same_params(finished, run)  # Resumed from step 2, exactly.
+  rows = lambda d: [(r["split"], r["step"], r["loss"])
+                    for r in train.read_metrics(d / "metrics.jsonl")]
+  assert rows(run) == rows(finished)
+
+
+def test_no_valid_orbax_step_fails_naming_the_folder(runs, tmp_path):
+  from blockdec.checkpointing import DamagedCheckpointError
+  from blockdec.training import train
+  config, _, killed = runs
+  run = _copy_run(killed, tmp_path / "run")
+  for step in (1, 2, 3):
+    _damage_orbax("missing metadata", run / "checkpoints" / str(step))
+  with pytest.raises(DamagedCheckpointError,
+                     match=re.escape(f"no orbax step under {run / 'checkpoints'}")):
+    train.train(config, run)
+
+
+def test_torn_metrics_line_is_dropped_on_resume(runs, tmp_path):
+  from blockdec.checkpointing import DamagedCheckpointError
+  from blockdec.training import train
+  config, finished, killed = runs
+  run = _copy_run(killed, tmp_path / "run")
+  metrics = run / "metrics.jsonl"
+  with open(metrics, "a") as f:
+    f.write('{"split": "train", "step": 4, "lo')  # Killed mid-write.
+  assert train.read_metrics(metrics)[-1]["step"] == 3
+  train.train(config, run)
+  rows = lambda d: [(r["split"], r["step"], r["loss"])
+                    for r in train.read_metrics(d / "metrics.jsonl")]
+  assert rows(run) == rows(finished)
+  lines = metrics.read_text().splitlines()
+  metrics.write_text("\n".join(["{torn", *lines]) + "\n")
+  with pytest.raises(DamagedCheckpointError, match=re.escape(f"{metrics}:1")):
+    train.read_metrics(metrics)
+
+
+# ------------------------------------------------------------------------ CLI
+
+
+def _cli(*args):
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "blockdec.cli", *args],
+                        capture_output=True, text=True, timeout=300, env=env,
+                        cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture
+def byte_checkpoint(tmp_path):
+  from blockdec.training.tokenizers import ByteTokenizer
+  cfg, params = random_model(0, vocab_size=256, num_prediction_heads=2)
+  blockdec.save_checkpoint(tmp_path, cfg, params, tokenizer=ByteTokenizer())
+  return tmp_path
+
+
+@pytest.mark.parametrize("prompt,escapes,expected", [
+    ("héllo ☃", False, "héllo ☃"),
+    ("a\\nb", False, "a\\nb"),               # As given: backslash, n.
+    ("a\\n☃\\xe9", True, "a\n☃é"),
+])
+def test_cli_prompt_reaches_the_model_as_utf8(byte_checkpoint, monkeypatch,
+                                              capsys, prompt, escapes,
+                                              expected):
+  from absl import flags
+  from blockdec import api, cli
+  seen = []
+  real = api.decode
+
+  def spy(params, cfg, prompts, lengths, *args, **kw):
+    seen.append(np.asarray(prompts)[0, :int(np.asarray(lengths)[0])].tolist())
+    return real(params, cfg, prompts, lengths, *args, **kw)
+
+  monkeypatch.setattr(api, "decode", spy)
+  argv = ["blockdec", "decode", f"--checkpoint={byte_checkpoint}",
+          f"--prompt={prompt}", "--max_new_tokens=2"]
+  try:
+    cli.main(flags.FLAGS(argv + ["--prompt_escapes"] * escapes))
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert seen and all(ids == list(expected.encode("utf-8")) for ids in seen)
+  assert capsys.readouterr().out.startswith(expected)
+
+
+def test_cli_bad_escape_names_the_prompt(byte_checkpoint):
+  from blockdec import cli
+  with _raises(ValueError, "--prompt='a\\\\x' has a bad escape sequence"):
+    cli.prompt_text("a\\x", escapes=True)
+
+
+def test_cli_help_lists_commands_and_exits_0():
+  proc = _cli("--help")
+  assert proc.returncode == 0, proc.stderr
+  for word in ("train", "decode", "eval", "--prompt_escapes", "--num_prompts",
+               "--config", "--verbose"):
+    assert word in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("train", "--config=configs/nope.py:tiny"),
+     "--config=configs/nope.py:tiny: config file configs/nope.py not found"),
+    (("train", "--config=configs/base_lm.py:tiny", "--config.nosuch=1"),
+     "--config.nosuch=1: the config has no field 'nosuch'"),
+    (("eval", "--num_prompts=0", "--checkpoint=x"), "--num_prompts=0"),
+    (("eval", "--checkpoint=/nonexistent"), "checkpoint folder /nonexistent"),
+    (("frob",), "see blockdec --help"),
+])
+def test_cli_errors_are_one_line(args, message):
+  proc = _cli(*args)
+  assert proc.returncode in (1, 2)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and message in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_cli_verbose_shows_the_traceback():
+  proc = _cli("eval", "--checkpoint=/nonexistent", "--verbose")
+  assert proc.returncode == 1 and "Traceback" in proc.stderr
+  assert "checkpoint folder /nonexistent" in proc.stderr
+
+
+# ----------------------------------------------------------- load_hf_checkpoint
+
+
+@pytest.fixture
+def hf_folder(tmp_path):
+  import json
+  from blockdec.models.hf import byte_tokenizer
+  cfg = blockdec.ModelConfig(vocab_size=256, d_model=32, n_layers=1,
+                             n_heads=2, max_seq_len=64)
+  params = blockdec.init_params(cfg, jax.random.key(0))
+  blockdec.export_hf_checkpoint(cfg, params, tmp_path,
+                                tokenizer=byte_tokenizer())
+
+  def edit(**changes):
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+  return tmp_path, edit
+
+
+def test_hf_caps_are_warnings_that_say_what_was_done(hf_folder):
+  folder, edit = hf_folder
+  with pytest.warns(UserWarning, match=re.escape(
+      "max_seq_len=1000 exceeds the checkpoint's max_position_embeddings=64; "
+      "using max_seq_len=64")):
+    cfg, _ = blockdec.load_hf_checkpoint(folder, max_seq_len=1000)
+  assert cfg.max_seq_len == 64
+  edit(sliding_window=32, use_sliding_window=True)
+  with pytest.warns(UserWarning, match=re.escape(
+      "sliding_window=32 is below max_position_embeddings=64")):
+    cfg, _ = blockdec.load_hf_checkpoint(folder)
+  assert cfg.max_seq_len == 32
+
+
+def test_hf_contradicting_model_type_is_a_warning(hf_folder):
+  folder, edit = hf_folder
+  edit(model_type="gpt2")
+  with pytest.warns(UserWarning, match=re.escape(
+      "architectures=['LlamaForCausalLM'] (read as llama) contradicts "
+      "model_type='gpt2'")):
+    cfg, _ = blockdec.load_hf_checkpoint(folder)
+  assert cfg.norm == "rmsnorm"

@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -87,10 +88,18 @@ def _supported_list() -> str:
 
 def _family(hf: dict, where: str) -> str:
   archs = hf.get("architectures") or []
+  model_type = hf.get("model_type")
   for arch in archs:
     if arch in SUPPORTED_ARCHITECTURES:
-      return SUPPORTED_ARCHITECTURES[arch]
-  model_type = hf.get("model_type")
+      family = SUPPORTED_ARCHITECTURES[arch]
+      implied = _MODEL_TYPES.get(model_type)
+      if model_type is not None and implied != family:
+        warnings.warn(
+            f"{where}: architectures={archs!r} (read as {family}) contradicts "
+            f"model_type={model_type!r}; reading the checkpoint as {family}, "
+            "as architectures says. Fix config.json if that is wrong.",
+            stacklevel=3)
+      return family
   if not archs and model_type in _MODEL_TYPES:
     return _MODEL_TYPES[model_type]
   raise ValueError(
@@ -150,6 +159,7 @@ def config_from_hf(hf: dict, *, num_prediction_heads: int = 1,
         raise ValueError(f"{where}: {key}={hf[key]!r} is not supported; "
                          f"blockdec needs {want}.")
     n_positions = int(hf.get("n_positions", 1024))
+    _warn_cap(max_seq_len, n_positions, f"n_positions={n_positions}", where)
     cfg = ModelConfig(
         d_model=int(hf["n_embd"]), n_layers=int(hf["n_layer"]),
         n_heads=int(hf["n_head"]), d_ff=hf.get("n_inner") or None,
@@ -181,8 +191,16 @@ def config_from_hf(hf: dict, *, num_prediction_heads: int = 1,
   window = hf.get("sliding_window")
   sliding = (family == "mistral" or hf.get("use_sliding_window", False)
              or "sliding_attention" in (hf.get("layer_types") or []))
-  if window and sliding:
-    limit = min(limit, int(window))  # Exact up to the window.
+  why = f"max_position_embeddings={limit}"
+  if window and sliding and int(window) < limit:
+    # Full attention equals sliding-window attention up to the window.
+    if max_seq_len is None or max_seq_len > int(window):
+      warnings.warn(
+          f"{where}: sliding_window={window} is below {why}; blockdec "
+          f"attends to every position, which is exact only up to the window, "
+          f"so max_seq_len is capped at {window}.", stacklevel=3)
+    limit, why = int(window), f"sliding_window={window}"
+  _warn_cap(max_seq_len, limit, why, where)
   cfg = ModelConfig(
       d_model=d_model, n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
       n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
@@ -194,6 +212,13 @@ def config_from_hf(hf: dict, *, num_prediction_heads: int = 1,
       mlp="swiglu", position="rope", rope_theta=theta, rope_scaling=scaling,
       qkv_bias=qkv_bias, proj_bias=proj_bias, **common)
   return cfg, family
+
+
+def _warn_cap(max_seq_len, limit, why, where):
+  if max_seq_len is not None and max_seq_len > limit:
+    warnings.warn(f"{where}: max_seq_len={max_seq_len} exceeds the "
+                  f"checkpoint's {why}; using max_seq_len={limit}.",
+                  stacklevel=4)
 
 
 def hf_family_of(cfg: ModelConfig) -> str:

@@ -6,7 +6,10 @@ Runs live in `<cache_dir>/<name>-<hash of the config>`; a head or draft
 config whose `init_from` is empty first does the same for its `base` config,
 so the base LM is trained once and shared by every head regime and draft
 model built on it. An interrupted run resumes from its last checkpoint the
-next time.
+next time. A finished run whose files are damaged (a truncated or bit-flipped
+params.safetensors, a torn summary.json) is reported, its damaged files are
+set aside as `<name>.damaged`, and it is finished again from its newest valid
+orbax step (retrained when none is left): never silently reused.
 
     config = load_config("configs/heads_frozen.py:cpu")
     run = train_or_load(config, "cache")
@@ -111,11 +114,35 @@ def train_or_load(config, cache_dir="cache", *, progress: bool | None = None,
     base = train_or_load(config.base, cache_dir, log=log)
     init = (base.cfg, base.params, base.tokenizer)
   workdir = run_dir(config, cache_dir)
-  if is_finished(workdir):
-    log(f"[cache] {config.name}: reusing {workdir}")
-  else:
+  run = _load_finished(workdir, config.name, log)
+  if run is None:
     log(f"[train] {config.name} ({config.regime}): {workdir}")
     train.train(config, workdir, init=init)
-  cfg, params, tokenizer = checkpointing.load_checkpoint(workdir)
-  summary = json.loads((workdir / "summary.json").read_text())
+    run = _load_finished(workdir, config.name, log, retry=False)
+  return run
+
+
+def _load_finished(workdir, name, log, retry=True) -> Run | None:
+  """The finished run in `workdir`, or None if it is unfinished or damaged
+  (damaged files are reported and set aside, so training finishes it again
+  from its newest valid checkpoint). Without `retry`, damage raises."""
+  if not is_finished(workdir):
+    return None
+  summary_path = workdir / "summary.json"
+  try:
+    cfg, params, tokenizer = checkpointing.load_checkpoint(workdir)
+    try:
+      summary = json.loads(summary_path.read_text())
+    except ValueError as e:
+      raise checkpointing.DamagedCheckpointError(
+          f"{summary_path} is damaged: {e}.") from None
+  except checkpointing.DamagedCheckpointError as e:
+    if not retry:
+      raise
+    log(f"[cache] {name}: {e}")
+    for path in (workdir / checkpointing.PARAMS_FILE, summary_path):
+      log(f"[cache] {name}: set aside as {checkpointing.set_aside(path)}; "
+          "finishing the run from its newest valid checkpoint")
+    return None
+  log(f"[cache] {name}: reusing {workdir}")
   return Run(cfg, params, tokenizer, workdir, summary)

@@ -376,15 +376,22 @@ class Trainer:
         save_interval_steps=c.checkpoint_every, max_to_keep=c.keep_checkpoints,
         enable_async_checkpointing=False, create=True)
     metrics_path = self.workdir / "metrics.jsonl"
+    # The explicit handler keeps a damaged step from making orbax guess a
+    # multi-item layout (checkpointing.restore_newest skips such steps).
     with ocp.CheckpointManager((self.workdir / checkpointing.ORBAX_DIR).resolve(),
-                               options=options) as mngr:
+                               options=options,
+                               item_handlers=ocp.StandardCheckpointHandler()
+                               ) as mngr:
       state = self.initial_state
-      start = mngr.latest_step()
-      if start is not None:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                          _as_dict(state))
-        state = _from_dict(mngr.restore(
-            start, args=ocp.args.StandardRestore(abstract)))
+      abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                        _as_dict(state))
+      # The newest step that restores; damaged newer ones are moved aside.
+      _, restored = checkpointing.restore_newest(
+          mngr, lambda step: mngr.restore(
+              step, args=ocp.args.StandardRestore(abstract)),
+          set_damaged_aside=True, log=lambda m: print(f"[resume] {m}"))
+      if restored is not None:
+        state = _from_dict(restored)
       start = int(state.step)
       _truncate_metrics(metrics_path, start)
       end = c.steps if stop_at_step is None else min(stop_at_step, c.steps)
@@ -496,10 +503,26 @@ def _from_dict(d: dict) -> TrainState:
 
 
 def read_metrics(path) -> list[dict]:
+  """The rows of metrics.jsonl. A torn last line (the process died while
+  writing it) is dropped; a bad line before it raises
+  `checkpointing.DamagedCheckpointError` naming the file and line."""
   path = pathlib.Path(path)
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+  lines = path.read_text(errors="replace").splitlines()
+  rows = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        break  # Torn by a kill mid-write; resume rewrites the file.
+      raise checkpointing.DamagedCheckpointError(
+          f"{path}:{i + 1} is not a JSON row ({e}): {line[:80]!r}.") from None
+    rows.append(row)
+  return rows
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
