@@ -322,9 +322,11 @@ def test_bad_draft_configs_fail_clearly(base, corpus, tmp_path):
 def test_draft_tokens_per_call_on_an_oracle():
   match = np.array([[1, 1, 0, 1, 1, 1, 1, 0, 0]], bool)  # Continuation: t 0..7.
   start, end = np.array([0]), np.array([9])
-  # Block 4: [1 1 0] [1 1 1 1 0] -> 8 tokens in 2 calls; block 2: [1 1 0]
-  # [1 1 1] [1 0] -> 3 calls; a draft that never agrees gives 1 per call.
-  assert diagnostics.draft_tokens_per_call(match, start, end, 4) == 4.0
-  assert diagnostics.draft_tokens_per_call(match, start, end, 2) == 8 / 3
+  # Block 4 (3 drafted): [1 1 0] [1 1 1 1] [0] -> 8 tokens in 3 calls;
+  # block 2: [1 1] [0] [1 1] [1 1] [0] -> 5 calls; a draft that never agrees
+  # gives 1 per call, one that always agrees block_size (but the last call).
+  assert diagnostics.draft_tokens_per_call(match, start, end, 4) == 8 / 3
+  assert diagnostics.draft_tokens_per_call(match, start, end, 2) == 8 / 5
   assert diagnostics.draft_tokens_per_call(~match & False, start, end, 4) == 1.0
-  assert diagnostics.draft_tokens_per_call(match | True, start, end, 3) == 4.0
+  assert diagnostics.draft_tokens_per_call(match | True, start, end, 4) == 4.0
+  assert diagnostics.draft_tokens_per_call(match | True, start, end, 5) == 4.0

@@ -137,11 +137,11 @@ def draft_tokens_per_call(match: np.ndarray, start: np.ndarray,
   target's greedy token, and then the draft has seen only target tokens, so
   its autoregressive drafts ARE its teacher-forced predictions on the
   target's greedy sequence. Each call therefore accepts the run of matches
-  starting at the current position (at most `block_size`) plus the target's
-  own next token:
+  starting at the current position (at most block_size - 1 drafted tokens)
+  plus the target's own next token:
 
-      match   1 1 0 1 1 1 1 0        (block_size 4)
-      calls   [1 1 0] [1 1 1 1 0]    -> 3 + 5 tokens in 2 calls
+      match   1 1 0 1 1 1 1 0          (block_size 4: 3 drafted per call)
+      calls   [1 1 0] [1 1 1 1] [0]    -> 3 + 4 + 1 tokens in 3 calls
 
   (a call's last position is the target's own token, whatever the draft said).
 
@@ -149,7 +149,8 @@ def draft_tokens_per_call(match: np.ndarray, start: np.ndarray,
     match: bool [B, T]; match[b, t]: the draft's argmax at t equals seq[t + 1].
     start: int [B] the last prompt position; end: int [B] one past the
       continuation (as `greedy_sequences` returns them).
-    block_size: drafted tokens per call.
+    block_size: the most tokens one call yields (block_size - 1 drafted and
+      the target's own), as `block_size` in blockdec.DraftModel.
 
   Returns:
     Generated tokens over target calls, all rows together (the last call of
@@ -161,7 +162,7 @@ def draft_tokens_per_call(match: np.ndarray, start: np.ndarray,
     tokens += max(stop - 1 - t, 0)
     while t < stop - 1:
       run = 0
-      while run < block_size and t + run < stop - 1 and row[t + run]:
+      while run < block_size - 1 and t + run < stop - 1 and row[t + run]:
         run += 1
       t += run + 1
       calls += 1
