@@ -20,7 +20,8 @@ from blockdec.decoding import (AcceptanceRule, AdaptiveBlockSize,
                                DecodeOutput, Distance, Exact, MinBlock,
                                Sampling, SpeculativeSampling, TopK, Typical,
                                Verifier)
-from blockdec.methods import Autoregressive, Blockwise, Method, Refined
+from blockdec.methods import (Autoregressive, Blockwise, DraftModel,
+                              Lookahead, Method, PromptLookup, Refined)
 from blockdec.models import KVCache
 from blockdec.models.hf import (export_hf_checkpoint, load_hf_checkpoint,
                                 load_hf_tokenizer)

@@ -179,9 +179,7 @@ def _run_decode(params, prompts, prompt_lengths, cfg, options, method, mesh,
 
 def _cache_slots(method: methods.Method, options: DecodeOptions) -> int:
   """Cache slots one call of `method` writes past the committed length."""
-  if isinstance(method, methods.Refined):
-    return method.draft_options().tree_size(options.block_size)
-  return options.block_size
+  return method.cache_slots(options.block_size)
 
 
 def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
@@ -200,8 +198,10 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
     prompt_lengths: int [B], each in [1, P].
     max_new_tokens: budget N per row.
     method: `blockdec.Autoregressive()`, `blockdec.Blockwise(block_size,
-      acceptance, adaptive)` (default: all heads, `Exact()`) or
-      `blockdec.Refined(...)`.
+      acceptance, adaptive)` (default: all heads, `Exact()`),
+      `blockdec.Refined(...)`, `blockdec.DraftModel(draft_cfg,
+      draft_params, block_size)` or `blockdec.PromptLookup(ngram,
+      block_size)`.
     sampling: None for greedy decoding, or `blockdec.Sampling(temperature,
       top_k, top_p)`: `Autoregressive` then samples ancestrally and the
       drafting methods verify by lossless speculative sampling (with
@@ -229,7 +229,8 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
   """
   if not isinstance(method, methods.Method):
     raise TypeError(f"method={method!r} must be a blockdec method spec: "
-                    "Autoregressive(), Blockwise(...), Refined(...).")
+                    "Autoregressive(), Blockwise(...), Refined(...), "
+                    "DraftModel(...), PromptLookup(...).")
   if sampling is not None and not isinstance(sampling, decoding.Sampling):
     raise TypeError(f"sampling={sampling!r} must be None (greedy) or a "
                     "blockdec.Sampling(temperature, top_k, top_p).")
@@ -262,6 +263,7 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
     adaptive.validate(block_size)
   if isinstance(method, methods.Refined):
     _check_refined(method, cfg, sampling)
+  method.check(cfg, sampling, positions=prompts.shape[1] + max_new_tokens)
   options = DecodeOptions(max_new_tokens=max_new_tokens, block_size=block_size,
                           acceptance=acceptance, eos_id=eos_id, pad_id=pad_id,
                           compact_rows=bool(compact_rows), adaptive=adaptive,

@@ -6,6 +6,8 @@ r"""The `blockdec` command: train, decode, eval.
       --max_new_tokens=64
   blockdec decode --checkpoint cache/heads_frozen_cpu-... --prompt "def main(" \
       --temperature=0.6 --top_p=0.95 --seed=0
+  blockdec decode --checkpoint cache/base_lm_demo-... --prompt "def main(" \
+      --method=draft_model --draft_checkpoint=cache/draft_model_demo-...
   blockdec eval --checkpoint cache/heads_frozen_cpu-... --num_prompts=16
   python -m blockdec.cli train --config configs/base_lm.py:tiny
   blockdec --help
@@ -14,7 +16,9 @@ r"""The `blockdec` command: train, decode, eval.
 the cache; a head config trains or reuses its base LM first) and prints the
 run folder. `decode` continues one prompt greedily and blockwise (with
 `--temperature` > 0: samples it by speculative sampling with the heads,
-lossless: distributed as the model's own samples). `eval`
+lossless: distributed as the model's own samples); `--method` drafts with
+a draft model (`--draft_checkpoint`), prompt lookup or lookahead decoding
+instead of the heads. `eval`
 reports held-out loss, per-head agreement and block efficiency on held-out
 prompts. The logic lives in blockdec.training; this file only parses flags.
 
@@ -53,6 +57,15 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.",
 _BLOCK = flags.DEFINE_integer(
     "block_size", 0, "Blockwise block size k; 0 = all the model's heads.",
     lower_bound=0)
+_METHOD = flags.DEFINE_enum(
+    "method", "blockwise",
+    ["blockwise", "draft_model", "prompt_lookup", "lookahead"],
+    "decode: how tokens are drafted (the output is greedy's either way): the "
+    "model's heads, a draft model (--draft_checkpoint), n-gram lookup in the "
+    "text, or lookahead decoding.")
+_DRAFT_CHECKPOINT = flags.DEFINE_string(
+    "draft_checkpoint", None, "decode --method=draft_model: the draft "
+    "model's checkpoint folder (e.g. a configs/draft_model.py run).")
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, "decode: sampling temperature; 0 = greedy.",
     lower_bound=0.0)
@@ -73,7 +86,8 @@ _VERBOSE = flags.DEFINE_boolean(
 COMMAND_FLAGS = {
     "train": ("config", "cache_dir"),
     "decode": ("checkpoint", "prompt", "prompt_escapes", "max_new_tokens",
-               "block_size", "temperature", "top_k", "top_p", "seed"),
+               "method", "draft_checkpoint", "block_size", "temperature",
+               "top_k", "top_p", "seed"),
     "eval": ("checkpoint", "corpus", "num_prompts", "max_new_tokens",
              "block_size", "json"),
 }
@@ -120,12 +134,35 @@ def _decode():
   if _TEMPERATURE.value > 0:
     _sample(cfg, params, tokenizer, prompt)
     return
-  r = evaluation.compare_decoding(params, cfg, tokenizer, [prompt],
-                                  max_new_tokens=_MAX_NEW.value,
-                                  block_size=_BLOCK.value or None, repeats=1)
+  method = _method(cfg)
+  r = evaluation.compare_decoding(
+      params, cfg, tokenizer, [prompt], max_new_tokens=_MAX_NEW.value,
+      block_size=_BLOCK.value or None, repeats=1,
+      method=None if _METHOD.value == "blockwise" else method)
   print(prompt + r["blockwise"][0])
   print(f"\n[block efficiency {r['block_efficiency']:.2f}, speedup "
         f"{r['speedup']:.2f}x, identical to greedy: {r['identical']}]")
+
+
+def _method(cfg):
+  """The --method spec (block size from --block_size, 0: its default)."""
+  import blockdec
+  k = _BLOCK.value or None
+  name = _METHOD.value
+  if name == "draft_model":
+    if _DRAFT_CHECKPOINT.value is None:
+      raise app.UsageError("--method=draft_model needs --draft_checkpoint.")
+    draft_cfg, draft_params, _ = blockdec.load_checkpoint(
+        _DRAFT_CHECKPOINT.value)
+    return blockdec.DraftModel(draft_cfg, draft_params, block_size=k or 4)
+  if name == "prompt_lookup":
+    return blockdec.PromptLookup(block_size=k or 5)
+  if name == "lookahead":
+    if k is not None:
+      raise app.UsageError("--method=lookahead takes no --block_size "
+                           "(its drafts are ngram - 1 tokens).")
+    return blockdec.Lookahead()
+  return blockdec.Blockwise(k)
 
 
 def _sample(cfg, params, tokenizer, prompt):
@@ -138,11 +175,11 @@ def _sample(cfg, params, tokenizer, prompt):
   room = max(cfg.max_seq_len - _MAX_NEW.value, 1)
   prompts, lengths = train.pad_prompts([tokenizer.encode(prompt)[-room:]])
   out = blockdec.decode(params, cfg, prompts, lengths, _MAX_NEW.value,
-                        method=blockdec.Blockwise(_BLOCK.value or None),
-                        sampling=sampling, key=jax.random.key(_SEED.value))
+                        method=_method(cfg), sampling=sampling,
+                        key=jax.random.key(_SEED.value))
   n = int(out.lengths[0])
   print(prompt + tokenizer.decode(out.tokens[0, :n]))
-  print(f"\n[speculative sampling, {sampling}: "
+  print(f"\n[speculative sampling ({_METHOD.value}), {sampling}: "
         f"{float(out.block_efficiency):.2f} tokens per call]")
 
 

@@ -12,6 +12,13 @@ it.
               adaptive)                   block_size - 1 tokens per call
     Refined(block_size, num_drafts, ...)  Kim et al.'s rescored lattice
                                           drafts, several as a token tree
+    DraftModel(draft_cfg, draft_params,   a small model drafts
+               block_size)                block_size - 1 tokens (speculative
+                                          decoding)
+    PromptLookup(ngram, block_size)       drafts what followed the last
+                                          n-gram earlier in the row's text
+    Lookahead(window, ngram, guesses)     Jacobi guesses feed an n-gram pool
+                                          whose n-grams are verified
 
 Specs that hold arrays (an n-gram LM, a rescorer's parameters) keep them out
 of their hash and equality; `decode` passes them to the compiled function
@@ -24,11 +31,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from blockdec import validation
 from blockdec.config import ModelConfig
 from blockdec.decoding import (AdaptiveBlockSize, DraftOptions, Exact,
                                NGramLM, Verifier)
 from blockdec.decoding.core import Drafter, NoDrafter
-from blockdec.decoding.drafters import HeadsDrafter, RefinedDrafter
+from blockdec.decoding.drafters import (DraftModelDrafter, HeadsDrafter,
+                                        LookaheadDrafter, PromptLookupDrafter,
+                                        RefinedDrafter)
 
 
 class Method:
@@ -42,6 +52,14 @@ class Method:
   def resolve_block_size(self, cfg: ModelConfig) -> int:
     """Tokens fed per call: the root and the drafts of one chain."""
     return 1
+
+  def cache_slots(self, block_size: int) -> int:
+    """Target cache slots one call writes past the committed length."""
+    return block_size
+
+  def check(self, cfg: ModelConfig, sampling, *, positions: int) -> None:
+    """Raises a clear error if the spec cannot decode `cfg` (its arrays
+    included) with `sampling` up to `positions` positions."""
 
   def arrays(self) -> Any:
     """The spec's arrays (traced arguments of the compiled decode)."""
@@ -168,6 +186,9 @@ class Refined(Method):
     return cfg.num_prediction_heads if self.block_size is None \
         else self.block_size
 
+  def cache_slots(self, block_size):
+    return self.draft_options().tree_size(block_size)
+
   def draft_options(self) -> DraftOptions:
     return DraftOptions(
         num_drafts=self.num_drafts, lattice_width=self.lattice_width,
@@ -200,3 +221,170 @@ class Refined(Method):
                            cache_length + drafts.rescorer_slots(block_size)),
           score_fn=score_fn(self.rescorer_cfg, 1))
     return RefinedDrafter(block_size, drafts, ngram, rescorer)
+
+
+def _check_positive(spec, name: str) -> None:
+  """Checks spec.<name> is an int >= 1 (NumPy ints become Python ints)."""
+  object.__setattr__(spec, name, validation.check_int(
+      f"{type(spec).__name__} {name}", getattr(spec, name), low=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModel(Method):
+  """Speculative decoding with a small draft model (Leviathan et al. 2023).
+
+  The draft model (any blockdec model with the target's vocabulary, e.g. one
+  trained by `configs/draft_model.py` or read with `load_hf_checkpoint`)
+  drafts `block_size - 1` tokens one at a time with its own KV cache; one
+  target call verifies them. Greedy: exact. With sampling: lossless, q being
+  the draft's filtered distribution.
+
+  Attributes:
+    draft_cfg: the draft model's `ModelConfig`.
+    draft_params: its parameters (passed to the compiled decode as an
+      argument: new weights of the same shape do not recompile).
+    block_size: k >= 1, the decided token plus k - 1 drafts per call.
+    acceptance, adaptive: as in `Blockwise` (the adaptive rule uses the
+      "history" estimate).
+  """
+
+  draft_cfg: ModelConfig | None = None
+  draft_params: Any = dataclasses.field(default=None, compare=False,
+                                        repr=False)
+  block_size: int = 4
+  acceptance: Verifier = Exact()
+  adaptive: AdaptiveBlockSize | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.draft_cfg, ModelConfig):
+      raise TypeError("DraftModel(draft_cfg=...) must be a blockdec."
+                      f"ModelConfig, got {type(self.draft_cfg).__name__}.")
+    _check_positive(self, "block_size")
+
+  def resolve_block_size(self, cfg):
+    return self.block_size
+
+  def arrays(self):
+    return self.draft_params
+
+  def without_arrays(self):
+    return dataclasses.replace(self, draft_params=None)
+
+  def check(self, cfg, sampling, *, positions):
+    from blockdec.api import check_params  # pylint: disable=g-import-not-at-top
+    if self.draft_params is None:
+      raise ValueError("DraftModel(draft_params=None): pass the draft "
+                       "model's parameters.")
+    check_params(self.draft_params, self.draft_cfg)
+    if self.draft_cfg.vocab_size != cfg.vocab_size:
+      raise ValueError(f"the draft model's vocab_size="
+                       f"{self.draft_cfg.vocab_size} differs from the "
+                       f"target's {cfg.vocab_size}; they must share a "
+                       "vocabulary.")
+    if positions > self.draft_cfg.max_seq_len:
+      raise ValueError(f"prompt width + max_new_tokens = {positions} exceeds "
+                       f"the draft model's max_seq_len="
+                       f"{self.draft_cfg.max_seq_len}.")
+    if self.adaptive is not None and self.adaptive.estimate != "history":
+      raise ValueError("DraftModel reports no confidence; use "
+                       "AdaptiveBlockSize(estimate='history').")
+
+  def drafter(self, cfg, block_size, arrays, *, batch, cache_length,
+              make_cache, score_fn):
+    return DraftModelDrafter(
+        block_size, score_fn(self.draft_cfg, 1), arrays,
+        make_cache(self.draft_cfg, batch, cache_length + block_size + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLookup(Method):
+  """Prompt lookup: no model drafts, the row's own text does.
+
+  The last `ngram` tokens (fewer on a miss) are looked up in the row's
+  prompt and generated text; what followed the longest, most recent match
+  is drafted (`blockdec/decoding/drafters/prompt_lookup.py`). Greedy: exact;
+  with sampling: lossless (the drafts count as one-hot q).
+
+  Attributes:
+    ngram: the longest n-gram matched, >= 1.
+    block_size: k >= 1, the decided token plus k - 1 drafts per call.
+    acceptance: as in `Blockwise`.
+    adaptive: `AdaptiveBlockSize(...)` verifies drafts only where a match
+      was found and only as many as survive in the row's history; None
+      always verifies k - 1 (filler where nothing matched).
+  """
+
+  ngram: int = 3
+  block_size: int = 5
+  acceptance: Verifier = Exact()
+  adaptive: AdaptiveBlockSize | None = None
+
+  def __post_init__(self):
+    _check_positive(self, "ngram")
+    _check_positive(self, "block_size")
+
+  def resolve_block_size(self, cfg):
+    return self.block_size
+
+  def check(self, cfg, sampling, *, positions):
+    if self.adaptive is not None and self.adaptive.estimate != "history":
+      raise ValueError("PromptLookup reports no confidence; use "
+                       "AdaptiveBlockSize(estimate='history').")
+
+  def drafter(self, cfg, block_size, arrays, **kw):
+    return PromptLookupDrafter(self.ngram, block_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookahead(Method):
+  """Lookahead decoding (Fu et al. 2024): no draft model, no heads.
+
+  A window of `window` x (`ngram` - 1) Jacobi guesses is refined every call
+  and feeds a pool of n-grams; up to `guesses` pooled n-grams that start
+  with the decided token are verified in the same call, as a token tree
+  beside the window (`blockdec/decoding/drafters/lookahead.py`). Greedy:
+  exact. With sampling only `guesses=1` (one chain) is supported.
+
+  Attributes:
+    window: W >= 1 guesses per level.
+    ngram: N >= 2, the n-gram length (N - 1 drafts per guess).
+    guesses: G >= 1 n-grams verified per call.
+    pool_size: distinct n-grams kept per row (oldest overwritten).
+    acceptance: as in `Blockwise`.
+  """
+
+  window: int = 5
+  ngram: int = 4
+  guesses: int = 5
+  pool_size: int = 64
+  acceptance: Verifier = Exact()
+
+  def __post_init__(self):
+    for name in ("window", "guesses", "pool_size"):
+      _check_positive(self, name)
+    object.__setattr__(self, "ngram", validation.check_int(
+        "Lookahead ngram", self.ngram, low=2))
+
+  def resolve_block_size(self, cfg):
+    return self.ngram
+
+  def cache_slots(self, block_size):
+    return self._drafter().cache_slots
+
+  def _drafter(self) -> LookaheadDrafter:
+    return LookaheadDrafter(self.window, self.ngram, self.guesses,
+                            self.pool_size)
+
+  def check(self, cfg, sampling, *, positions):
+    if sampling is not None and self.guesses > 1:
+      raise ValueError(f"Lookahead(guesses={self.guesses}) verifies a token "
+                       "tree, which is greedy-only for now; with sampling use "
+                       "guesses=1.")
+    reach = positions + self.ngram + self.window
+    if cfg.position == "learned" and reach > cfg.max_seq_len:
+      raise ValueError(f"Lookahead's window reaches position {reach} (prompt "
+                       "width + max_new_tokens + ngram + window), past the "
+                       f"model's learned max_seq_len={cfg.max_seq_len}.")
+
+  def drafter(self, cfg, block_size, arrays, **kw):
+    return self._drafter()

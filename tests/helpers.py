@@ -48,6 +48,15 @@ def ragged_prompts(seed: int, batch: int, max_len: int, vocab: int):
   return prompts.astype(np.int32), lengths.astype(np.int32)
 
 
+def mid_way_eos(cfg, params, prompts, lengths, n: int) -> int:
+  """A token the greedy output of the middle row emits a third of the way
+  in: as eos_id, EOS really triggers mid-way (reuse the id for other
+  weights of the same architecture: it is static, one compile)."""
+  free = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                max_new_tokens=n)
+  return int(np.asarray(free.tokens)[len(lengths) // 2, n // 3])
+
+
 def assert_same_or_near_tie(cfg, params, prompts, lengths, expected, got,
                             tol: float = 1e-5):
   """Asserts equal outputs; a difference is tolerated only at a logit near-tie.

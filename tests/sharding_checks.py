@@ -176,16 +176,25 @@ def check_decode(backends=("xla",), meshes=MESHES, fns=None):
     return
   # Every method of the core runs sharded: refined drafts as a token tree,
   # and speculative sampling (same key: same samples as on one device).
+  draft_cfg, draft_params = tiny_model(n_layers=1, num_prediction_heads=1)
+  one_mesh = ((4, 2),)
   runs = (
-      dict(method=blockdec.Refined(block_size=3, num_drafts=2)),
-      dict(method=blockdec.Blockwise(3), sampling=blockdec.Sampling(0.8),
-           key=jax.random.key(5)),
+      (dict(method=blockdec.Refined(block_size=3, num_drafts=2)), None),
+      (dict(method=blockdec.Blockwise(3), sampling=blockdec.Sampling(0.8),
+            key=jax.random.key(5)), None),
+      # The drafters without heads: a draft model's cache in the carry,
+      # prompt lookup, and lookahead's extra nodes in a tree call.
+      (dict(method=blockdec.DraftModel(draft_cfg, draft_params, block_size=3),
+            sampling=blockdec.Sampling(0.8), key=jax.random.key(6)), one_mesh),
+      (dict(method=blockdec.PromptLookup(ngram=2, block_size=3)), one_mesh),
+      (dict(method=blockdec.Lookahead(window=3, ngram=3, guesses=2)),
+       one_mesh),
   )
-  for run in runs:
+  for run, meshes in runs:
     ref = blockdec.decode(params, cfg, prompts, lengths, 10, **run)
     if "sampling" not in run:
       np.testing.assert_array_equal(ref.tokens, ref_greedy.tokens)
-    for shape in ((4, 2), (1, 8)):
+    for shape in meshes or ((4, 2), (1, 8)):
       mesh = blockdec.make_mesh(shape)
       out = blockdec.decode(blockdec.shard_params(params, cfg, mesh), cfg,
                             prompts, lengths, 10, mesh=mesh, **run)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import blockdec
-from tests.helpers import assert_same_or_near_tie, ragged_prompts, random_model
+from tests.helpers import (assert_same_or_near_tie, mid_way_eos,
+                           ragged_prompts, random_model)
 
 CASES = [  # (arch_seed, batch, block_size, max_prompt, max_new_tokens)
     (0, 1, 1, 5, 12), (1, 1, 2, 3, 17), (2, 2, 3, 8, 20), (3, 3, 4, 6, 15),
@@ -41,11 +42,7 @@ def check_against_greedy(arch, batch, k, p, n, with_eos, num_models,
     prompts, lengths = ragged_prompts(100 * arch + seed, batch, p,
                                       cfg.vocab_size)
     if with_eos and eos_id is None:
-      # A token the first model's greedy output really emits mid-way, so EOS
-      # triggers there; the same id (static, one compile) serves all models.
-      free = blockdec.greedy_decode(params, cfg, prompts, lengths,
-                                    max_new_tokens=n)
-      eos_id = int(np.asarray(free.tokens)[batch // 2, n // 3])
+      eos_id = mid_way_eos(cfg, params, prompts, lengths, n)
     greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
                                     max_new_tokens=n, eos_id=eos_id)
     block = blockdec.blockwise_decode(params, cfg, prompts, lengths,

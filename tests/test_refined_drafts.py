@@ -16,7 +16,8 @@ from blockdec.decoding import (DecodeOptions, DraftOptions, DraftTree, NGramLM,
 from blockdec.decoding.lattice import small_top_k
 from blockdec.decoding.rescoring import beam_search, ngram_scorer
 from blockdec.models import transformer
-from tests.helpers import assert_same_or_near_tie, ragged_prompts, random_model
+from tests.helpers import (assert_same_or_near_tie, mid_way_eos,
+                           ragged_prompts, random_model)
 
 # ------------------------------------------------------------------ n-gram LM
 
@@ -343,9 +344,7 @@ def test_refined_decode_equals_greedy(source, k, p, beam, with_eos):
     prompts, lengths = ragged_prompts(7 * k + seed, batch, max_prompt,
                                       cfg.vocab_size)
     if with_eos and eos_id is None:
-      free = blockdec.greedy_decode(params, cfg, prompts, lengths,
-                                    max_new_tokens=n)
-      eos_id = int(np.asarray(free.tokens)[batch // 2, n // 3])
+      eos_id = mid_way_eos(cfg, params, prompts, lengths, n)
     kw = {}
     if "ngram" in source:
       kw["ngram"] = NGramLM.build(_random_docs(arch, cfg.vocab_size, 20), 3,

@@ -115,10 +115,16 @@ class AdaptiveBlockSize:
                          "drafter that reports its confidence; use "
                          "estimate='history'.")
       conf = draft.confidence.astype(jnp.float32)
-      return jnp.concatenate([jnp.ones_like(conf[:, :1]), conf], axis=1)
-    # The rate at which each draft depth survived so far, with one optimistic
-    # pseudo-success: a depth never verified looks certain, so it is tried.
-    return (carry["passed"] + 1.0) / (carry["tested"] + 1.0)
+      survival = jnp.concatenate([jnp.ones_like(conf[:, :1]), conf], axis=1)
+    else:
+      # The rate at which each depth survived so far, with one optimistic
+      # pseudo-success: a depth never verified looks certain, so it is tried.
+      survival = (carry["passed"] + 1.0) / (carry["tested"] + 1.0)
+    if getattr(draft, "length", None) is not None:
+      # Filler past the drafter's real proposals will not survive.
+      depth = jnp.arange(survival.shape[1])[None, :]
+      survival = jnp.where(depth <= draft.length[:, None], survival, 0.0)
+    return survival
 
   def candidate_sizes(self, block_size: int) -> tuple[int, ...]:
     """The sorted candidate lengths for `block_size` drafted tokens."""

@@ -72,11 +72,46 @@ class Draft:
       from (sampling), or None for deterministic drafts.
     confidence: [B, D] float32 the drafter's probability of chain 0's
       tokens (the adaptive rule's "confidence" estimate), or None.
+    length: [B] int32 how many of chain 0's tokens are real proposals (the
+      rest is filler the drafter expects to be rejected, e.g. prompt lookup
+      without a match); the adaptive rule verifies no filler. None: all D.
+    extra: [B, E] int32 tokens of the drafter's extra nodes (`Drafter.extra`)
+      fed in the same call but never committed, or None.
   """
 
   tokens: jax.Array
   q: jax.Array | None = None
   confidence: jax.Array | None = None
+  length: jax.Array | None = None
+  extra: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraNodes:
+  """Nodes a tree drafter adds to the verification call for itself.
+
+  Lookahead decoding runs its Jacobi window in the same call as the
+  verification tree: those nodes are fed, attend through the tree mask and
+  give the drafter their head-1 logits (`View.extra_logits`), but are never
+  verified or committed. Static.
+
+  Attributes:
+    parents: E parent indices into the whole call (the tree's T nodes come
+      first, so extra node i is node T + i; -1: the committed prefix only).
+    depths: E position offsets from the root's position.
+  """
+
+  parents: tuple[int, ...]
+  depths: tuple[int, ...]
+
+  def __post_init__(self):
+    if len(self.parents) != len(self.depths):
+      raise ValueError(f"ExtraNodes has {len(self.parents)} parents but "
+                       f"{len(self.depths)} depths.")
+
+  @property
+  def size(self) -> int:
+    return len(self.parents)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +146,8 @@ class View:
     generated: [B, M] int32 generated tokens (valid up to `lengths`).
     keys: [B] per-row keys (sampling), or None.
     context: static settings.
+    extra_logits: [B, E, V] head-1 logits at the drafter's extra nodes after
+      a call (`Drafter.extra`); None otherwise.
   """
 
   heads: Callable[[int], jax.Array]
@@ -124,6 +161,7 @@ class View:
   generated: jax.Array
   keys: jax.Array | None
   context: Context
+  extra_logits: jax.Array | None = None
 
 
 class Drafter(abc.ABC):
@@ -145,9 +183,16 @@ class Drafter(abc.ABC):
     return None
 
   @property
+  def extra(self) -> ExtraNodes | None:
+    """Nodes fed after the tree's for the drafter itself (tree drafters)."""
+    return None
+
+  @property
   def cache_slots(self) -> int:
     """Cache slots a call writes past the committed length."""
-    return 1 + self.num_drafts if self.tree is None else self.tree.size
+    if self.tree is None:
+      return 1 + self.num_drafts
+    return self.tree.size + (0 if self.extra is None else self.extra.size)
 
   @abc.abstractmethod
   def init(self, view: View) -> Any:
@@ -226,12 +271,12 @@ class LoopState:
 
 
 def _view(state: LoopState, heads, committed, num_committed, offsets, keys,
-          context) -> View:
+          context, extra_logits=None) -> View:
   return View(heads=heads, next_token=state.next_token, lengths=state.lengths,
               committed=committed, num_committed=num_committed,
               offsets=offsets, prompts=state.prompts,
               prompt_lengths=state.prompt_lengths, generated=state.tokens,
-              keys=keys, context=context)
+              keys=keys, context=context, extra_logits=extra_logits)
 
 
 def run(score_fn: ScoreFn, params, prompts: jax.Array,
@@ -273,7 +318,11 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     raise ValueError("a tree drafter needs a compact_fn for the cache.")
   if tree is not None and adaptive is not None:
     raise ValueError("the adaptive draft length works on chains, not trees.")
-  tree_mask = None if tree is None else masks.TreeMask(tree.parents)
+  extra = drafter.extra
+  if extra is not None and tree is None:
+    raise ValueError("extra nodes need a tree drafter (Drafter.tree).")
+  tree_mask = None if tree is None else masks.TreeMask(
+      tree.parents + (() if extra is None else extra.parents))
   context = Context(sampling=sampling, want_confidence=(
       adaptive is not None and adaptive.estimate == "confidence"))
   batch = prompts.shape[0]
@@ -330,12 +379,20 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
       full = jnp.concatenate(
           [jnp.broadcast_to(root[:, None], (rows, chains, 1)), drafts], axis=2)
       fed = tree.flatten(full)  # [B, T]
-      positions = offsets[:, None] + jnp.asarray(tree.depths, jnp.int32)
+      depths = tuple(tree.depths) + (() if extra is None else extra.depths)
+      if extra is not None:
+        fed = jnp.concatenate([fed, draft.extra.astype(jnp.int32)], axis=1)
+      positions = offsets[:, None] + jnp.asarray(depths, jnp.int32)
       head_fn, cache = tree_call(score_fn, params, fed, positions, state.cache,
                                  mask=tree_mask)
       paths = jnp.asarray(tree.paths, jnp.int32)  # [C, t]
     nodes = jnp.broadcast_to(paths.reshape(1, -1), (rows, chains * t))
     logits = head_fn(nodes, 1)[:, :, 0].reshape(rows, chains, t, -1)
+    extra_logits = None
+    if extra is not None:
+      extra_nodes = tree.size + jnp.arange(extra.size, dtype=jnp.int32)
+      extra_logits = head_fn(jnp.broadcast_to(extra_nodes, (rows, extra.size)),
+                             1)[:, :, 0]
     verify_keys = None
     if keys is not None:
       index = state.lengths[:, None] + 1 + jnp.arange(t, dtype=jnp.int32)
@@ -381,7 +438,7 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     last = jnp.take_along_axis(path, jnp.maximum(count - 1, 0)[:, None],
                                axis=1)  # [B, 1]
     view = _view(new, lambda m: head_fn(last, m)[:, 0], kept, count, offsets,
-                 keys, context)
+                 keys, context, extra_logits)
     return new.replace(drafter=drafter.update(state.drafter, view))
 
   def propose(state: LoopState) -> Draft:
@@ -408,5 +465,5 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
   return finalize(state, options)
 
 
-__all__ = ["Context", "Draft", "Drafter", "LoopState", "NoDrafter", "View",
-           "run"]
+__all__ = ["Context", "Draft", "Drafter", "ExtraNodes", "LoopState",
+           "NoDrafter", "View", "run"]

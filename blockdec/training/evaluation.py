@@ -41,10 +41,13 @@ def _timed(fn, repeats: int):
 
 def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
                      block_size: int | None = None, repeats: int = 3,
-                     adaptive=None) -> dict:
+                     adaptive=None, method=None) -> dict:
   """Greedy vs exact blockwise decoding of `texts` in one batch.
 
   `adaptive`: a `blockdec.AdaptiveBlockSize` for the blockwise side, or None.
+  `method`: another method spec (`blockdec.DraftModel(...)`,
+  `blockdec.PromptLookup(...)`, ...) in place of blockwise decoding; its
+  results are reported under the same "blockwise" keys.
 
   Prompts that do not fit `cfg.max_seq_len` with `max_new_tokens` keep their
   last tokens.
@@ -64,9 +67,14 @@ def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
   prompts, lengths = pad_prompts([tokenizer.encode(t)[-room:] for t in texts])
   greedy, greedy_first, t_greedy = _timed(lambda: api.greedy_decode(
       params, cfg, prompts, lengths, max_new_tokens=max_new_tokens), repeats)
-  block, block_first, t_block = _timed(lambda: api.blockwise_decode(
-      params, cfg, prompts, lengths, max_new_tokens=max_new_tokens,
-      block_size=block_size, adaptive=adaptive), repeats)
+  if method is None:
+    run = lambda: api.blockwise_decode(
+        params, cfg, prompts, lengths, max_new_tokens=max_new_tokens,
+        block_size=block_size, adaptive=adaptive)
+  else:
+    run = lambda: api.decode(params, cfg, prompts, lengths, max_new_tokens,
+                             method=method)
+  block, block_first, t_block = _timed(run, repeats)
   g_tokens, b_tokens = np.asarray(greedy.tokens), np.asarray(block.tokens)
   b_len, calls = np.asarray(block.lengths), np.asarray(block.num_calls)
   greedy_text = [tokenizer.decode(g_tokens[r, :int(greedy.lengths[r])])

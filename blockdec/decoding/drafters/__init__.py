@@ -3,3 +3,6 @@
 from blockdec.decoding.drafters.heads import HeadsDrafter
 from blockdec.decoding.drafters.refined import (DraftOptions, NeuralRescorer,
                                                 RefinedDrafter)
+from blockdec.decoding.drafters.draft_model import DraftModelDrafter
+from blockdec.decoding.drafters.prompt_lookup import PromptLookupDrafter
+from blockdec.decoding.drafters.lookahead import LookaheadDrafter

@@ -1,0 +1,117 @@
+"""A small draft model as a drafter (speculative decoding).
+
+Leviathan et al. 2023 and Chen et al. 2023: a smaller model with the
+target's vocabulary drafts D tokens one at a time, and one target call
+verifies them. The draft model keeps its own KV cache in the drafter's
+carry. Rolling it back to a row's accepted length costs nothing: a cache
+slot holds the token at that position (`models/kv_cache.py`), so the next
+draft call simply writes over the rejected slots.
+
+One drafting round, after a call committed up to position `pos - 1` and
+decided the root at `pos`:
+
+    call 0   feed [last committed token, root] at [pos - 1, pos]
+             -> draft 1 (the last committed token is in the draft cache
+             already unless the whole block was accepted, when its draft was
+             never fed; feeding it again writes the same keys and values)
+    call j   feed draft j at pos + j -> draft j + 1   (j = 1 .. D - 1)
+
+D draft-model calls in all, the last D - 1 in a `lax.scan`. Greedy drafts
+are argmaxes; with sampling each draft is drawn from the draft model's
+filtered distribution q (the run's `Sampling`), which the
+speculative-sampling verifier needs to stay lossless.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from blockdec.decoding import sampling as sampling_lib
+from blockdec.decoding.core import Draft, Drafter, View
+from blockdec.decoding.drafters.refined import history_tokens
+from blockdec.decoding.rescoring import tree_call
+
+
+class DraftModelDrafter(Drafter):
+  """Drafts `block_size - 1` tokens with a small model's own loop.
+
+  Built inside the jitted decode (it holds the draft model's parameters,
+  which are traced). Carry: cache (the draft model's), tokens [B, D], and
+  q [B, D, V] with sampling.
+
+  Args:
+    block_size: k, the root plus D = k - 1 drafts per call.
+    score_fn: the draft model's scoring callable (`api.model_score_fn`).
+    params: its parameters.
+    cache: its empty cache, with room for P + N + k positions.
+  """
+
+  def __init__(self, block_size: int, score_fn: Callable, params: Any,
+               cache: Any):
+    self.block_size, self.score_fn = block_size, score_fn
+    self.params, self.cache = params, cache
+
+  @property
+  def num_drafts(self) -> int:
+    return self.block_size - 1
+
+  def _choose(self, logits, view: View, depth):
+    """Draft at `depth` (1-based) from logits [B, V] -> (tokens [B], q)."""
+    sampling = view.context.sampling
+    if sampling is None:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    log_q = sampling.log_probs(logits)
+    # Draft j is generated token lengths + j (the root is `lengths`).
+    keys = sampling_lib.token_keys(view.keys, view.lengths + depth,
+                                   sampling_lib.DRAFT)
+    return sampling_lib.sample(keys, log_q), jnp.exp(log_q)
+
+  def _draft(self, cache, view: View):
+    d = self.num_drafts
+    batch = view.lengths.shape[0]
+    if d == 0:
+      return {"cache": cache, "tokens": jnp.zeros((batch, 0), jnp.int32)}
+    pos = view.prompt_lengths + view.lengths  # the root's position
+    last = history_tokens(view.prompts, view.prompt_lengths, view.generated,
+                          view.lengths, 1)[:, 0]
+    fed = jnp.stack([last, view.next_token], axis=1)
+    positions = pos[:, None] - 1 + jnp.arange(2, dtype=jnp.int32)
+    head_fn, cache = tree_call(self.score_fn, self.params, fed, positions,
+                               cache)
+    logits = head_fn(jnp.ones((batch, 1), jnp.int32), 1)[:, 0, 0]
+    token, q = self._choose(logits, view, 1)
+
+    def step(carry, depth):
+      cache, token = carry
+      head_fn, cache = tree_call(self.score_fn, self.params, token[:, None],
+                                 (pos + depth - 1)[:, None], cache)
+      logits = head_fn(jnp.zeros((batch, 1), jnp.int32), 1)[:, 0, 0]
+      token, q = self._choose(logits, view, depth)
+      return (cache, token), (token, q)
+
+    (cache, _), (rest, rest_q) = jax.lax.scan(
+        step, (cache, token), jnp.arange(2, d + 1, dtype=jnp.int32))
+    tokens = jnp.concatenate([token[:, None], rest.T], axis=1)  # [B, D]
+    out = {"cache": cache, "tokens": tokens}
+    if q is not None:
+      out["q"] = jnp.concatenate([q[:, None], jnp.moveaxis(rest_q, 0, 1)],
+                                 axis=1)  # [B, D, V]
+    return out
+
+  def init(self, view: View):
+    batch, p = view.prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
+    _, cache = tree_call(self.score_fn, self.params, view.prompts, positions,
+                         self.cache, prefill=True)
+    return self._draft(cache, view)
+
+  def update(self, carry, view: View):
+    return self._draft(carry["cache"], view)
+
+  def propose(self, carry, view: View) -> Draft:
+    q = carry.get("q")
+    return Draft(tokens=carry["tokens"][:, None],
+                 q=None if q is None else q[:, None])

@@ -1,0 +1,317 @@
+"""Draft models and prompt lookup: exact under greedy, lossless with sampling.
+
+Exactness: seeded sweeps over random architectures, ragged batches, block
+sizes and EOS, every output compared token for token with the plain greedy
+loop (rows compact as they finish, the default). The draft models are a
+random model of another shape (rarely right), a noisy copy of the target
+(often right) and the target itself (always right: ceil(n / k) calls).
+Prompt lookup is checked against a brute-force Python lookup, and sweeps on
+random models, whose greedy text loops, so its drafts do get accepted.
+Lossless sampling: the chi-square test of tests/test_sampling.py against
+the enumerated distribution, with a biased verifier rejected.
+"""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import blockdec
+from blockdec.decoding.drafters import lookahead, prompt_lookup
+from tests.helpers import mid_way_eos, ragged_prompts, random_model
+from tests.test_exactness import _check_pair
+from tests.test_sampling import (ALPHA, _ResampleFromTarget, _model,
+                                 sampled_p_values)
+
+CASES = [  # (arch_seed, batch, block_size, max_prompt, max_new_tokens, eos)
+    (0, 1, 2, 5, 14, False), (2, 3, 4, 6, 20, True), (5, 5, 6, 9, 19, True),
+    (7, 8, 3, 5, 25, False),
+]
+NUM_MODELS = 2  # Same architecture (one compile), different weights.
+
+
+def _noisy_copy(params, seed, scale=0.3):
+  """The target's weights times (1 + scale * noise): agrees often, not always."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(tree, [
+      x * (1 + scale * jax.random.normal(k, x.shape))
+      for x, k in zip(leaves, keys)])
+
+
+def _methods(arch, k):
+  """name -> make(cfg, params, seed) of every drafter method swept."""
+  def other_shape(cfg, params, seed):
+    dcfg, dparams = random_model(arch + 50, param_seed=seed, n_layers=1,
+                                 vocab_size=cfg.vocab_size,
+                                 num_prediction_heads=1)
+    return blockdec.DraftModel(dcfg, dparams, block_size=k)
+
+  return {
+      "draft-other-shape": other_shape,
+      "draft-noisy-copy": lambda cfg, params, seed: blockdec.DraftModel(
+          cfg, _noisy_copy(params, seed), block_size=k),
+      "prompt-lookup": lambda cfg, params, seed: blockdec.PromptLookup(
+          ngram=2, block_size=k),
+      "lookahead": lambda cfg, params, seed: blockdec.Lookahead(
+          window=3, ngram=max(k, 2), guesses=3),
+  }
+
+
+def _sweep(arch, batch, k, p, n, with_eos, methods, compact_rows):
+  """Every method of `methods` on NUM_MODELS random models == the greedy
+  loop; returns {name: accepted histogram summed over the models}."""
+  eos_id, totals = None, {name: 0 for name in methods}
+  for seed in range(NUM_MODELS):
+    cfg, params = random_model(arch, param_seed=100 * arch + seed)
+    prompts, lengths = ragged_prompts(100 * arch + seed, batch, p,
+                                      cfg.vocab_size)
+    if with_eos and eos_id is None:
+      eos_id = mid_way_eos(cfg, params, prompts, lengths, n)
+    greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                    max_new_tokens=n, eos_id=eos_id)
+    for name, make in methods.items():
+      out = blockdec.decode(params, cfg, prompts, lengths, n,
+                            method=make(cfg, params, seed), eos_id=eos_id,
+                            compact_rows=compact_rows)
+      width = out.accepted_hist.shape[1]
+      _check_pair(cfg, params, prompts, lengths, greedy, out, width, n,
+                  eos_id, eos_expected_in_row=(batch // 2 if seed == 0
+                                               and with_eos else None))
+      totals[name] = totals[name] + np.asarray(out.accepted_hist).sum(0)
+  return totals
+
+
+@pytest.mark.parametrize("arch,batch,k,p,n,with_eos", CASES)
+def test_drafters_exact_equal_greedy(arch, batch, k, p, n, with_eos):
+  hists = _sweep(arch, batch, k, p, n, with_eos, _methods(arch, k),
+                 compact_rows=batch == 5)
+  # Drafts were accepted (random models' greedy text loops, so lookups and
+  # pooled n-grams pay; the noisy copy agrees often) ...
+  for name in ("draft-noisy-copy", "prompt-lookup", "lookahead"):
+    assert hists[name][1:].sum() > 0, (name, hists[name])
+  # ... and rejected.
+  if k > 2:
+    assert hists["draft-noisy-copy"][:-1].sum() > 0, hists
+
+
+def test_draft_model_equal_to_target_accepts_every_draft():
+  cfg, params = random_model(3)
+  prompts, lengths = ragged_prompts(3, 4, 6, cfg.vocab_size)
+  k, n = 5, 20
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=n)
+  out = blockdec.decode(params, cfg, prompts, lengths, n,
+                        method=blockdec.DraftModel(cfg, params, block_size=k),
+                        compact_rows=False)
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+  np.testing.assert_array_equal(out.num_calls, np.full(4, -(-n // k)))
+
+
+def test_adaptive_draft_length_stays_exact():
+  k = 6
+  _sweep(4, 4, k, 6, 24, True, {
+      "prompt-lookup": lambda cfg, params, seed: blockdec.PromptLookup(
+          ngram=2, block_size=k, adaptive=blockdec.AdaptiveBlockSize()),
+      "draft": lambda cfg, params, seed: blockdec.DraftModel(
+          cfg, _noisy_copy(params, seed), block_size=k,
+          adaptive=blockdec.AdaptiveBlockSize(token_cost=0.2)),
+  }, compact_rows=True)
+
+
+def _reference_lookup(text, ngram, num_drafts):
+  """Brute force: the longest (<= ngram) suffix of `text` seen earlier, the
+  latest such occurrence; its continuation, continued periodically."""
+  end = len(text) - 1
+  for n in range(min(ngram, len(text)), 0, -1):
+    for e in range(end - 1, n - 2, -1):
+      if text[e - n + 1:e + 1] == text[end - n + 1:]:
+        period = end - e
+        return [text[e + 1 + j % period] for j in range(num_drafts)], n
+  return [text[-1]] * num_drafts, 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), min_size=2, max_size=14),
+                min_size=1, max_size=4),
+       st.integers(1, 4), st.integers(1, 5))
+def test_lookup_matches_brute_force(texts, ngram, num_drafts):
+  width = 14
+  # Split each text into a prompt, generated tokens and the next token.
+  prompts = np.zeros((len(texts), width), np.int32)
+  generated = np.full((len(texts), width), 7, np.int32)
+  prompt_lengths, lengths, next_token = [], [], []
+  for b, text in enumerate(texts):
+    cut = max(1, len(text) // 2)
+    prompts[b, :cut] = text[:cut]
+    generated[b, :len(text) - 1 - cut] = text[cut:-1]
+    prompt_lengths.append(cut)
+    lengths.append(len(text) - 1 - cut)
+    next_token.append(text[-1])
+  seq, end = prompt_lookup.context_tokens(
+      prompts, np.array(prompt_lengths), generated, np.array(lengths),
+      np.array(next_token))
+  drafts, matched = prompt_lookup.lookup(seq, end, ngram, num_drafts)
+  for b, text in enumerate(texts):
+    want, n = _reference_lookup(text, ngram, num_drafts)
+    assert int(matched[b]) == n, (text, ngram)
+    assert np.asarray(drafts[b]).tolist() == want, (text, ngram)
+
+
+def test_lookup_worked_example():
+  # The module docstring's example: "a b c d a b" then "c", ngram = 2.
+  seq = np.array([[0, 1, 2, 3, 0, 1, 2]], np.int32)
+  drafts, matched = prompt_lookup.lookup(seq, np.array([6]), 2, 6)
+  assert int(matched[0]) == 2
+  assert np.asarray(drafts[0]).tolist() == [3, 0, 1, 2, 3, 0]
+
+
+def _draft_for(cfg, seed=11, scale=0.7):
+  """A draft model of another shape and the target's vocabulary."""
+  dcfg, dparams = random_model(2, param_seed=seed, n_layers=1,
+                               vocab_size=cfg.vocab_size,
+                               num_prediction_heads=1, max_seq_len=16)
+  return dcfg, jax.tree_util.tree_map(lambda x: x * scale, dparams)
+
+
+@pytest.mark.parametrize("sampling,n,k,eos_id", [
+    (blockdec.Sampling(temperature=1.0), 3, 4, None),
+    (blockdec.Sampling(temperature=0.7, top_k=4, top_p=0.9), 4, 3, 2),
+])
+def test_draft_model_sampling_matches_enumerated_distribution(sampling, n, k,
+                                                              eos_id):
+  cfg, params = _model()
+  dcfg, dparams = _draft_for(cfg)
+  p_values, out = sampled_p_values(
+      cfg, params, n, sampling,
+      blockdec.DraftModel(dcfg, dparams, block_size=k), eos_id)
+  assert min(p_values) > ALPHA, p_values
+  hist = np.asarray(out.accepted_hist).sum(0)
+  assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_prompt_lookup_sampling_matches_enumerated_distribution():
+  cfg, params = _model(seed=4)
+  p_values, out = sampled_p_values(
+      cfg, params, 4, blockdec.Sampling(temperature=0.8),
+      blockdec.PromptLookup(ngram=1, block_size=3), eos_id=3)
+  assert min(p_values) > ALPHA, p_values
+  hist = np.asarray(out.accepted_hist).sum(0)
+  assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_biased_verifier_is_caught_with_a_draft_model():
+  cfg, params = _model()
+  dcfg, dparams = _draft_for(cfg)
+  p_values, _ = sampled_p_values(
+      cfg, params, 3, blockdec.Sampling(temperature=1.0),
+      blockdec.DraftModel(dcfg, dparams, block_size=4,
+                          acceptance=_ResampleFromTarget()))
+  assert min(p_values) < 1e-6, p_values
+
+
+def test_drafter_errors():
+  cfg, params = random_model(1)
+  prompts, lengths = ragged_prompts(1, 2, 4, cfg.vocab_size)
+  dcfg, dparams = random_model(2, vocab_size=cfg.vocab_size + 1,
+                               num_prediction_heads=1)
+  with pytest.raises(ValueError, match="vocab_size"):
+    blockdec.decode(params, cfg, prompts, lengths, 8,
+                    method=blockdec.DraftModel(dcfg, dparams))
+  small = dcfg.replace(vocab_size=cfg.vocab_size)
+  with pytest.raises(ValueError, match="params do not match"):
+    blockdec.decode(params, cfg, prompts, lengths, 8,
+                    method=blockdec.DraftModel(small, dparams))
+  with pytest.raises(ValueError, match="draft_params=None"):
+    blockdec.decode(params, cfg, prompts, lengths, 8,
+                    method=blockdec.DraftModel(small))
+  short = small.replace(max_seq_len=8)
+  with pytest.raises(ValueError, match="draft model's max_seq_len=8"):
+    blockdec.decode(params, cfg, prompts, lengths, 8, method=blockdec.DraftModel(
+        short, blockdec.init_params(short, jax.random.key(0))))
+  with pytest.raises(TypeError, match="draft_cfg"):
+    blockdec.DraftModel(params)
+  for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError),
+                     (True, TypeError)):
+    with pytest.raises(error, match="DraftModel block_size"):
+      blockdec.DraftModel(small, block_size=bad)
+    with pytest.raises(error, match="PromptLookup ngram"):
+      blockdec.PromptLookup(ngram=bad)
+  assert blockdec.PromptLookup(block_size=np.int64(3)).block_size == 3
+  with pytest.raises(ValueError, match="estimate='history'"):
+    blockdec.decode(params, cfg, prompts, lengths, 8,
+                    method=blockdec.PromptLookup(
+                        adaptive=blockdec.AdaptiveBlockSize(
+                            estimate="confidence")))
+
+
+def test_lookahead_window_is_a_tree_of_columns():
+  # W = 4, N = 3 after a tree of 3 nodes: the module docstring's picture.
+  nodes = lookahead.window_nodes(3, 4, 3)
+  a = [3, 4, 5, 6]  # level 0
+  b = [7, 8, 9, 10]  # level 1
+  assert nodes.parents == (0, a[0], a[1], a[2], a[0], a[1], a[2], a[3])
+  assert nodes.depths == (1, 2, 3, 4, 2, 3, 4, 5)
+  del b
+
+
+def test_pool_keeps_distinct_ngrams_and_returns_the_most_recent():
+  pool = np.full((1, 4, 3), -1, np.int32)
+  grams = np.array([[[1, 2, 3], [1, 2, 3], [1, 5, 6], [2, 2, 2]]], np.int32)
+  pool, nxt = lookahead.add_to_pool(pool, np.zeros(1, np.int32), grams)
+  assert np.asarray(pool)[0].tolist() == [[1, 2, 3], [1, 5, 6], [2, 2, 2],
+                                          [-1, -1, -1]]
+  assert int(nxt[0]) == 3
+  # Already pooled: nothing new; then two new ones wrap around the ring.
+  pool, nxt = lookahead.add_to_pool(pool, nxt, np.array(
+      [[[1, 2, 3], [1, 7, 7], [1, 8, 8], [1, 5, 6]]], np.int32))
+  assert np.asarray(pool)[0].tolist() == [[1, 8, 8], [1, 5, 6], [2, 2, 2],
+                                          [1, 7, 7]]
+  grams, found = lookahead.pool_candidates(pool, nxt, np.array([1]), 3)
+  assert np.asarray(found).tolist() == [[True, True, True]]
+  assert np.asarray(grams)[0].tolist() == [[8, 8], [7, 7], [5, 6]]
+  grams, found = lookahead.pool_candidates(pool, nxt, np.array([2]), 2)
+  assert np.asarray(found).tolist() == [[True, False]]
+  assert np.asarray(grams)[0].tolist() == [[2, 2], [2, 2]]
+
+
+def test_lookahead_errors():
+  cfg, params = random_model(1)
+  prompts, lengths = ragged_prompts(1, 2, 4, cfg.vocab_size)
+  with pytest.raises(ValueError, match="Lookahead ngram=1 must be an integer >= 2"):
+    blockdec.Lookahead(ngram=1)
+  with pytest.raises(ValueError, match="window"):
+    blockdec.Lookahead(window=0)
+  with pytest.raises(ValueError, match="guesses=1"):
+    blockdec.decode(params, cfg, prompts, lengths, 8,
+                    method=blockdec.Lookahead(guesses=2),
+                    sampling=blockdec.Sampling(), key=jax.random.key(0))
+  learned = cfg.replace(position="learned", max_seq_len=16)
+  with pytest.raises(ValueError, match="max_seq_len=16"):
+    blockdec.decode(blockdec.init_params(learned, jax.random.key(0)), learned,
+                    prompts, lengths, 8, method=blockdec.Lookahead(window=8))
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("prompt_lookup", []), ("lookahead", []),
+    ("draft_model", ["--draft_checkpoint={ckpt}"]),
+    ("draft_model", ["--draft_checkpoint={ckpt}", "--temperature=0.7"]),
+])
+def test_cli_decodes_with_every_method(tmp_path, capsys, method, extra):
+  from absl import flags
+  from blockdec import cli
+  from blockdec.training.tokenizers import ByteTokenizer
+  cfg, params = random_model(0, vocab_size=256, num_prediction_heads=1)
+  blockdec.save_checkpoint(tmp_path, cfg, params, tokenizer=ByteTokenizer())
+  argv = ["blockdec", "decode", f"--checkpoint={tmp_path}", "--prompt=abcabc",
+          "--max_new_tokens=6", f"--method={method}"]
+  try:
+    cli.main(flags.FLAGS(argv + [e.format(ckpt=tmp_path) for e in extra]))
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert out.startswith("abcabc")
+  if extra[1:]:
+    assert "speculative sampling (draft_model)" in out
+  else:
+    assert "identical to greedy: True" in out
