@@ -118,7 +118,7 @@ def train_or_load(config, cache_dir="cache", *, progress: bool | None = None,
   if run is None:
     log(f"[train] {config.name} ({config.regime}): {workdir}")
     train.train(config, workdir, init=init)
-    run = _load_finished(workdir, config.name, log, retry=False)
+    run = _load_finished(workdir, config.name, lambda _: None, retry=False)
   return run
 
 
