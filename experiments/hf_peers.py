@@ -4,47 +4,84 @@ Run from the repository root (needs the `hf` extra: `make test` installs it)::
 
     python experiments/hf_peers.py            # writes experiments/results/hf_peers.*
     python experiments/hf_peers.py --quick    # small models only, 1 repeat
+    python experiments/hf_peers.py --quick --models=demo-llama --batches=1
+        --systems=hf-greedy,blockdec-greedy,blockdec-draft-model
+        --new-tokens=16 --out=/tmp/hfp      # (one line) a smoke run
 
 Every model is written once as an HF checkpoint folder by
 `blockdec.export_hf_checkpoint` and read back by both sides
 (`AutoModelForCausalLM.from_pretrained` and `blockdec.load_hf_checkpoint`), so
-the weights are bit-identical. Systems, all greedy and all producing the same
-tokens (each row records whether they equal transformers' greedy output):
+the weights are bit-identical; so are the draft models. Systems (`--systems`):
 
   hf-greedy           model.generate(do_sample=False)
-  hf-prompt-lookup    ... + prompt_lookup_num_tokens=10 (n-gram drafts)
-  hf-assisted         ... + assistant_model=<1-layer draft> (speculative)
+  hf-sample           model.generate(do_sample=True, temperature=0.6, top_k=0)
+  hf-prompt-lookup    ... + prompt_lookup_num_tokens=10,
+                      max_matching_ngram_size=3 (n-gram drafts)
+  hf-assisted         ... + assistant_model=<draft> (speculative; transformers'
+                      default assistant settings, recorded in each row)
   blockdec-greedy     blockdec.greedy_decode (one jitted loop)
+  blockdec-sample     blockdec.decode(method=Autoregressive(), sampling=...)
   blockdec-blockwise  blockdec.blockwise_decode with the model's k heads
   blockdec-adaptive   ... with adaptive=blockdec.AdaptiveBlockSize() (each
                       call verifies as many of the k drafts as the row's
                       history says pay; default token_cost, not tuned here)
+  blockdec-draft-model   blockdec.DraftModel(<the same draft>, block_size=8)
+  blockdec-prompt-lookup blockdec.PromptLookup(ngram=3, block_size=11,
+                      adaptive=AdaptiveBlockSize()): transformers' 10 drafts
+                      and longest n-gram; rows without a match verify none
+  blockdec-lookahead  blockdec.Lookahead(window=5, ngram=4, guesses=5)
+
+Greedy rows (temperature 0) record whether their tokens equal transformers'
+greedy output. Sampled rows (temperature 0.6, `--temperatures`) run
+hf-sample, hf-prompt-lookup, hf-assisted, blockdec-sample,
+blockdec-draft-model and blockdec-prompt-lookup; each side draws from the
+same distribution with its own generator (torch seed 0, jax key 0), so their
+tokens are not compared ("same tokens": n/a). Every row carries tokens per
+call (target-model calls; for transformers counted by a forward hook, its
+prefill included) and ms per call (the step-cost profile: tokens/s = rows x
+tokens per call / ms per call), and the share of degenerate (looping) rows.
+blockdec's block sizes and adaptive rules were picked for speed on the
+2-core CPU (DRAFT_BLOCK_SIZE and PROMPT_LOOKUP below say how).
 
 transformers runs prompt lookup and assisted generation only at batch 1; at
 batch 8 those rows run the 8 prompts one after another (what a user would
 do), which the row's `note` says.
 
-Models:
+Prompt sets (`--prompt-sets`): "stdlib", held-out snippets of the standard
+library the models were trained on; "site-packages", snippets of the
+top-level `.py` files of third-party packages installed beside blockdec
+(numpy, jax, flax, optax, chex, torch, transformers, matplotlib): code the
+models never saw (a distribution shift).
+
+Models (`--models`):
+  demo-llama   the `make demo` byte model (4 layers, d=256, k=8 heads) from
+               cache/ if its heads run has finished, else the same shape with
+               random weights (`trained: false` in its rows); exported to the
+               Llama layout. Its draft (hf-assisted and blockdec-draft-model)
+               is the distilled configs/draft_model.py:demo model (1 layer,
+               d=128), trained or reused from the cache; with random weights
+               the model's own first layer (embedding + layer 0 + final
+               norm).
   demo-llama-distill  (when cache/ holds the configs/stern_table.py:demo
                distillation run) the same base weights with the first 8 of
                its 10 heads, trained by sequence-level distillation:
                hf-greedy, blockdec-greedy and blockdec-blockwise only.
   cpu-llama    (when cache/ holds a finished configs/heads_frozen.py:cpu
-               run) the smaller trained byte model with trained heads.
-  demo-llama   the `make demo` byte model (4 layers, d=256, k=8 heads) from
-               cache/ if its heads run has finished, else the same shape with
-               random weights (`trained: false` in its rows); exported to the
-               Llama layout. Its draft for hf-assisted is its own first layer
-               (embedding + layer 0 + final norm), which needs no training.
+               run) the smaller trained byte model with trained heads; its
+               draft is a finished configs/draft_model.py:cpu run if the
+               cache holds one, else its own first layer (the row's note
+               says which).
   gpt2-tiny    a GPT-2 (configs/gpt2_tiny.py: 2 layers, d=128, LayerNorm,
                GELU, learned positions, biases, 2048-token BPE) trained on
                the stdlib, exported as GPT2LMHeadModel, with k=8 heads
                trained on that HF folder by configs/hf_heads.py:cpu
                (sequence-level distillation: the checkpoint's own greedy
                output); trained here when the cache lacks it (~5 minutes).
+               Its draft is its own first layer (no distilled draft).
   gpt2-124m    random GPT-2-124M shape (12 layers, d=768, vocab 50257):
-               greedy rows only, to show the memory-bound regime (every
-               decode step streams all ~0.5 GB of float32 weights).
+               greedy rows on stdlib-shaped random prompts only, to show the
+               memory-bound regime (every decode step streams all ~0.5 GB of
+               float32 weights).
 
 Timing: torch.set_num_threads(2), or 1 where a quick probe finds 1 thread
 faster (on a shared CPU torch's OpenMP threads can stall each other; rows
@@ -60,9 +97,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
+import sys
 import tempfile
 import time
 
@@ -77,9 +114,38 @@ from blockdec.models import hf as hf_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-SYSTEMS = ("hf-greedy", "hf-prompt-lookup", "hf-assisted", "blockdec-greedy",
-           "blockdec-blockwise", "blockdec-adaptive")
+SYSTEMS = ("hf-greedy", "hf-sample", "hf-prompt-lookup", "hf-assisted",
+           "blockdec-greedy", "blockdec-sample", "blockdec-blockwise",
+           "blockdec-adaptive", "blockdec-draft-model",
+           "blockdec-prompt-lookup", "blockdec-lookahead")
+# Systems that run at temperature > 0; the others (heads, lookahead) are
+# greedy only here. hf-/blockdec-greedy are the temperature-0 loops and
+# hf-/blockdec-sample the sampling ones.
+SAMPLED = frozenset({"hf-sample", "hf-prompt-lookup", "hf-assisted",
+                     "blockdec-sample", "blockdec-draft-model",
+                     "blockdec-prompt-lookup"})
+SAMPLE_ONLY = frozenset({"hf-sample", "blockdec-sample"})
+MODELS = ("demo-llama", "demo-llama-distill", "cpu-llama", "gpt2-tiny",
+          "gpt2-124m")
+PROMPT_SETS = ("stdlib", "site-packages")
+# Third-party packages whose top-level modules make the site-packages set.
+SITE_PACKAGES = ("numpy", "jax", "flax", "optax", "chex", "torch",
+                 "transformers", "matplotlib")
+TEMPERATURE = 0.6
 ADAPTIVE = blockdec.AdaptiveBlockSize()  # The default rule, untuned.
+# Prompt lookup on both sides: transformers' 10 drafts per call after the
+# longest match of the last 3..1 tokens; blockdec verifies them only where a
+# match was found (the adaptive rule), which ran ~3x faster on the 2-core CPU
+# than always verifying 10 filler drafts.
+LOOKUP_DRAFTS, LOOKUP_NGRAM = 10, 3
+PROMPT_LOOKUP = blockdec.PromptLookup(ngram=LOOKUP_NGRAM,
+                                      block_size=LOOKUP_DRAFTS + 1,
+                                      adaptive=ADAPTIVE)
+# The draft model's block (decided token + 7 drafts): with the distilled
+# demo draft (~7 tokens per call at 8) it beat 4 and 6 at batch 1 on the
+# 2-core CPU and was within noise of 6 at batch 8.
+DRAFT_BLOCK_SIZE = 8
+LOOKAHEAD = blockdec.Lookahead(window=5, ngram=4, guesses=5)
 
 
 def machine_description() -> str:
@@ -142,6 +208,33 @@ def demo_model(cache_dir: str):
   return cfg, blockdec.init_params(cfg, jax.random.key(0)), False, None
 
 
+def distilled_draft(cache_dir: str, preset: str, train: bool = False):
+  """(cfg, params, workdir) of the configs/draft_model.py:`preset` draft
+  (distilled on the same preset's base), or None when the cache holds no
+  finished run and `train` is False."""
+  from blockdec.training import pipeline
+  config = pipeline.load_config(ROOT / "configs" / "draft_model.py", preset)
+  if not train:
+    return finished_run(config, cache_dir)
+  run = pipeline.train_or_load(config, cache_dir)
+  return run.cfg, run.params, str(run.workdir)
+
+
+def draft_for(cfg, params, cache_dir: str, preset: str | None,
+              train: bool = False):
+  """(draft_cfg, draft_params, note): the distilled draft of `preset` when
+  there is one, else `cfg`'s own first layer."""
+  found = None if preset is None else distilled_draft(cache_dir, preset, train)
+  if found is not None:
+    draft_cfg, draft_params, workdir = found
+    return draft_cfg, draft_params, (
+        f"draft: distilled configs/draft_model.py:{preset} ({workdir}; "
+        f"{draft_cfg.n_layers} layer(s), d={draft_cfg.d_model})")
+  return (*_first_layer(cfg, params),
+          "draft: the model's own first layer (no distilled draft in the "
+          "cache)")
+
+
 def gpt2_model(n_layers, d_model, n_heads, k, seed):
   cfg = blockdec.ModelConfig(
       vocab_size=50257, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
@@ -178,28 +271,47 @@ def gpt2_tiny_model(cache_dir: str):
       f"configs/hf_heads.py:cpu with regime=distill ({run.workdir}).")
 
 
-def heldout_texts(batch: int, min_bytes: int, max_bytes: int) -> list[str]:
-  """`batch` held-out stdlib snippets that end at a line break (the test
-  split of the demo)."""
+def site_packages_corpus() -> list:
+  """The top-level `.py` files of SITE_PACKAGES installed beside blockdec,
+  as `data.Document`s named "<package>/<file>" (the distribution-shift set)."""
+  import sysconfig
   from blockdec.training import data
-  docs = data.load_corpus("stdlib")
-  test = data.split_corpus(docs, 0.02, 0.02)["test"]
-  return data.heldout_prompts(test, batch, min_bytes=min_bytes,
+  root = pathlib.Path(sysconfig.get_paths()["purelib"])
+  globs = [str(root / name / "*.py") for name in SITE_PACKAGES
+           if (root / name).is_dir()]
+  if not globs:
+    raise FileNotFoundError(f"none of {SITE_PACKAGES} is installed in {root}.")
+  return data.load_corpus(globs)
+
+
+def prompt_texts(prompt_set: str, batch: int, min_bytes: int,
+                 max_bytes: int) -> list[str]:
+  """`batch` snippets that end at a line break: held-out stdlib files (the
+  test split of the demo) or third-party package sources (`prompt_set`)."""
+  from blockdec.training import data
+  if prompt_set == "stdlib":
+    docs = data.split_corpus(data.load_corpus("stdlib"), 0.02, 0.02)["test"]
+  elif prompt_set == "site-packages":
+    docs = site_packages_corpus()
+  else:
+    raise ValueError(f"prompt set {prompt_set!r} unknown; allowed: "
+                     f"{PROMPT_SETS}.")
+  return data.heldout_prompts(docs, batch, min_bytes=min_bytes,
                               max_bytes=max_bytes)
 
 
-def bpe_prompts(tokenizer, batch: int, length: int) -> np.ndarray:
-  """[batch, length] token prompts: held-out snippets, encoded, their last
-  `length` tokens."""
-  texts = heldout_texts(batch, 8 * length, 16 * length)
+def bpe_prompts(tokenizer, prompt_set: str, batch: int,
+                length: int) -> np.ndarray:
+  """[batch, length] token prompts: snippets, encoded, their last `length`
+  tokens."""
+  texts = prompt_texts(prompt_set, batch, 8 * length, 16 * length)
   return np.stack([tokenizer.encode(t)[-length:] for t in texts]).astype(
       np.int32)
 
 
-def stdlib_prompts(batch: int, length: int) -> np.ndarray:
-  """[batch, length] byte prompts: the last `length` bytes of held-out
-  snippets."""
-  texts = heldout_texts(batch, length, 2 * length)
+def byte_prompts(prompt_set: str, batch: int, length: int) -> np.ndarray:
+  """[batch, length] byte prompts: the last `length` bytes of snippets."""
+  texts = prompt_texts(prompt_set, batch, length, 2 * length)
   return np.stack([np.frombuffer(t.encode("utf-8")[-length:], np.uint8)
                    for t in texts]).astype(np.int32)
 
@@ -240,18 +352,48 @@ def pick_torch_threads(model, prompts, candidates=(2, 1)) -> int:
   return best
 
 
-def hf_generate(model, prompts, new_tokens, one_row_at_a_time=False, **kw):
-  """Greedy continuation tokens [B, N] from transformers."""
+def hf_generate(model, prompts, new_tokens, one_row_at_a_time=False,
+                temperature=0.0, **kw):
+  """Continuation tokens [B, N] from transformers: greedy at temperature 0,
+  else sampled at `temperature` with no top-k / top-p filter (as blockdec's
+  `Sampling(temperature)`), torch seeded with 0 first so every call draws
+  alike."""
+  if temperature:
+    torch.manual_seed(0)
+    kw = dict(kw, do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+  else:
+    kw = dict(kw, do_sample=False)
   def run(rows):
     ids = torch.tensor(rows, dtype=torch.long)
     with torch.no_grad():
       out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                           do_sample=False, max_new_tokens=new_tokens,
+                           max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, pad_token_id=0, **kw)
     return out[:, ids.shape[1]:].numpy()
   if one_row_at_a_time:
     return np.concatenate([run(prompts[i:i + 1]) for i in range(len(prompts))])
   return run(prompts)
+
+
+class CallCounter:
+  """Counts the forward calls of a torch module (prefill included)."""
+
+  def __init__(self, module):
+    self.calls = 0
+    module.register_forward_pre_hook(self._count)
+
+  def _count(self, module, args):
+    del module, args
+    self.calls += 1
+
+
+def assistant_settings() -> str:
+  """transformers' default assistant settings, as hf-assisted runs them."""
+  defaults = getattr(transformers.GenerationConfig,
+                     "_get_default_generation_params", dict)()
+  return ", ".join(f"{k}={defaults.get(k)}" for k in (
+      "num_assistant_tokens", "num_assistant_tokens_schedule",
+      "assistant_confidence_threshold"))
 
 
 def degenerate_rows(tokens: np.ndarray, byte_level: bool) -> np.ndarray:
@@ -266,130 +408,305 @@ def degenerate_rows(tokens: np.ndarray, byte_level: bool) -> np.ndarray:
                    for row in tokens])
 
 
-def bench_model(name, folder, draft_folder, prompts_by_batch, new_tokens,
-                systems, repeats, extra):
-  """Rows for one model: every system at every batch size."""
+def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
+                new_tokens, temperature):
+  """(fn, settings) timing `system` once on `prompts` [B, P], or None where
+  it does not apply (no heads, no draft, greedy-only at temperature > 0)."""
+  batch = prompts.shape[0]
+  lengths = np.full((batch,), prompts.shape[1], np.int32)
+  k = cfg.num_prediction_heads
+  if (system in SAMPLE_ONLY) if not temperature else (system not in SAMPLED):
+    return None
+  if system in ("hf-greedy", "hf-sample"):
+    return lambda: hf_generate(hf_model, prompts, new_tokens,
+                               temperature=temperature), ""
+  if system == "hf-prompt-lookup":
+    return lambda: hf_generate(
+        hf_model, prompts, new_tokens, batch > 1, temperature,
+        prompt_lookup_num_tokens=LOOKUP_DRAFTS,
+        max_matching_ngram_size=LOOKUP_NGRAM), (
+            f"prompt_lookup_num_tokens={LOOKUP_DRAFTS}, "
+            f"max_matching_ngram_size={LOOKUP_NGRAM}")
+  if system == "hf-assisted":
+    if hf_draft is None:
+      return None
+    return lambda: hf_generate(hf_model, prompts, new_tokens, batch > 1,
+                               temperature, assistant_model=hf_draft), \
+        assistant_settings()
+  if system == "blockdec-greedy":
+    return lambda: jax.block_until_ready(blockdec.greedy_decode(
+        params, cfg, prompts, lengths, max_new_tokens=new_tokens)), ""
+  if system in ("blockdec-blockwise", "blockdec-adaptive"):
+    if k < 2:
+      return None
+    method = blockdec.Blockwise(
+        block_size=k, adaptive=ADAPTIVE if system == "blockdec-adaptive"
+        else None)
+  elif system == "blockdec-sample":
+    method = blockdec.Autoregressive()
+  elif system == "blockdec-draft-model":
+    if draft is None:
+      return None
+    method = draft
+  elif system == "blockdec-prompt-lookup":
+    method = PROMPT_LOOKUP
+  elif system == "blockdec-lookahead":
+    method = LOOKAHEAD
+  else:
+    raise ValueError(f"system {system!r} unknown; allowed: {SYSTEMS}.")
+  sampling = blockdec.Sampling(temperature=temperature) if temperature \
+      else None
+  key = jax.random.key(0) if temperature else None
+  settings = ("" if isinstance(method, blockdec.Autoregressive) else
+              f"block_size={method.resolve_block_size(cfg)}" if not
+              isinstance(method, blockdec.Lookahead) else repr(method))
+  if getattr(method, "adaptive", None) is not None:
+    settings += ", adaptive=AdaptiveBlockSize()"
+  return lambda: jax.block_until_ready(blockdec.decode(
+      params, cfg, prompts, lengths, new_tokens, method=method,
+      sampling=sampling, key=key)), settings
+
+
+def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
+                repeats, extra, *, temperatures=(0.0,), draft_note=""):
+  """Rows for one model: every system at every prompt set, temperature and
+  batch size. prompts: {prompt_set: {batch: [batch, P] int32}}."""
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       folder, dtype=torch.float32).eval()
-  draft = None
-  if draft_folder and "hf-assisted" in systems:
-    draft = transformers.AutoModelForCausalLM.from_pretrained(
+  counter = CallCounter(hf_model)
+  hf_draft = draft = None
+  if draft_folder and {"hf-assisted", "blockdec-draft-model"} & set(systems):
+    # Both sides read the one exported draft folder: identical weights.
+    hf_draft = transformers.AutoModelForCausalLM.from_pretrained(
         draft_folder, dtype=torch.float32).eval()
+    draft = blockdec.DraftModel(*blockdec.load_hf_checkpoint(draft_folder),
+                                block_size=DRAFT_BLOCK_SIZE)
   cfg, params = blockdec.load_hf_checkpoint(folder)
-  k = cfg.num_prediction_heads
-  threads = pick_torch_threads(hf_model, next(iter(prompts_by_batch.values())))
+  first = next(iter(next(iter(prompts.values())).values()))
+  threads = pick_torch_threads(hf_model, first)
   extra = dict(extra, torch_threads=threads)
   rows = []
-  for batch, prompts in prompts_by_batch.items():
-    lengths = np.full((batch,), prompts.shape[1], np.int32)
-    reference = None
-    for system in systems:
-      note = ""
-      if system == "hf-greedy":
-        fn = lambda: hf_generate(hf_model, prompts, new_tokens)
-      elif system == "hf-prompt-lookup":
-        fn = lambda: hf_generate(hf_model, prompts, new_tokens, batch > 1,
-                                 prompt_lookup_num_tokens=10)
-      elif system == "hf-assisted":
-        if draft is None:
-          continue
-        fn = lambda: hf_generate(hf_model, prompts, new_tokens, batch > 1,
-                                 assistant_model=draft)
-      elif system == "blockdec-greedy":
-        fn = lambda: jax.block_until_ready(blockdec.greedy_decode(
-            params, cfg, prompts, lengths, max_new_tokens=new_tokens))
-      elif system in ("blockdec-blockwise", "blockdec-adaptive"):
-        if k < 2:
-          continue
-        adaptive = ADAPTIVE if system == "blockdec-adaptive" else None
-        fn = lambda: jax.block_until_ready(blockdec.blockwise_decode(
-            params, cfg, prompts, lengths, max_new_tokens=new_tokens,
-            block_size=k, adaptive=adaptive))
-      if system in ("hf-prompt-lookup", "hf-assisted") and batch > 1:
-        note = "transformers supports this only at batch 1: rows run one by one"
-      first, median, times, result = timed(fn, repeats)
-      row = dict(system=system, model=name, batch=batch,
-                 new_tokens=new_tokens, prompt_len=int(prompts.shape[1]),
-                 tokens_per_s=batch * new_tokens / median, median_s=median,
-                 times_s=times, compile_s=max(first - median, 0.0), **extra)
-      if system.startswith("blockdec"):
-        from blockdec import metrics
-        tokens = np.asarray(result.tokens)
-        degenerate = degenerate_rows(tokens, cfg.vocab_size == 256)
-        row["degenerate_share"] = float(degenerate.mean())
-        row["block_efficiency"] = metrics.block_efficiency(
-            result.lengths, result.num_calls)
-        row["block_efficiency_nondegenerate"] = metrics.block_efficiency(
-            result.lengths, result.num_calls, ~degenerate)
-        if system != "blockdec-greedy":
-          row["block_size"] = k
-      else:
-        tokens = result
-      if system == "hf-greedy":
-        reference = tokens
-      if reference is not None:
-        row["matches_hf_greedy"] = bool(np.array_equal(tokens, reference))
-      if note:
-        row["note"] = note
-      rows.append(row)
-      print(f"  {name:<18} b={batch} {system:<19} {row['tokens_per_s']:9.1f} tok/s"
-            f"  (median {median * 1e3:.0f} ms, compile {row['compile_s']:.1f} s,"
-            f" same as hf-greedy: {row.get('matches_hf_greedy')})", flush=True)
+  for prompt_set, by_batch in prompts.items():
+    for temperature in temperatures:
+      for batch, batch_prompts in by_batch.items():
+        reference = None
+        for system in systems:
+          call = system_call(system, hf_model=hf_model, hf_draft=hf_draft,
+                             cfg=cfg, params=params, draft=draft,
+                             prompts=batch_prompts, new_tokens=new_tokens,
+                             temperature=temperature)
+          if call is None:
+            continue
+          fn, settings = call
+          hf = system.startswith("hf")
+          if hf:
+            def fn(fn=fn):
+              counter.calls = 0
+              return fn()
+          first_s, median, times, result = timed(fn, repeats)
+          row = dict(system=system, model=name, prompt_set=prompt_set,
+                     temperature=temperature, batch=batch,
+                     new_tokens=new_tokens,
+                     prompt_len=int(batch_prompts.shape[1]),
+                     tokens_per_s=batch * new_tokens / median,
+                     median_s=median, times_s=times,
+                     compile_s=max(first_s - median, 0.0), **extra)
+          if hf:
+            tokens = result
+            one_by_one = batch > 1 and system in ("hf-prompt-lookup",
+                                                  "hf-assisted")
+            # Calls the clock waited for, and calls each row took part in.
+            sequential = counter.calls
+            per_row = np.full((batch,), counter.calls / batch if one_by_one
+                              else counter.calls)
+            lengths = np.full((batch,), new_tokens)
+          else:
+            tokens = np.asarray(result.tokens)
+            per_row = np.asarray(result.num_calls)
+            sequential = int(per_row.max())
+            lengths = np.asarray(result.lengths)
+          degenerate = degenerate_rows(tokens, cfg.vocab_size == 256)
+          row["degenerate_share"] = float(degenerate.mean())
+          row["block_efficiency"] = metrics.block_efficiency(lengths, per_row)
+          row["block_efficiency_nondegenerate"] = metrics.block_efficiency(
+              lengths, per_row, ~degenerate)
+          row["sequential_calls"] = int(sequential)
+          row["ms_per_call"] = 1e3 * median / max(sequential, 1)
+          if settings:
+            row["settings"] = settings
+          if system in ("hf-greedy", "hf-sample"):
+            reference = tokens
+          if temperature:
+            row["matches_hf_greedy"] = None  # Samples: not comparable.
+          elif reference is not None:
+            row["matches_hf_greedy"] = bool(np.array_equal(tokens, reference))
+          notes = []
+          if system in ("hf-prompt-lookup", "hf-assisted") and batch > 1:
+            notes.append("transformers supports this only at batch 1: rows "
+                         "run one by one")
+          if system in ("hf-assisted", "blockdec-draft-model") and draft_note:
+            notes.append(draft_note)
+          if notes:
+            row["note"] = "; ".join(notes)
+          rows.append(row)
+          same = row.get("matches_hf_greedy", "")
+          print(f"  {name:<18} {prompt_set:<13} t={temperature:g} b={batch} "
+                f"{system:<22} {row['tokens_per_s']:9.1f} tok/s "
+                f"{row['block_efficiency']:5.2f} tok/call "
+                f"{row['ms_per_call']:6.1f} ms/call (median "
+                f"{median * 1e3:.0f} ms, compile {row['compile_s']:.1f} s, "
+                f"same as hf-greedy: {'n/a' if same is None else same})",
+                flush=True)
   return rows
 
 
 # ------------------------------------------------------------------ report
 
 
-def speedups(rows):
-  """{(model, batch, system): tokens/s over hf-greedy's}."""
-  base = {(r["model"], r["batch"]): r["tokens_per_s"]
-          for r in rows if r["system"] == "hf-greedy"}
-  return {(r["model"], r["batch"], r["system"]):
-          r["tokens_per_s"] / base[(r["model"], r["batch"])]
-          for r in rows if (r["model"], r["batch"]) in base}
+def group(r) -> tuple:
+  """The rows that run the same prompts at the same temperature."""
+  return (r["model"], r["prompt_set"], r["temperature"], r["batch"])
 
 
-def write_markdown(path, machine, rows, notes):
+def speedups(rows, side: str = "hf"):
+  """{(model, prompt_set, temperature, batch, system): tokens/s over the
+  group's plain loop of `side` ("hf" or "blockdec"): its -greedy row at
+  temperature 0, its -sample row when sampling."""
+  base = {group(r): r["tokens_per_s"] for r in rows
+          if r["system"] == f"{side}-{'sample' if r['temperature'] else 'greedy'}"}
+  return {(*group(r), r["system"]): r["tokens_per_s"] / base[group(r)]
+          for r in rows if group(r) in base}
+
+
+def target_lines(rows) -> list[str]:
+  """Issue 16's targets, at batch 1, greedy, on every model and prompt set
+  that has the rows (the issue sets them on demo-llama, stdlib)."""
+  by = {(*group(r), r["system"]): r for r in rows}
+  lines = []
+  for model, prompt_set in sorted({(r["model"], r["prompt_set"])
+                                   for r in rows}):
+    at = lambda system: by.get((model, prompt_set, 0.0, 1, system))
+    label = f"{model}, {prompt_set}, batch 1, greedy"
+    mine, peer = at("blockdec-draft-model"), at("hf-assisted")
+    if mine and peer:
+      ratio = mine["tokens_per_s"] / peer["tokens_per_s"]
+      met = ratio >= 5 and mine["block_efficiency"] >= 3.0
+      lines.append(
+          f"- {label}: blockdec-draft-model {ratio:.2f}x hf-assisted "
+          f"(target >= 5x) at {mine['block_efficiency']:.2f} tokens per call "
+          f"(target >= 3.0): {'met' if met else 'NOT met'}")
+    mine, peer = at("blockdec-prompt-lookup"), at("hf-prompt-lookup")
+    if mine and peer:
+      ratio = mine["tokens_per_s"] / peer["tokens_per_s"]
+      lines.append(
+          f"- {label}: blockdec-prompt-lookup {ratio:.2f}x hf-prompt-lookup "
+          f"(target >= 5x; {mine['block_efficiency']:.2f} vs "
+          f"{peer['block_efficiency']:.2f} tokens per call): "
+          f"{'met' if ratio >= 5 else 'NOT met'}")
+    mine = at("blockdec-lookahead")
+    if mine:
+      tpc = mine["block_efficiency"]
+      lines.append(f"- {label}: blockdec-lookahead {tpc:.2f} tokens per call "
+                   f"(target >= 1.3): {'met' if tpc >= 1.3 else 'NOT met'}")
+  return lines
+
+
+def heads_target_lines(rows) -> list[str]:
+  """The earlier heads targets (x hf-greedy), greedy on the stdlib set
+  (gpt2-124m: its random prompts)."""
   sp = speedups(rows)
-  lines = ["# blockdec vs HF transformers, identical weights (CPU)", "",
-           f"Machine: {machine}.", "",
-           "Command: `python experiments/hf_peers.py`. Medians of "
-           f"{len(rows[0]['times_s'])} timed calls after one warm-up; "
-           "compile_s is the warm-up's extra time (XLA compilation for "
-           "blockdec). Timings on this machine move by up to +-15% between "
-           "runs; ratios within one run are what to read.", "",
-           "| model | trained | batch | system | tokens/s | x hf-greedy | "
-           "block eff. (non-degenerate rows) | degenerate rows | "
-           "same tokens as hf-greedy | compile_s | torch threads |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    be = (f"{r['block_efficiency']:.2f} "
-          f"({r['block_efficiency_nondegenerate']:.2f})"
-          if "block_efficiency" in r else "")
-    dg = f"{r['degenerate_share']:.0%}" if "degenerate_share" in r else ""
-    lines.append(
-        f"| {r['model']} | {r['trained']} | {r['batch']} | {r['system']}"
-        f"{' *' if 'note' in r else ''} | {r['tokens_per_s']:.1f} | "
-        f"{sp.get((r['model'], r['batch'], r['system']), float('nan')):.2f} | "
-        f"{be} | {dg} | {r.get('matches_hf_greedy', '')} | {r['compile_s']:.1f} | "
-        f"{r['torch_threads'] if r['system'].startswith('hf') else ''} |")
-  lines += ["", "\\* transformers runs prompt lookup and assisted generation "
-            "only at batch 1; at batch 8 the 8 prompts run one after another.",
-            "", "## Targets", ""]
+  lines = []
   for model in sorted({r["model"] for r in rows}):
     for batch, system, want in ((1, "blockdec-greedy", 3.0),
                                 (1, "blockdec-blockwise", 5.0),
                                 (1, "blockdec-adaptive", 5.0),
                                 (8, "blockdec-blockwise", 3.0),
                                 (8, "blockdec-adaptive", 3.0)):
-      got = sp.get((model, batch, system))
+      got = sp.get((model, "stdlib", 0.0, batch, system),
+                   sp.get((model, "random", 0.0, batch, system)))
       if got is None:
         continue
       lines.append(f"- {model}, batch {batch}, {system}: {got:.2f}x "
                    f"hf-greedy (target >= {want:.0f}x): "
                    f"{'met' if got >= want else 'NOT met'}")
-  lines += ["", "## Notes", ""] + [f"- {n}" for n in notes] + [""]
+  return lines
+
+
+def pivot_lines(rows) -> list[str]:
+  """Per model: each system's speedup over blockdec's own loop (greedy or
+  sampling) in every group, with its tokens per call and ms per call."""
+  sp = speedups(rows, "blockdec")
+  lines = []
+  for model in sorted({r["model"] for r in rows}):
+    cols = sorted({group(r)[1:] for r in rows if r["model"] == model},
+                  key=lambda c: (c[0], c[1], c[2]))
+    lines += [f"### {model}", "",
+              "| system | " + " | ".join(
+                  f"{s} t={t:g} b={b}" for s, t, b in cols) + " |",
+              "|---|" + "---|" * len(cols)]
+    for system in SYSTEMS:
+      cells, found = [], False
+      for c in cols:
+        r = [r for r in rows if (*group(r), r["system"]) ==
+             (model, *c, system)]
+        if not r:
+          cells.append("")
+          continue
+        found = True
+        x = sp.get((model, *c, system), float("nan"))
+        cells.append(f"{x:.2f}x ({r[0]['block_efficiency']:.2f}, "
+                     f"{r[0]['ms_per_call']:.1f} ms)")
+      if found:
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
+
+
+def write_markdown(path, machine, rows, notes, command):
+  sp, own = speedups(rows), speedups(rows, "blockdec")
+  lines = ["# blockdec vs HF transformers, identical weights (CPU)", "",
+           f"Machine: {machine}.", "",
+           f"Command: `{command}`. Medians of "
+           f"{len(rows[0]['times_s'])} timed calls after one warm-up; "
+           "compile_s is the warm-up's extra time (XLA compilation for "
+           "blockdec). Timings on this machine move by up to +-15% between "
+           "runs; ratios within one run are what to read. x hf and x "
+           "blockdec: tokens/s over hf-greedy and blockdec-greedy of the "
+           "same rows (hf-sample and blockdec-sample at temperature > 0). "
+           "tokens/call counts target-model calls (transformers' prefill "
+           "included); ms/call is the median time over the calls the clock "
+           "waited for (the step cost).", "",
+           "| model | trained | prompts | temp. | batch | system | tokens/s | "
+           "x hf | x blockdec | tokens/call (non-degenerate rows) | ms/call | "
+           "degenerate rows | same tokens as hf-greedy | compile_s | "
+           "torch threads | settings |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    key = (*group(r), r["system"])
+    same = r.get("matches_hf_greedy", "")
+    lines.append(
+        f"| {r['model']} | {r['trained']} | {r['prompt_set']} | "
+        f"{r['temperature']:g} | {r['batch']} | {r['system']}"
+        f"{' *' if 'one by one' in r.get('note', '') else ''} | "
+        f"{r['tokens_per_s']:.1f} | {sp.get(key, float('nan')):.2f} | "
+        f"{own.get(key, float('nan')):.2f} | {r['block_efficiency']:.2f} "
+        f"({r['block_efficiency_nondegenerate']:.2f}) | "
+        f"{r['ms_per_call']:.1f} | {r['degenerate_share']:.0%} | "
+        f"{'n/a' if same is None else same} | {r['compile_s']:.1f} | "
+        f"{r['torch_threads'] if r['system'].startswith('hf') else ''} | "
+        f"{r.get('settings', '')} |")
+  lines += ["", "\\* transformers runs prompt lookup and assisted generation "
+            "only at batch 1; at batch 8 the 8 prompts run one after another.",
+            "", "## Targets (issue 16: drafting without heads)", "",
+            *(target_lines(rows) or ["- (no rows for these targets)"]),
+            "", "## Targets (heads)", "",
+            *(heads_target_lines(rows) or ["- (no rows for these targets)"]),
+            "", "## Speedup over blockdec's own loop", "",
+            "x blockdec-greedy (blockdec-sample at t > 0), with tokens per "
+            "call and ms per call: a method wins when its tokens per call "
+            "outgrow its step cost over the plain loop's.", "",
+            *pivot_lines(rows),
+            "## Notes", ""] + [f"- {n}" for n in notes] + [""]
   path.write_text("\n".join(lines))
 
 
@@ -397,113 +714,178 @@ def plot(path, rows):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  groups = sorted({(r["model"], r["batch"]) for r in rows},
-                  key=lambda g: (g[0], g[1]))
-  fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
-  width = 0.8 / len(SYSTEMS)
-  for i, system in enumerate(SYSTEMS):
+  groups = sorted({group(r) for r in rows})
+  systems = [s for s in SYSTEMS if any(r["system"] == s for r in rows)]
+  fig, ax = plt.subplots(figsize=(max(12, 1.3 * len(groups)), 5.5))
+  colors = plt.get_cmap("tab20")
+  width = 0.8 / len(systems)
+  for i, system in enumerate(systems):
     xs, ys = [], []
-    for j, (model, batch) in enumerate(groups):
-      match = [r for r in rows if (r["model"], r["batch"], r["system"])
-               == (model, batch, system)]
+    for j, g in enumerate(groups):
+      match = [r for r in rows if (*group(r), r["system"]) == (*g, system)]
       if match:
-        xs.append(j + (i - (len(SYSTEMS) - 1) / 2) * width)
+        xs.append(j + (i - (len(systems) - 1) / 2) * width)
         ys.append(match[0]["tokens_per_s"])
-    ax.bar(xs, ys, width, label=system)
+    ax.bar(xs, ys, width, label=system, color=colors(i))
   ax.set_xticks(range(len(groups)))
-  ax.set_xticklabels([f"{m}\nbatch {b}" for m, b in groups])
+  ax.set_xticklabels([f"{m}\n{s}\nt={t:g} b={b}" for m, s, t, b in groups],
+                     fontsize=7)
   ax.set_yscale("log")
   ax.set_ylabel("tokens/s (log)")
-  ax.set_title("Greedy output on identical weights, CPU", pad=30, y=1.0)
+  ax.set_title("Identical weights, CPU (t = temperature, b = batch)", pad=58,
+               y=1.0)
   ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=8, ncol=len(SYSTEMS), loc="lower center",
+  ax.legend(fontsize=8, ncol=min(len(systems), 4), loc="lower center",
             bbox_to_anchor=(0.5, 1.0), frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
+def csv_flag(allowed, cast=str):
+  """An argparse type: a comma-separated subset of `allowed`."""
+  def parse(text):
+    values = [cast(v.strip()) for v in text.split(",") if v.strip()]
+    bad = [v for v in values if allowed is not None and v not in allowed]
+    if bad or not values:
+      raise argparse.ArgumentTypeError(
+          f"{text!r}: expected a comma-separated list of {allowed}.")
+    return values
+  return parse
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="demo and tiny GPT-2 only, 1 repeat")
+                      help="demo and tiny GPT-2 only (unless --models), "
+                           "1 repeat")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--models", type=csv_flag(MODELS), default=None,
+                      help=f"comma-separated subset of {MODELS}")
+  parser.add_argument("--systems", type=csv_flag(SYSTEMS), default=SYSTEMS,
+                      help=f"comma-separated subset of {SYSTEMS}")
+  parser.add_argument("--batches", type=csv_flag((1, 8), int),
+                      default=[1, 8], help="comma-separated subset of 1,8")
+  parser.add_argument("--temperatures", type=csv_flag(None, float),
+                      default=[0.0, TEMPERATURE],
+                      help="comma-separated; 0 is greedy")
+  parser.add_argument("--prompt-sets", type=csv_flag(PROMPT_SETS),
+                      default=PROMPT_SETS,
+                      help=f"comma-separated subset of {PROMPT_SETS}")
+  parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--cache-dir", default="cache")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
+  if any(t < 0 for t in args.temperatures):
+    parser.error(f"--temperatures={args.temperatures}: each must be >= 0.")
   repeats = 1 if args.quick else args.repeats
+  models = args.models or (["demo-llama", "gpt2-tiny"] if args.quick
+                           else list(MODELS))
+  systems = [s for s in SYSTEMS if s in args.systems]  # hf-greedy first.
+  temperatures = [float(t) for t in args.temperatures]
+  new_tokens = args.new_tokens
+  command = " ".join(["python experiments/hf_peers.py", *sys.argv[1:]])
+  start = time.perf_counter()
   torch.set_num_threads(2)
   machine = machine_description()
   print(machine)
   rows, notes = [], []
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="hf_peers_"))
 
-  cfg, params, trained, workdir = demo_model(args.cache_dir)
-  notes.append(
-      f"demo-llama: {'trained demo model from ' + workdir if trained else 'RANDOM weights (no finished demo run in the cache)'}; "
-      "exported to LlamaForCausalLM, k=8 heads from blockdec_heads.safetensors; "
-      "hf-assisted drafts with the model's own first layer.")
-  blockdec.export_hf_checkpoint(cfg, params, tmp / "demo",
-                                tokenizer=hf_lib.byte_tokenizer())
-  blockdec.export_hf_checkpoint(*_first_layer(cfg, params), tmp / "demo_draft")
-  byte_prompts = stdlib_prompts(8, 128)
-  rows += bench_model(
-      "demo-llama", tmp / "demo", tmp / "demo_draft",
-      {1: byte_prompts[:1], 8: byte_prompts}, 64, SYSTEMS, repeats,
-      dict(trained=trained))
+  def by_set(make):
+    """{prompt_set: {batch: prompts}} from make(prompt_set) -> [8, P]."""
+    out = {}
+    for prompt_set in args.prompt_sets:
+      prompts = make(prompt_set)
+      out[prompt_set] = {b: prompts[:b] for b in args.batches}
+    return out
 
-  found = distilled_heads_model(args.cache_dir)
+  def bench(name, folder, draft_folder, prompts, model_systems=systems,
+            **kw):
+    t0 = time.perf_counter()
+    out = bench_model(name, folder, draft_folder, prompts, new_tokens,
+                      [s for s in systems if s in model_systems], repeats,
+                      kw.pop("extra"), temperatures=temperatures, **kw)
+    print(f"  {name}: {len(out)} rows in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    return out
+
+  byte_sets = by_set(lambda s: byte_prompts(s, 8, 128))
+  if "demo-llama" in models:
+    cfg, params, trained, workdir = demo_model(args.cache_dir)
+    # The distilled draft was trained on the demo base's greedy output; a
+    # random-weight stand-in gets its own first layer.
+    draft_cfg, draft_params, draft_note = draft_for(
+        cfg, params, args.cache_dir, "demo" if trained else None,
+        train=trained)
+    notes.append(
+        f"demo-llama: {'trained demo model from ' + workdir if trained else 'RANDOM weights (no finished demo run in the cache)'}; "
+        "exported to LlamaForCausalLM, k=8 heads from "
+        f"blockdec_heads.safetensors; {draft_note}, exported to "
+        "LlamaForCausalLM for hf-assisted and read back for "
+        "blockdec-draft-model.")
+    blockdec.export_hf_checkpoint(cfg, params, tmp / "demo",
+                                  tokenizer=hf_lib.byte_tokenizer())
+    blockdec.export_hf_checkpoint(draft_cfg, draft_params, tmp / "demo_draft")
+    rows += bench("demo-llama", tmp / "demo", tmp / "demo_draft", byte_sets,
+                  extra=dict(trained=trained), draft_note=draft_note)
+
+  found = distilled_heads_model(args.cache_dir) \
+      if "demo-llama-distill" in models else None
   if found is not None:  # The same trunk, better heads.
     cfg, params, workdir = found
     blockdec.export_hf_checkpoint(cfg, params, tmp / "demo_distill",
                                   tokenizer=hf_lib.byte_tokenizer())
-    rows += bench_model(
-        "demo-llama-distill", tmp / "demo_distill", None,
-        {1: byte_prompts[:1], 8: byte_prompts}, 64,
+    rows += bench(
+        "demo-llama-distill", tmp / "demo_distill", None, byte_sets,
         ("hf-greedy", "blockdec-greedy", "blockdec-blockwise",
-         "blockdec-adaptive"), repeats,
-        dict(trained=True))
+         "blockdec-adaptive"), extra=dict(trained=True))
     notes.append(
         f"demo-llama-distill: the same base weights as demo-llama (so the "
         f"same greedy output) with the k=8 first of the 10 heads trained by "
         f"sequence-level distillation in the Stern-table run {workdir}.")
 
-  found = trained_heads_model(args.cache_dir, "cpu")
+  found = trained_heads_model(args.cache_dir, "cpu") \
+      if "cpu-llama" in models else None
   if found is not None:  # Trained heads on a smaller model: real acceptance.
     cfg, params, workdir = found
+    draft_cfg, draft_params, draft_note = draft_for(cfg, params,
+                                                    args.cache_dir, "cpu")
     blockdec.export_hf_checkpoint(cfg, params, tmp / "cpu",
                                   tokenizer=hf_lib.byte_tokenizer())
-    blockdec.export_hf_checkpoint(*_first_layer(cfg, params), tmp / "cpu_draft")
-    rows += bench_model(
-        "cpu-llama", tmp / "cpu", tmp / "cpu_draft",
-        {1: byte_prompts[:1], 8: byte_prompts}, 64, SYSTEMS, repeats,
-        dict(trained=True))
+    blockdec.export_hf_checkpoint(draft_cfg, draft_params, tmp / "cpu_draft")
+    rows += bench("cpu-llama", tmp / "cpu", tmp / "cpu_draft", byte_sets,
+                  extra=dict(trained=True), draft_note=draft_note)
     notes.append(
         f"cpu-llama: the trained configs/heads_frozen.py:cpu model from "
         f"{workdir} ({cfg.n_layers} layers, d={cfg.d_model}, "
-        f"k={cfg.num_prediction_heads} trained heads), exported to Llama.")
+        f"k={cfg.num_prediction_heads} trained heads), exported to Llama; "
+        f"{draft_note}.")
 
-  cfg, params, tokenizer, note = gpt2_tiny_model(args.cache_dir)
-  blockdec.export_hf_checkpoint(cfg, params, tmp / "gpt2_tiny",
-                                tokenizer=tokenizer)
-  blockdec.export_hf_checkpoint(*_first_layer(cfg, params),
-                                tmp / "gpt2_tiny_draft")
-  tiny_prompts = bpe_prompts(tokenizer, 8, 48)
-  rows += bench_model(
-      "gpt2-tiny", tmp / "gpt2_tiny", tmp / "gpt2_tiny_draft",
-      {1: tiny_prompts[:1], 8: tiny_prompts}, 64, SYSTEMS, repeats,
-      dict(trained=True))
-  notes.append(note)
+  if "gpt2-tiny" in models:
+    cfg, params, tokenizer, note = gpt2_tiny_model(args.cache_dir)
+    draft_note = ("draft: the model's own first layer (no distilled draft "
+                  "for gpt2-tiny)")
+    blockdec.export_hf_checkpoint(cfg, params, tmp / "gpt2_tiny",
+                                  tokenizer=tokenizer)
+    blockdec.export_hf_checkpoint(*_first_layer(cfg, params),
+                                  tmp / "gpt2_tiny_draft")
+    rows += bench("gpt2-tiny", tmp / "gpt2_tiny", tmp / "gpt2_tiny_draft",
+                  by_set(lambda s: bpe_prompts(tokenizer, s, 8, 48)),
+                  extra=dict(trained=True), draft_note=draft_note)
+    notes.append(f"{note} {draft_note}.")
 
   rng = np.random.default_rng(0)
   gpt2_prompts = rng.integers(0, 50257, size=(8, 32)).astype(np.int32)
-  if not args.quick:
+  if "gpt2-124m" in models:
     cfg, params = gpt2_model(12, 768, 12, 1, seed=2)
     blockdec.export_hf_checkpoint(cfg, params, tmp / "gpt2_124m")
     rows += bench_model(
         "gpt2-124m", tmp / "gpt2_124m", None,
-        {1: gpt2_prompts[:1], 8: gpt2_prompts}, 32,
-        ("hf-greedy", "blockdec-greedy"), repeats, dict(trained=False))
+        {"random": {b: gpt2_prompts[:b] for b in args.batches}},
+        min(new_tokens, 32),
+        [s for s in systems if s in ("hf-greedy", "blockdec-greedy")],
+        repeats, dict(trained=False))
     weights_gb = sum(np.asarray(x).nbytes for x in
                      jax.tree_util.tree_leaves(params)) / 1e9
     for r in rows:
@@ -552,10 +934,12 @@ def main():
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "hf_peers.json").write_text(json.dumps(
-      {"machine": machine, "notes": notes, "rows": rows}, indent=2) + "\n")
-  write_markdown(out / "hf_peers.md", machine, rows, notes)
+      {"machine": machine, "command": command, "notes": notes, "rows": rows},
+      indent=2) + "\n")
+  write_markdown(out / "hf_peers.md", machine, rows, notes, command)
   plot(out / "hf_peers.png", rows)
-  print(f"wrote {out}/hf_peers.{{json,md,png}}")
+  print(f"wrote {out}/hf_peers.{{json,md,png}} after "
+        f"{time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
