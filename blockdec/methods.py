@@ -83,6 +83,14 @@ class Autoregressive(Method):
     return NoDrafter()
 
 
+def _as_ints(spec, *names) -> None:
+  """NumPy integers in spec fields become Python ints (hashable, JSON)."""
+  for name in names:
+    value = getattr(spec, name)
+    if validation.is_int(value):
+      object.__setattr__(spec, name, int(value))
+
+
 def _check_block_size(block_size, cfg: ModelConfig | None = None) -> None:
   if block_size is None:
     return
@@ -112,6 +120,7 @@ class Blockwise(Method):
   reads_heads = True
 
   def __post_init__(self):
+    _as_ints(self, "block_size")
     _check_block_size(self.block_size)
 
   def resolve_block_size(self, cfg):
@@ -167,6 +176,7 @@ class Refined(Method):
   reads_heads = True
 
   def __post_init__(self):
+    _as_ints(self, "block_size", "num_drafts", "lattice_width", "beam_width")
     _check_block_size(self.block_size)
     if self.ngram is not None:
       if not isinstance(self.ngram, NGramLM):

@@ -70,6 +70,7 @@ def add_to_pool(pool: jax.Array, next_slot: jax.Array, grams: jax.Array):
     (pool, next_slot) with every gram not already pooled (nor repeated
     earlier in `grams`) written in order, overwriting the oldest.
   """
+  pool, grams = jnp.asarray(pool), jnp.asarray(grams)
   size, width = pool.shape[1], grams.shape[1]
   pooled = jnp.any(jnp.all(grams[:, :, None] == pool[:, None], -1), -1)
   same = jnp.all(grams[:, :, None] == grams[:, None], -1)  # [B, W, W]
