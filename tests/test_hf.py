@@ -18,6 +18,9 @@ torch = pytest.importorskip(
 transformers = pytest.importorskip(
     "transformers", reason="the hf extra (torch, transformers) is not installed")
 
+# torch in the process: `make test` runs these apart (see pyproject markers).
+pytestmark = pytest.mark.torch
+
 import blockdec  # noqa: E402
 from blockdec.models import hf  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402

@@ -214,6 +214,7 @@ def test_same_key_same_output_and_rows_independent_of_neighbours():
   np.testing.assert_array_equal(e.tokens, a.tokens)
 
 
+@pytest.mark.torch
 def test_sampling_filter_matches_hf_transformers():
   torch = pytest.importorskip("torch")
   generation = pytest.importorskip("transformers.generation.logits_process")
