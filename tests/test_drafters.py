@@ -258,11 +258,9 @@ def test_drafter_errors():
 def test_lookahead_window_is_a_tree_of_columns():
   # W = 4, N = 3 after a tree of 3 nodes: the module docstring's picture.
   nodes = lookahead.window_nodes(3, 4, 3)
-  a = [3, 4, 5, 6]  # level 0
-  b = [7, 8, 9, 10]  # level 1
+  a = [3, 4, 5, 6]  # level 0 (level 1 is nodes 7..10)
   assert nodes.parents == (0, a[0], a[1], a[2], a[0], a[1], a[2], a[3])
   assert nodes.depths == (1, 2, 3, 4, 2, 3, 4, 5)
-  del b
 
 
 def test_pool_keeps_distinct_ngrams_and_returns_the_most_recent():

@@ -40,7 +40,7 @@ def context_tokens(prompts, prompt_lengths, generated, lengths, next_token):
   prompt then the committed generated tokens, seq[b, end[b]] the decided
   next token, and -1 after it.
   """
-  batch, p = prompts.shape
+  p = prompts.shape[1]
   m = generated.shape[1]
   j = jnp.arange(p + m + 1, dtype=jnp.int32)[None, :]
   pl = prompt_lengths[:, None]
@@ -50,7 +50,6 @@ def context_tokens(prompts, prompt_lengths, generated, lengths, next_token):
   seq = jnp.where(j < pl, from_prompt, from_gen)
   seq = jnp.where(j == end[:, None], next_token[:, None], seq)
   seq = jnp.where(j <= end[:, None], seq, -1)
-  del batch
   return seq.astype(jnp.int32), end.astype(jnp.int32)
 
 
