@@ -16,12 +16,13 @@ from blockdec.api import (blockwise_decode, check_params, decode,
                           model_score_fn)
 from blockdec.checkpointing import load_checkpoint, save_checkpoint
 from blockdec.config import ModelConfig
-from blockdec.decoding import (AcceptanceRule, AdaptiveBlockSize,
+from blockdec.decoding import (AcceptAll, AcceptanceRule, AdaptiveBlockSize,
                                DecodeOutput, Distance, Exact, MinBlock,
                                Sampling, SpeculativeSampling, TopK, Typical,
                                Verifier)
-from blockdec.methods import (Autoregressive, Blockwise, DraftModel,
-                              Lookahead, Method, PromptLookup, Refined)
+from blockdec.methods import (Autoregressive, BlockDiffusion, Blockwise,
+                              DraftModel, Lookahead, Method, PromptLookup,
+                              Refined)
 from blockdec.models import KVCache
 from blockdec.models.hf import (export_hf_checkpoint, load_hf_checkpoint,
                                 load_hf_tokenizer)

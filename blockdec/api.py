@@ -249,7 +249,7 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
   prompts, prompt_lengths = _check_inputs(
       params, cfg, prompts, prompt_lengths, max_new_tokens,
       block_size if method.reads_heads else 1)
-  acceptance = method.acceptance
+  acceptance = method.verifier(cfg)
   if not isinstance(acceptance, decoding.Verifier):
     raise TypeError(f"acceptance={acceptance!r} must be a blockdec verifier "
                     "(Exact(), Typical(...), TopK(n), Distance(eps), "

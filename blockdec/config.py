@@ -58,6 +58,9 @@ class ModelConfig:
   attention_backend: Literal["xla", "pallas"] = "xla"
   dtype: Literal["float32", "bfloat16"] = "float32"  # Activations.
   param_dtype: Literal["float32", "bfloat16"] = "float32"
+  # The [MASK] token of a model adapted for block diffusion
+  # (configs/block_diffusion.py), or None: an autoregressive model only.
+  mask_token_id: int | None = None
 
   def __post_init__(self):
     def store(name, value):  # Normalised (e.g. np.int64 -> int) in place.
@@ -75,6 +78,9 @@ class ModelConfig:
       store(name, validation.check_number(name, getattr(self, name), low=0,
                                           low_open=True))
     store("rope_scaling", _check_rope_scaling(self.rope_scaling))
+    store("mask_token_id", validation.check_int(
+        "mask_token_id", self.mask_token_id, low=0, high=self.vocab_size - 1,
+        optional=True))
     _check_choice("norm", self.norm, _NORMS)
     _check_choice("mlp", self.mlp, _MLPS)
     _check_choice("position", self.position, _POSITIONS)

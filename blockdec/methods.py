@@ -19,6 +19,9 @@ it.
                                           n-gram earlier in the row's text
     Lookahead(window, ngram, guesses)     Jacobi guesses feed an n-gram pool
                                           whose n-grams are verified
+    BlockDiffusion(block_size, threshold) the model denoises a block of
+                                          [MASK]s (a block-diffusion-adapted
+                                          model); verified or not
 
 Specs that hold arrays (an n-gram LM, a rescorer's parameters) keep them out
 of their hash and equality; `decode` passes them to the compiled function
@@ -33,10 +36,11 @@ from typing import Any
 
 from blockdec import validation
 from blockdec.config import ModelConfig
-from blockdec.decoding import (AdaptiveBlockSize, DraftOptions, Exact,
-                               NGramLM, Verifier)
+from blockdec.decoding import (AcceptAll, AdaptiveBlockSize, DraftOptions,
+                               Exact, NGramLM, Verifier)
 from blockdec.decoding.core import Drafter, NoDrafter
-from blockdec.decoding.drafters import (DraftModelDrafter, HeadsDrafter,
+from blockdec.decoding.drafters import (BlockDiffusionDrafter,
+                                        DraftModelDrafter, HeadsDrafter,
                                         LookaheadDrafter, PromptLookupDrafter,
                                         RefinedDrafter)
 
@@ -56,6 +60,10 @@ class Method:
   def cache_slots(self, block_size: int) -> int:
     """Target cache slots one call writes past the committed length."""
     return block_size
+
+  def verifier(self, cfg: ModelConfig) -> Verifier:
+    """The verifier of this spec on `cfg` (default: `acceptance`)."""
+    return self.acceptance
 
   def check(self, cfg: ModelConfig, sampling, *, positions: int) -> None:
     """Raises a clear error if the spec cannot decode `cfg` (its arrays
@@ -398,3 +406,73 @@ class Lookahead(Method):
 
   def drafter(self, cfg, block_size, arrays, **kw):
     return self._drafter()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiffusion(Method):
+  """Block diffusion with a model adapted for it (`configs/block_diffusion.py`).
+
+  Each block of `block_size` tokens starts as [MASK]s; every denoising call
+  (the model with `BlockBidirectionalMask`, attending causally to the
+  committed cache) decides the masked positions whose confidence reaches
+  `threshold` (at least one), until the block is decided
+  (`blockdec/decoding/drafters/block_diffusion.py`). Then one causal call
+  writes the block's keys and values and decides the token after it.
+
+  Attributes:
+    block_size: b >= 1 tokens per block (b + 1 are fed in the causal call).
+    threshold: in [0, 1]; 1.0 decides one position per denoising call.
+    acceptance: None (the default): the diffusion draft is the output
+      (`AcceptAll`; lossy: not the model's autoregressive output).
+      `Exact()`: self-speculative, the model in autoregressive mode
+      verifies its own draft; the output is its greedy output token for
+      token (with sampling, lossless speculative sampling). Any other
+      verifier applies as for `Blockwise`.
+    stop_token: AdaBlock-style adaptive block size: a block ends after the
+      first decided `stop_token` (e.g. the newline's id) once the positions
+      before it are decided. None: fixed blocks.
+
+  Calls counted in `DecodeOutput.num_calls`: the denoising calls and the
+  causal call.
+  """
+
+  block_size: int = 8
+  threshold: float = 0.9
+  acceptance: Verifier | None = None
+  stop_token: int | None = None
+
+  def __post_init__(self):
+    _check_positive(self, "block_size")
+    object.__setattr__(self, "threshold", validation.check_number(
+        "BlockDiffusion threshold", self.threshold, low=0.0, high=1.0))
+    object.__setattr__(self, "stop_token", validation.check_int(
+        "BlockDiffusion stop_token", self.stop_token, low=0, optional=True))
+
+  def resolve_block_size(self, cfg):
+    return self.block_size + 1
+
+  def _mask_id(self, cfg: ModelConfig) -> int:
+    if cfg.mask_token_id is None:
+      raise ValueError(
+          "BlockDiffusion needs a model adapted for block diffusion "
+          "(ModelConfig.mask_token_id is None); adapt one with "
+          "configs/block_diffusion.py.")
+    return cfg.mask_token_id
+
+  def verifier(self, cfg):
+    if self.acceptance is None:
+      return AcceptAll(stop_id=self._mask_id(cfg))
+    return self.acceptance
+
+  def check(self, cfg, sampling, *, positions):
+    mask_id = self._mask_id(cfg)
+    if self.stop_token is not None and self.stop_token >= cfg.vocab_size:
+      raise ValueError(f"BlockDiffusion stop_token={self.stop_token} is "
+                       f"outside the vocabulary [0, {cfg.vocab_size}).")
+    if self.stop_token == mask_id:
+      raise ValueError(f"BlockDiffusion stop_token={self.stop_token} is the "
+                       "model's [MASK] token.")
+
+  def drafter(self, cfg, block_size, arrays, **kw):
+    return BlockDiffusionDrafter(self.block_size, self.threshold,
+                                 self._mask_id(cfg), self.stop_token)

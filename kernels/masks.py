@@ -50,6 +50,7 @@ __all__ = [
     "TreeMask",
     "BlockBidirectionalMask",
     "PatternMask",
+    "DiffusionTrainingMask",
     "RuntimeTreeMask",
     "AndMask",
     "OrMask",
@@ -227,6 +228,62 @@ class PatternMask(BlockMask):
 
   def pattern(self) -> np.ndarray:
     return np.array(self.rows, dtype=bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTrainingMask(BlockMask):
+  """Block-diffusion training on a clean stream and noisy copies of it.
+
+  The model sees ``1 + noisy_streams`` streams of ``length`` tokens side by
+  side (the block is ``(1 + noisy_streams) * length`` long, stream s at
+  block indices ``s * length + p`` for p = 0 .. length - 1, every stream at
+  positions 0 .. length - 1):
+
+  * stream 0, the clean text, is causal (the autoregressive loss);
+  * a noisy stream is cut into blocks of ``block_size`` positions; a query
+    in block i sees the clean stream before the block (positions
+    ``< i * block_size``) and its own noisy block, both ways.
+
+  That is what a decoding call with ``BlockBidirectionalMask(block_size)``
+  sees: the committed (causal) cache before the block and the block itself.
+  Used without a KV cache (training); ``length=4, block_size=2`` and one
+  noisy stream give (rows: queries c0..c3 n0..n3)::
+
+      1 0 0 0  0 0 0 0
+      1 1 0 0  0 0 0 0
+      1 1 1 0  0 0 0 0
+      1 1 1 1  0 0 0 0
+      0 0 0 0  1 1 0 0
+      0 0 0 0  1 1 0 0
+      1 1 0 0  0 0 1 1
+      1 1 0 0  0 0 1 1
+  """
+
+  length: int
+  block_size: int
+  noisy_streams: int = 2
+
+  def __post_init__(self):
+    _check_block_len(self.length)
+    _check_block_len(self.block_size)
+    _check_block_len(self.noisy_streams)
+
+  @property
+  def block_len(self) -> int:
+    return (1 + self.noisy_streams) * self.length
+
+  def pattern(self) -> np.ndarray:
+    n, p = self.length, np.arange(self.length)
+    out = np.zeros((self.block_len, self.block_len), dtype=bool)
+    out[:n, :n] = p[None, :] <= p[:, None]
+    blocks = p // self.block_size
+    sees_clean = p[None, :] < (blocks * self.block_size)[:, None]
+    same_block = blocks[None, :] == blocks[:, None]
+    for s in range(1, 1 + self.noisy_streams):
+      rows = slice(s * n, (s + 1) * n)
+      out[rows, :n] = sees_clean
+      out[rows, rows] = same_block
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

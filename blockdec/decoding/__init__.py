@@ -5,7 +5,8 @@
 the plain reference loop.
 """
 
-from blockdec.decoding.acceptance import (AcceptanceRule, Distance, Exact,
+from blockdec.decoding.acceptance import (AcceptAll, AcceptanceRule, Distance,
+                                          Exact,
                                           MinBlock, TopK,
                                           accepted_prefix_length)
 from blockdec.decoding.adaptive import AdaptiveBlockSize

@@ -135,6 +135,29 @@ class MinBlock(AcceptanceRule):
     return self.base.matches(draft, logits) | forced
 
 
+@dataclasses.dataclass(frozen=True)
+class AcceptAll(AcceptanceRule):
+  """Accept every drafted token up to the first `stop_id` (lossy).
+
+  The draft is the output: block diffusion without verification
+  (`blockdec.BlockDiffusion(verify=False)`), where the call after a block
+  only writes the block's keys and values and decides the token after it.
+  A drafter that ends its block early fills the rest with `stop_id` (the
+  model's [MASK] token); those drafts are never accepted.
+  """
+
+  stop_id: int | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop_id", validation.check_int(
+        "AcceptAll stop_id", self.stop_id, low=0, optional=True))
+
+  def matches(self, draft, logits):
+    if self.stop_id is None:
+      return jnp.ones(draft.shape, bool)
+    return draft != self.stop_id
+
+
 def accepted_prefix_length(matches: jax.Array) -> jax.Array:
   """bool [B, T-1] (match of drafts 1..T-1) -> int32 [B] accepted count in [1, T].
 

@@ -77,6 +77,9 @@ class Draft:
       without a match); the adaptive rule verifies no filler. None: all D.
     extra: [B, E] int32 tokens of the drafter's extra nodes (`Drafter.extra`)
       fed in the same call but never committed, or None.
+    calls: [B] int32 calls of the TARGET model the drafter made for this
+      draft through `View.score` (block diffusion's denoising steps); they
+      count in `num_calls` beside the verification call. None: 0.
   """
 
   tokens: jax.Array
@@ -84,6 +87,7 @@ class Draft:
   confidence: jax.Array | None = None
   length: jax.Array | None = None
   extra: jax.Array | None = None
+  calls: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +152,12 @@ class View:
     context: static settings.
     extra_logits: [B, E, V] head-1 logits at the drafter's extra nodes after
       a call (`Drafter.extra`); None otherwise.
+    score: `score(tokens [B, T], positions [B, T], mask) -> head-1 logits
+      [B, T, V]`: the TARGET model on a block against its committed cache
+      (slots before `positions[:, 0]`), under a block mask of
+      `blockdec.kernels` (None: causal). Nothing is written: the loop's
+      cache is unchanged. A drafter that calls it reports the calls in
+      `Draft.calls`.
   """
 
   heads: Callable[[int], jax.Array]
@@ -162,6 +172,7 @@ class View:
   keys: jax.Array | None
   context: Context
   extra_logits: jax.Array | None = None
+  score: Callable[..., jax.Array] | None = None
 
 
 class Drafter(abc.ABC):
@@ -271,12 +282,13 @@ class LoopState:
 
 
 def _view(state: LoopState, heads, committed, num_committed, offsets, keys,
-          context, extra_logits=None) -> View:
+          context, extra_logits=None, score=None) -> View:
   return View(heads=heads, next_token=state.next_token, lengths=state.lengths,
               committed=committed, num_committed=num_committed,
               offsets=offsets, prompts=state.prompts,
               prompt_lengths=state.prompt_lengths, generated=state.tokens,
-              keys=keys, context=context, extra_logits=extra_logits)
+              keys=keys, context=context, extra_logits=extra_logits,
+              score=None if score is None else score(state.cache))
 
 
 def run(score_fn: ScoreFn, params, prompts: jax.Array,
@@ -334,6 +346,17 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     return (None if sampling is None
             else sampling_lib.row_keys(key, state.row_ids))
 
+  def scorer(cache):
+    """View.score: head-1 logits of a block against `cache`, not written
+    (the new cache is dropped, so XLA drops the write)."""
+    def score(tokens, positions, mask=None):
+      head_fn, _ = tree_call(score_fn, params, tokens, positions, cache,
+                             mask=mask)
+      nodes = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                               tokens.shape)
+      return head_fn(nodes, 1)[:, :, 0]
+    return score
+
   # Prefill: the first token comes from head 1 at the last prompt token.
   positions = jnp.broadcast_to(
       jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
@@ -357,7 +380,8 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
                                                        first_keys))
   heads_at_last = lambda m: head_fn(last, m)[:, 0]
   state = state.replace(drafter=drafter.init(
-      _view(state, heads_at_last, None, zeros, prompt_lengths, keys, context)))
+      _view(state, heads_at_last, None, zeros, prompt_lengths, keys, context,
+            score=scorer)))
 
   def cond(state: LoopState):
     return ~jnp.all(state.done) & (state.step < n)
@@ -432,20 +456,21 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     new = state.replace(
         step=state.step + 1, tokens=tokens, lengths=lengths,
         next_token=jnp.where(active, verdict.next_token, state.next_token),
-        done=done, num_calls=state.num_calls + active,
+        done=done, num_calls=(state.num_calls + active * (
+            1 if draft.calls is None else 1 + draft.calls)).astype(jnp.int32),
         accepted_hist=hist.astype(jnp.int32), cache=cache, policy=policy)
     # The drafter reads the heads at the last committed node.
     last = jnp.take_along_axis(path, jnp.maximum(count - 1, 0)[:, None],
                                axis=1)  # [B, 1]
     view = _view(new, lambda m: head_fn(last, m)[:, 0], kept, count, offsets,
-                 keys, context, extra_logits)
+                 keys, context, extra_logits, score=scorer)
     return new.replace(drafter=drafter.update(state.drafter, view))
 
   def propose(state: LoopState) -> Draft:
     # No heads here: a drafter reads them in update() and keeps what it needs.
     return drafter.propose(state.drafter, _view(
         state, None, None, jnp.zeros_like(state.lengths), state.positions,
-        keys_of(state), context))
+        keys_of(state), context, score=scorer))
 
   if adaptive is None:
     def body(state):

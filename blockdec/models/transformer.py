@@ -120,12 +120,14 @@ class Attention(nn.Module):
 
     With a cache, this layer's keys/values for the block are written at slots
     `positions` of layer `layer` (in place) and the block attends to them.
-    `mask` (needs a cache unless None or causal): None for the causal block,
-    or a block mask of `blockdec.kernels` (static: `TreeMask`,
+    `mask`: None for the causal block, or a block mask of
+    `blockdec.kernels` (static: `TreeMask`,
     `BlockBidirectionalMask`, ...; runtime: `RuntimeTreeMask`) saying which
     of the block's own keys each query sees; every query sees the committed
     prefix. For a tree, node i sits at `positions[:, i]` (offset + depth) but
     in slot `positions[:, 0] + i` (see `attention.cached_attention`).
+    Without a cache a static mask's pattern is the whole attention pattern
+    of the sequence (e.g. `kernels.DiffusionTrainingMask`).
     `rope`: `rope_angles` of `positions` (position="rope"), computed once
     per call by the trunk for all layers. `empty_cache` (static): nothing is
     committed before the block (prefill), so the cache is only written.
@@ -143,10 +145,19 @@ class Attention(nn.Module):
       k = apply_rope(k, rope)
     if cache is None:
       from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
-      if mask is not None and not isinstance(mask, masks.CausalBlockMask):
-        raise ValueError(f"mask={mask!r} needs a KV cache; without one the "
-                         "model attends causally (mask=None).")
-      out = attention.self_attention(q, k, v, positions)
+      if mask is None or isinstance(mask, masks.CausalBlockMask):
+        out = attention.self_attention(q, k, v, positions)
+      elif isinstance(mask, masks.BlockMask) and mask.block_len == t:
+        # A whole sequence under a static pattern (block-diffusion
+        # training): query i sees key j iff pattern[i, j]; positions only
+        # rotate.
+        pattern = jnp.broadcast_to(jnp.asarray(mask.pattern()), (b, t, t))
+        out = attention.dot_product_attention(
+            q, k.swapaxes(1, 2), v.swapaxes(1, 2), pattern)
+      else:
+        raise ValueError(f"mask={mask!r} without a KV cache must be None, a "
+                         f"causal mask or a static kernels.BlockMask with "
+                         f"block_len == T = {t}.")
     else:
       out, cache = attention.cached_attention(
           q, k, v, cache, layer, positions, backend=cfg.attention_backend,

@@ -161,6 +161,18 @@ def check_config(c) -> None:
   if REGIMES[c.regime]["distill"]:
     for path in ("num_sequences", "prefix_len", "new_tokens", "batch_size"):
       _positive_int(f"distill.{path}", c.distill[path])
+  if c.regime == "block_diffusion":
+    # Set by configs/block_diffusion.py (not a default: adding a field to
+    # every config would change every cached run's hash).
+    if c.get("diffusion") is None:
+      raise ValueError("config.regime='block_diffusion' needs "
+                       "config.diffusion.block_size and .ar_weight (see "
+                       "configs/block_diffusion.py).")
+    _positive_int("diffusion.block_size", c.diffusion.block_size)
+    w = c.diffusion.ar_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+      raise ValueError(f"config.diffusion.ar_weight={w!r} must be a number "
+                       ">= 0.")
   _positive_int("diagnostics.num_prompts", c.diagnostics.num_prompts,
                 allow_zero=True)
   _positive_int("diagnostics.new_tokens", c.diagnostics.new_tokens)

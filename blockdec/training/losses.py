@@ -31,6 +31,9 @@ import optax
 #           "base" (the base checkpoint, plus any heads it lacks).
 # "draft" trains a small separate model (a speculative-decoding draft) on the
 # base's own greedy text; it shares only the base's tokenizer.
+# "block_diffusion" adapts the base (plus a [MASK] token) to denoise blocks,
+# on the diffusion loss plus the autoregressive one (training/diffusion.py);
+# its held-out loss is the autoregressive head-1 loss.
 REGIMES = {
     "base": dict(trains="all", heads="first", distill=False, model="fresh"),
     "frozen": dict(trains="heads", heads="proposals", distill=False,
@@ -41,6 +44,8 @@ REGIMES = {
     "distill_finetune": dict(trains="all", heads="all", distill=True,
                              model="base"),
     "draft": dict(trains="all", heads="first", distill=True, model="fresh"),
+    "block_diffusion": dict(trains="all", heads="first", distill=False,
+                            model="base"),
 }
 
 

@@ -10,7 +10,9 @@ Regimes (losses.REGIMES): "base" trains everything on head 1; "frozen" and
 only that subtree and the trunk's hidden states are computed under
 `stop_gradient`, so nothing is differentiated through the trunk and the base
 parameters come out bit-for-bit unchanged; "finetune" and "distill_finetune"
-train everything on the mean of the k head losses; "draft" trains a FRESH
+train everything on the mean of the k head losses; "block_diffusion"
+adapts the base (plus a [MASK] token) to denoise blocks (training/
+diffusion.py); "draft" trains a FRESH
 small model (config.model, with the base's vocabulary, tokenizer and
 max_seq_len) on head 1 over the base's greedy continuations: a draft model
 for speculative decoding.
@@ -47,7 +49,7 @@ from blockdec import api, checkpointing, sharding
 from blockdec.config import ModelConfig
 from blockdec.models import transformer
 from blockdec.training import data as data_lib
-from blockdec.training import diagnostics, distill, losses
+from blockdec.training import diagnostics, diffusion, distill, losses
 from blockdec.training.defaults import check_config
 from blockdec.training.tokenizers import load_tokenizer, make_tokenizer
 
@@ -114,28 +116,42 @@ def head_losses(params, cfg: ModelConfig, batch, regime: str) -> jax.Array:
 
 
 def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
-                    first_head_weight: float = 1.0):
+                    first_head_weight: float = 1.0, diffusion_cfg=None,
+                    seed: int = 0):
   """The pure step of `regime`: (TrainState, batch) -> (TrainState, metrics).
 
-  `first_head_weight`: see `losses.regime_loss`.
+  `first_head_weight`: see `losses.regime_loss`. `diffusion_cfg` (regime
+  "block_diffusion"): `block_size` and `ar_weight`; the step's masks are
+  drawn from (seed, step), so a resumed run draws the same ones.
   """
   losses.check_regime(regime, cfg.num_prediction_heads)
+  if regime == "block_diffusion" and cfg.mask_token_id is None:
+    raise ValueError("regime 'block_diffusion' needs a model with a [MASK] "
+                     "token (diffusion.adapt_model).")
+
+  def loss_fn(sub, state, batch):
+    params = with_trainable(state.params, sub, regime)
+    if regime == "block_diffusion":
+      key = jax.random.fold_in(jax.random.key(seed), state.step)
+      ar, diff = diffusion.losses(params, cfg, batch, key,
+                                  diffusion_cfg.block_size)
+      return diff + diffusion_cfg.ar_weight * ar, (ar[None], diff)
+    per_head = head_losses(params, cfg, batch, regime)
+    return (losses.regime_loss(regime, per_head, first_head_weight),
+            (per_head, None))
 
   def train_step(state: TrainState, batch):
-    def loss_fn(sub):
-      per_head = head_losses(with_trainable(state.params, sub, regime), cfg,
-                             batch, regime)
-      return (losses.regime_loss(regime, per_head, first_head_weight),
-              per_head)
-
     sub = trainable(state.params, regime)
-    (loss, per_head), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
+    (loss, (per_head, diff)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(sub, state, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, sub)
     params = with_trainable(state.params, optax.apply_updates(sub, updates),
                             regime)
     metrics = {"loss": loss, "head_losses": per_head,
                "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
+    if diff is not None:
+      metrics["diffusion_loss"] = diff
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
 
@@ -270,6 +286,8 @@ class Trainer:
       if losses.REGIMES[self.regime]["model"] == "fresh":  # A draft model.
         self.cfg = draft_model_config(c.model, base_cfg)
         params = api.init_params(self.cfg, jax.random.key(c.seed))
+      elif self.regime == "block_diffusion":
+        self.cfg, params = diffusion.adapt_model(base_cfg, base_params, c.seed)
       else:
         self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
       self.teacher = (base_cfg, base_params)
@@ -299,7 +317,8 @@ class Trainer:
     # to float rounding). Resume restores onto the state's shardings.
     self.first_head_weight = c.get("first_head_weight", 1.0)
     step_fn = make_train_step(self.cfg, self.regime, self.optimizer,
-                              self.schedule, self.first_head_weight)
+                              self.schedule, self.first_head_weight,
+                              c.get("diffusion"), c.seed)
     eval_fn = make_eval_step(self.cfg)
     sharding_cfg = sharding.ShardingConfig.from_config(c.get("sharding"))
     self.mesh = sharding_cfg.make_mesh()
@@ -417,6 +436,8 @@ class Trainer:
             t_last, n_since = now, 0
             row = {"split": "train", "step": done,
                    "loss": float(metrics["loss"]),
+                   **({"diffusion_loss": float(metrics["diffusion_loss"])}
+                      if "diffusion_loss" in metrics else {}),
                    "head_losses": np.asarray(metrics["head_losses"]).tolist(),
                    "grad_norm": float(metrics["grad_norm"]),
                    "lr": float(metrics["lr"]), "tokens_per_s": tps,

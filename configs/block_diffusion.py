@@ -1,0 +1,75 @@
+r"""Adapt a trained base LM to block diffusion (regime "block_diffusion").
+
+The base LM of the same preset (configs/base_lm.py) gets a [MASK] token and
+is fine-tuned, all of it, on the block-diffusion loss (blocks of
+`diffusion.block_size`: masked positions predicted from the position before
+them, attending to the clean text before the block and to the block both
+ways, complementary masks) plus the plain autoregressive loss, in one
+forward pass (blockdec/training/diffusion.py). The held-out loss reported is
+the autoregressive one, comparable with the base's. Decode the result with
+`blockdec.BlockDiffusion(block_size, threshold)`: block diffusion proper, or
+with `acceptance=blockdec.Exact()` verified by the model itself in
+autoregressive mode (its greedy output, token for token).
+
+Launch (from the repository root):
+
+  blockdec train --config configs/block_diffusion.py:demo
+  blockdec train --config configs/block_diffusion.py:cpu --config.diffusion.block_size=4
+  blockdec train --config configs/block_diffusion.py:demo --config.init_from=path/to/base_run
+
+With `init_from` empty, the base LM of the same preset is trained first or
+reused from the cache (`demo` adapts the `make demo` base).
+
+Presets (the argument after ":"):
+  tiny  seconds; for tests and smoke runs.
+  cpu   a few minutes on 2 CPU cores, from the cpu base.
+  demo  from the `make demo` base (~20-25 minutes on 2 CPU cores).
+  gpu   (default) from the gpu base.
+
+Every field is documented in blockdec/training/defaults.py, except
+`diffusion`, documented here where it is set.
+"""
+
+import pathlib
+
+import ml_collections
+
+from blockdec.training.defaults import default_config
+from blockdec.training.pipeline import load_config
+
+# preset: (block_size, batch_size, steps, lr)
+_PRESETS = {
+    "tiny": (4, 4, 3, 1e-3),
+    "cpu": (8, 16, 300, 1e-3),
+    "demo": (8, 16, 400, 1e-3),
+    "gpu": (16, 64, 5000, 3e-4),
+}
+
+
+def get_config(arg="gpu"):
+  arg = arg or "gpu"
+  if arg not in _PRESETS:
+    raise ValueError(f"block_diffusion preset {arg!r} unknown; allowed: "
+                     f"{tuple(_PRESETS)}.")
+  block_size, batch, steps, lr = _PRESETS[arg]
+  base = load_config(pathlib.Path(__file__).with_name("base_lm.py"), arg)
+  c = default_config()
+  c.name = f"block_diffusion_{arg}"  # Run folder prefix.
+  c.regime = "block_diffusion"  # Base + [MASK], all weights, both losses.
+  c.base = base                 # Trained first (or reused) from base_lm.py.
+  c.init_from = ""              # Or the base's checkpoint folder.
+  c.data = base.data.copy_and_resolve_references()  # The base's corpus split.
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.block_size = block_size  # Tokens per training block.
+  c.diffusion.ar_weight = 1.0  # Autoregressive loss weight (keeps it an LM).
+  c.batch_size = batch          # Sequences per step (each fed 3 times).
+  c.steps = steps               # Optimizer steps.
+  c.optim.learning_rate = lr    # Peak AdamW learning rate (fine-tuning).
+  c.optim.warmup_steps = max(steps // 20, 1)  # Linear warmup.
+  c.eval_every = max(steps // 4, 1)  # Four held-out evaluations.
+  c.checkpoint_every = max(steps // 10, 1)  # Ten checkpoints.
+  c.log_every = max(min(10, steps // 20), 1)  # ~20+ metric rows.
+  c.diagnostics.num_prompts = 0  # No head diagnostics (one head).
+  if arg == "tiny":
+    c.data.eval_batches = 1  # One held-out batch.
+  return c

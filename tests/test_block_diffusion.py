@@ -1,0 +1,343 @@
+"""Block diffusion: masks, the adaptation, and decoding through the core.
+
+* The training mask against a brute-force reference, and training and
+  decoding seeing the same thing: a noisy block's logits in the training
+  forward equal a decoding call's on the committed prefix's cache, which
+  equal a full forward under a dense reference pattern (cache reuse equals
+  recomputing without it).
+* Self-speculative decoding (`acceptance=Exact()`) equals greedy decoding
+  token for token over random models, ragged batches, block sizes,
+  thresholds and EOS; with sampling it is lossless (chi-square against the
+  enumerated distribution).
+* Block size 1 is autoregressive decoding; thresholds 1.0 and 0.0 take b
+  and 1 denoising calls per block.
+* The adaptation keeps the base's weights, adds the [MASK] row, trains and
+  resumes exactly; bad settings fail with clear errors.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blockdec
+from blockdec.decoding.drafters.block_diffusion import BlockDiffusionDrafter
+from blockdec.kernels import masks
+from blockdec.models import transformer
+from blockdec.training import diffusion, pipeline, train
+from tests.helpers import (assert_same_or_near_tie, mid_way_eos,
+                           ragged_prompts, random_model)
+from tests.test_sampling import ALPHA, _ResampleFromTarget, sampled_p_values
+from tests.test_training import tiny
+from tests.test_training_data import write_corpus
+
+_apply = jax.jit(transformer.apply, static_argnames=("cfg", "num_heads",
+                                                     "mask"))
+
+
+def _diffusion_model(seed=0, param_seed=None, **overrides):
+  """A random model whose last token is its [MASK]."""
+  cfg, params = random_model(seed, param_seed=param_seed,
+                             num_prediction_heads=1, **overrides)
+  return cfg.replace(mask_token_id=cfg.vocab_size - 1), params
+
+
+# ---------------------------------------------------------------- the masks
+
+
+@pytest.mark.parametrize("length,block,streams", [(4, 2, 1), (7, 3, 2),
+                                                  (5, 8, 2), (6, 1, 1)])
+def test_training_mask_matches_brute_force(length, block, streams):
+  pattern = masks.DiffusionTrainingMask(length, block, streams).pattern()
+  n = (1 + streams) * length
+  want = np.zeros((n, n), bool)
+  for i in range(n):
+    si, pi = divmod(i, length)
+    for j in range(n):
+      sj, pj = divmod(j, length)
+      if si == 0:
+        want[i, j] = sj == 0 and pj <= pi
+      elif sj == 0:
+        want[i, j] = pj < (pi // block) * block
+      else:
+        want[i, j] = sj == si and pj // block == pi // block
+  np.testing.assert_array_equal(pattern, want)
+
+
+def test_training_and_decoding_see_the_same_block():
+  """Noisy block i of the training forward == a decoding call after the
+  prefix x_0..x_{ib-1} was committed == a dense no-cache forward."""
+  cfg, params = _diffusion_model(3, n_layers=2)
+  length, b = 10, 4
+  rng = np.random.RandomState(0)
+  x = rng.randint(0, cfg.vocab_size - 1, size=length).astype(np.int32)
+  noisy = x.copy()
+  noisy[[5, 6, 9]] = cfg.mask_token_id  # Block 1 = p 4..7, block 2 = 8, 9.
+  fed = np.concatenate([x, noisy])[None]
+  positions = np.tile(np.arange(length, dtype=np.int32), 2)[None]
+  train_logits, _ = _apply(
+      params, cfg, jnp.asarray(fed), jnp.asarray(positions), num_heads=1,
+      mask=masks.DiffusionTrainingMask(length, b, 1))
+  train_logits = np.asarray(train_logits)[0, length:, 0]
+  for start in (0, 4, 8):
+    end = min(start + b, length)
+    block = noisy[start:end]
+    cache = transformer.make_cache(cfg, 1, 32)
+    if start:
+      _, cache = _apply(
+          params, cfg, jnp.asarray(x[None, :start]),
+          jnp.arange(start, dtype=jnp.int32)[None], cache, num_heads=1)
+    decode_logits, _ = _apply(
+        params, cfg, jnp.asarray(block[None]),
+        jnp.arange(start, end, dtype=jnp.int32)[None], cache, num_heads=1,
+        mask=masks.BlockBidirectionalMask(end - start))
+    dense = np.tri(end, dtype=bool)
+    dense[start:, start:] = True
+    full_logits, _ = _apply(
+        params, cfg, jnp.asarray(np.concatenate([x[:start], block])[None]),
+        jnp.arange(end, dtype=jnp.int32)[None], num_heads=1,
+        mask=masks.PatternMask(dense))
+    np.testing.assert_allclose(np.asarray(decode_logits)[0, :, 0],
+                               train_logits[start:end], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(full_logits)[0, start:, 0],
+                               train_logits[start:end], atol=2e-5)
+
+
+def test_no_cache_masks_are_checked():
+  cfg, params = _diffusion_model(0)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="block_len == T = 4"):
+    transformer.apply(params, cfg, tokens, tokens, num_heads=1,
+                      mask=masks.BlockBidirectionalMask(3))
+
+
+# ------------------------------------------------------------ denoising step
+
+
+def test_denoise_step_decides_confident_positions_and_at_least_one():
+  drafter = BlockDiffusionDrafter(4, threshold=0.6, mask_id=0)
+  # Probabilities over tokens 1..4 (token 0 is [MASK]): the top token's
+  # probability p at each position, the rest shared evenly.
+  top = np.array([[0.4, 0.9, 0.5, 0.7],     # 2 confident: positions 1, 3.
+                  [0.45, 0.5, 0.55, 0.4]])  # none: the best, position 2.
+  probs = np.repeat(((1 - top) / 3)[..., None], 5, axis=-1)
+  probs[0, :, 1], probs[1, :, 2] = top[0], top[1]
+  logits = np.log(probs)
+  logits[..., 0] = 10.0  # [MASK] is never predicted, nor counted.
+  tokens = jnp.zeros((2, 4), jnp.int32)
+  decided = jnp.zeros((2, 4), bool)
+  tokens, decided, conf = drafter.denoise_step(jnp.asarray(logits), tokens,
+                                               decided)
+  np.testing.assert_array_equal(decided, [[0, 1, 0, 1], [0, 0, 1, 0]])
+  np.testing.assert_array_equal(tokens, [[0, 1, 0, 1], [0, 0, 2, 0]])
+  np.testing.assert_allclose(conf, top, rtol=1e-5)
+  # Decided positions stay as they are.
+  tokens2, decided2, _ = drafter.denoise_step(
+      jnp.asarray(logits[:, :, ::-1].copy()), tokens, decided)
+  np.testing.assert_array_equal(np.asarray(tokens2)[decided], tokens[decided])
+  assert np.asarray(decided2).sum() > np.asarray(decided).sum()
+
+
+def test_stop_token_ends_the_block_after_it():
+  drafter = BlockDiffusionDrafter(5, threshold=0.5, mask_id=9, stop_token=7)
+  logits = np.zeros((1, 5, 10), np.float32)
+  logits[0, :, 3] = 5.0
+  logits[0, 1, 7] = 9.0  # Position 1 is the stop token.
+  tokens, decided, _ = drafter.denoise_step(
+      jnp.asarray(logits), jnp.full((1, 5), 9, jnp.int32),
+      jnp.zeros((1, 5), bool))
+  np.testing.assert_array_equal(tokens, [[3, 7, 9, 9, 9]])
+  assert np.all(decided)
+  # Not before the positions ahead of the stop token are decided.
+  logits[0, 0] = 0.0
+  tokens, decided, _ = drafter.denoise_step(
+      jnp.asarray(logits), jnp.full((1, 5), 9, jnp.int32),
+      jnp.zeros((1, 5), bool))
+  assert not decided[0, 0] and int(tokens[0, 1]) == 7
+  assert np.asarray(tokens)[0, 2:].tolist() == [3, 3, 3]
+
+
+# --------------------------------------------------------------- decoding
+
+CASES = [  # (arch, batch, block_size, max_prompt, max_new_tokens, eos)
+    (0, 1, 3, 5, 14, False), (2, 3, 4, 6, 20, True), (5, 4, 6, 7, 17, True),
+]
+
+
+@pytest.mark.parametrize("arch,batch,b,p,n,with_eos", CASES)
+def test_self_speculative_equals_greedy(arch, batch, b, p, n, with_eos):
+  accepted = 0
+  for model in range(2):
+    cfg, params = _diffusion_model(arch, param_seed=100 * arch + model)
+    prompts, lengths = ragged_prompts(arch + model, batch, p,
+                                      cfg.vocab_size - 1)
+    eos_id = (mid_way_eos(cfg, params, prompts, lengths, n) if with_eos
+              else None)
+    greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                    max_new_tokens=n, eos_id=eos_id)
+    for threshold in (0.3, 1.0):
+      out = blockdec.decode(
+          params, cfg, prompts, lengths, n, eos_id=eos_id,
+          method=blockdec.BlockDiffusion(b, threshold,
+                                         acceptance=blockdec.Exact()))
+      assert_same_or_near_tie(cfg, params, prompts, lengths, greedy, out)
+      np.testing.assert_array_equal(out.lengths, greedy.lengths)
+      hist, calls = np.asarray(out.accepted_hist), np.asarray(out.num_calls)
+      lens = np.asarray(out.lengths)
+      assert hist.shape[1] == b + 1
+      np.testing.assert_array_equal((hist * np.arange(1, b + 2)).sum(-1),
+                                    lens)
+      # Every verification call follows 1..b denoising calls.
+      verifications = hist.sum(-1)
+      assert np.all(2 * verifications <= calls)
+      assert np.all(calls <= (b + 1) * verifications)
+      if threshold == 1.0:  # One position per denoising call: b calls.
+        np.testing.assert_array_equal(calls, (b + 1) * verifications)
+      accepted += hist[:, 1:].sum()
+  assert accepted > 0  # Diffusion drafts were accepted somewhere.
+
+
+def test_block_size_one_is_autoregressive_and_thresholds_count_calls():
+  cfg, params = random_model(2, num_prediction_heads=1)
+  prompts, lengths = ragged_prompts(1, 3, 5, cfg.vocab_size)
+  n = 18
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=n)
+  # A drafter never proposes [MASK]; make it a token greedy never emits.
+  unused = set(range(cfg.vocab_size)) - set(np.asarray(greedy.tokens).flat)
+  cfg = cfg.replace(mask_token_id=max(unused))
+  # b = 1: the block is one position predicted from the root: greedy.
+  one = blockdec.decode(params, cfg, prompts, lengths, n,
+                        method=blockdec.BlockDiffusion(1, 0.5))
+  assert_same_or_near_tie(cfg, params, prompts, lengths, greedy, one)
+  np.testing.assert_array_equal(one.num_calls, [n] * 3)  # 2 calls, 2 tokens.
+  # Unverified blocks commit b + 1 tokens per round (the budget cuts the
+  # last): threshold 1.0 takes b denoising calls, 0.0 one.
+  b, rounds = 4, -(-n // 5)
+  for threshold, per_round in ((1.0, b + 1), (0.0, 2)):
+    out = blockdec.decode(params, cfg, prompts, lengths, n,
+                          method=blockdec.BlockDiffusion(b, threshold))
+    np.testing.assert_array_equal(out.lengths, [n] * 3)
+    np.testing.assert_array_equal(out.num_calls, [rounds * per_round] * 3)
+    assert np.all(np.asarray(out.tokens) != cfg.mask_token_id)
+    # The first token comes from the prefill, the next from the first block.
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0],
+                                  np.asarray(greedy.tokens)[:, 0])
+
+
+def test_self_speculative_sampling_matches_enumerated_distribution():
+  cfg, params = random_model(1, param_seed=0, vocab_size=6,
+                             num_prediction_heads=1, max_seq_len=16)
+  cfg = cfg.replace(mask_token_id=5)
+  params = jax.tree_util.tree_map(lambda x: x * 0.5, params)
+  sampling = blockdec.Sampling(temperature=0.9)
+  p_values, out = sampled_p_values(
+      cfg, params, 3, sampling,
+      blockdec.BlockDiffusion(2, 0.5, acceptance=blockdec.Exact()), eos_id=2)
+  assert min(p_values) > ALPHA, p_values
+  hist = np.asarray(out.accepted_hist).sum(0)
+  assert hist[0] > 0 and hist[1:].sum() > 0, hist
+  biased, _ = sampled_p_values(
+      cfg, params, 3, sampling,
+      blockdec.BlockDiffusion(2, 0.5, acceptance=_ResampleFromTarget()))
+  assert min(biased) < 1e-6, biased
+
+
+def test_block_diffusion_errors():
+  cfg, params = random_model(0, num_prediction_heads=1)
+  prompts, lengths = ragged_prompts(0, 2, 4, cfg.vocab_size)
+  with pytest.raises(ValueError, match="mask_token_id is None"):
+    blockdec.decode(params, cfg, prompts, lengths, 4,
+                    method=blockdec.BlockDiffusion(4))
+  dcfg = cfg.replace(mask_token_id=cfg.vocab_size - 1)
+  with pytest.raises(ValueError, match="is the model's \\[MASK\\]"):
+    blockdec.decode(params, dcfg, prompts, lengths, 4,
+                    method=blockdec.BlockDiffusion(
+                        4, stop_token=cfg.vocab_size - 1))
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    blockdec.decode(params, dcfg, prompts, lengths, 4,
+                    method=blockdec.BlockDiffusion(4, stop_token=10_000))
+  with pytest.raises(ValueError, match="threshold=1.5"):
+    blockdec.BlockDiffusion(4, 1.5)
+  with pytest.raises(ValueError, match="block_size"):
+    blockdec.BlockDiffusion(0)
+  with pytest.raises(ValueError, match="cannot be used with sampling"):
+    blockdec.decode(params, dcfg, prompts, lengths, 4,
+                    method=blockdec.BlockDiffusion(4),
+                    sampling=blockdec.Sampling(0.7), key=jax.random.key(0))
+  with pytest.raises(ValueError, match="mask_token_id=99"):
+    blockdec.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2,
+                         mask_token_id=99)
+
+
+# --------------------------------------------------------------- training
+
+
+def test_noisy_streams_are_complementary_and_shifted():
+  tokens = jnp.asarray(np.arange(1, 3 * 11 + 1).reshape(3, 11), jnp.int32)
+  inputs, masked = diffusion.noisy_streams(tokens, jax.random.key(0), 4, 0)
+  inputs, masked = np.asarray(inputs), np.asarray(masked)
+  assert inputs.shape == masked.shape == (3, 2, 10)
+  np.testing.assert_array_equal(masked[:, 0], ~masked[:, 1])
+  clean = np.asarray(tokens)[:, None, :10]
+  first = (np.arange(10) % 4) == 0
+  np.testing.assert_array_equal(inputs[:, :, first], np.broadcast_to(
+      clean, inputs.shape)[:, :, first])  # A block starts from a clean root.
+  for p in np.nonzero(~first)[0]:
+    # Input p is masked iff its token (position p - 1's target) is.
+    np.testing.assert_array_equal(inputs[:, :, p] == 0, masked[:, :, p - 1])
+    np.testing.assert_array_equal(
+        np.where(masked[:, :, p - 1], 0, clean[:, :, p]), inputs[:, :, p])
+
+
+def test_adapt_model_keeps_the_base():
+  for tie in (True, False):
+    cfg, params = random_model(0, num_prediction_heads=3, tie_embeddings=tie)
+    acfg, aparams = diffusion.adapt_model(cfg, params, seed=1)
+    assert (acfg.vocab_size, acfg.mask_token_id) == (cfg.vocab_size + 1,
+                                                     cfg.vocab_size)
+    assert acfg.num_prediction_heads == 1 and "proposal_heads" not in aparams
+    blockdec.check_params(aparams, acfg)
+    emb = np.asarray(aparams["embed"]["embedding"])
+    np.testing.assert_array_equal(emb[:-1], params["embed"]["embedding"])
+    # The AR logits over the base vocabulary are the base's.
+    tokens = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+    np.testing.assert_allclose(
+        np.asarray(blockdec.forward_logits(aparams, acfg, tokens))[..., :-1],
+        np.asarray(blockdec.forward_logits(params, cfg, tokens)), atol=1e-5)
+    with pytest.raises(ValueError, match="already has mask_token_id"):
+      diffusion.adapt_model(acfg, aparams, seed=1)
+
+
+def test_block_diffusion_config_trains_resumes_and_decodes(tmp_path):
+  corpus = write_corpus(tmp_path / "corpus", n=20)
+  base_summary = train.train(tiny("base_lm", corpus, steps=2), tmp_path / "base")
+  assert np.isfinite(base_summary["valid"]["loss"])
+  init = blockdec.load_checkpoint(tmp_path / "base")
+  config = tiny("block_diffusion", corpus, steps=4, checkpoint_every=2,
+                log_every=1)
+  summary = train.train(config, tmp_path / "a", init=init)
+  killed = train.Trainer(config, tmp_path / "b", init=init).run(stop_at_step=3)
+  assert killed[1] is None and int(killed[0].step) == 3
+  train.train(config, tmp_path / "b", init=init)
+  acfg, aparams, tokenizer = blockdec.load_checkpoint(tmp_path / "a")
+  _, resumed, _ = blockdec.load_checkpoint(tmp_path / "b")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, aparams)
+  assert acfg.mask_token_id == init[0].vocab_size == 256
+  assert summary["regime"] == "block_diffusion"
+  rows = train.read_metrics(tmp_path / "a" / "metrics.jsonl")
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert len(train_rows) == 4
+  assert all(np.isfinite(r["diffusion_loss"]) and r["diffusion_loss"] > 0
+             for r in train_rows)
+  prompt = np.asarray([tokenizer.encode("def alpha")], np.int32)
+  out = blockdec.decode(aparams, acfg, prompt, [prompt.shape[1]], 8,
+                        method=blockdec.BlockDiffusion(4, 0.5))
+  assert int(out.lengths[0]) == 8
+  # A config without the diffusion block fails at once.
+  bad = tiny("block_diffusion", corpus)
+  bad.diffusion = None
+  with pytest.raises(ValueError, match="config.diffusion.block_size"):
+    train.Trainer(bad, tmp_path / "c", init=init)
+  with pytest.raises(ValueError, match="block_diffusion preset 'huge'"):
+    pipeline.load_config("configs/block_diffusion.py", "huge")
