@@ -29,9 +29,11 @@ $(FULL): pyproject.toml Makefile | $(VENV)/bin/python
 demo: $(CORE)
 	$(PY) -m blockdec.demo
 
-# Tests that load torch run in a process of their own: XLA's CPU compiler
-# crashed sporadically in pytest workers that had torch loaded. tests/test_hf.py
-# imports torch when collected, so the xdist run does not collect it at all.
+# Tests that load torch run in a process of their own (tests/test_hf.py
+# imports torch when collected, so the xdist run does not collect it at all):
+# torch adds thousands of memory mappings to a process, and XLA's compiler
+# aborted in workers that crossed vm.max_map_count (tests/conftest.py clears
+# JAX's caches to stay far below it).
 test: $(FULL)
 	BLOCKDEC_TESTS_WITHOUT_TORCH=1 $(PY) -m pytest -n 2 -q -m "not torch" \
 	  --ignore=tests/test_hf.py

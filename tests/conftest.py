@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -7,11 +8,35 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # `make test` runs the JAX tests in pytest-xdist workers that must never load
-# torch: XLA's CPU compiler crashed sporadically in workers that had it
-# loaded. The torch tests (marker `torch`, file tests/test_hf.py) run in a
-# process of their own; with BLOCKDEC_TESTS_WITHOUT_TORCH=1 a test that finds
-# torch loaded fails and says so, instead of a worker crashing later.
+# torch (it adds thousands of memory mappings, see below, and nothing in
+# them needs it). The torch tests (marker `torch`, file tests/test_hf.py) run
+# in a process of their own; with BLOCKDEC_TESTS_WITHOUT_TORCH=1 a test that
+# finds torch loaded fails and says so.
 _WITHOUT_TORCH = os.environ.get("BLOCKDEC_TESTS_WITHOUT_TORCH") == "1"
+
+# Every executable XLA:CPU compiles keeps a few memory mappings until JAX's
+# caches drop it. A long-lived worker that compiled the whole suite reached
+# 58,000 mappings, and one that crossed Linux's vm.max_map_count (65,530)
+# aborted inside XLA's compiler ("Fatal Python error: Aborted"). So caches
+# are cleared after every test module, and after any test that leaves the
+# process above _MAX_MAPPINGS.
+_MAPS = "/proc/self/maps"
+_MAX_MAPPINGS = 30_000
+
+
+def _mappings() -> int:
+  try:
+    with open(_MAPS, "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:  # Not Linux: nothing to watch.
+    return 0
+
+
+def _clear_jax_caches():
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    jax.clear_caches()
+  gc.collect()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -21,3 +46,9 @@ def pytest_runtest_setup(item):
         f"torch is loaded in this process before {item.nodeid}; tests that "
         "import torch belong under the `torch` marker and outside the "
         "xdist run (see the Makefile's test target)", pytrace=False)
+
+
+def pytest_runtest_teardown(item, nextitem):
+  if (nextitem is None or nextitem.module is not item.module
+      or _mappings() > _MAX_MAPPINGS):
+    _clear_jax_caches()
