@@ -17,8 +17,8 @@ the cache; a head config trains or reuses its base LM first) and prints the
 run folder. `decode` continues one prompt greedily and blockwise (with
 `--temperature` > 0: samples it by speculative sampling with the heads,
 lossless: distributed as the model's own samples); `--method` drafts with
-a draft model (`--draft_checkpoint`), prompt lookup or lookahead decoding
-instead of the heads. `eval`
+a draft model (`--draft_checkpoint`), prompt lookup, lookahead decoding or
+block diffusion instead of the heads. `eval`
 reports held-out loss, per-head agreement and block efficiency on held-out
 prompts. The logic lives in blockdec.training; this file only parses flags.
 
@@ -59,10 +59,19 @@ _BLOCK = flags.DEFINE_integer(
     lower_bound=0)
 _METHOD = flags.DEFINE_enum(
     "method", "blockwise",
-    ["blockwise", "draft_model", "prompt_lookup", "lookahead"],
-    "decode: how tokens are drafted (the output is greedy's either way): the "
-    "model's heads, a draft model (--draft_checkpoint), n-gram lookup in the "
-    "text, or lookahead decoding.")
+    ["blockwise", "draft_model", "prompt_lookup", "lookahead",
+     "block_diffusion"],
+    "decode: how tokens are drafted (the output is greedy's either way, "
+    "except unverified block diffusion): the model's heads, a draft model "
+    "(--draft_checkpoint), n-gram lookup in the text, lookahead decoding, or "
+    "block diffusion (a configs/block_diffusion.py model; --threshold, "
+    "--self_speculative).")
+_THRESHOLD = flags.DEFINE_float(
+    "threshold", 0.9, "decode --method=block_diffusion: confidence at which "
+    "a masked position is decided.", lower_bound=0.0, upper_bound=1.0)
+_SELF_SPECULATIVE = flags.DEFINE_boolean(
+    "self_speculative", False, "decode --method=block_diffusion: verify the "
+    "diffusion draft in autoregressive mode (output = greedy's).")
 _DRAFT_CHECKPOINT = flags.DEFINE_string(
     "draft_checkpoint", None, "decode --method=draft_model: the draft "
     "model's checkpoint folder (e.g. a configs/draft_model.py run).")
@@ -86,8 +95,8 @@ _VERBOSE = flags.DEFINE_boolean(
 COMMAND_FLAGS = {
     "train": ("config", "cache_dir"),
     "decode": ("checkpoint", "prompt", "prompt_escapes", "max_new_tokens",
-               "method", "draft_checkpoint", "block_size", "temperature",
-               "top_k", "top_p", "seed"),
+               "method", "draft_checkpoint", "block_size", "threshold",
+               "self_speculative", "temperature", "top_k", "top_p", "seed"),
     "eval": ("checkpoint", "corpus", "num_prompts", "max_new_tokens",
              "block_size", "json"),
 }
@@ -162,6 +171,10 @@ def _method(cfg):
       raise app.UsageError("--method=lookahead takes no --block_size "
                            "(its drafts are ngram - 1 tokens).")
     return blockdec.Lookahead()
+  if name == "block_diffusion":
+    return blockdec.BlockDiffusion(
+        block_size=k or 8, threshold=_THRESHOLD.value,
+        acceptance=blockdec.Exact() if _SELF_SPECULATIVE.value else None)
   return blockdec.Blockwise(k)
 
 

@@ -37,12 +37,14 @@ import ml_collections
 from blockdec.training.defaults import default_config
 from blockdec.training.pipeline import load_config
 
-# preset: (block_size, batch_size, steps, lr)
+# preset: (block_size, seq_len, batch_size, steps, lr); seq_len None: the
+# base's. Each row is fed three times (clean + two noisy streams), so the
+# demo preset trains on 128-token rows to keep a step near the base's cost.
 _PRESETS = {
-    "tiny": (4, 4, 3, 1e-3),
-    "cpu": (8, 16, 300, 1e-3),
-    "demo": (8, 16, 400, 1e-3),
-    "gpu": (16, 64, 5000, 3e-4),
+    "tiny": (4, None, 4, 3, 1e-3),
+    "cpu": (8, None, 16, 300, 1e-3),
+    "demo": (8, 128, 16, 300, 1e-3),
+    "gpu": (16, None, 64, 5000, 3e-4),
 }
 
 
@@ -51,7 +53,7 @@ def get_config(arg="gpu"):
   if arg not in _PRESETS:
     raise ValueError(f"block_diffusion preset {arg!r} unknown; allowed: "
                      f"{tuple(_PRESETS)}.")
-  block_size, batch, steps, lr = _PRESETS[arg]
+  block_size, seq_len, batch, steps, lr = _PRESETS[arg]
   base = load_config(pathlib.Path(__file__).with_name("base_lm.py"), arg)
   c = default_config()
   c.name = f"block_diffusion_{arg}"  # Run folder prefix.
@@ -59,6 +61,8 @@ def get_config(arg="gpu"):
   c.base = base                 # Trained first (or reused) from base_lm.py.
   c.init_from = ""              # Or the base's checkpoint folder.
   c.data = base.data.copy_and_resolve_references()  # The base's corpus split.
+  if seq_len:
+    c.data.seq_len = seq_len  # Tokens per training row (inputs).
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.block_size = block_size  # Tokens per training block.
   c.diffusion.ar_weight = 1.0  # Autoregressive loss weight (keeps it an LM).

@@ -341,3 +341,24 @@ def test_block_diffusion_config_trains_resumes_and_decodes(tmp_path):
     train.Trainer(bad, tmp_path / "c", init=init)
   with pytest.raises(ValueError, match="block_diffusion preset 'huge'"):
     pipeline.load_config("configs/block_diffusion.py", "huge")
+
+
+@pytest.mark.parametrize("extra,identical", [(["--self_speculative"], True),
+                                             (["--threshold=0.0"], None)])
+def test_cli_decodes_with_block_diffusion(tmp_path, capsys, extra, identical):
+  from absl import flags
+  from blockdec import cli
+  from blockdec.training.tokenizers import ByteTokenizer
+  cfg, params = random_model(0, vocab_size=257, num_prediction_heads=1)
+  cfg = cfg.replace(mask_token_id=256)
+  blockdec.save_checkpoint(tmp_path, cfg, params, tokenizer=ByteTokenizer())
+  argv = ["blockdec", "decode", f"--checkpoint={tmp_path}", "--prompt=abcabc",
+          "--max_new_tokens=6", "--method=block_diffusion", "--block_size=3"]
+  try:
+    cli.main(flags.FLAGS(argv + extra))
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert out.startswith("abcabc") and "block efficiency" in out
+  if identical:
+    assert "identical to greedy: True" in out

@@ -1,0 +1,369 @@
+r"""Block diffusion against autoregressive and blockwise decoding, one model family.
+
+The `make demo` base LM (configs/base_lm.py:demo) and its block-diffusion
+adaptation (configs/block_diffusion.py:demo) decode the same held-out stdlib
+prompts (test split, 128-192 bytes, as blockdec/demo.py) at one batch size:
+
+  ar-greedy           the base, greedy (tokens per call 1)
+  ar-greedy-adapted   the adapted model in autoregressive mode, greedy
+  block-diffusion     the adapted model, BlockDiffusion(b, threshold): the
+                      diffusion draft is the output (lossy)
+  self-speculative    BlockDiffusion(b, threshold, acceptance=Exact()): the
+                      adapted model verifies its own draft (= its greedy)
+  draft-model /       the best blockwise drafters of the base on the same
+  heads-frozen        prompts (exact; configs/draft_model.py:demo and
+                      configs/heads_frozen.py:demo, when cached)
+
+Rows: {method, model, block_size, threshold, tokens_per_call, tokens_per_s,
+speedup, nll_nondegenerate, degenerate_share, agreement_with_ar,
+agreement_with_base}. tokens_per_call = generated tokens / model calls
+(denoising calls included); tokens_per_s = generated tokens of one pass /
+the median of `--repeats` timed passes after a warm-up (compilation);
+speedup = tokens_per_s over ar-greedy's in the same run. nll_nondegenerate:
+the output's NLL per token under the ORIGINAL base (its head 1, unfiltered),
+over the rows that neither this output nor the base's greedy output flags
+as degenerate (blockdec.metrics.is_degenerate), so every method is scored
+on the same rows; degenerate_share: this output's flagged share.
+agreement_with_ar: the share of generated tokens before the first
+difference from the adapted model's own greedy output;
+agreement_with_base: the same against the base's greedy output. The
+held-out autoregressive loss (nats/byte) of both models is measured here on
+the same held-out batches (valid split, 256-token rows, as the base trained).
+
+Launch (from the repository root; trains nothing unless --train):
+
+  python experiments/block_diffusion.py            # -> experiments/results/block_diffusion.{json,md,png}
+  python experiments/block_diffusion.py --train    # train/reuse the demo models first
+  python experiments/block_diffusion.py --quick    # b = 8, two thresholds, 8 prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import blockdec  # noqa: E402
+from blockdec import metrics  # noqa: E402
+from blockdec.training import data as data_lib  # noqa: E402
+from blockdec.training import evaluation, pipeline  # noqa: E402
+from blockdec.training.train import pad_prompts  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+BASE = "configs/base_lm.py:demo"
+ADAPTED = "configs/block_diffusion.py:demo"
+DRAFTERS = {  # name -> (config, method factory)
+    "draft-model": ("configs/draft_model.py:demo",
+                    lambda run: blockdec.DraftModel(run.cfg, run.params,
+                                                    block_size=8)),
+    "heads-frozen": ("configs/heads_frozen.py:demo",
+                     lambda run: blockdec.Blockwise(block_size=8)),
+}
+PROMPT_BYTES = (128, 192)
+TARGETS = dict(tokens_per_call=2.5, nll_ratio=1.10, heldout_gap=0.05,
+               self_speculative_tokens_per_call=2.0)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--num_prompts", type=int, default=16)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--block_sizes", default="4,8,16")
+  p.add_argument("--thresholds", default="0.5,0.7,0.9")
+  p.add_argument("--self_speculative_thresholds", default="0.0,0.5,0.9")
+  p.add_argument("--self_speculative_block_sizes", default="4,8")
+  p.add_argument("--cache_dir", default=str(ROOT / "cache"))
+  p.add_argument("--train", action="store_true",
+                 help="train (or reuse) the demo models first")
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--out", default=str(RESULTS / "block_diffusion"))
+  args = p.parse_args(argv)
+  if args.quick:
+    args.num_prompts, args.new_tokens, args.repeats = 8, 64, 2
+    args.block_sizes, args.thresholds = "8", "0.5,0.9"
+    args.self_speculative_thresholds = "0.5"
+    args.self_speculative_block_sizes = "8"
+  ints = lambda s: [int(x) for x in s.split(",") if x]
+  floats = lambda s: [float(x) for x in s.split(",") if x]
+  args.block_sizes = ints(args.block_sizes)
+  args.thresholds = floats(args.thresholds)
+  args.self_speculative_thresholds = floats(args.self_speculative_thresholds)
+  args.self_speculative_block_sizes = ints(args.self_speculative_block_sizes)
+  if args.num_prompts % args.batch:
+    raise ValueError(f"--num_prompts={args.num_prompts} must be a multiple "
+                     f"of --batch={args.batch}.")
+  return args
+
+
+def load(spec, args, *, required=True):
+  config = pipeline.load_config(spec)
+  workdir = pipeline.run_dir(config, args.cache_dir)
+  if not (args.train or pipeline.is_finished(workdir)):
+    if not required:
+      return None
+    raise FileNotFoundError(f"{workdir} holds no finished {spec} run; pass "
+                            "--train (or run `blockdec train --config "
+                            f"{spec}`).")
+  return pipeline.train_or_load(config, args.cache_dir)
+
+
+def heldout_prompts(tokenizer, num):
+  splits = data_lib.split_corpus(data_lib.load_corpus("stdlib"))
+  texts = data_lib.heldout_prompts(splits["test"], num,
+                                   min_bytes=PROMPT_BYTES[0],
+                                   max_bytes=PROMPT_BYTES[1])
+  return pad_prompts([np.asarray(tokenizer.encode(t), np.int32)
+                      for t in texts])
+
+
+def run_method(params, cfg, prompts, lengths, n, method, batch, repeats):
+  """(tokens [N, n], lengths [N], num_calls [N], median pass seconds,
+  warm-up seconds)."""
+  calls = [(jnp.asarray(prompts[i:i + batch]), jnp.asarray(lengths[i:i + batch]))
+           for i in range(0, len(prompts), batch)]
+
+  def one_pass():
+    outs = [blockdec.decode(params, cfg, p, l, n, method=method)
+            for p, l in calls]
+    jax.block_until_ready([o.tokens for o in outs])
+    return outs
+
+  t = time.perf_counter()
+  outs = one_pass()
+  warmup = time.perf_counter() - t
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    one_pass()
+    times.append(time.perf_counter() - t)
+  cat = lambda f: np.concatenate([np.asarray(getattr(o, f)) for o in outs])
+  return (cat("tokens"), cat("lengths"), cat("num_calls"),
+          float(np.median(times)), warmup)
+
+
+def agreement(tokens, lengths, reference):
+  """Share of generated tokens before each row's first difference."""
+  total, agreed = 0, 0
+  for row, n in enumerate(lengths):
+    same = tokens[row, :n] == reference[row, :n]
+    agreed += int(np.argmin(same)) if not same.all() else int(n)
+    total += int(n)
+  return agreed / max(total, 1)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  base = load(BASE, args)
+  adapted = load(ADAPTED, args)
+  drafters = {name: (load(spec, args, required=False), make)
+              for name, (spec, make) in DRAFTERS.items()}
+  prompts, lengths = heldout_prompts(base.tokenizer, args.num_prompts)
+  n, batch = args.new_tokens, args.batch
+  texts = lambda toks, lens: [base.tokenizer.decode(t[:k])
+                              for t, k in zip(toks, lens)]
+  load_before = os.getloadavg()[0]
+  print(f"[block_diffusion] {len(prompts)} prompts, batch {batch}, {n} new "
+        f"tokens, {args.repeats} repeats; load {load_before:.1f}")
+
+  plans = [("ar-greedy", "base", base, blockdec.Autoregressive(), None, None),
+           ("ar-greedy-adapted", "adapted", adapted,
+            blockdec.Autoregressive(), None, None)]
+  for b in args.block_sizes:
+    for th in args.thresholds:
+      plans.append(("block-diffusion", "adapted", adapted,
+                    blockdec.BlockDiffusion(b, th), b, th))
+  for b in args.self_speculative_block_sizes:
+    for th in args.self_speculative_thresholds:
+      plans.append(("self-speculative", "adapted", adapted,
+                    blockdec.BlockDiffusion(b, th, acceptance=blockdec.Exact()),
+                    b, th))
+  for name, (run, make) in drafters.items():
+    if run is not None:
+      plans.append((name, "base", run if name == "heads-frozen" else base,
+                    make(run), 8, None))
+
+  outputs = {}
+  for name, model, run, method, b, th in plans:
+    tokens, lens, calls, seconds, warmup = run_method(
+        run.params, run.cfg, prompts, lengths, n, method, batch, args.repeats)
+    outputs[(name, b, th)] = (model, tokens, lens, calls, seconds, warmup)
+    print(f"  {name:18s} b={b} th={th}: {lens.sum() / calls.sum():.2f} "
+          f"tokens/call, {lens.sum() / seconds:.0f} tokens/s "
+          f"(warm-up {warmup:.0f} s)")
+  load_after = os.getloadavg()[0]
+
+  _, base_tokens, base_lens, _, base_seconds, _ = outputs[("ar-greedy", None,
+                                                           None)]
+  _, ad_tokens, _, _, _, _ = outputs[("ar-greedy-adapted", None, None)]
+  base_degenerate = np.array([metrics.is_degenerate(t)
+                              for t in texts(base_tokens, base_lens)])
+  base_tps = base_lens.sum() / base_seconds
+  rows = []
+  for (name, b, th), (model, tokens, lens, calls, seconds, warmup) in \
+      outputs.items():
+    degenerate = np.array([metrics.is_degenerate(t)
+                           for t in texts(tokens, lens)])
+    keep = ~degenerate & ~base_degenerate
+    out = blockdec.DecodeOutput(tokens=tokens, lengths=lens, num_calls=calls,
+                                accepted_hist=np.zeros((len(lens), 1)))
+    nll = evaluation.sample_nll(base.params, base.cfg, prompts, lengths, out)
+    per_row = np.split(nll, np.cumsum(lens)[:-1])
+    kept = [x for x, k in zip(per_row, keep) if k]
+    rows.append({
+        "method": name, "model": model, "block_size": b, "threshold": th,
+        "tokens_per_call": float(lens.sum() / calls.sum()),
+        "tokens_per_s": float(lens.sum() / seconds),
+        "speedup": float(lens.sum() / seconds / base_tps),
+        "nll_nondegenerate": (float(np.concatenate(kept).mean()) if kept
+                              else None),
+        "nondegenerate_rows": int(keep.sum()),
+        "degenerate_share": float(degenerate.mean()),
+        "agreement_with_ar": agreement(tokens, lens, ad_tokens),
+        "agreement_with_base": agreement(tokens, lens, base_tokens),
+        "median_pass_s": seconds, "warmup_s": warmup,
+    })
+  # Both models on the same held-out (valid split) batches, 256-token rows.
+  valid = data_lib.split_corpus(data_lib.load_corpus("stdlib"))["valid"]
+  heldout = {k: evaluation.heldout_loss(run.params, run.cfg, run.tokenizer,
+                                        valid, seq_len=256)["nats_per_byte"]
+             for k, run in (("base", base), ("adapted", adapted))}
+  result = {
+      "machine": metrics.machine_description(
+          f"load average {load_before:.1f} before, {load_after:.1f} after"),
+      "command": "python experiments/block_diffusion.py " + shlex.join(
+          sys.argv[1:] if argv is None else argv),
+      "prompts": int(len(prompts)), "batch": batch, "new_tokens": n,
+      "repeats": args.repeats, "heldout_nats_per_byte": heldout,
+      "adapted_steps": adapted.summary.get("steps"),
+      "targets": TARGETS, "rows": rows,
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+  out.with_suffix(".md").write_text(markdown(result))
+  plot(result, out.with_suffix(".png"))
+  print(f"[block_diffusion] wrote {out}.json|md|png")
+  return result
+
+
+def _fmt(x, f="{:.2f}"):
+  return "-" if x is None else f.format(x)
+
+
+def markdown(result) -> str:
+  rows = result["rows"]
+  ar = next(r for r in rows if r["method"] == "ar-greedy")
+  h = result["heldout_nats_per_byte"]
+  lines = [
+      "# Block diffusion on the `make demo` model",
+      "",
+      f"Machine: {result['machine']}. Written by `{result['command']}`.",
+      "",
+      f"{result['prompts']} held-out stdlib prompts (test split), batch "
+      f"{result['batch']}, {result['new_tokens']} new tokens; tokens/s are "
+      f"medians of {result['repeats']} passes after a warm-up, speedups "
+      "ratios to ar-greedy in the same run. Tokens per call count every "
+      "model call, denoising calls included.",
+      "",
+      f"Held-out autoregressive loss: base {_fmt(h['base'], '{:.3f}')}, "
+      f"adapted ({result['adapted_steps']} steps) "
+      f"{_fmt(h['adapted'], '{:.3f}')} nats/byte.",
+      "",
+      "| method | model | b | threshold | tokens/call | tokens/s | speedup | "
+      "NLL under base (non-degenerate) | degenerate | agreement with adapted "
+      "AR | with base |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['method']} | {r['model']} | {_fmt(r['block_size'], '{}')} | "
+        f"{_fmt(r['threshold'])} | {r['tokens_per_call']:.2f} | "
+        f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
+        f"{_fmt(r['nll_nondegenerate'], '{:.3f}')} | "
+        f"{r['degenerate_share']:.0%} | {r['agreement_with_ar']:.2f} | "
+        f"{r['agreement_with_base']:.2f} |")
+  t = result["targets"]
+  diff = [r for r in rows if r["method"] == "block-diffusion"
+          and r["nll_nondegenerate"] is not None and ar["nll_nondegenerate"]]
+  good = [r for r in diff if r["nll_nondegenerate"]
+          <= t["nll_ratio"] * ar["nll_nondegenerate"]]
+  best = max(good, key=lambda r: r["tokens_per_call"]) if good else None
+  spec = [r for r in rows if r["method"] == "self-speculative"]
+  best_spec = max(spec, key=lambda r: r["tokens_per_call"]) if spec else None
+  gap = (None if None in (h["base"], h["adapted"])
+         else h["adapted"] - h["base"])
+  lines += [
+      "",
+      "## Targets",
+      "",
+      f"- Block diffusion >= {t['tokens_per_call']} tokens per call with NLL "
+      f"under the base within {t['nll_ratio'] - 1:.0%} of ar-greedy's "
+      f"({_fmt(ar['nll_nondegenerate'], '{:.3f}')}): " + (
+          f"best {best['tokens_per_call']:.2f} (b={best['block_size']}, "
+          f"threshold {best['threshold']}, NLL "
+          f"{best['nll_nondegenerate']:.3f})" if best else
+          "no setting within the NLL bound") + ".",
+      f"- Held-out AR loss within {t['heldout_gap']} nats/byte of the base: "
+      f"gap {_fmt(gap, '{:+.3f}')}.",
+      f"- Self-speculative (exact) >= {t['self_speculative_tokens_per_call']}"
+      " tokens per call: " + (
+          f"best {best_spec['tokens_per_call']:.2f} (b="
+          f"{best_spec['block_size']}, threshold {best_spec['threshold']}; "
+          f"agreement with adapted AR "
+          f"{best_spec['agreement_with_ar']:.2f})" if best_spec else "-")
+      + ".",
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def plot(result, path):
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  rows = result["rows"]
+  ar = next(r for r in rows if r["method"] == "ar-greedy")
+  markers = {"block-diffusion": "o", "self-speculative": "s",
+             "draft-model": "^", "heads-frozen": "v",
+             "ar-greedy": "*", "ar-greedy-adapted": "P"}
+  for method, marker in markers.items():
+    rs = [r for r in rows if r["method"] == method
+          and r["nll_nondegenerate"] is not None]
+    if not rs:
+      continue
+    ax.scatter([r["tokens_per_call"] for r in rs],
+               [r["nll_nondegenerate"] for r in rs], marker=marker, s=50,
+               label=method)
+    for r in rs:
+      if r["block_size"] is not None:
+        label = f"b{r['block_size']}" + (
+            "" if r["threshold"] is None else f"/{r['threshold']:g}")
+        ax.annotate(label, (r["tokens_per_call"], r["nll_nondegenerate"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+  if ar["nll_nondegenerate"] is not None:
+    ax.axhline(ar["nll_nondegenerate"] * result["targets"]["nll_ratio"],
+               color="gray", ls=":", lw=1, label="ar-greedy NLL + 10%")
+  ax.set_xlabel("tokens per model call")
+  ax.set_ylabel("output NLL under the base (nats/token)")
+  ax.set_title("Block diffusion vs AR and blockwise drafters (demo model)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()
