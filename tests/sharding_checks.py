@@ -203,6 +203,17 @@ def check_decode(backends=("xla",), meshes=MESHES, fns=None):
                                     err_msg=where)
       np.testing.assert_array_equal(np.asarray(out.num_calls), ref.num_calls,
                                     err_msg=where)
+  # Block diffusion: denoising calls through View.score on the sharded
+  # cache, then the self-speculative causal call.
+  bd_cfg = cfg.replace(mask_token_id=cfg.vocab_size - 1)
+  method = blockdec.BlockDiffusion(3, 0.5, acceptance=blockdec.Exact())
+  ref = blockdec.decode(params, bd_cfg, prompts, lengths, 10, method=method)
+  np.testing.assert_array_equal(ref.tokens, ref_greedy.tokens)
+  mesh = blockdec.make_mesh((4, 2))
+  out = blockdec.decode(blockdec.shard_params(params, bd_cfg, mesh), bd_cfg,
+                        prompts, lengths, 10, mesh=mesh, method=method)
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref.tokens)
+  np.testing.assert_array_equal(np.asarray(out.num_calls), ref.num_calls)
 
 
 def check_decode_pallas():

@@ -175,7 +175,7 @@ def test_self_speculative_equals_greedy(arch, batch, b, p, n, with_eos):
               else None)
     greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
                                     max_new_tokens=n, eos_id=eos_id)
-    for threshold in (0.3, 1.0):
+    for threshold in ((0.3, 1.0) if model == 0 else (0.3,)):
       out = blockdec.decode(
           params, cfg, prompts, lengths, n, eos_id=eos_id,
           method=blockdec.BlockDiffusion(b, threshold,
