@@ -147,6 +147,10 @@ class Attention(nn.Module):
       from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
       if mask is None or isinstance(mask, masks.CausalBlockMask):
         out = attention.self_attention(q, k, v, positions)
+      elif isinstance(mask, (masks.TreeMask, masks.RuntimeTreeMask)):
+        raise ValueError(f"mask={mask!r} needs a KV cache (a tree's nodes "
+                         "are placed in cache slots); without one use None, "
+                         "a causal mask or a whole-sequence pattern.")
       elif isinstance(mask, masks.BlockMask) and mask.block_len == t:
         # A whole sequence under a static pattern (block-diffusion
         # training): query i sees key j iff pattern[i, j]; positions only
