@@ -47,7 +47,6 @@ import os
 import pathlib
 import shlex
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -140,28 +139,17 @@ def heldout_prompts(tokenizer, num):
 
 
 def run_method(params, cfg, prompts, lengths, n, method, batch, repeats):
-  """(tokens [N, n], lengths [N], num_calls [N], median pass seconds,
-  warm-up seconds)."""
+  """(DecodeOutput of all prompts, median pass seconds, warm-up seconds)."""
   calls = [(jnp.asarray(prompts[i:i + batch]), jnp.asarray(lengths[i:i + batch]))
            for i in range(0, len(prompts), batch)]
 
   def one_pass():
     outs = [blockdec.decode(params, cfg, p, l, n, method=method)
             for p, l in calls]
-    jax.block_until_ready([o.tokens for o in outs])
-    return outs
+    return jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs)
 
-  t = time.perf_counter()
-  outs = one_pass()
-  warmup = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    one_pass()
-    times.append(time.perf_counter() - t)
-  cat = lambda f: np.concatenate([np.asarray(getattr(o, f)) for o in outs])
-  return (cat("tokens"), cat("lengths"), cat("num_calls"),
-          float(np.median(times)), warmup)
+  out, warmup, seconds = evaluation.timed(one_pass, repeats)
+  return jax.device_get(out), seconds, warmup
 
 
 def agreement(tokens, lengths, reference):
@@ -211,26 +199,25 @@ def main(argv=None):
 
   outputs = {}
   for name, model, run, method, b, th in plans:
-    tokens, lens, calls, seconds, warmup = run_method(
+    out, seconds, warmup = run_method(
         run.params, run.cfg, prompts, lengths, n, method, batch, args.repeats)
-    outputs[(name, b, th)] = (model, tokens, lens, calls, seconds, warmup)
+    tokens, lens, calls = out.tokens, out.lengths, out.num_calls
+    outputs[(name, b, th)] = (model, out, seconds, warmup)
     print(f"  {name:18s} b={b} th={th}: {lens.sum() / calls.sum():.2f} "
           f"tokens/call, {lens.sum() / seconds:.0f} tokens/s "
           f"(warm-up {warmup:.0f} s)")
   load_after = os.getloadavg()[0]
 
-  _, base_tokens, base_lens, _, base_seconds, _ = outputs[("ar-greedy", None,
-                                                           None)]
-  _, ad_tokens, _, _, _, _ = outputs[("ar-greedy-adapted", None, None)]
+  _, base_out, base_seconds, _ = outputs[("ar-greedy", None, None)]
+  base_tokens, base_lens = base_out.tokens, base_out.lengths
+  ad_tokens = outputs[("ar-greedy-adapted", None, None)][1].tokens
   base_tps = base_lens.sum() / base_seconds
   rows = []
-  for (name, b, th), (model, tokens, lens, calls, seconds, warmup) in \
-      outputs.items():
+  for (name, b, th), (model, out, seconds, warmup) in outputs.items():
+    tokens, lens, calls = out.tokens, out.lengths, out.num_calls
     degenerate = np.array([metrics.is_degenerate(t)
                            for t in texts(tokens, lens)])
     keep = ~degenerate
-    out = blockdec.DecodeOutput(tokens=tokens, lengths=lens, num_calls=calls,
-                                accepted_hist=np.zeros((len(lens), 1)))
     nll = evaluation.sample_nll(base.params, base.cfg, prompts, lengths, out)
     per_row = np.split(nll, np.cumsum(lens)[:-1])
     kept = [x for x, k in zip(per_row, keep) if k]

@@ -28,7 +28,7 @@ from blockdec.training import diffusion, pipeline, train
 from tests.helpers import (assert_same_or_near_tie, mid_way_eos,
                            ragged_prompts, random_model)
 from tests.test_sampling import ALPHA, _ResampleFromTarget, sampled_p_values
-from tests.test_training import tiny
+from tests.test_training import tiny, train_killed_and_resumed
 from tests.test_training_data import write_corpus
 
 _apply = jax.jit(transformer.apply, static_argnames=("cfg", "num_heads",
@@ -316,13 +316,8 @@ def test_block_diffusion_config_trains_resumes_and_decodes(tmp_path):
   init = blockdec.load_checkpoint(tmp_path / "base")
   config = tiny("block_diffusion", corpus, steps=4, checkpoint_every=2,
                 log_every=1)
-  summary = train.train(config, tmp_path / "a", init=init)
-  killed = train.Trainer(config, tmp_path / "b", init=init).run(stop_at_step=3)
-  assert killed[1] is None and int(killed[0].step) == 3
-  train.train(config, tmp_path / "b", init=init)
-  acfg, aparams, tokenizer = blockdec.load_checkpoint(tmp_path / "a")
-  _, resumed, _ = blockdec.load_checkpoint(tmp_path / "b")
-  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, aparams)
+  summary, (acfg, aparams, tokenizer) = train_killed_and_resumed(
+      config, tmp_path, init)
   assert acfg.mask_token_id == init[0].vocab_size == 256
   assert summary["regime"] == "block_diffusion"
   rows = train.read_metrics(tmp_path / "a" / "metrics.jsonl")

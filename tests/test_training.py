@@ -30,6 +30,22 @@ def tiny(name: str, corpus, **changes):
   return c
 
 
+def train_killed_and_resumed(config, tmp_path, init):
+  """Trains `config` to the end in tmp_path/a, and in tmp_path/b kills it
+  after step 3 and resumes; asserts both end with identical parameters.
+
+  Returns (summary of run a, (cfg, params, tokenizer) of run a).
+  """
+  summary = train.train(config, tmp_path / "a", init=init)
+  killed = train.Trainer(config, tmp_path / "b", init=init).run(stop_at_step=3)
+  assert killed[1] is None and int(killed[0].step) == 3
+  train.train(config, tmp_path / "b", init=init)
+  loaded = blockdec.load_checkpoint(tmp_path / "a")
+  _, resumed, _ = blockdec.load_checkpoint(tmp_path / "b")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, loaded[1])
+  return summary, loaded
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   return write_corpus(tmp_path_factory.mktemp("corpus"), n=30)
@@ -284,14 +300,8 @@ def test_draft_model_trains_on_the_base_vocabulary_and_resumes(base, corpus,
   cfg, params, tokenizer, _ = base
   config = tiny("draft_model", corpus, steps=4, checkpoint_every=2,
                 log_every=1, **{"distill.cache_dir": str(tmp_path / "distill")})
-  init = (cfg, params, tokenizer)
-  summary = train.train(config, tmp_path / "a", init=init)
-  killed = train.Trainer(config, tmp_path / "b", init=init).run(stop_at_step=3)
-  assert killed[1] is None and int(killed[0].step) == 3
-  train.train(config, tmp_path / "b", init=init)
-  dcfg, dparams, dtok = blockdec.load_checkpoint(tmp_path / "a")
-  _, resumed, _ = blockdec.load_checkpoint(tmp_path / "b")
-  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, dparams)
+  summary, (dcfg, _, dtok) = train_killed_and_resumed(
+      config, tmp_path, (cfg, params, tokenizer))
   assert (dcfg.vocab_size, dcfg.max_seq_len) == (cfg.vocab_size, cfg.max_seq_len)
   assert (dcfg.d_model, dcfg.num_prediction_heads) == (16, 1)
   assert dtok.kind == tokenizer.kind

@@ -140,7 +140,7 @@ class AcceptAll(AcceptanceRule):
   """Accept every drafted token up to the first `stop_id` (lossy).
 
   The draft is the output: block diffusion without verification
-  (`blockdec.BlockDiffusion(verify=False)`), where the call after a block
+  (`blockdec.BlockDiffusion(acceptance=None)`, its default), where the call after a block
   only writes the block's keys and values and decides the token after it.
   A drafter that ends its block early fills the rest with `stop_id` (the
   model's [MASK] token); those drafts are never accepted.

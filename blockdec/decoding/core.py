@@ -347,8 +347,9 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
             else sampling_lib.row_keys(key, state.row_ids))
 
   def scorer(cache):
-    """View.score: head-1 logits of a block against `cache`, not written
-    (the new cache is dropped, so XLA drops the write)."""
+    """View.score: head-1 logits of a block against `cache`; the updated
+    cache `tree_call` returns is discarded, so the loop's cache is as
+    before."""
     def score(tokens, positions, mask=None):
       head_fn, _ = tree_call(score_fn, params, tokens, positions, cache,
                              mask=mask)

@@ -24,7 +24,7 @@ from blockdec.training import losses
 from blockdec.training.train import make_eval_step, pad_prompts
 
 
-def _timed(fn, repeats: int):
+def timed(fn, repeats: int):
   """(output, compile+first-run seconds, median seconds of `repeats` runs)."""
   t = time.perf_counter()
   out = fn()
@@ -65,7 +65,7 @@ def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
                      f"prompt within max_seq_len={cfg.max_seq_len}.")
   # Prompts longer than the room keep their last `room` tokens.
   prompts, lengths = pad_prompts([tokenizer.encode(t)[-room:] for t in texts])
-  greedy, greedy_first, t_greedy = _timed(lambda: api.greedy_decode(
+  greedy, greedy_first, t_greedy = timed(lambda: api.greedy_decode(
       params, cfg, prompts, lengths, max_new_tokens=max_new_tokens), repeats)
   if method is None:
     run = lambda: api.blockwise_decode(
@@ -74,7 +74,7 @@ def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
   else:
     run = lambda: api.decode(params, cfg, prompts, lengths, max_new_tokens,
                              method=method)
-  block, block_first, t_block = _timed(run, repeats)
+  block, block_first, t_block = timed(run, repeats)
   g_tokens, b_tokens = np.asarray(greedy.tokens), np.asarray(block.tokens)
   b_len, calls = np.asarray(block.lengths), np.asarray(block.num_calls)
   greedy_text = [tokenizer.decode(g_tokens[r, :int(greedy.lengths[r])])
@@ -153,8 +153,8 @@ def compare_sampling(params, cfg, tokenizer, texts, *, sampling,
   run = lambda method: api.decode(params, cfg, prompts, lengths,
                                   max_new_tokens, method=method,
                                   sampling=sampling, key=key)
-  anc, _, t_anc = _timed(lambda: run(blockdec.Autoregressive()), repeats)
-  spec, _, t_spec = _timed(lambda: run(blockdec.Blockwise(block_size)),
+  anc, _, t_anc = timed(lambda: run(blockdec.Autoregressive()), repeats)
+  spec, _, t_spec = timed(lambda: run(blockdec.Blockwise(block_size)),
                            repeats)
   result = {"rows": len(texts), "max_new_tokens": max_new_tokens,
             "sampling": repr(sampling),

@@ -126,7 +126,4 @@ class BlockDiffusionDrafter(Drafter):
         cond, body, (jnp.full((rows, b), self.mask_id, jnp.int32),
                      jnp.zeros((rows, b), bool),
                      jnp.zeros((rows,), jnp.int32)))
-    length = jnp.sum(jnp.cumprod((tokens != self.mask_id).astype(jnp.int32),
-                                 axis=-1), axis=-1)
-    return Draft(tokens=tokens[:, None], length=length.astype(jnp.int32),
-                 calls=calls)
+    return Draft(tokens=tokens[:, None], calls=calls)
