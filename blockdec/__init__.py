@@ -21,8 +21,8 @@ from blockdec.decoding import (AcceptAll, AcceptanceRule, AdaptiveBlockSize,
                                Sampling, SpeculativeSampling, TopK, Typical,
                                Verifier)
 from blockdec.methods import (Autoregressive, BlockDiffusion, Blockwise,
-                              DraftModel, Lookahead, Method, PromptLookup,
-                              Refined)
+                              DraftModel, Eagle, Lookahead, Method,
+                              PromptLookup, Refined)
 from blockdec.models import KVCache
 from blockdec.models.hf import (export_hf_checkpoint, load_hf_checkpoint,
                                 load_hf_tokenizer)

@@ -83,7 +83,7 @@ def _decode_impl(params, prompts, prompt_lengths, key, arrays, *,
   drafter = None if reference else method.drafter(
       cfg, k, arrays, batch=batch, cache_length=p + options.max_new_tokens,
       make_cache=transformer.make_cache,
-      score_fn=lambda c, n: model_score_fn(c, num_heads=n))
+      score_fn=lambda c, n: model_score_fn(c, num_heads=n), params=params)
   slots = 1 if drafter is None else drafter.cache_slots
   cache = transformer.make_cache(
       cfg, batch, cache_length(p, options.max_new_tokens, slots))
@@ -200,8 +200,9 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
     method: `blockdec.Autoregressive()`, `blockdec.Blockwise(block_size,
       acceptance, adaptive)` (default: all heads, `Exact()`),
       `blockdec.Refined(...)`, `blockdec.DraftModel(draft_cfg,
-      draft_params, block_size)` or `blockdec.PromptLookup(ngram,
-      block_size)`.
+      draft_params, block_size)`, `blockdec.Eagle(block_size)`,
+      `blockdec.PromptLookup(ngram, block_size)`, `blockdec.Lookahead(...)`
+      or `blockdec.BlockDiffusion(...)`.
     sampling: None for greedy decoding, or `blockdec.Sampling(temperature,
       top_k, top_p)`: `Autoregressive` then samples ancestrally and the
       drafting methods verify by lossless speculative sampling (with

@@ -17,8 +17,8 @@ the cache; a head config trains or reuses its base LM first) and prints the
 run folder. `decode` continues one prompt greedily and blockwise (with
 `--temperature` > 0: samples it by speculative sampling with the heads,
 lossless: distributed as the model's own samples); `--method` drafts with
-a draft model (`--draft_checkpoint`), prompt lookup, lookahead decoding or
-block diffusion instead of the heads. `eval`
+a draft model (`--draft_checkpoint`), the model's EAGLE drafter, prompt
+lookup, lookahead decoding or block diffusion instead of the heads. `eval`
 reports held-out loss, per-head agreement and block efficiency on held-out
 prompts. The logic lives in blockdec.training; this file only parses flags.
 
@@ -59,11 +59,12 @@ _BLOCK = flags.DEFINE_integer(
     lower_bound=0)
 _METHOD = flags.DEFINE_enum(
     "method", "blockwise",
-    ["blockwise", "draft_model", "prompt_lookup", "lookahead",
+    ["blockwise", "draft_model", "eagle", "prompt_lookup", "lookahead",
      "block_diffusion"],
     "decode: how tokens are drafted (the output is greedy's either way, "
     "except unverified block diffusion): the model's heads, a draft model "
-    "(--draft_checkpoint), n-gram lookup in the text, lookahead decoding, or "
+    "(--draft_checkpoint), the model's EAGLE drafter (a configs/eagle.py "
+    "run), n-gram lookup in the text, lookahead decoding, or "
     "block diffusion (a configs/block_diffusion.py model; --threshold, "
     "--self_speculative).")
 _THRESHOLD = flags.DEFINE_float(
@@ -164,6 +165,8 @@ def _method(cfg):
     draft_cfg, draft_params, _ = blockdec.load_checkpoint(
         _DRAFT_CHECKPOINT.value)
     return blockdec.DraftModel(draft_cfg, draft_params, block_size=k or 4)
+  if name == "eagle":
+    return blockdec.Eagle(block_size=k or 6)
   if name == "prompt_lookup":
     return blockdec.PromptLookup(block_size=k or 5)
   if name == "lookahead":

@@ -61,6 +61,9 @@ class ModelConfig:
   # The [MASK] token of a model adapted for block diffusion
   # (configs/block_diffusion.py), or None: an autoregressive model only.
   mask_token_id: int | None = None
+  # Decoder layers of an EAGLE-style drafter on the trunk's features
+  # (configs/eagle.py, `blockdec.Eagle`), or 0: none.
+  eagle_layers: int = 0
 
   def __post_init__(self):
     def store(name, value):  # Normalised (e.g. np.int64 -> int) in place.
@@ -78,6 +81,8 @@ class ModelConfig:
       store(name, validation.check_number(name, getattr(self, name), low=0,
                                           low_open=True))
     store("rope_scaling", _check_rope_scaling(self.rope_scaling))
+    store("eagle_layers", validation.check_int("eagle_layers",
+                                               self.eagle_layers, low=0))
     store("mask_token_id", validation.check_int(
         "mask_token_id", self.mask_token_id, low=0, high=self.vocab_size - 1,
         optional=True))

@@ -15,6 +15,9 @@ it.
     DraftModel(draft_cfg, draft_params,   a small model drafts
                block_size)                block_size - 1 tokens (speculative
                                           decoding)
+    Eagle(block_size)                     the model's EAGLE-style drafter
+                                          (a decoder layer on the trunk's
+                                          features) drafts block_size - 1
     PromptLookup(ngram, block_size)       drafts what followed the last
                                           n-gram earlier in the row's text
     Lookahead(window, ngram, guesses)     Jacobi guesses feed an n-gram pool
@@ -39,8 +42,10 @@ from blockdec.config import ModelConfig
 from blockdec.decoding import (AcceptAll, AdaptiveBlockSize, DraftOptions,
                                Exact, NGramLM, Verifier)
 from blockdec.decoding.core import Drafter, NoDrafter
+from blockdec.models import transformer
 from blockdec.decoding.drafters import (BlockDiffusionDrafter,
-                                        DraftModelDrafter, HeadsDrafter,
+                                        DraftModelDrafter, EagleDrafter,
+                                        HeadsDrafter,
                                         LookaheadDrafter, PromptLookupDrafter,
                                         RefinedDrafter)
 
@@ -78,8 +83,10 @@ class Method:
     return self
 
   def drafter(self, cfg: ModelConfig, block_size: int, arrays: Any, *,
-              batch: int, cache_length: int, make_cache, score_fn) -> Drafter:
-    """The drafter, built inside the compiled decode."""
+              batch: int, cache_length: int, make_cache, score_fn,
+              params) -> Drafter:
+    """The drafter, built inside the compiled decode (`params`: the
+    target's, traced)."""
     raise NotImplementedError
 
 
@@ -227,7 +234,7 @@ class Refined(Method):
                                rescorer_cfg=self.rescorer_cfg)
 
   def drafter(self, cfg, block_size, arrays, *, batch, cache_length,
-              make_cache, score_fn):
+              make_cache, score_fn, **kw):
     from blockdec.decoding import NeuralRescorer  # pylint: disable=g-import-not-at-top
     drafts = self.draft_options()
     ngram, rescorer_params = arrays
@@ -308,10 +315,54 @@ class DraftModel(Method):
                        "AdaptiveBlockSize(estimate='history').")
 
   def drafter(self, cfg, block_size, arrays, *, batch, cache_length,
-              make_cache, score_fn):
+              make_cache, score_fn, **kw):
     return DraftModelDrafter(
         block_size, score_fn(self.draft_cfg, 1), arrays,
         make_cache(self.draft_cfg, batch, cache_length + block_size + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle(Method):
+  """EAGLE-style drafting (Li et al. 2024) with the model's own drafter.
+
+  The model's `eagle` drafter (`cfg.eagle_layers >= 1`, trained on the
+  frozen trunk by `configs/eagle.py`) predicts the trunk's next hidden
+  state from this one and the next token, and drafts `block_size - 1`
+  tokens through the model's own vocabulary projection; one target call
+  verifies them. The trunk and head 1 are untouched, so greedy decoding is
+  exact and sampling (q = the drafter's filtered distribution) lossless.
+
+  Attributes:
+    block_size: k >= 1, the decided token plus k - 1 drafts per call.
+    acceptance, adaptive: as in `Blockwise` (the adaptive rule uses the
+      "history" estimate).
+  """
+
+  block_size: int = 4
+  acceptance: Verifier = Exact()
+  adaptive: AdaptiveBlockSize | None = None
+
+  def __post_init__(self):
+    _check_positive(self, "block_size")
+
+  def resolve_block_size(self, cfg):
+    return self.block_size
+
+  def check(self, cfg, sampling, *, positions):
+    if not cfg.eagle_layers:
+      raise ValueError("Eagle needs a model with an EAGLE drafter "
+                       "(cfg.eagle_layers >= 1, trained by configs/eagle.py); "
+                       "this one has eagle_layers=0.")
+    if self.adaptive is not None and self.adaptive.estimate != "history":
+      raise ValueError("Eagle reports no confidence; use "
+                       "AdaptiveBlockSize(estimate='history').")
+
+  def drafter(self, cfg, block_size, arrays, *, batch, cache_length,
+              params, **kw):
+    return EagleDrafter(
+        block_size, cfg, params,
+        transformer.make_eagle_cache(cfg, batch,
+                                     cache_length + block_size + 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,6 +152,12 @@ class View:
     context: static settings.
     extra_logits: [B, E, V] head-1 logits at the drafter's extra nodes after
       a call (`Drafter.extra`); None otherwise.
+    features: [B, K, d] the target's final hidden states (after the final
+      norm) at this call's committed nodes in order (valid up to
+      `num_committed`; the state at node i predicts committed token i + 1,
+      the last one `next_token`); at prefill at the prompt positions (valid
+      up to `prompt_lengths`). None when the scorer is not split into trunk
+      and heads.
     score: `score(tokens [B, T], positions [B, T], mask) -> head-1 logits
       [B, T, V]`: the TARGET model on a block against its committed cache
       (slots before `positions[:, 0]`), under a block mask of
@@ -173,6 +179,7 @@ class View:
   context: Context
   extra_logits: jax.Array | None = None
   score: Callable[..., jax.Array] | None = None
+  features: jax.Array | None = None
 
 
 class Drafter(abc.ABC):
@@ -282,13 +289,20 @@ class LoopState:
 
 
 def _view(state: LoopState, heads, committed, num_committed, offsets, keys,
-          context, extra_logits=None, score=None) -> View:
+          context, extra_logits=None, score=None, features=None) -> View:
   return View(heads=heads, next_token=state.next_token, lengths=state.lengths,
               committed=committed, num_committed=num_committed,
               offsets=offsets, prompts=state.prompts,
               prompt_lengths=state.prompt_lengths, generated=state.tokens,
               keys=keys, context=context, extra_logits=extra_logits,
-              score=None if score is None else score(state.cache))
+              score=None if score is None else score(state.cache),
+              features=features)
+
+
+def _features(head_fn, nodes):
+  """The trunk's hidden states at nodes [B, M] (None for a plain scorer)."""
+  hidden = getattr(head_fn, "hidden", None)
+  return None if hidden is None else hidden(nodes)
 
 
 def run(score_fn: ScoreFn, params, prompts: jax.Array,
@@ -382,7 +396,7 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
   heads_at_last = lambda m: head_fn(last, m)[:, 0]
   state = state.replace(drafter=drafter.init(
       _view(state, heads_at_last, None, zeros, prompt_lengths, keys, context,
-            score=scorer)))
+            score=scorer, features=_features(head_fn, positions))))
 
   def cond(state: LoopState):
     return ~jnp.all(state.done) & (state.step < n)
@@ -464,7 +478,8 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     last = jnp.take_along_axis(path, jnp.maximum(count - 1, 0)[:, None],
                                axis=1)  # [B, 1]
     view = _view(new, lambda m: head_fn(last, m)[:, 0], kept, count, offsets,
-                 keys, context, extra_logits, score=scorer)
+                 keys, context, extra_logits, score=scorer,
+                 features=_features(head_fn, path))
     return new.replace(drafter=drafter.update(state.drafter, view))
 
   def propose(state: LoopState) -> Draft:

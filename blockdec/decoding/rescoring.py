@@ -142,8 +142,10 @@ def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
 
   `head_fn(nodes [B, M], num_heads) -> logits [B, M, num_heads, V]` gives the
   heads at chosen block positions. A split scorer (one with `.trunk` and
-  `.heads`, see `state.SplitScoreFn`) computes heads only there; a plain one
-  computes every head everywhere and `head_fn` slices. `mask` is forwarded
+  `.heads`, see `state.SplitScoreFn`) computes heads only there, and
+  `head_fn.hidden(nodes) -> [B, M, d]` gives the trunk's final hidden states
+  there (the features an EAGLE drafter reads); a plain one computes every
+  head everywhere, `head_fn` slices and has no `hidden`. `mask` is forwarded
   as `mask=` (and only when set, so scorers that take no mask still serve
   causal calls): a block mask of `blockdec.kernels`, e.g.
   `TreeMask(tree.parents)` (static, see `DraftTree`) or `RuntimeTreeMask`
@@ -160,10 +162,14 @@ def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
       trunk = score_fn.prefill
     hidden, cache = trunk(params, tokens, positions, cache, **kw)
 
-    def head_fn(nodes, num_heads):
-      picked = jnp.take_along_axis(
+    def hidden_at(nodes):
+      return jnp.take_along_axis(
           hidden, nodes.reshape(nodes.shape + (1,) * (hidden.ndim - 2)), axis=1)
-      return score_fn.heads(params, picked, num_heads)
+
+    def head_fn(nodes, num_heads):
+      return score_fn.heads(params, hidden_at(nodes), num_heads)
+
+    head_fn.hidden = hidden_at
   else:
     logits, cache = score_fn(params, tokens, positions, cache, **kw)
 

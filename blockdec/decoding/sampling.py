@@ -119,3 +119,18 @@ def choose(logits: jax.Array, sampling: Sampling | None, keys=None):
   if sampling is None:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return sample(keys, sampling.log_probs(logits))
+
+
+def draft(logits: jax.Array, sampling: Sampling | None, keys, index):
+  """One drafted token per row from logits [B, V] -> (tokens [B], q).
+
+  Greedy (`sampling` None): the argmax, q None. Sampling: a draw from the
+  filtered distribution q [B, V] (which the speculative-sampling verifier
+  needs), keyed by the rows' `keys` and the drafted token's generated
+  index [B] (`token_keys(..., DRAFT)`).
+  """
+  if sampling is None:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+  log_q = sampling.log_probs(logits)
+  return (sample(token_keys(keys, index, DRAFT), log_q), jnp.exp(log_q))
+

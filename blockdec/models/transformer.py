@@ -11,12 +11,14 @@ Parameter tree (names are stable; checkpoint import relies on them):
   final_norm
   lm_head/kernel             [d, V]                  (tie_embeddings=False)
   proposal_heads/head_{j}/{fc1,fc2}   j = 2..k       (num_prediction_heads > 1)
+  eagle/fc, eagle/layer_{i}/..., eagle/norm          (eagle_layers > 0)
 
 Head 1 is `final_norm -> vocabulary projection`. Head j >= 2 (Stern sec. 3) is
 one residual feed-forward layer on the same normalised hidden state,
 `h_j = h + fc2(relu(fc1(h)))`, followed by the shared vocabulary projection.
 Everything under `proposal_heads` can be trained while the rest stays frozen,
-which leaves head 1, and so greedy decoding, bit-for-bit unchanged.
+which leaves head 1, and so greedy decoding, bit-for-bit unchanged. The
+same holds for `eagle` (an EAGLE-style drafter, `EagleDrafter`).
 """
 
 from __future__ import annotations
@@ -209,6 +211,30 @@ class ProposalHead(nn.Module):
     return h + dense(cfg.d_model, "fc2")(nn.relu(dense(cfg.head_ff_dim, "fc1")(h)))
 
 
+class EagleDrafter(nn.Module):
+  """An EAGLE-style drafter (Li et al. 2024): the next hidden state from this one.
+
+  Position t reads the trunk's final hidden state h_t (the state that
+  predicts token t + 1) and the embedding of token t + 1, and predicts
+  h_{t+1}; the model's own vocabulary projection turns a predicted state
+  into a distribution over token t + 2. A linear map joins the two inputs,
+  then `cfg.eagle_layers` decoder blocks (causal, with their own KV cache)
+  and a final norm, so predictions are on the trunk's normalised scale.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, features, embeddings, positions, cache=None, rope=None,
+               empty_cache=False):
+    cfg = self.cfg
+    x = _dense(cfg, cfg.d_model, "fc", True)(
+        jnp.concatenate([features.astype(embeddings.dtype), embeddings], -1))
+    for i in range(cfg.eagle_layers):
+      x, cache = Block(cfg, name=f"layer_{i}")(x, positions, cache, i, None,
+                                                rope, empty_cache)
+    return _norm(cfg, "norm")(x), cache
+
+
 class Transformer(nn.Module):
   """The model. `__call__` returns logits of every head; see module docstring."""
   cfg: ModelConfig
@@ -230,6 +256,8 @@ class Transformer(nn.Module):
                               dtype=_dtype(cfg.dtype), param_dtype=pdt)
     if cfg.num_prediction_heads > 1:
       self.proposal_heads = ProposalHeads(cfg)
+    if cfg.eagle_layers:
+      self.eagle = EagleDrafter(cfg)
 
   def trunk(self, tokens, positions, cache: KVCache | None = None,
             mask=None, empty_cache: bool = False):
@@ -278,6 +306,33 @@ class Transformer(nn.Module):
     h, cache = self.trunk(tokens, positions, cache, mask)
     return self.head_logits(h, num_heads), cache
 
+  def eagle_step(self, features, tokens, positions, cache=None,
+                 empty_cache: bool = False):
+    """The EAGLE drafter (cfg.eagle_layers > 0) on a block.
+
+    features [B, T, d]: trunk states h_t (or the drafter's own predictions)
+    at `positions` [B, T]; tokens [B, T]: token t + 1 beside each. Returns
+    (predicted h_{t+1} [B, T, d], cache): `cache` is the DRAFTER's KV cache
+    (`make_eagle_cache`), written at `positions` like the trunk's.
+    """
+    rope = None
+    if self.cfg.position == "rope":
+      rope = rope_angles(self.cfg, positions,
+                         None if cache is None else cache.length)
+    out, cache = self.eagle(features, self.embed(tokens), positions, cache,
+                            rope, empty_cache)
+    if cache is not None:
+      cache = cache.set_end_index(positions[:, 0] + tokens.shape[1])
+    return out, cache
+
+  def init_all(self, tokens, positions):
+    """Touches every submodule (the EAGLE drafter too) for `init`."""
+    h, _ = self.trunk(tokens, positions)
+    out = self.head_logits(h)
+    if self.cfg.eagle_layers:
+      self.eagle_step(h, tokens, positions)
+    return out
+
 
 class ProposalHeads(nn.Module):
   cfg: ModelConfig
@@ -293,11 +348,19 @@ class ProposalHeads(nn.Module):
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
   """Random parameters for `cfg` (a pytree of arrays)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return Transformer(cfg).init(key, tokens, tokens)["params"]
+  return Transformer(cfg).init(key, tokens, tokens,
+                               method=Transformer.init_all)["params"]
 
 
 def make_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   return KVCache.make(num_layers=cfg.n_layers, batch=batch, length=length,
+                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.dim_per_head,
+                      dtype=_dtype(cfg.dtype))
+
+
+def make_eagle_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+  """The EAGLE drafter's KV cache (cfg.eagle_layers layers)."""
+  return KVCache.make(num_layers=cfg.eagle_layers, batch=batch, length=length,
                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.dim_per_head,
                       dtype=_dtype(cfg.dtype))
 

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import optax
 
 # What each regime trains and which heads its loss averages.
-#   trains: "all" parameters, or only params["proposal_heads"] (frozen base).
+#   trains: "all" parameters, only params["proposal_heads"] ("heads") or
+#           only params["eagle"] ("eagle"); the last two freeze the base.
 #   heads:  "first" (head 1 only), "proposals" (heads 2..k), "all" (1..k).
 #   distill: targets are the base's greedy continuations (distill.generate).
 #   model:  "fresh" (initialised from config.model and config.seed) or
@@ -34,6 +35,8 @@ import optax
 # "block_diffusion" adapts the base (plus a [MASK] token) to denoise blocks,
 # on the diffusion loss plus the autoregressive one (training/diffusion.py);
 # its held-out loss is the autoregressive head-1 loss.
+# "eagle" trains the EAGLE-style drafter on the frozen base (training/
+# eagle.py); its held-out regime loss is the drafter's token loss.
 REGIMES = {
     "base": dict(trains="all", heads="first", distill=False, model="fresh"),
     "frozen": dict(trains="heads", heads="proposals", distill=False,
@@ -46,6 +49,7 @@ REGIMES = {
     "draft": dict(trains="all", heads="first", distill=True, model="fresh"),
     "block_diffusion": dict(trains="all", heads="first", distill=False,
                             model="base"),
+    "eagle": dict(trains="eagle", heads="first", distill=False, model="base"),
 }
 
 

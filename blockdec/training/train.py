@@ -12,7 +12,8 @@ only that subtree and the trunk's hidden states are computed under
 parameters come out bit-for-bit unchanged; "finetune" and "distill_finetune"
 train everything on the mean of the k head losses; "block_diffusion"
 adapts the base (plus a [MASK] token) to denoise blocks (training/
-diffusion.py); "draft" trains a FRESH
+diffusion.py); "eagle" trains only `params["eagle"]`, an EAGLE-style drafter
+on the frozen trunk's features (training/eagle.py); "draft" trains a FRESH
 small model (config.model, with the base's vocabulary, tokenizer and
 max_seq_len) on head 1 over the base's greedy continuations: a draft model
 for speculative decoding.
@@ -45,11 +46,11 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from blockdec import api, checkpointing, sharding
+from blockdec import api, checkpointing, methods, sharding
 from blockdec.config import ModelConfig
 from blockdec.models import transformer
 from blockdec.training import data as data_lib
-from blockdec.training import diagnostics, diffusion, distill, losses
+from blockdec.training import diagnostics, diffusion, distill, eagle, losses
 from blockdec.training.defaults import check_config
 from blockdec.training.tokenizers import load_tokenizer, make_tokenizer
 
@@ -63,18 +64,20 @@ class TrainState:
   opt_state: Any
 
 
+# The subtree each partial regime optimises (the rest is frozen).
+_SUBTREES = {"heads": "proposal_heads", "eagle": "eagle"}
+
+
 def trainable(params, regime: str):
   """The subtree a regime optimises."""
-  if losses.REGIMES[regime]["trains"] == "heads":
-    return params["proposal_heads"]
-  return params
+  name = _SUBTREES.get(losses.REGIMES[regime]["trains"])
+  return params if name is None else params[name]
 
 
 def with_trainable(params, sub, regime: str):
   """`params` with the trainable subtree replaced by `sub`."""
-  if losses.REGIMES[regime]["trains"] == "heads":
-    return {**params, "proposal_heads": sub}
-  return sub
+  name = _SUBTREES.get(losses.REGIMES[regime]["trains"])
+  return sub if name is None else {**params, name: sub}
 
 
 def make_optimizer(optim, total_steps: int):
@@ -117,17 +120,21 @@ def head_losses(params, cfg: ModelConfig, batch, regime: str) -> jax.Array:
 
 def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
                     first_head_weight: float = 1.0, diffusion_cfg=None,
-                    seed: int = 0):
+                    seed: int = 0, eagle_cfg=None):
   """The pure step of `regime`: (TrainState, batch) -> (TrainState, metrics).
 
   `first_head_weight`: see `losses.regime_loss`. `diffusion_cfg` (regime
   "block_diffusion"): `block_size` and `ar_weight`; the step's masks are
   drawn from (seed, step), so a resumed run draws the same ones.
+  `eagle_cfg` (regime "eagle"): `feature_weight`, `noise` and `unroll`
+  (training/eagle.py); its noise is drawn from (seed, step) too.
   """
   losses.check_regime(regime, cfg.num_prediction_heads)
   if regime == "block_diffusion" and cfg.mask_token_id is None:
     raise ValueError("regime 'block_diffusion' needs a model with a [MASK] "
                      "token (diffusion.adapt_model).")
+  if regime == "eagle" and not cfg.eagle_layers:
+    raise ValueError("regime 'eagle' needs a model with eagle_layers >= 1.")
 
   def loss_fn(sub, state, batch):
     params = with_trainable(state.params, sub, regime)
@@ -135,14 +142,23 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
       key = jax.random.fold_in(jax.random.key(seed), state.step)
       ar, diff = diffusion.losses(params, cfg, batch, key,
                                   diffusion_cfg.block_size)
-      return diff + diffusion_cfg.ar_weight * ar, (ar[None], diff)
+      return (diff + diffusion_cfg.ar_weight * ar,
+              (ar[None], {"diffusion_loss": diff}))
+    if regime == "eagle":
+      key = jax.random.fold_in(jax.random.key(seed), state.step)
+      loss, parts = eagle.losses(
+          params, cfg, batch, key, feature_weight=eagle_cfg.feature_weight,
+          noise=eagle_cfg.noise, unroll=eagle_cfg.unroll)
+      return loss, (parts["token_loss"], {
+          "eagle_feature_loss": parts["feature_loss"],
+          "eagle_top1": parts["top1"]})
     per_head = head_losses(params, cfg, batch, regime)
     return (losses.regime_loss(regime, per_head, first_head_weight),
-            (per_head, None))
+            (per_head, {}))
 
   def train_step(state: TrainState, batch):
     sub = trainable(state.params, regime)
-    (loss, (per_head, diff)), grads = jax.value_and_grad(
+    (loss, (per_head, extra)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(sub, state, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, sub)
     params = with_trainable(state.params, optax.apply_updates(sub, updates),
@@ -150,12 +166,15 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
     metrics = {"loss": loss, "head_losses": per_head,
                "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
-    if diff is not None:
-      metrics["diffusion_loss"] = diff
+    metrics.update(extra)
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), metrics
 
   return train_step
+
+
+# Regime-specific training metrics logged beside the loss.
+_EXTRA_METRICS = ("diffusion_loss", "eagle_feature_loss", "eagle_top1")
 
 
 def make_eval_step(cfg: ModelConfig):
@@ -216,7 +235,7 @@ def heads_model(base_cfg: ModelConfig, base_params, overrides, seed: int):
   """The head-regime model: base config + overrides, base weights + new heads.
 
   Every parameter the base has (trunk, head 1, and heads it already has) is
-  copied; heads it lacks are initialised from `seed`.
+  copied; heads (or an EAGLE drafter) it lacks are initialised from `seed`.
   """
   changes = {k: (None if v == 0 and k in ("head_hidden",) else v)
              for k, v in dict(overrides).items()}
@@ -232,14 +251,15 @@ def heads_model(base_cfg: ModelConfig, base_params, overrides, seed: int):
       return {k: merge(v, old.get(k) if isinstance(old, dict) else None,
                        f"{path}/{k}") for k, v in new.items()}
     if old is None:
-      if not path.startswith("/proposal_heads"):
+      if not path.startswith(("/proposal_heads", "/eagle")):
         raise ValueError(f"the base checkpoint lacks parameter {path}.")
       return new
     if np.shape(old) != np.shape(new):
       raise ValueError(
           f"parameter {path} has shape {np.shape(old)} in the base checkpoint "
           f"but {np.shape(new)} under the head config; config.model may only "
-          "change head fields (num_prediction_heads, head_hidden).")
+          "change head fields (num_prediction_heads, head_hidden, "
+          "eagle_layers).")
     return np.asarray(old)
 
   return cfg, merge(fresh, base_params, "")
@@ -318,7 +338,7 @@ class Trainer:
     self.first_head_weight = c.get("first_head_weight", 1.0)
     step_fn = make_train_step(self.cfg, self.regime, self.optimizer,
                               self.schedule, self.first_head_weight,
-                              c.get("diffusion"), c.seed)
+                              c.get("diffusion"), c.seed, c.get("eagle"))
     eval_fn = make_eval_step(self.cfg)
     sharding_cfg = sharding.ShardingConfig.from_config(c.get("sharding"))
     self.mesh = sharding_cfg.make_mesh()
@@ -333,6 +353,7 @@ class Trainer:
       self.initial_state = jax.device_put(self.initial_state, state_sh)
       self._put_batch = lambda batch: sharding.put_batch(batch, batch_sh)
     self._batches = None
+    self._eagle_eval = None
 
   def _check_or_write_run_files(self):
     path = self.workdir / checkpointing.CONFIG_FILE
@@ -375,10 +396,29 @@ class Trainer:
       ce += np.asarray(c_sum)
       w += np.asarray(w_sum)
     per_head = ce / np.maximum(w, 1)
-    return {"loss": float(per_head[0]), "head_losses": per_head.tolist(),
-            "regime_loss": float(losses.regime_loss(
-                self.regime, per_head, self.first_head_weight)),
-            "nats_per_byte": float(per_head[0] / self.bytes_per_token)}
+    row = {"loss": float(per_head[0]), "head_losses": per_head.tolist(),
+           "regime_loss": float(losses.regime_loss(
+               self.regime, per_head, self.first_head_weight)),
+           "nats_per_byte": float(per_head[0] / self.bytes_per_token)}
+    if self.regime == "eagle":
+      row.update(self._evaluate_eagle(params))
+    return row
+
+  def _evaluate_eagle(self, params) -> dict:
+    """The drafter's held-out token loss, feature loss and top-1 agreement
+    with the target (no input noise; per pass of training/eagle.py)."""
+    if self._eagle_eval is None:
+      e = self.config.eagle
+      self._eagle_eval = jax.jit(lambda p, b: eagle.losses(
+          p, self.cfg, b, jax.random.key(0), feature_weight=e.feature_weight,
+          noise=0.0, unroll=e.unroll)[1])
+    parts = [jax.device_get(self._eagle_eval(params, self._put_batch(b)))
+             for b in self.eval_data]
+    mean = lambda name: np.mean([p[name] for p in parts], axis=0).tolist()
+    token = mean("token_loss")
+    return {"regime_loss": float(token[0]), "eagle_token_loss": token,
+            "eagle_feature_loss": mean("feature_loss"),
+            "eagle_top1": mean("top1")}
 
   def run(self, stop_at_step: int | None = None):
     """Trains to `config.steps` (resuming from the latest checkpoint).
@@ -436,8 +476,8 @@ class Trainer:
             t_last, n_since = now, 0
             row = {"split": "train", "step": done,
                    "loss": float(metrics["loss"]),
-                   **({"diffusion_loss": float(metrics["diffusion_loss"])}
-                      if "diffusion_loss" in metrics else {}),
+                   **{name: np.asarray(metrics[name]).tolist()
+                      for name in _EXTRA_METRICS if name in metrics},
                    "head_losses": np.asarray(metrics["head_losses"]).tolist(),
                    "grad_norm": float(metrics["grad_norm"]),
                    "lr": float(metrics["lr"]), "tokens_per_s": tps,
@@ -475,6 +515,8 @@ class Trainer:
       summary["head_agreement"] = self.head_agreement(params, n)
     if n and self.regime == "draft":
       summary["draft_agreement"] = self.draft_agreement(params, n)
+    if n and self.regime == "eagle":
+      summary["eagle_tokens_per_call"] = self.eagle_tokens_per_call(params, n)
     (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_loss_curve(rows, self.workdir / "loss_curve.png",
                     title=f"{self.config.name} ({self.regime})")
@@ -493,6 +535,18 @@ class Trainer:
         params, self.cfg, self.teacher,
         *self._diagnostic_prompts(num_prompts),
         self.config.diagnostics.new_tokens)
+
+  def eagle_tokens_per_call(self, params, num_prompts: int) -> dict:
+    """Greedy tokens per call of `blockdec.Eagle` at k = 4 and 8 on held-out
+    prompts (exact, so the text is the base's greedy text)."""
+    prompts, lengths = self._diagnostic_prompts(num_prompts)
+    out = {}
+    for k in (4, 8):
+      result = api.decode(params, self.cfg, prompts, lengths,
+                          self.config.diagnostics.new_tokens,
+                          method=methods.Eagle(block_size=k))
+      out[f"k{k}"] = float(np.sum(result.lengths) / np.sum(result.num_calls))
+    return out
 
   def _diagnostic_prompts(self, num_prompts: int):
     """Held-out prompts (int32 [B, P], lengths [B]) with room to generate."""

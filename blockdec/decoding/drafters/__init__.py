@@ -7,3 +7,4 @@ from blockdec.decoding.drafters.draft_model import DraftModelDrafter
 from blockdec.decoding.drafters.prompt_lookup import PromptLookupDrafter
 from blockdec.decoding.drafters.lookahead import LookaheadDrafter
 from blockdec.decoding.drafters.block_diffusion import BlockDiffusionDrafter
+from blockdec.decoding.drafters.eagle import EagleDrafter

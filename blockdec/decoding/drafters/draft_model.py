@@ -59,15 +59,10 @@ class DraftModelDrafter(Drafter):
     return self.block_size - 1
 
   def _choose(self, logits, view: View, depth):
-    """Draft at `depth` (1-based) from logits [B, V] -> (tokens [B], q)."""
-    sampling = view.context.sampling
-    if sampling is None:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-    log_q = sampling.log_probs(logits)
-    # Draft j is generated token lengths + j (the root is `lengths`).
-    keys = sampling_lib.token_keys(view.keys, view.lengths + depth,
-                                   sampling_lib.DRAFT)
-    return sampling_lib.sample(keys, log_q), jnp.exp(log_q)
+    """Draft at `depth` (1-based; generated index lengths + depth, the root
+    being `lengths`) from logits [B, V] -> (tokens [B], q or None)."""
+    return sampling_lib.draft(logits, view.context.sampling, view.keys,
+                              view.lengths + depth)
 
   def _draft(self, cache, view: View):
     d = self.num_drafts

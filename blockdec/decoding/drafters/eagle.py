@@ -1,0 +1,150 @@
+"""An EAGLE-style drafter: a small decoder on the target's own features.
+
+Li et al. 2024 (EAGLE): drafting is easier one level below the tokens. The
+drafter (`models.transformer.EagleDrafter`, `cfg.eagle_layers` decoder
+blocks) reads, at position t, the target trunk's final hidden state h_t
+(the state head 1 turns into token t + 1) and the embedding of token t + 1,
+and predicts h_{t+1}; the target's own vocabulary projection turns that
+into the draft of token t + 2. Its inputs at committed positions are the
+TARGET's states, which every verification call computes anyway
+(`View.features`); along a draft it feeds its own predictions. It keeps its
+own KV cache in the carry, with the target's slot convention (slot s holds
+position s), so a rejected draft is rolled back by writing over it.
+
+One drafting round, after a call committed c tokens at positions
+o .. o + c - 1 and decided the root at p = o + c:
+
+    block    feed the c committed states, each beside the token after it
+             (the last one beside the root), at positions o .. p - 1: one
+             drafter call on the call's t >= c fed nodes (the rejected
+             ones' slots are written over below) -> h^_p -> draft 1
+    step j   feed (h^_{p+j-1}, draft j) at p + j - 1 -> h^_{p+j} -> draft
+             j + 1                                         (j = 1 .. D - 1)
+
+D drafter calls per round, each a fraction of a target call (one layer, no
+proposal heads). Prefill feeds the prompt the same way. Greedy drafts are
+argmaxes; with sampling each draft is drawn from the filtered distribution
+q of the drafter's logits (the run's `Sampling`), so the speculative
+sampling verifier keeps the output distributed as the target's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from blockdec.config import ModelConfig
+from blockdec.decoding import sampling as sampling_lib
+from blockdec.decoding.core import Draft, Drafter, View
+from blockdec.models import transformer
+
+
+class EagleDrafter(Drafter):
+  """Drafts `block_size - 1` tokens with the model's EAGLE drafter.
+
+  Built inside the jitted decode (it holds the target's parameters, which
+  are traced). Carry: cache (the drafter's), tokens [B, D], and q [B, D, V]
+  with sampling.
+
+  Args:
+    block_size: k, the root plus D = k - 1 drafts per call.
+    cfg: the target's config (`eagle_layers >= 1`).
+    params: the target's parameters (with `eagle`).
+    cache: the drafter's empty cache (`transformer.make_eagle_cache`) with
+      room for P + N + k positions.
+  """
+
+  def __init__(self, block_size: int, cfg: ModelConfig, params: Any,
+               cache: Any):
+    self.block_size, self.cfg, self.params, self.cache = (block_size, cfg,
+                                                          params, cache)
+    self.model = transformer.Transformer(cfg)
+
+  @property
+  def num_drafts(self) -> int:
+    return self.block_size - 1
+
+  def _step(self, features, tokens, positions, cache, empty=False):
+    """Predicted next states [B, T, d] and their vocabulary logits."""
+    hidden, cache = self.model.apply(
+        {"params": self.params}, features, tokens, positions, cache, empty,
+        method=transformer.Transformer.eagle_step)
+    logits = self.model.apply({"params": self.params}, hidden,
+                              method=transformer.Transformer.vocab_logits)
+    return hidden, logits, cache
+
+  def _choose(self, logits, view: View, depth):
+    """Draft at `depth` (1-based; generated index lengths + depth, the root
+    being `lengths`) from logits [B, V] -> (tokens [B], q or None)."""
+    return sampling_lib.draft(logits, view.context.sampling, view.keys,
+                              view.lengths + depth)
+
+  def _draft(self, cache, view: View, features, tokens, offsets, last,
+             empty=False):
+    """A drafting round: the block (features [B, T, d] beside tokens
+    [B, T] at offsets + 0..T-1; `last` [B] indexes the node whose
+    prediction is draft 1), then D - 1 single steps."""
+    d = self.num_drafts
+    batch = view.lengths.shape[0]
+    if d == 0:
+      return {"cache": cache, "tokens": jnp.zeros((batch, 0), jnp.int32)}
+    positions = offsets[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    hidden, logits, cache = self._step(features, tokens, positions, cache,
+                                       empty)
+    take = lambda x: jnp.take_along_axis(
+        x, last.reshape((batch,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+    hidden, logits = take(hidden), take(logits)
+    token, q = self._choose(logits, view, 1)
+    pos = view.prompt_lengths + view.lengths  # the root's position
+
+    def step(carry, depth):
+      cache, hidden, token = carry
+      hidden, logits, cache = self._step(hidden[:, None], token[:, None],
+                                         (pos + depth - 1)[:, None], cache)
+      token, q = self._choose(logits[:, 0], view, depth + 1)
+      return (cache, hidden[:, 0], token), (token, q)
+
+    (cache, _, _), (rest, rest_q) = jax.lax.scan(
+        step, (cache, hidden, token), jnp.arange(1, d, dtype=jnp.int32))
+    out = {"cache": cache,
+           "tokens": jnp.concatenate([token[:, None], rest.T], axis=1)}
+    if q is not None:
+      out["q"] = jnp.concatenate([q[:, None], jnp.moveaxis(rest_q, 0, 1)],
+                                 axis=1)  # [B, D, V]
+    return out
+
+  def _features(self, view: View):
+    if view.features is None:
+      raise ValueError("Eagle drafts from the target's hidden states; the "
+                       "scorer must be split into trunk and heads "
+                       "(api.model_score_fn).")
+    return view.features
+
+  def init(self, view: View):
+    prompts, lengths = view.prompts, view.prompt_lengths
+    p = prompts.shape[1]
+    # Position i reads token i + 1: the prompt's next token, or the first
+    # generated one after the prompt's last.
+    after = jnp.concatenate([prompts[:, 1:], prompts[:, :1]], axis=1)
+    after = jnp.where(jnp.arange(p)[None] == (lengths - 1)[:, None],
+                      view.next_token[:, None], after)
+    return self._draft(self.cache, view, self._features(view), after,
+                       jnp.zeros_like(lengths), lengths - 1, empty=True)
+
+  def update(self, carry, view: View):
+    count = view.num_committed
+    committed = view.committed  # [B, t]
+    t = committed.shape[1]
+    after = jnp.concatenate([committed[:, 1:], committed[:, :1]], axis=1)
+    after = jnp.where(jnp.arange(t)[None] == (count - 1)[:, None],
+                      view.next_token[:, None], after)
+    # A finished row commits nothing; its drafts are never used.
+    return self._draft(carry["cache"], view, self._features(view), after,
+                       view.offsets, jnp.maximum(count - 1, 0))
+
+  def propose(self, carry, view: View) -> Draft:
+    q = carry.get("q")
+    return Draft(tokens=carry["tokens"][:, None],
+                 q=None if q is None else q[:, None])
