@@ -359,10 +359,18 @@ class Eagle(Method):
 
   def drafter(self, cfg, block_size, arrays, *, batch, cache_length,
               params, **kw):
-    return EagleDrafter(
-        block_size, cfg, params,
-        transformer.make_eagle_cache(cfg, batch,
-                                     cache_length + block_size + 1))
+    model = transformer.Transformer(cfg)
+
+    def step(features, tokens, positions, cache, empty):
+      hidden, cache = model.apply({"params": params}, features, tokens,
+                                  positions, cache, empty,
+                                  method=transformer.Transformer.eagle_step)
+      logits = model.apply({"params": params}, hidden,
+                           method=transformer.Transformer.vocab_logits)
+      return hidden, logits, cache
+
+    return EagleDrafter(block_size, step, transformer.make_eagle_cache(
+        cfg, batch, cache_length + block_size + 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,50 +30,41 @@ sampling verifier keeps the output distributed as the target's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from blockdec.config import ModelConfig
 from blockdec.decoding import sampling as sampling_lib
 from blockdec.decoding.core import Draft, Drafter, View
-from blockdec.models import transformer
+
+# step(features [B, T, d], tokens [B, T], positions [B, T], cache, empty)
+#   -> (predicted next states [B, T, d], their logits [B, T, V], cache):
+# the drafter's network bound to its parameters (`methods.Eagle` binds
+# `models.transformer.Transformer.eagle_step`); `empty` (static): the cache
+# holds nothing committed yet.
+EagleStepFn = Callable[..., tuple[jax.Array, jax.Array, Any]]
 
 
 class EagleDrafter(Drafter):
   """Drafts `block_size - 1` tokens with the model's EAGLE drafter.
 
-  Built inside the jitted decode (it holds the target's parameters, which
-  are traced). Carry: cache (the drafter's), tokens [B, D], and q [B, D, V]
-  with sampling.
+  Built inside the jitted decode (its step closes over the target's
+  parameters, which are traced). Carry: cache (the drafter's), tokens
+  [B, D], and q [B, D, V] with sampling.
 
   Args:
     block_size: k, the root plus D = k - 1 drafts per call.
-    cfg: the target's config (`eagle_layers >= 1`).
-    params: the target's parameters (with `eagle`).
-    cache: the drafter's empty cache (`transformer.make_eagle_cache`) with
-      room for P + N + k positions.
+    step: the drafter's network (`EagleStepFn`).
+    cache: its empty cache with room for P + N + k positions.
   """
 
-  def __init__(self, block_size: int, cfg: ModelConfig, params: Any,
-               cache: Any):
-    self.block_size, self.cfg, self.params, self.cache = (block_size, cfg,
-                                                          params, cache)
-    self.model = transformer.Transformer(cfg)
+  def __init__(self, block_size: int, step: EagleStepFn, cache: Any):
+    self.block_size, self._step, self.cache = block_size, step, cache
 
   @property
   def num_drafts(self) -> int:
     return self.block_size - 1
-
-  def _step(self, features, tokens, positions, cache, empty=False):
-    """Predicted next states [B, T, d] and their vocabulary logits."""
-    hidden, cache = self.model.apply(
-        {"params": self.params}, features, tokens, positions, cache, empty,
-        method=transformer.Transformer.eagle_step)
-    logits = self.model.apply({"params": self.params}, hidden,
-                              method=transformer.Transformer.vocab_logits)
-    return hidden, logits, cache
 
   def _choose(self, logits, view: View, depth):
     """Draft at `depth` (1-based; generated index lengths + depth, the root
@@ -102,7 +93,8 @@ class EagleDrafter(Drafter):
     def step(carry, depth):
       cache, hidden, token = carry
       hidden, logits, cache = self._step(hidden[:, None], token[:, None],
-                                         (pos + depth - 1)[:, None], cache)
+                                         (pos + depth - 1)[:, None], cache,
+                                         False)
       token, q = self._choose(logits[:, 0], view, depth + 1)
       return (cache, hidden[:, 0], token), (token, q)
 

@@ -1,0 +1,335 @@
+r"""Lossless drafters on one frozen base: tokens per call and wall-clock.
+
+Every drafter here leaves the `make demo` base (configs/base_lm.py:demo)
+bit-for-bit unchanged, so every row decodes the base's own greedy text (or
+samples the base's own distribution, losslessly):
+
+  heads-frozen   Stern's proposal heads trained on data
+                 (configs/heads_frozen.py:demo), Blockwise(k)
+  heads-distill  the same heads trained on the base's greedy text
+                 (configs/heads_distill.py:demo), Blockwise(k)
+  draft-model    a 1-layer draft model distilled from the base
+                 (configs/draft_model.py:demo), DraftModel(k)
+  eagle          the EAGLE-style drafter on the trunk's features
+                 (configs/eagle.py:demo), Eagle(k)
+
+each as a chain (token trees are not built yet), at k = --block_sizes,
+greedy and at temperature --temperature, at batch 1 and --batch. Models
+that are not cached are skipped unless --train.
+
+Rows: {model, drafter, block_size, tree, temperature, batch,
+tokens_per_call, tokens_per_call_nondegenerate, degenerate_share,
+tokens_per_s, speedup}. tokens_per_call = generated tokens / target calls;
+..._nondegenerate over the rows blockdec.metrics.is_degenerate does not
+flag (looping text is easy to draft); tokens_per_s = generated tokens of one
+pass over all prompts / the median of --repeats timed passes after a
+warm-up (compilation); speedup = tokens_per_s over the same model's greedy
+(or ancestral sampling, at the same temperature and batch) in the same run.
+
+Launch (from the repository root):
+
+  python experiments/drafters.py            # -> experiments/results/drafters.{json,md,png}
+  python experiments/drafters.py --train    # train/reuse every drafter first
+  python experiments/drafters.py --quick    # k = 8, 8 prompts, 64 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import sys
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import blockdec  # noqa: E402
+from blockdec import metrics  # noqa: E402
+from blockdec.training import data as data_lib  # noqa: E402
+from blockdec.training import evaluation, pipeline  # noqa: E402
+from blockdec.training.train import pad_prompts  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+BASE = "configs/base_lm.py:demo"
+# name -> (config, method factory (run, k) -> spec, whose params decode)
+DRAFTERS = {
+    "heads-frozen": ("configs/heads_frozen.py:demo",
+                     lambda run, k: blockdec.Blockwise(block_size=k), "own"),
+    "heads-distill": ("configs/heads_distill.py:demo",
+                      lambda run, k: blockdec.Blockwise(block_size=k), "own"),
+    "draft-model": ("configs/draft_model.py:demo",
+                    lambda run, k: blockdec.DraftModel(run.cfg, run.params,
+                                                       block_size=k), "base"),
+    "eagle": ("configs/eagle.py:demo",
+              lambda run, k: blockdec.Eagle(block_size=k), "own"),
+}
+PROMPT_BYTES = (128, 192)
+TARGETS = dict(greedy_nondegenerate=5.0, sampled_nondegenerate=3.0)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--num_prompts", type=int, default=16)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--block_sizes", default="4,8")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--drafters", default=",".join(DRAFTERS))
+  p.add_argument("--cache_dir", default=str(ROOT / "cache"))
+  p.add_argument("--train", action="store_true",
+                 help="train (or reuse) every drafter first")
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--out", default=str(RESULTS / "drafters"))
+  args = p.parse_args(argv)
+  if args.quick:
+    args.num_prompts, args.new_tokens, args.repeats = 8, 64, 1
+    args.block_sizes = "8"
+  args.block_sizes = [int(x) for x in args.block_sizes.split(",") if x]
+  args.drafters = [x for x in args.drafters.split(",") if x]
+  unknown = sorted(set(args.drafters) - set(DRAFTERS))
+  if unknown:
+    raise ValueError(f"--drafters: unknown {unknown}; allowed: "
+                     f"{sorted(DRAFTERS)}.")
+  if args.num_prompts % args.batch:
+    raise ValueError(f"--num_prompts={args.num_prompts} must be a multiple "
+                     f"of --batch={args.batch}.")
+  return args
+
+
+def load(spec, args, *, required=True):
+  config = pipeline.load_config(spec)
+  workdir = pipeline.run_dir(config, args.cache_dir)
+  if not (args.train or pipeline.is_finished(workdir)):
+    if not required:
+      print(f"[drafters] skipping {spec}: not cached ({workdir})")
+      return None
+    raise FileNotFoundError(f"{workdir} holds no finished {spec} run; pass "
+                            "--train (or run `blockdec train --config "
+                            f"{spec}`).")
+  return pipeline.train_or_load(config, args.cache_dir)
+
+
+def heldout_prompts(tokenizer, num):
+  splits = data_lib.split_corpus(data_lib.load_corpus("stdlib"))
+  texts = data_lib.heldout_prompts(splits["test"], num,
+                                   min_bytes=PROMPT_BYTES[0],
+                                   max_bytes=PROMPT_BYTES[1])
+  return pad_prompts([np.asarray(tokenizer.encode(t), np.int32)
+                      for t in texts])
+
+
+def run_method(params, cfg, prompts, lengths, n, method, batch, repeats,
+               sampling):
+  """(DecodeOutput of all prompts, median pass seconds)."""
+  calls = [(jnp.asarray(prompts[i:i + batch]), jnp.asarray(lengths[i:i + batch]),
+            i) for i in range(0, len(prompts), batch)]
+
+  def one_pass():
+    # A fixed key per call: every pass draws the same samples.
+    outs = [blockdec.decode(params, cfg, p, l, n, method=method,
+                            sampling=sampling,
+                            key=None if sampling is None
+                            else jax.random.key(i))
+            for p, l, i in calls]
+    return jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs)
+
+  out, _, seconds = evaluation.timed(one_pass, repeats)
+  return jax.device_get(out), seconds
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  base = load(BASE, args)
+  drafters = {}
+  for name in args.drafters:
+    spec, make, params_of = DRAFTERS[name]
+    run = load(spec, args, required=False)
+    if run is not None:
+      drafters[name] = (run, make, params_of)
+  prompts, lengths = heldout_prompts(base.tokenizer, args.num_prompts)
+  n = args.new_tokens
+  load_before = os.getloadavg()[0]
+  print(f"[drafters] {len(prompts)} prompts, {n} new tokens, batches 1 and "
+        f"{args.batch}, {args.repeats} repeats; load {load_before:.1f}")
+  rows = []
+  for temperature in (0.0, args.temperature):
+    sampling = (None if temperature == 0 else
+                blockdec.Sampling(temperature=temperature))
+    for batch in (1, args.batch):
+      ref, ref_s = run_method(base.params, base.cfg, prompts, lengths, n,
+                              blockdec.Autoregressive(), batch, args.repeats,
+                              sampling)
+      ref_tps = ref.lengths.sum() / ref_s
+      plans = [("autoregressive", None, base.params, base.cfg,
+                blockdec.Autoregressive())]
+      for name, (run, make, params_of) in drafters.items():
+        own = params_of == "own"
+        for k in args.block_sizes:
+          plans.append((name, k, run.params if own else base.params,
+                        run.cfg if own else base.cfg, make(run, k)))
+      for name, k, params, cfg, method in plans:
+        if name == "autoregressive":
+          out, seconds = ref, ref_s
+        else:
+          out, seconds = run_method(params, cfg, prompts, lengths, n, method,
+                                    batch, args.repeats, sampling)
+          if sampling is None:  # Exact: the base's greedy text.
+            np.testing.assert_array_equal(out.tokens, ref.tokens,
+                                          err_msg=f"{name} k={k}")
+        lens, calls = out.lengths, out.num_calls
+        texts = [base.tokenizer.decode(t[:m]) for t, m in zip(out.tokens, lens)]
+        degenerate = np.array([metrics.is_degenerate(t) for t in texts])
+        row = {
+            "model": "demo", "drafter": name, "block_size": k,
+            "tree": "chain", "temperature": temperature, "batch": batch,
+            "tokens_per_call": float(lens.sum() / calls.sum()),
+            "tokens_per_call_nondegenerate": (
+                metrics.block_efficiency(lens, calls, rows=~degenerate)
+                if (~degenerate).any() else None),
+            "degenerate_share": float(degenerate.mean()),
+            "tokens_per_s": float(lens.sum() / seconds),
+            "speedup": float(lens.sum() / seconds / ref_tps),
+            "median_pass_s": seconds,
+        }
+        rows.append(row)
+        print(f"  T={temperature:g} batch {batch:2d} {name:15s} k={k}: "
+              f"{row['tokens_per_call']:.2f} tokens/call "
+              f"({_fmt(row['tokens_per_call_nondegenerate'])} non-degenerate)"
+              f", {row['tokens_per_s']:.0f} tokens/s, {row['speedup']:.2f}x")
+  load_after = os.getloadavg()[0]
+  result = {
+      "machine": metrics.machine_description(
+          f"load average {load_before:.1f} before, {load_after:.1f} after"),
+      "command": "python experiments/drafters.py " + shlex.join(
+          sys.argv[1:] if argv is None else argv),
+      "prompts": int(len(prompts)), "new_tokens": n, "repeats": args.repeats,
+      "base_heldout_nats_per_byte": base.summary["valid"]["nats_per_byte"],
+      "training": {name: {"steps": run.summary.get("steps"),
+                          **({"eagle_top1": run.summary["valid"]["eagle_top1"]}
+                             if "eagle_top1" in run.summary["valid"] else {})}
+                   for name, (run, _, _) in drafters.items()},
+      "targets": TARGETS, "rows": rows,
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+  out.with_suffix(".md").write_text(markdown(result))
+  plot(result, out.with_suffix(".png"))
+  print(f"[drafters] wrote {out}.json|md|png")
+  return result
+
+
+def _fmt(x, f="{:.2f}"):
+  return "-" if x is None else f.format(x)
+
+
+def markdown(result) -> str:
+  rows = result["rows"]
+  lines = [
+      "# Lossless drafters on the frozen `make demo` base",
+      "",
+      f"Machine: {result['machine']}. Written by `{result['command']}`.",
+      "",
+      f"{result['prompts']} held-out stdlib prompts (test split, "
+      f"{PROMPT_BYTES[0]}-{PROMPT_BYTES[1]} bytes), {result['new_tokens']} "
+      "new tokens. Every drafter leaves the base unchanged: greedy rows are "
+      "checked token for token against the base's greedy output, sampled "
+      "rows are lossless. tokens/s are medians of "
+      f"{result['repeats']} passes after a warm-up; speedups are ratios to "
+      "the base's greedy decoding (ancestral sampling at the same "
+      "temperature) at the same batch in the same run. Base held-out loss "
+      f"{result['base_heldout_nats_per_byte']:.3f} nats/byte.",
+      "",
+      "| temperature | batch | drafter | k | tree | tokens/call | "
+      "non-degenerate | degenerate | tokens/s | speedup |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['temperature']:g} | {r['batch']} | {r['drafter']} | "
+        f"{_fmt(r['block_size'], '{}')} | {r['tree']} | "
+        f"{r['tokens_per_call']:.2f} | "
+        f"{_fmt(r['tokens_per_call_nondegenerate'])} | "
+        f"{r['degenerate_share']:.0%} | {r['tokens_per_s']:.0f} | "
+        f"{r['speedup']:.2f}x |")
+  t = result["targets"]
+
+  def best(temperature):
+    rs = [r for r in rows if r["temperature"] == temperature
+          and r["drafter"] != "autoregressive"
+          and r["tokens_per_call_nondegenerate"] is not None]
+    return max(rs, key=lambda r: r["tokens_per_call_nondegenerate"],
+               default=None)
+
+  def describe(r, target):
+    if r is None:
+      return "-"
+    met = "met" if r["tokens_per_call_nondegenerate"] >= target else "not met"
+    return (f"{r['drafter']} k={r['block_size']} (batch {r['batch']}): "
+            f"{r['tokens_per_call_nondegenerate']:.2f} ({met})")
+  temps = sorted({r["temperature"] for r in rows})
+  lines += [
+      "",
+      "## Targets (tokens per call over non-degenerate rows)",
+      "",
+      f"- Greedy >= {t['greedy_nondegenerate']}: "
+      f"{describe(best(0.0), t['greedy_nondegenerate'])}.",
+  ]
+  if len(temps) > 1:
+    lines.append(f"- Temperature {temps[-1]:g} >= "
+                 f"{t['sampled_nondegenerate']}: "
+                 f"{describe(best(temps[-1]), t['sampled_nondegenerate'])}.")
+  training = result["training"]
+  if "eagle" in training and "eagle_top1" in training["eagle"]:
+    top1 = training["eagle"]["eagle_top1"]
+    lines += ["", f"EAGLE drafter: {training['eagle']['steps']} steps; "
+              "held-out top-1 agreement with the base's next token "
+              f"{top1[0]:.3f} on true states, {top1[-1]:.3f} on its own "
+              "first predictions."]
+  lines.append("")
+  return "\n".join(lines)
+
+
+def plot(result, path):
+  rows = [r for r in result["rows"] if r["drafter"] != "autoregressive"]
+  temps = sorted({r["temperature"] for r in rows})
+  batches = sorted({r["batch"] for r in rows})
+  fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4),
+                           squeeze=False)
+  names = sorted({(r["drafter"], r["block_size"]) for r in rows},
+                 key=lambda x: (x[0], x[1]))
+  width = 0.8 / max(len(batches), 1)
+  for ax, temperature in zip(axes[0], temps):
+    for j, batch in enumerate(batches):
+      values = []
+      for name, k in names:
+        r = next((r for r in rows if (r["drafter"], r["block_size"]) ==
+                  (name, k) and r["temperature"] == temperature
+                  and r["batch"] == batch), None)
+        values.append(0 if r is None else r["speedup"])
+      ax.bar(np.arange(len(names)) + j * width, values, width,
+             label=f"batch {batch}")
+    ax.axhline(1.0, color="gray", lw=1, ls=":")
+    ax.set_xticks(np.arange(len(names)) + width * (len(batches) - 1) / 2)
+    ax.set_xticklabels([f"{n}\nk={k}" for n, k in names], fontsize=7)
+    ax.set_ylabel("speedup over the base's own decoding")
+    ax.set_title("greedy" if temperature == 0 else
+                 f"sampling, T={temperature:g}")
+    ax.legend(fontsize=8)
+  fig.suptitle("Lossless drafters on the frozen demo base")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()
