@@ -333,22 +333,45 @@ class Eagle(Method):
   exact and sampling (q = the drafter's filtered distribution) lossless.
 
   Attributes:
-    block_size: k >= 1, the decided token plus k - 1 drafts per call.
+    block_size: k >= 1, the decided token plus k - 1 drafts per chain.
+    num_drafts: C >= 1 chains per call. Above 1 the drafter's C likeliest
+      first tokens each start a chain and all C are verified in one call
+      as a token tree of 1 + C (k - 1) nodes, the longest accepted chain
+      kept (greedy decoding only, and no adaptive rule).
     acceptance, adaptive: as in `Blockwise` (the adaptive rule uses the
       "history" estimate).
   """
 
   block_size: int = 4
+  num_drafts: int = 1
   acceptance: Verifier = Exact()
   adaptive: AdaptiveBlockSize | None = None
 
   def __post_init__(self):
     _check_positive(self, "block_size")
+    _check_positive(self, "num_drafts")
+    if self.num_drafts > 1 and self.block_size < 2:
+      raise ValueError(f"Eagle(num_drafts={self.num_drafts}) drafts a tree, "
+                       f"which needs block_size >= 2; got {self.block_size}.")
 
   def resolve_block_size(self, cfg):
     return self.block_size
 
+  def cache_slots(self, block_size):
+    return 1 + self.num_drafts * (block_size - 1)
+
   def check(self, cfg, sampling, *, positions):
+    if self.num_drafts > 1:
+      if sampling is not None:
+        raise ValueError(f"Eagle(num_drafts={self.num_drafts}) verifies a "
+                         "token tree, which is greedy-only for now; with "
+                         "sampling use num_drafts=1.")
+      if self.adaptive is not None:
+        raise ValueError("the adaptive draft length works on one chain; got "
+                         f"Eagle(num_drafts={self.num_drafts}).")
+      if self.num_drafts > cfg.vocab_size:
+        raise ValueError(f"Eagle num_drafts={self.num_drafts} exceeds "
+                         f"vocab_size={cfg.vocab_size}.")
     if not cfg.eagle_layers:
       raise ValueError("Eagle needs a model with an EAGLE drafter "
                        "(cfg.eagle_layers >= 1, trained by configs/eagle.py); "
@@ -370,7 +393,7 @@ class Eagle(Method):
       return hidden, logits, cache
 
     return EagleDrafter(block_size, step, transformer.make_eagle_cache(
-        cfg, batch, cache_length + block_size + 1))
+        cfg, batch, cache_length + block_size + 1), chains=self.num_drafts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,9 +52,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import blockdec  # noqa: E402
 from blockdec import metrics  # noqa: E402
-from blockdec.training import data as data_lib  # noqa: E402
 from blockdec.training import evaluation, pipeline  # noqa: E402
-from blockdec.training.train import pad_prompts  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -106,25 +104,8 @@ def parse_args(argv=None):
 
 
 def load(spec, args, *, required=True):
-  config = pipeline.load_config(spec)
-  workdir = pipeline.run_dir(config, args.cache_dir)
-  if not (args.train or pipeline.is_finished(workdir)):
-    if not required:
-      print(f"[drafters] skipping {spec}: not cached ({workdir})")
-      return None
-    raise FileNotFoundError(f"{workdir} holds no finished {spec} run; pass "
-                            "--train (or run `blockdec train --config "
-                            f"{spec}`).")
-  return pipeline.train_or_load(config, args.cache_dir)
-
-
-def heldout_prompts(tokenizer, num):
-  splits = data_lib.split_corpus(data_lib.load_corpus("stdlib"))
-  texts = data_lib.heldout_prompts(splits["test"], num,
-                                   min_bytes=PROMPT_BYTES[0],
-                                   max_bytes=PROMPT_BYTES[1])
-  return pad_prompts([np.asarray(tokenizer.encode(t), np.int32)
-                      for t in texts])
+  return pipeline.cached_run(spec, args.cache_dir, train=args.train,
+                             required=required)
 
 
 def run_method(params, cfg, prompts, lengths, n, method, batch, repeats,
@@ -155,7 +136,8 @@ def main(argv=None):
     run = load(spec, args, required=False)
     if run is not None:
       drafters[name] = (run, make, params_of)
-  prompts, lengths = heldout_prompts(base.tokenizer, args.num_prompts)
+  _, prompts, lengths = evaluation.heldout_prompts(
+      base.tokenizer, args.num_prompts, *PROMPT_BYTES)
   n = args.new_tokens
   load_before = os.getloadavg()[0]
   print(f"[drafters] {len(prompts)} prompts, {n} new tokens, batches 1 and "

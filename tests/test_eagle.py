@@ -56,13 +56,17 @@ def test_eagle_is_exact(arch, batch, k, p, n, with_eos):
       eos_id = mid_way_eos(cfg, params, prompts, lengths, n)
     greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
                                     max_new_tokens=n, eos_id=eos_id)
-    out = blockdec.decode(params, cfg, prompts, lengths, n,
-                          method=blockdec.Eagle(block_size=k), eos_id=eos_id,
-                          compact_rows=batch == 5)
-    _check_pair(cfg, params, prompts, lengths, greedy, out, k, n, eos_id,
-                eos_expected_in_row=(batch // 2 if seed == 0 and with_eos
-                                     else None))
-    hist = hist + np.asarray(out.accepted_hist).sum(0)
+    # One chain, and a token tree of 3 chains (k > 2: the tree's cache
+    # compaction and longest-chain choice matter).
+    for chains in (1, 3) if k > 2 else (1,):
+      out = blockdec.decode(params, cfg, prompts, lengths, n,
+                            method=blockdec.Eagle(block_size=k,
+                                                  num_drafts=chains),
+                            eos_id=eos_id, compact_rows=batch == 5)
+      _check_pair(cfg, params, prompts, lengths, greedy, out, k, n, eos_id,
+                  eos_expected_in_row=(batch // 2 if seed == 0 and with_eos
+                                       else None))
+      hist = hist + np.asarray(out.accepted_hist).sum(0)
   assert hist[1:].sum() > 0, hist  # Drafts were accepted ...
   if k > 2:
     assert hist[:-1].sum() > 0, hist  # ... and rejected.
@@ -86,6 +90,19 @@ def test_copy_drafter_lines_up_states_positions_and_tokens():
   assert efficiency["copy", False] > 0.75 * k, efficiency
   assert efficiency["copy", True] > 0.75 * k, efficiency
   assert efficiency["random", False] < 0.25 * k, efficiency
+
+
+def test_more_chains_accept_more():
+  """Chain 0 of the tree is the one-chain draft and the longest accepted
+  chain is kept: a weak (random) drafter's second guesses pay off."""
+  cfg, params = random_model(3, eagle_layers=1, n_layers=1,
+                             num_prediction_heads=1, max_seq_len=128)
+  prompts, lengths = ragged_prompts(3, 4, 24, cfg.vocab_size)
+  efficiency = [float(blockdec.decode(
+      params, cfg, prompts, lengths, 48,
+      method=blockdec.Eagle(block_size=6, num_drafts=chains)).block_efficiency)
+                for chains in (1, 4)]
+  assert efficiency[1] > 1.15 * efficiency[0], efficiency
 
 
 @pytest.mark.parametrize("sampling,n,k,eos_id", [
@@ -138,6 +155,19 @@ def test_eagle_errors():
     blockdec.decode(eparams, ecfg, prompts, lengths, 8,
                     method=blockdec.Eagle(adaptive=blockdec.AdaptiveBlockSize(
                         estimate="confidence")))
+  with pytest.raises(ValueError, match="greedy-only"):
+    blockdec.decode(eparams, ecfg, prompts, lengths, 8,
+                    method=blockdec.Eagle(num_drafts=2),
+                    sampling=blockdec.Sampling(), key=jax.random.key(0))
+  with pytest.raises(ValueError, match="one chain"):
+    blockdec.decode(eparams, ecfg, prompts, lengths, 8,
+                    method=blockdec.Eagle(num_drafts=2,
+                                          adaptive=blockdec.AdaptiveBlockSize()))
+  with pytest.raises(ValueError, match="block_size >= 2"):
+    blockdec.Eagle(block_size=1, num_drafts=2)
+  with pytest.raises(ValueError, match="exceeds vocab_size"):
+    blockdec.decode(eparams, ecfg, prompts, lengths, 8,
+                    method=blockdec.Eagle(num_drafts=ecfg.vocab_size + 1))
   # A checkpoint without the drafter's weights is named as such.
   with pytest.raises(ValueError, match="eagle"):
     blockdec.decode(params, ecfg, prompts, lengths, 8,

@@ -76,7 +76,6 @@ def losses(params, cfg: ModelConfig, batch, key: jax.Array, *,
     weights2 = weights.at[:, 0].set(0.0)
   target_p = jax.nn.softmax(target_logits, axis=-1)
   target_top = jnp.argmax(target_logits, axis=-1)
-  total = jnp.maximum(weights.sum(), 1.0)
 
   def score(states, weights):
     pred, _ = model.apply({"params": params}, states, after,
@@ -101,7 +100,6 @@ def losses(params, cfg: ModelConfig, batch, key: jax.Array, *,
     own = jnp.concatenate([inputs[:, :1], pred[:, :-1]], axis=1)
     _, second = score(jitter(jax.lax.stop_gradient(own), keys[1]), weights2)
     passes.append(second)
-  del total
   ce, feat, top1 = (jnp.stack(x) for x in zip(*passes))
   loss = jnp.mean(ce + feature_weight * feat)
   return loss, {"token_loss": ce, "feature_loss": feat, "top1": top1}

@@ -39,6 +39,19 @@ def timed(fn, repeats: int):
   return out, first, float(np.median(times))
 
 
+def heldout_prompts(tokenizer, num: int, min_bytes: int = 128,
+                    max_bytes: int = 192, corpus: str = "stdlib"):
+  """(texts, prompts int32 [num, P], lengths [num]): `num` held-out prompts
+  of the corpus's test split (`data.heldout_prompts`, cut at line
+  boundaries), encoded and right-padded to one width."""
+  splits = data_lib.split_corpus(data_lib.load_corpus(corpus))
+  texts = data_lib.heldout_prompts(splits["test"], num, min_bytes=min_bytes,
+                                   max_bytes=max_bytes)
+  prompts, lengths = pad_prompts([np.asarray(tokenizer.encode(t), np.int32)
+                                  for t in texts])
+  return texts, prompts, lengths
+
+
 def compare_decoding(params, cfg, tokenizer, texts, *, max_new_tokens: int = 64,
                      block_size: int | None = None, repeats: int = 3,
                      adaptive=None, method=None) -> dict:

@@ -122,6 +122,27 @@ def train_or_load(config, cache_dir="cache", *, progress: bool | None = None,
   return run
 
 
+def cached_run(spec, cache_dir="cache", *, train: bool = False,
+               required: bool = True, log=print) -> Run | None:
+  """The run of config `spec` ("configs/x.py:preset") from the cache.
+
+  With `train`, an uncached run is trained first (`train_or_load`);
+  otherwise it is None, or a FileNotFoundError naming the folder and the
+  command that trains it when `required`. For experiments that must not
+  start an hour of training unasked.
+  """
+  config = load_config(spec)
+  workdir = run_dir(config, cache_dir)
+  if not (train or is_finished(workdir)):
+    if required:
+      raise FileNotFoundError(
+          f"{workdir} holds no finished {spec} run; train it with "
+          f"`blockdec train --config {spec}` (or pass --train).")
+    log(f"[cache] {spec}: not cached ({workdir}); skipped")
+    return None
+  return train_or_load(config, cache_dir, log=log)
+
+
 def _load_finished(workdir, name, log, retry=True) -> Run | None:
   """The finished run in `workdir`, or None if it is unfinished or damaged
   (damaged files are reported and set aside, so training finishes it again

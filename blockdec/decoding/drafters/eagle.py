@@ -22,7 +22,11 @@ o .. o + c - 1 and decided the root at p = o + c:
              j + 1                                         (j = 1 .. D - 1)
 
 D drafter calls per round, each a fraction of a target call (one layer, no
-proposal heads). Prefill feeds the prompt the same way. Greedy drafts are
+proposal heads). As a token tree (`chains` C > 1, greedy only) draft 1 is
+the drafter's C likeliest tokens and each starts a chain that the D - 1
+steps continue on its own copy of the drafter's cache (Medusa/EAGLE's
+static tree with one branching level, `lattice.DraftTree(C, k)`); the
+target verifies all C chains in one tree call and keeps the longest. Prefill feeds the prompt the same way. Greedy drafts are
 argmaxes; with sampling each draft is drawn from the filtered distribution
 q of the drafter's logits (the run's `Sampling`), so the speculative
 sampling verifier keeps the output distributed as the target's.
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 
 from blockdec.decoding import sampling as sampling_lib
 from blockdec.decoding.core import Draft, Drafter, View
+from blockdec.decoding.lattice import DraftTree
 
 # step(features [B, T, d], tokens [B, T], positions [B, T], cache, empty)
 #   -> (predicted next states [B, T, d], their logits [B, T, V], cache):
@@ -54,17 +59,27 @@ class EagleDrafter(Drafter):
   [B, D], and q [B, D, V] with sampling.
 
   Args:
-    block_size: k, the root plus D = k - 1 drafts per call.
+    block_size: k, the root plus D = k - 1 drafts per chain.
     step: the drafter's network (`EagleStepFn`).
     cache: its empty cache with room for P + N + k positions.
+    chains: C; above 1 the drafts form a token tree (`DraftTree(C, k)`):
+      the drafter's C likeliest first tokens, each continued by its own
+      greedy steps (greedy decoding only).
   """
 
-  def __init__(self, block_size: int, step: EagleStepFn, cache: Any):
+  def __init__(self, block_size: int, step: EagleStepFn, cache: Any,
+               chains: int = 1):
     self.block_size, self._step, self.cache = block_size, step, cache
+    self.chains = chains
+    self._tree = DraftTree(chains, block_size) if chains > 1 else None
 
   @property
   def num_drafts(self) -> int:
     return self.block_size - 1
+
+  @property
+  def tree(self) -> DraftTree | None:
+    return self._tree
 
   def _choose(self, logits, view: View, depth):
     """Draft at `depth` (1-based; generated index lengths + depth, the root
@@ -76,19 +91,32 @@ class EagleDrafter(Drafter):
              empty=False):
     """A drafting round: the block (features [B, T, d] beside tokens
     [B, T] at offsets + 0..T-1; `last` [B] indexes the node whose
-    prediction is draft 1), then D - 1 single steps."""
-    d = self.num_drafts
+    prediction is draft 1), then D - 1 single steps per chain.
+
+    The carry keeps the cache as the block left it: the steps' entries
+    (slots from the root's position on) are overwritten by the next block
+    before anything reads them, so a tree's chains can step on copies.
+    """
+    d, chains = self.num_drafts, self.chains
     batch = view.lengths.shape[0]
     if d == 0:
-      return {"cache": cache, "tokens": jnp.zeros((batch, 0), jnp.int32)}
+      return {"cache": cache,
+              "tokens": jnp.zeros((batch, chains, 0), jnp.int32)}
     positions = offsets[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     hidden, logits, cache = self._step(features, tokens, positions, cache,
                                        empty)
     take = lambda x: jnp.take_along_axis(
         x, last.reshape((batch,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
     hidden, logits = take(hidden), take(logits)
-    token, q = self._choose(logits, view, 1)
     pos = view.prompt_lengths + view.lengths  # the root's position
+    steps_cache = cache
+    if chains == 1:
+      token, q = self._choose(logits, view, 1)
+    else:  # The C likeliest first drafts, each on its own copy of the cache.
+      token, q = jax.lax.top_k(logits, chains)[1].reshape(-1), None
+      copies = lambda x: jnp.repeat(x, chains, axis=0)
+      hidden, pos = copies(hidden), copies(pos)
+      steps_cache = jax.tree_util.tree_map(copies, cache)
 
     def step(carry, depth):
       cache, hidden, token = carry
@@ -98,13 +126,14 @@ class EagleDrafter(Drafter):
       token, q = self._choose(logits[:, 0], view, depth + 1)
       return (cache, hidden[:, 0], token), (token, q)
 
-    (cache, _, _), (rest, rest_q) = jax.lax.scan(
-        step, (cache, hidden, token), jnp.arange(1, d, dtype=jnp.int32))
+    _, (rest, rest_q) = jax.lax.scan(
+        step, (steps_cache, hidden, token), jnp.arange(1, d, dtype=jnp.int32))
+    tokens = jnp.concatenate([token[:, None], rest.T], axis=1)  # [B C, D]
     out = {"cache": cache,
-           "tokens": jnp.concatenate([token[:, None], rest.T], axis=1)}
+           "tokens": tokens.astype(jnp.int32).reshape(batch, chains, d)}
     if q is not None:
       out["q"] = jnp.concatenate([q[:, None], jnp.moveaxis(rest_q, 0, 1)],
-                                 axis=1)  # [B, D, V]
+                                 axis=1)[:, None]  # [B, 1, D, V]
     return out
 
   def _features(self, view: View):
@@ -137,6 +166,4 @@ class EagleDrafter(Drafter):
                        view.offsets, jnp.maximum(count - 1, 0))
 
   def propose(self, carry, view: View) -> Draft:
-    q = carry.get("q")
-    return Draft(tokens=carry["tokens"][:, None],
-                 q=None if q is None else q[:, None])
+    return Draft(tokens=carry["tokens"], q=carry.get("q"))
