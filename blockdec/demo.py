@@ -4,7 +4,9 @@ them ancestrally and by speculative sampling.
 
 First run: trains configs/base_lm.py:demo, then configs/heads_frozen.py:demo
 (about 10 minutes on 2 CPU cores), caching both under cache/. Later runs reuse
-the cache and only decode. The work happens in blockdec.training (pipeline,
+the cache and only decode. The EAGLE-style drafter of the same base
+(configs/eagle.py:demo, about 15 more minutes to train, too long for a first
+run) is decoded too once it is in the cache. The work happens in blockdec.training (pipeline,
 evaluation); this file chooses the settings and prints.
 """
 
@@ -19,6 +21,7 @@ from blockdec.decoding import AdaptiveBlockSize, Sampling
 from blockdec.training import data, evaluation, pipeline
 
 CONFIG = "configs/heads_frozen.py:demo"
+EAGLE_CONFIG = "configs/eagle.py:demo"
 CACHE_DIR = os.environ.get("BLOCKDEC_CACHE", "cache")
 NUM_PROMPTS = 16
 PROMPT_BYTES = (128, 192)  # Cut at line boundaries; + NEW_TOKENS <= seq_len 256.
@@ -83,8 +86,30 @@ summary ({run.cfg.n_layers}-layer d={run.cfg.d_model} byte LM, {run.cfg.num_pred
   batch {len(texts)}: sampling T=0.6 ancestral {sampled['ancestral_tokens_per_s']:.0f} tokens/s, speculative {sampled['speculative_tokens_per_s']:.0f} tokens/s, speedup {sampled['speedup']:.2f}x, {sampled['tokens_per_call']:.2f} tokens per call
   sample NLL (T=1 model)    ancestral {sampled['ancestral_nll']:.3f} +- {sampled['ancestral_nll_stderr']:.3f}, speculative {sampled['nll']:.3f} +- {sampled['nll_stderr']:.3f} nats/token (same distribution: equal within noise)
   identical to greedy       {r['identical'] and one['identical'] and adaptive['identical']}
-  machine load              {os.getloadavg()[0]:.1f} (1-min average) on {os.cpu_count()} cores; timings are medians of 5
-  total time                {time.perf_counter() - t0:.0f} s""")
+  machine load              {os.getloadavg()[0]:.1f} (1-min average) on {os.cpu_count()} cores; timings are medians of 5""")
+  _eagle(texts, sample)
+  print(f"  total time                {time.perf_counter() - t0:.0f} s")
+
+
+def _eagle(texts, sample):
+  """The EAGLE drafter on the same frozen base, when it is cached."""
+  from blockdec import Eagle  # pylint: disable=g-import-not-at-top
+  run = pipeline.cached_run(EAGLE_CONFIG, CACHE_DIR, required=False,
+                            log=lambda _: None)
+  if run is None:
+    print(f"  EAGLE drafter             not trained; `blockdec train --config "
+          f"{EAGLE_CONFIG}` (about 15 minutes) adds it here")
+    return
+  method = Eagle(block_size=8)
+  r = evaluation.compare_decoding(run.params, run.cfg, run.tokenizer, texts,
+                                  max_new_tokens=NEW_TOKENS, repeats=5,
+                                  method=method)
+  one = evaluation.compare_decoding(run.params, run.cfg, run.tokenizer,
+                                    [texts[sample]], max_new_tokens=NEW_TOKENS,
+                                    method=method)
+  print(f"""  EAGLE drafter, k=8 (exact, same frozen base: {EAGLE_CONFIG})
+  batch {len(texts)}: eagle         {r['blockwise_tokens_per_s']:.0f} tokens/s, speedup {r['speedup']:.2f}x, {r['block_efficiency']:.2f} tokens per call ({r['block_efficiency_non_degenerate']:.2f} non-degenerate rows), identical to greedy {r['identical']}
+  batch 1 (prompt {sample}): eagle     speedup {one['speedup']:.2f}x, {one['block_efficiency']:.2f} tokens per call""")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ Three layers, each a plain function of the one above:
      lm_head/kernel                  [d, V]        ("embed", "vocab")
      proposal_heads/head_j/fc1/kernel [d, F_h]     ("embed", "mlp")
      proposal_heads/head_j/fc2/kernel [F_h, d]     ("mlp", "embed")
+     eagle/fc/kernel                 [2d, d]       ("embed", "mlp")
+     eagle/layer_i/...               as layer_i/...
      biases                          the kernel's output axis
      norms (scale, bias)             replicated
      KV cache k, v (per layer)       [B, H_kv, D, S], [B, H_kv, S, D]
@@ -263,7 +265,7 @@ _LEAF_AXES = {
     ("pos_embed", "embedding"): (None, "embed"),
     ("lm_head", "kernel"): ("embed", "vocab"),
 }
-_NORMS = ("attn_norm", "mlp_norm", "final_norm")
+_NORMS = ("attn_norm", "mlp_norm", "final_norm", "norm")  # norm: eagle's
 
 
 def _key_name(key) -> str:

@@ -13,9 +13,11 @@ samples the base's own distribution, losslessly):
   eagle          the EAGLE-style drafter on the trunk's features
                  (configs/eagle.py:demo), Eagle(k)
 
-each as a chain (token trees are not built yet), at k = --block_sizes,
-greedy and at temperature --temperature, at batch 1 and --batch. Models
-that are not cached are skipped unless --train.
+each as a chain at k = --block_sizes, greedy and at temperature
+--temperature, at batch 1 and --batch; EAGLE also as a token tree of
+--tree_chains chains (its C likeliest first tokens, each continued
+greedily; greedy only). Models that are not cached are skipped unless
+--train.
 
 Rows: {model, drafter, block_size, tree, temperature, batch,
 tokens_per_call, tokens_per_call_nondegenerate, degenerate_share,
@@ -81,6 +83,8 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--block_sizes", default="4,8")
   p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--tree_chains", type=int, default=4,
+                 help="chains of the EAGLE token tree rows (0: none)")
   p.add_argument("--drafters", default=",".join(DRAFTERS))
   p.add_argument("--cache_dir", default=str(ROOT / "cache"))
   p.add_argument("--train", action="store_true",
@@ -152,13 +156,17 @@ def main(argv=None):
                               sampling)
       ref_tps = ref.lengths.sum() / ref_s
       plans = [("autoregressive", None, base.params, base.cfg,
-                blockdec.Autoregressive())]
+                blockdec.Autoregressive(), "chain")]
       for name, (run, make, params_of) in drafters.items():
         own = params_of == "own"
         for k in args.block_sizes:
           plans.append((name, k, run.params if own else base.params,
-                        run.cfg if own else base.cfg, make(run, k)))
-      for name, k, params, cfg, method in plans:
+                        run.cfg if own else base.cfg, make(run, k), "chain"))
+          if name == "eagle" and sampling is None and args.tree_chains > 1:
+            plans.append((name, k, run.params, run.cfg, blockdec.Eagle(
+                k, num_drafts=args.tree_chains),
+                          f"static, {args.tree_chains} chains"))
+      for name, k, params, cfg, method, tree in plans:
         if name == "autoregressive":
           out, seconds = ref, ref_s
         else:
@@ -172,7 +180,7 @@ def main(argv=None):
         degenerate = np.array([metrics.is_degenerate(t) for t in texts])
         row = {
             "model": "demo", "drafter": name, "block_size": k,
-            "tree": "chain", "temperature": temperature, "batch": batch,
+            "tree": tree, "temperature": temperature, "batch": batch,
             "tokens_per_call": float(lens.sum() / calls.sum()),
             "tokens_per_call_nondegenerate": (
                 metrics.block_efficiency(lens, calls, rows=~degenerate)
@@ -183,7 +191,8 @@ def main(argv=None):
             "median_pass_s": seconds,
         }
         rows.append(row)
-        print(f"  T={temperature:g} batch {batch:2d} {name:15s} k={k}: "
+        print(f"  T={temperature:g} batch {batch:2d} {name:15s} k={k} "
+              f"{tree}: "
               f"{row['tokens_per_call']:.2f} tokens/call "
               f"({_fmt(row['tokens_per_call_nondegenerate'])} non-degenerate)"
               f", {row['tokens_per_s']:.0f} tokens/s, {row['speedup']:.2f}x")
@@ -287,22 +296,23 @@ def plot(result, path):
   batches = sorted({r["batch"] for r in rows})
   fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4),
                            squeeze=False)
-  names = sorted({(r["drafter"], r["block_size"]) for r in rows},
-                 key=lambda x: (x[0], x[1]))
+  names = sorted({(r["drafter"], r["block_size"], r["tree"]) for r in rows})
   width = 0.8 / max(len(batches), 1)
   for ax, temperature in zip(axes[0], temps):
     for j, batch in enumerate(batches):
       values = []
-      for name, k in names:
-        r = next((r for r in rows if (r["drafter"], r["block_size"]) ==
-                  (name, k) and r["temperature"] == temperature
+      for name, k, tree in names:
+        r = next((r for r in rows if (r["drafter"], r["block_size"],
+                                      r["tree"]) == (name, k, tree)
+                  and r["temperature"] == temperature
                   and r["batch"] == batch), None)
         values.append(0 if r is None else r["speedup"])
       ax.bar(np.arange(len(names)) + j * width, values, width,
              label=f"batch {batch}")
     ax.axhline(1.0, color="gray", lw=1, ls=":")
     ax.set_xticks(np.arange(len(names)) + width * (len(batches) - 1) / 2)
-    ax.set_xticklabels([f"{n}\nk={k}" for n, k in names], fontsize=7)
+    ax.set_xticklabels([f"{n}\nk={k}" + ("" if t == "chain" else " tree")
+                        for n, k, t in names], fontsize=7)
     ax.set_ylabel("speedup over the base's own decoding")
     ax.set_title("greedy" if temperature == 0 else
                  f"sampling, T={temperature:g}")

@@ -214,6 +214,22 @@ def check_decode(backends=("xla",), meshes=MESHES, fns=None):
                         prompts, lengths, 10, mesh=mesh, method=method)
   np.testing.assert_array_equal(np.asarray(out.tokens), ref.tokens)
   np.testing.assert_array_equal(np.asarray(out.num_calls), ref.num_calls)
+  # The EAGLE drafter: its parameters sharded with the model's, its cache
+  # in the carry, the target's states through View.features; a chain
+  # sampled and a tree greedy.
+  e_cfg = cfg.replace(eagle_layers=1)
+  e_params = blockdec.init_params(e_cfg, jax.random.key(7))
+  mesh = blockdec.make_mesh((4, 2))
+  for run in (dict(method=blockdec.Eagle(3), sampling=blockdec.Sampling(0.8),
+                   key=jax.random.key(8)),
+              dict(method=blockdec.Eagle(3, num_drafts=2))):
+    ref = blockdec.decode(e_params, e_cfg, prompts, lengths, 10, **run)
+    out = blockdec.decode(blockdec.shard_params(e_params, e_cfg, mesh), e_cfg,
+                          prompts, lengths, 10, mesh=mesh, **run)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref.tokens,
+                                  err_msg=str(run))
+    np.testing.assert_array_equal(np.asarray(out.num_calls), ref.num_calls,
+                                  err_msg=str(run))
 
 
 def check_decode_pallas():
