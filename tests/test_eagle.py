@@ -243,3 +243,32 @@ def test_bad_eagle_configs_fail_clearly(base, corpus, tmp_path):
     with pytest.raises(ValueError, match=message):
       train.Trainer(tiny("eagle", corpus, **changes), tmp_path / "x",
                     init=init)
+
+
+@pytest.mark.parametrize("extra", [[], ["--temperature=0.7"]])
+def test_cli_decodes_with_eagle(tmp_path, capsys, extra):
+  from absl import flags
+  from blockdec import cli
+  from blockdec.training.tokenizers import ByteTokenizer
+  cfg, params = random_model(0, vocab_size=256, num_prediction_heads=1,
+                             eagle_layers=1)
+  blockdec.save_checkpoint(tmp_path, cfg, params, tokenizer=ByteTokenizer())
+  argv = ["blockdec", "decode", f"--checkpoint={tmp_path}", "--prompt=abcabc",
+          "--max_new_tokens=6", "--method=eagle", "--block_size=3"]
+  try:
+    cli.main(flags.FLAGS(argv + extra))
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert out.startswith("abcabc")
+  if extra:
+    assert "speculative sampling (eagle)" in out
+  else:
+    assert "identical to greedy: True" in out
+
+
+def test_hf_export_says_the_drafter_is_left_out(tmp_path):
+  cfg, params = random_model(0, num_prediction_heads=1, eagle_layers=1)
+  with pytest.warns(UserWarning, match="without its EAGLE drafter"):
+    blockdec.export_hf_checkpoint(cfg, params, tmp_path)
+  assert (tmp_path / "config.json").exists()

@@ -637,7 +637,8 @@ def export_hf_checkpoint(cfg: ModelConfig, params, path: str | os.PathLike, *,
   GPT-2-style configs (layernorm, gelu, learned positions, biases) are
   written as GPT2LMHeadModel, RoPE/RMSNorm/SwiGLU ones as LlamaForCausalLM
   (or Qwen2ForCausalLM when only q/k/v have biases). Proposal heads go to
-  `blockdec_heads.safetensors`, which transformers ignores.
+  `blockdec_heads.safetensors`, which transformers ignores; an EAGLE
+  drafter is not written (with a warning).
 
   Args:
     cfg, params: the model.
@@ -656,6 +657,12 @@ def export_hf_checkpoint(cfg: ModelConfig, params, path: str | os.PathLike, *,
   if dtype not in _NP_DTYPES:
     raise ValueError(f"dtype={dtype!r}; allowed: {sorted(_NP_DTYPES)}.")
   np_dtype = _NP_DTYPES[dtype]
+  if cfg.eagle_layers:
+    warnings.warn(f"export_hf_checkpoint writes the model without its EAGLE "
+                  f"drafter (eagle_layers={cfg.eagle_layers}): HF formats "
+                  "have no place for it; keep the blockdec checkpoint "
+                  "(save_checkpoint) to decode with blockdec.Eagle.",
+                  stacklevel=2)
   family = hf_family_of(cfg)
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
