@@ -11,6 +11,7 @@ decodes exactly the base's greedy text (and samples losslessly).
 Launch (from the repository root):
 
   blockdec train --config configs/eagle.py:demo
+  blockdec train --config configs/eagle.py:demo_distill   # on the base's greedy text
   blockdec train --config configs/eagle.py:demo --config.init_from=path/to/base_run
   blockdec decode --checkpoint cache/eagle_demo-<hash> --method=eagle --block_size=8
 
@@ -19,7 +20,10 @@ is trained first, or reused from the cache. The summary reports the
 drafter's held-out top-1 agreement with the base per pass and greedy
 tokens per call at k = 4 and 8 (`eagle_tokens_per_call`).
 
-Presets (the argument after ":"):
+Presets (the argument after ":"; add "_distill", e.g. "demo_distill", to
+train on the base's own greedy continuations of corpus prefixes, regime
+"eagle_distill", instead of on the corpus text: the text the drafter will
+draft when decoding greedily):
   tiny  seconds; for tests and smoke runs.
   cpu   minutes on 2 CPU cores, for the cpu base.
   demo  the drafter for the `make demo` base (~15 minutes on 2 CPU cores).
@@ -47,14 +51,17 @@ _PRESETS = {
 
 def get_config(arg="gpu"):
   arg = arg or "gpu"
-  if arg not in _PRESETS:
+  distill = arg.endswith("_distill")
+  preset = arg[:-len("_distill")] if distill else arg
+  if preset not in _PRESETS:
     raise ValueError(f"eagle preset {arg!r} unknown; allowed: "
-                     f"{tuple(_PRESETS)}.")
-  steps, lr, batch = _PRESETS[arg]
-  base = load_config(pathlib.Path(__file__).with_name("base_lm.py"), arg)
+                     f"{tuple(_PRESETS)}, each optionally + '_distill'.")
+  steps, lr, batch = _PRESETS[preset]
+  base = load_config(pathlib.Path(__file__).with_name("base_lm.py"), preset)
   c = default_config()
   c.name = f"eagle_{arg}"      # Run folder prefix.
-  c.regime = "eagle"           # Only params["eagle"] trains.
+  # Only params["eagle"] trains; on corpus text, or the base's greedy text.
+  c.regime = "eagle_distill" if distill else "eagle"
   c.base = base                # Trained first (or reused) when init_from is "".
   c.init_from = ""             # Or a base checkpoint folder.
   c.model = {"eagle_layers": 1}  # Decoder layers of the drafter.
@@ -73,8 +80,14 @@ def get_config(arg="gpu"):
   c.log_every = max(min(10, steps // 20), 1)  # ~20+ metric rows.
   c.diagnostics.num_prompts = 16  # Held-out prompts for tokens per call...
   c.diagnostics.new_tokens = 64   # ... of 64 greedy tokens each.
-  if arg == "tiny":
+  # "_distill": the defaults' distillation data (configs/heads_distill.py
+  # uses the same, so the cached continuations are shared).
+  if preset == "tiny":
     c.data.eval_batches = 1        # One held-out batch.
     c.diagnostics.num_prompts = 2  # Tokens per call on 2 prompts...
     c.diagnostics.new_tokens = 8   # ... of 8 greedy tokens each.
+    c.distill.num_sequences = 8    # Distillation rows ("_distill").
+    c.distill.prefix_len = 8       # Corpus tokens before each continuation.
+    c.distill.new_tokens = 16      # Generated target tokens per row.
+    c.distill.batch_size = 4       # Rows per generation call.
   return c

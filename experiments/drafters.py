@@ -294,25 +294,23 @@ def plot(result, path):
   rows = [r for r in result["rows"] if r["drafter"] != "autoregressive"]
   temps = sorted({r["temperature"] for r in rows})
   batches = sorted({r["batch"] for r in rows})
-  fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4),
+  fig, axes = plt.subplots(1, len(temps), figsize=(6.5 * len(temps), 4.5),
                            squeeze=False)
-  names = sorted({(r["drafter"], r["block_size"], r["tree"]) for r in rows})
   width = 0.8 / max(len(batches), 1)
   for ax, temperature in zip(axes[0], temps):
+    at = [r for r in rows if r["temperature"] == temperature]
+    names = sorted({(r["drafter"], r["block_size"], r["tree"]) for r in at})
     for j, batch in enumerate(batches):
-      values = []
-      for name, k, tree in names:
-        r = next((r for r in rows if (r["drafter"], r["block_size"],
-                                      r["tree"]) == (name, k, tree)
-                  and r["temperature"] == temperature
-                  and r["batch"] == batch), None)
-        values.append(0 if r is None else r["speedup"])
+      values = [next((r["speedup"] for r in at if r["batch"] == batch and
+                      (r["drafter"], r["block_size"], r["tree"]) == name), 0)
+                for name in names]
       ax.bar(np.arange(len(names)) + j * width, values, width,
              label=f"batch {batch}")
     ax.axhline(1.0, color="gray", lw=1, ls=":")
     ax.set_xticks(np.arange(len(names)) + width * (len(batches) - 1) / 2)
-    ax.set_xticklabels([f"{n}\nk={k}" + ("" if t == "chain" else " tree")
-                        for n, k, t in names], fontsize=7)
+    ax.set_xticklabels([f"{n} k={k}" + ("" if t == "chain" else " tree")
+                        for n, k, t in names], fontsize=8, rotation=35,
+                       ha="right")
     ax.set_ylabel("speedup over the base's own decoding")
     ax.set_title("greedy" if temperature == 0 else
                  f"sampling, T={temperature:g}")

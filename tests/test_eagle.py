@@ -13,6 +13,8 @@ right token. Lossless sampling: the chi-square test of tests/test_sampling.py
 against the enumerated distribution, with a biased verifier rejected.
 """
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,7 @@ from tests.test_sampling import (ALPHA, _ResampleFromTarget,
 from tests.test_training import (base, corpus, tiny,  # noqa: F401 (fixtures)
                                  train_killed_and_resumed)
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = [  # (arch_seed, batch, block_size, max_prompt, max_new_tokens, eos)
     (0, 1, 2, 5, 14, False), (2, 3, 4, 6, 20, True), (5, 5, 6, 9, 19, True),
     (7, 8, 3, 5, 25, False),
@@ -230,6 +233,30 @@ def test_eagle_trains_on_a_frozen_trunk_and_resumes(base, corpus, tmp_path):
   assert summary["regime"] == "eagle"
   assert set(summary["eagle_tokens_per_call"]) == {"k4", "k8"}
   assert all(v >= 1 for v in summary["eagle_tokens_per_call"].values())
+
+
+def test_eagle_trains_on_the_bases_greedy_text(base, corpus, tmp_path):
+  """configs/eagle.py:tiny_distill: regime eagle_distill, on the base's
+  generated continuations (cached beside the run); the base is frozen."""
+  from blockdec.training import pipeline, train
+  cfg, params, tokenizer, _ = base
+  config = pipeline.load_config(ROOT / "configs" / "eagle.py", "tiny_distill")
+  assert config.regime == "eagle_distill"
+  assert config.name == "eagle_tiny_distill"
+  config.data.corpus = str(corpus)
+  config.data.valid_fraction, config.data.test_fraction = 0.2, 0.1
+  config.progress, config.steps = False, 2
+  config.distill.cache_dir = str(tmp_path / "distill")
+  summary = train.train(config, tmp_path / "run",
+                        init=(cfg, params, tokenizer))
+  assert summary["regime"] == "eagle_distill"
+  assert len(list((tmp_path / "distill").glob("distill-*.npz"))) == 1
+  _, eparams, _ = blockdec.load_checkpoint(tmp_path / "run")
+  for key in params:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, eparams[key],
+                           params[key])
+  with pytest.raises(ValueError, match="'nope' unknown"):
+    pipeline.load_config(ROOT / "configs" / "eagle.py", "nope")
 
 
 def test_bad_eagle_configs_fail_clearly(base, corpus, tmp_path):

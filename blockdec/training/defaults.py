@@ -173,10 +173,10 @@ def check_config(c) -> None:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
       raise ValueError(f"config.diffusion.ar_weight={w!r} must be a number "
                        ">= 0.")
-  if c.regime == "eagle":
+  if REGIMES[c.regime]["trains"] == "eagle":
     # Set by configs/eagle.py (not a default, as `diffusion` above).
     if c.get("eagle") is None:
-      raise ValueError("config.regime='eagle' needs config.eagle."
+      raise ValueError(f"config.regime={c.regime!r} needs config.eagle."
                        "feature_weight, .noise and .unroll (see "
                        "configs/eagle.py).")
     for name in ("feature_weight", "noise"):
@@ -187,8 +187,8 @@ def check_config(c) -> None:
       raise ValueError(f"config.eagle.unroll={c.eagle.unroll!r} must be 1 "
                        "or 2.")
     if not c.model.get("eagle_layers"):
-      raise ValueError("config.regime='eagle' needs config.model.eagle_layers"
-                       " >= 1.")
+      raise ValueError(f"config.regime={c.regime!r} needs "
+                       "config.model.eagle_layers >= 1.")
   _positive_int("diagnostics.num_prompts", c.diagnostics.num_prompts,
                 allow_zero=True)
   _positive_int("diagnostics.new_tokens", c.diagnostics.new_tokens)

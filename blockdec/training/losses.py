@@ -36,7 +36,8 @@ import optax
 # on the diffusion loss plus the autoregressive one (training/diffusion.py);
 # its held-out loss is the autoregressive head-1 loss.
 # "eagle" trains the EAGLE-style drafter on the frozen base (training/
-# eagle.py); its held-out regime loss is the drafter's token loss.
+# eagle.py), "eagle_distill" the same on the base's greedy continuations;
+# their held-out regime loss is the drafter's token loss.
 REGIMES = {
     "base": dict(trains="all", heads="first", distill=False, model="fresh"),
     "frozen": dict(trains="heads", heads="proposals", distill=False,
@@ -50,6 +51,8 @@ REGIMES = {
     "block_diffusion": dict(trains="all", heads="first", distill=False,
                             model="base"),
     "eagle": dict(trains="eagle", heads="first", distill=False, model="base"),
+    "eagle_distill": dict(trains="eagle", heads="first", distill=True,
+                          model="base"),
 }
 
 

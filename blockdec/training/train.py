@@ -13,7 +13,8 @@ parameters come out bit-for-bit unchanged; "finetune" and "distill_finetune"
 train everything on the mean of the k head losses; "block_diffusion"
 adapts the base (plus a [MASK] token) to denoise blocks (training/
 diffusion.py); "eagle" trains only `params["eagle"]`, an EAGLE-style drafter
-on the frozen trunk's features (training/eagle.py); "draft" trains a FRESH
+on the frozen trunk's features (training/eagle.py), and "eagle_distill" the
+same on the base's greedy continuations; "draft" trains a FRESH
 small model (config.model, with the base's vocabulary, tokenizer and
 max_seq_len) on head 1 over the base's greedy continuations: a draft model
 for speculative decoding.
@@ -126,15 +127,17 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
   `first_head_weight`: see `losses.regime_loss`. `diffusion_cfg` (regime
   "block_diffusion"): `block_size` and `ar_weight`; the step's masks are
   drawn from (seed, step), so a resumed run draws the same ones.
-  `eagle_cfg` (regime "eagle"): `feature_weight`, `noise` and `unroll`
+  `eagle_cfg` (regimes "eagle*"): `feature_weight`, `noise` and `unroll`
   (training/eagle.py); its noise is drawn from (seed, step) too.
   """
   losses.check_regime(regime, cfg.num_prediction_heads)
   if regime == "block_diffusion" and cfg.mask_token_id is None:
     raise ValueError("regime 'block_diffusion' needs a model with a [MASK] "
                      "token (diffusion.adapt_model).")
-  if regime == "eagle" and not cfg.eagle_layers:
-    raise ValueError("regime 'eagle' needs a model with eagle_layers >= 1.")
+  trains_eagle = losses.REGIMES[regime]["trains"] == "eagle"
+  if trains_eagle and not cfg.eagle_layers:
+    raise ValueError(f"regime {regime!r} needs a model with eagle_layers "
+                     ">= 1.")
 
   def loss_fn(sub, state, batch):
     params = with_trainable(state.params, sub, regime)
@@ -144,7 +147,7 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
                                   diffusion_cfg.block_size)
       return (diff + diffusion_cfg.ar_weight * ar,
               (ar[None], {"diffusion_loss": diff}))
-    if regime == "eagle":
+    if trains_eagle:
       key = jax.random.fold_in(jax.random.key(seed), state.step)
       loss, parts = eagle.losses(
           params, cfg, batch, key, feature_weight=eagle_cfg.feature_weight,
@@ -400,7 +403,7 @@ class Trainer:
            "regime_loss": float(losses.regime_loss(
                self.regime, per_head, self.first_head_weight)),
            "nats_per_byte": float(per_head[0] / self.bytes_per_token)}
-    if self.regime == "eagle":
+    if losses.REGIMES[self.regime]["trains"] == "eagle":
       row.update(self._evaluate_eagle(params))
     return row
 
@@ -515,7 +518,7 @@ class Trainer:
       summary["head_agreement"] = self.head_agreement(params, n)
     if n and self.regime == "draft":
       summary["draft_agreement"] = self.draft_agreement(params, n)
-    if n and self.regime == "eagle":
+    if n and losses.REGIMES[self.regime]["trains"] == "eagle":
       summary["eagle_tokens_per_call"] = self.eagle_tokens_per_call(params, n)
     (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_loss_curve(rows, self.workdir / "loss_curve.png",
