@@ -181,7 +181,7 @@ def main(argv=None):
         row = {
             "model": "demo", "drafter": name, "block_size": k,
             "tree": tree, "temperature": temperature, "batch": batch,
-            "tokens_per_call": float(lens.sum() / calls.sum()),
+            "tokens_per_call": metrics.block_efficiency(lens, calls),
             "tokens_per_call_nondegenerate": (
                 metrics.block_efficiency(lens, calls, rows=~degenerate)
                 if (~degenerate).any() else None),

@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from blockdec import api, checkpointing, methods, sharding
+from blockdec.metrics import block_efficiency
 from blockdec.config import ModelConfig
 from blockdec.models import transformer
 from blockdec.training import data as data_lib
@@ -548,7 +549,7 @@ class Trainer:
       result = api.decode(params, self.cfg, prompts, lengths,
                           self.config.diagnostics.new_tokens,
                           method=methods.Eagle(block_size=k))
-      out[f"k{k}"] = float(np.sum(result.lengths) / np.sum(result.num_calls))
+      out[f"k{k}"] = block_efficiency(result.lengths, result.num_calls)
     return out
 
   def _diagnostic_prompts(self, num_prompts: int):

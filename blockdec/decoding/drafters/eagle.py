@@ -93,9 +93,10 @@ class EagleDrafter(Drafter):
     [B, T] at offsets + 0..T-1; `last` [B] indexes the node whose
     prediction is draft 1), then D - 1 single steps per chain.
 
-    The carry keeps the cache as the block left it: the steps' entries
-    (slots from the root's position on) are overwritten by the next block
-    before anything reads them, so a tree's chains can step on copies.
+    The steps' entries (slots from the root's position on) are
+    overwritten by the next block before anything reads them: a chain
+    keeps the cache the steps wrote (updated in place), a tree the cache
+    as the block left it (its chains step on copies).
     """
     d, chains = self.num_drafts, self.chains
     batch = view.lengths.shape[0]
@@ -126,10 +127,10 @@ class EagleDrafter(Drafter):
       token, q = self._choose(logits[:, 0], view, depth + 1)
       return (cache, hidden[:, 0], token), (token, q)
 
-    _, (rest, rest_q) = jax.lax.scan(
+    (steps_cache, _, _), (rest, rest_q) = jax.lax.scan(
         step, (steps_cache, hidden, token), jnp.arange(1, d, dtype=jnp.int32))
     tokens = jnp.concatenate([token[:, None], rest.T], axis=1)  # [B C, D]
-    out = {"cache": cache,
+    out = {"cache": steps_cache if chains == 1 else cache,
            "tokens": tokens.astype(jnp.int32).reshape(batch, chains, d)}
     if q is not None:
       out["q"] = jnp.concatenate([q[:, None], jnp.moveaxis(rest_q, 0, 1)],
