@@ -303,10 +303,6 @@ def _check_refined(method, cfg, sampling):
     if rescorer_cfg.vocab_size != cfg.vocab_size:
       raise ValueError(f"the rescorer's vocab_size={rescorer_cfg.vocab_size} "
                        f"differs from the model's {cfg.vocab_size}.")
-  if sampling is not None and method.num_drafts > 1:
-    raise ValueError(f"Refined(num_drafts={method.num_drafts}) verifies a "
-                     "token tree, which is greedy-only for now; with sampling "
-                     "use num_drafts=1.")
   if method.adaptive is not None and method.num_drafts > 1:
     raise ValueError("the adaptive draft length works on one chain; got "
                      f"Refined(num_drafts={method.num_drafts}).")

@@ -155,8 +155,8 @@ class Refined(Method):
   head log-probs + `ngram_weight` * n-gram log-probs + `rescorer_weight` *
   small-LM log-probs; several drafts are verified in one call as a token
   tree and the longest accepted one is kept. Whatever the drafts, `Exact()`
-  keeps the output lossless; with sampling only one draft per call
-  (`num_drafts=1`) is supported.
+  keeps the output lossless; with sampling the deterministic drafts are
+  matched against the target's own draws (chain or tree).
 
   Attributes:
     block_size: k (root included); None: all heads.
@@ -334,10 +334,12 @@ class Eagle(Method):
 
   Attributes:
     block_size: k >= 1, the decided token plus k - 1 drafts per chain.
-    num_drafts: C >= 1 chains per call. Above 1 the drafter's C likeliest
-      first tokens each start a chain and all C are verified in one call
-      as a token tree of 1 + C (k - 1) nodes, the longest accepted chain
-      kept (greedy decoding only, and no adaptive rule).
+    num_drafts: C >= 1 chains per call. Above 1, C first tokens (the
+      drafter's likeliest; with sampling, independent draws) each start a
+      chain and all C are verified in one call as a token tree of
+      1 + C (k - 1) nodes (no adaptive rule). Greedy keeps the longest
+      accepted chain; sampling stays lossless through the verifier's
+      multi-candidate rejection.
     acceptance, adaptive: as in `Blockwise` (the adaptive rule uses the
       "history" estimate).
   """
@@ -362,10 +364,6 @@ class Eagle(Method):
 
   def check(self, cfg, sampling, *, positions):
     if self.num_drafts > 1:
-      if sampling is not None:
-        raise ValueError(f"Eagle(num_drafts={self.num_drafts}) verifies a "
-                         "token tree, which is greedy-only for now; with "
-                         "sampling use num_drafts=1.")
       if self.adaptive is not None:
         raise ValueError("the adaptive draft length works on one chain; got "
                          f"Eagle(num_drafts={self.num_drafts}).")
@@ -443,7 +441,8 @@ class Lookahead(Method):
   and feeds a pool of n-grams; up to `guesses` pooled n-grams that start
   with the decided token are verified in the same call, as a token tree
   beside the window (`blockdec/decoding/drafters/lookahead.py`). Greedy:
-  exact. With sampling only `guesses=1` (one chain) is supported.
+  exact. With sampling: lossless (the guesses are matched against the
+  target's own draws).
 
   Attributes:
     window: W >= 1 guesses per level.
@@ -476,10 +475,6 @@ class Lookahead(Method):
                             self.pool_size)
 
   def check(self, cfg, sampling, *, positions):
-    if sampling is not None and self.guesses > 1:
-      raise ValueError(f"Lookahead(guesses={self.guesses}) verifies a token "
-                       "tree, which is greedy-only for now; with sampling use "
-                       "guesses=1.")
     reach = positions + self.ngram + self.window
     if cfg.position == "learned" and reach > cfg.max_seq_len:
       raise ValueError(f"Lookahead's window reaches position {reach} (prompt "

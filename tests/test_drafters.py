@@ -290,10 +290,6 @@ def test_lookahead_errors():
     blockdec.Lookahead(ngram=1)
   with pytest.raises(ValueError, match="window"):
     blockdec.Lookahead(window=0)
-  with pytest.raises(ValueError, match="guesses=1"):
-    blockdec.decode(params, cfg, prompts, lengths, 8,
-                    method=blockdec.Lookahead(guesses=2),
-                    sampling=blockdec.Sampling(), key=jax.random.key(0))
   learned = cfg.replace(position="learned", max_seq_len=16)
   with pytest.raises(ValueError, match="max_seq_len=16"):
     blockdec.decode(blockdec.init_params(learned, jax.random.key(0)), learned,

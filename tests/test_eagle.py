@@ -108,25 +108,31 @@ def test_more_chains_accept_more():
   assert efficiency[1] > 1.15 * efficiency[0], efficiency
 
 
+@pytest.mark.parametrize("chains", [1, 3], ids=["chain", "tree"])
 @pytest.mark.parametrize("sampling,n,k,eos_id", [
     (blockdec.Sampling(temperature=1.0), 3, 4, None),
     (blockdec.Sampling(temperature=0.7, top_k=4, top_p=0.9), 4, 3, 2),
 ])
 def test_eagle_sampling_matches_enumerated_distribution(sampling, n, k,
-                                                        eos_id):
+                                                        eos_id, chains):
+  """One chain, and a tree of 3 chains (independent first draws verified by
+  multi-candidate rejection)."""
   cfg, params = _sampling_model()
-  p_values, out = sampled_p_values(cfg, params, n, sampling,
-                                   blockdec.Eagle(block_size=k), eos_id)
+  p_values, out = sampled_p_values(
+      cfg, params, n, sampling,
+      blockdec.Eagle(block_size=k, num_drafts=chains), eos_id)
   assert min(p_values) > ALPHA, p_values
   hist = np.asarray(out.accepted_hist).sum(0)
   assert hist[0] > 0 and hist[1:].sum() > 0, hist
 
 
-def test_biased_verifier_is_caught_with_eagle():
+@pytest.mark.parametrize("chains", [1, 3], ids=["chain", "tree"])
+def test_biased_verifier_is_caught_with_eagle(chains):
   cfg, params = _sampling_model()
   p_values, _ = sampled_p_values(
       cfg, params, 3, blockdec.Sampling(temperature=1.0),
-      blockdec.Eagle(block_size=4, acceptance=_ResampleFromTarget()))
+      blockdec.Eagle(block_size=4, num_drafts=chains,
+                     acceptance=_ResampleFromTarget()))
   assert min(p_values) < 1e-6, p_values
 
 
@@ -158,10 +164,6 @@ def test_eagle_errors():
     blockdec.decode(eparams, ecfg, prompts, lengths, 8,
                     method=blockdec.Eagle(adaptive=blockdec.AdaptiveBlockSize(
                         estimate="confidence")))
-  with pytest.raises(ValueError, match="greedy-only"):
-    blockdec.decode(eparams, ecfg, prompts, lengths, 8,
-                    method=blockdec.Eagle(num_drafts=2),
-                    sampling=blockdec.Sampling(), key=jax.random.key(0))
   with pytest.raises(ValueError, match="one chain"):
     blockdec.decode(eparams, ecfg, prompts, lengths, 8,
                     method=blockdec.Eagle(num_drafts=2,

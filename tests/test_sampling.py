@@ -295,10 +295,6 @@ def test_sampling_errors():
     blockdec.decode(params, cfg, prompts, lengths, 4,
                     method=blockdec.Blockwise(2, acceptance=blockdec.TopK(2)),
                     sampling=blockdec.Sampling(), key=jax.random.key(0))
-  with pytest.raises(ValueError, match="num_drafts=1"):
-    blockdec.decode(params, cfg, prompts, lengths, 4,
-                    method=blockdec.Refined(3, num_drafts=2),
-                    sampling=blockdec.Sampling(), key=jax.random.key(0))
   for bad in (dict(temperature=0), dict(temperature=-1.0), dict(top_k=0),
               dict(top_p=0.0), dict(top_p=1.5)):
     with pytest.raises(ValueError, match="Sampling"):

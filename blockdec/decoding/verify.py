@@ -138,11 +138,30 @@ def greedy_verdict(matches: jax.Array, logits: jax.Array) -> Verdict:
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeSampling(Verifier):
-  """Lossless speculative sampling (the module docstring's steps).
+  """Lossless speculative sampling, for one chain or a token tree.
 
-  Deterministic drafts (`q=None`) count as drawn from a one-hot q: a draft
-  x is then accepted with probability p(x), and a rejection draws from p
-  with x removed. One chain only.
+  Three cases, each output distributed as ancestral sampling from p:
+
+  * Drafts with q, one chain: the module docstring's steps.
+  * Drafts with q, C > 1 chains (a tree sharing the root; SpecInfer's
+    multi-candidate rejection, Miao et al. 2024): the chains' first tokens
+    are tried in order against a residual r, starting at r = p: candidate c
+    is accepted with probability min(1, r(x_c) / q_c(x_c)), and a rejection
+    sets r to the normalised max(0, r - q_c). If every candidate fails the
+    next token is drawn from the last r; otherwise the accepted chain goes
+    on as a single chain. Contract: given everything before the call,
+    chain c's first token is drawn from q[:, c, 0] independently of the
+    other chains (i.i.d. draws from one q qualify; so do fixed tokens with
+    one-hot q), and its later tokens from q[:, c, j] given its earlier ones.
+  * Deterministic drafts (`q=None`), any number of chains: the target's
+    token at every depth of every chain is drawn with the key of the
+    generated index it would have (`keys.next`) and the drafts are matched
+    against those draws as `Exact()` matches argmaxes: the longest matching
+    chain wins and the draw after it is the next token. Chains that share
+    a prefix share the draws along it, so this is ancestral sampling with
+    the tree as a cache: with the same key the output equals
+    `Autoregressive()` sampling token for token (up to float rounding of
+    the logits between a block call and a one-token call).
   """
 
   lossless = True
@@ -168,30 +187,77 @@ class SpeculativeSampling(Verifier):
     return p_draft / jnp.maximum(q_draft, jnp.finfo(jnp.float32).tiny)
 
   def verify(self, drafts, logits, q, sampling, keys):
-    if drafts.shape[1] != 1:
-      raise ValueError(f"speculative sampling verifies one chain; got "
-                       f"{drafts.shape[1]} (multi-draft trees are greedy-only).")
-    draft = drafts[:, 0]  # [B, D]
-    d = draft.shape[-1]
-    p = sampling.probs(logits[:, 0])  # [B, D + 1, V]
-    one_hot = jax.nn.one_hot(draft, p.shape[-1], dtype=p.dtype)  # [B, D, V]
-    q = one_hot if q is None else q[:, 0].astype(jnp.float32)
-    p_draft = jnp.sum(p[:, :d] * one_hot, axis=-1)  # [B, D]
-    q_draft = jnp.sum(q * one_hot, axis=-1)
+    if q is None:
+      return self._match_draws(drafts, logits, sampling, keys)
+    p = sampling.probs(logits)  # [B, C, D + 1, V]
+    q = q.astype(jnp.float32)
+    one_hot = jax.nn.one_hot(drafts, p.shape[-1], dtype=p.dtype)  # [B,C,D,V]
+    ratio = self.acceptance_ratio(jnp.sum(p[:, :, :-1] * one_hot, axis=-1),
+                                  jnp.sum(q * one_hot, axis=-1))  # [B, C, D]
+    if drafts.shape[1] == 1:
+      return self._chain(p[:, 0], q[:, 0], ratio[:, 0], keys)
+    return self._tree(drafts, p, q, ratio, keys)
+
+  def _chain(self, p, q, ratio, keys) -> Verdict:
+    """One chain: p [B, D + 1, V], q [B, D, V], ratio [B, D]."""
+    d = q.shape[1]
     if d:
       u = sampling_lib.uniform(keys.accept)  # [B, D]
-      accepted = accepted_drafts(
-          u < self.acceptance_ratio(p_draft, q_draft)).astype(jnp.int32)
+      accepted = accepted_drafts(u < ratio).astype(jnp.int32)
     else:  # Nothing drafted: plain ancestral sampling.
-      accepted = jnp.zeros(draft.shape[:1], jnp.int32)
+      accepted = jnp.zeros(p.shape[:1], jnp.int32)
     # Row b draws its next token from the residual at its first rejection,
     # or from p after the last draft; pad q with zeros so index D is p.
     q_pad = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)
     dist = self.residual(_pick(p, accepted), _pick(q_pad, accepted))  # [B, V]
-    next_key = _pick(keys.next, accepted)
-    next_token = sampling_lib.sample(next_key, jnp.log(dist))
+    next_token = sampling_lib.sample(_pick(keys.next, accepted), jnp.log(dist))
     return Verdict(accepted=accepted, next_token=next_token,
                    chain=jnp.zeros_like(accepted))
+
+  def _tree(self, drafts, p, q, ratio, keys) -> Verdict:
+    """C > 1 chains with q: multi-candidate rejection at the first depth,
+    then the accepted chain as one chain (see the class docstring)."""
+    batch, chains, d = drafts.shape
+    # Candidate c's uniform: the first draft's accept key with c folded in.
+    u_first = sampling_lib.uniform(jax.vmap(lambda k: jax.vmap(
+        lambda c: jax.random.fold_in(k, c))(jnp.arange(chains)))(
+            keys.accept[:, 0]))  # [B, C]
+    r = p[:, 0, 0]  # [B, V], the root's distribution (shared node)
+    chosen = jnp.full((batch,), -1, jnp.int32)
+    for c in range(chains):
+      r_x = jnp.take_along_axis(r, drafts[:, c, :1], axis=-1)[:, 0]
+      q_x = jnp.take_along_axis(q[:, c, 0], drafts[:, c, :1], axis=-1)[:, 0]
+      take = (chosen < 0) & (u_first[:, c] < self.acceptance_ratio(r_x, q_x))
+      chosen = jnp.where(take, c, chosen)
+      r = jnp.where((chosen < 0)[:, None], self.residual(r, q[:, c, 0]), r)
+    hit = chosen >= 0
+    chain = jnp.maximum(chosen, 0)
+    p_c, q_c = _pick(p, chain), _pick(q, chain)  # [B, D + 1, V], [B, D, V]
+    deeper = jnp.zeros((batch,), jnp.int32)
+    if d > 1:
+      u = sampling_lib.uniform(keys.accept[:, 1:])  # [B, D - 1]
+      deeper = accepted_drafts(u < _pick(ratio, chain)[:, 1:]).astype(jnp.int32)
+    accepted = jnp.where(hit, 1 + deeper, 0).astype(jnp.int32)
+    q_pad = jnp.concatenate([q_c, jnp.zeros_like(p_c[:, :1])], axis=1)
+    dist = jnp.where(hit[:, None], self.residual(_pick(p_c, accepted),
+                                                 _pick(q_pad, accepted)), r)
+    next_token = sampling_lib.sample(_pick(keys.next, accepted), jnp.log(dist))
+    return Verdict(accepted=accepted, next_token=next_token, chain=chain)
+
+  def _match_draws(self, drafts, logits, sampling, keys) -> Verdict:
+    """Deterministic drafts: match them against the target's own draws."""
+    log_p = sampling.log_probs(logits)  # [B, C, D + 1, V]
+    chains = drafts.shape[1]
+    draw_keys = jnp.broadcast_to(keys.next[:, None],
+                                 (keys.next.shape[0], chains) +
+                                 keys.next.shape[1:])
+    draws = sampling_lib.sample(draw_keys, log_p)  # [B, C, D + 1]
+    per_chain = accepted_drafts(drafts == draws[:, :, :-1])  # [B, C]
+    chain = jnp.argmax(per_chain, axis=-1).astype(jnp.int32)
+    accepted = _pick(per_chain, chain).astype(jnp.int32)
+    return Verdict(accepted=accepted,
+                   next_token=_pick(_pick(draws, chain), accepted),
+                   chain=chain)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,14 +22,19 @@ o .. o + c - 1 and decided the root at p = o + c:
              j + 1                                         (j = 1 .. D - 1)
 
 D drafter calls per round, each a fraction of a target call (one layer, no
-proposal heads). As a token tree (`chains` C > 1, greedy only) draft 1 is
-the drafter's C likeliest tokens and each starts a chain that the D - 1
-steps continue on its own copy of the drafter's cache (Medusa/EAGLE's
-static tree with one branching level, `lattice.DraftTree(C, k)`); the
-target verifies all C chains in one tree call and keeps the longest. Prefill feeds the prompt the same way. Greedy drafts are
-argmaxes; with sampling each draft is drawn from the filtered distribution
-q of the drafter's logits (the run's `Sampling`), so the speculative
-sampling verifier keeps the output distributed as the target's.
+proposal heads). As a token tree (`chains` C > 1) draft 1 is C tokens and
+each starts a chain that the D - 1 steps continue on its own copy of the
+drafter's cache (Medusa/EAGLE's static tree with one branching level,
+`lattice.DraftTree(C, k)`); the target verifies all C chains in one tree
+call. Prefill feeds the prompt the same way.
+
+Greedy drafts are argmaxes (a tree's first tokens the C likeliest) and the
+longest accepted chain is kept. With sampling each draft is drawn from the
+filtered distribution q of the drafter's logits (the run's `Sampling`); a
+tree's C first tokens are independent draws (the row's key with the chain
+folded in), which is what the speculative-sampling verifier's
+multi-candidate rejection needs to keep the output distributed as the
+target's.
 """
 
 from __future__ import annotations
@@ -63,8 +68,8 @@ class EagleDrafter(Drafter):
     step: the drafter's network (`EagleStepFn`).
     cache: its empty cache with room for P + N + k positions.
     chains: C; above 1 the drafts form a token tree (`DraftTree(C, k)`):
-      the drafter's C likeliest first tokens, each continued by its own
-      greedy steps (greedy decoding only).
+      C first tokens (the likeliest, or independent draws with sampling),
+      each continued by its own steps.
   """
 
   def __init__(self, block_size: int, step: EagleStepFn, cache: Any,
@@ -81,11 +86,20 @@ class EagleDrafter(Drafter):
   def tree(self) -> DraftTree | None:
     return self._tree
 
-  def _choose(self, logits, view: View, depth):
+  def _choose(self, logits, keys, lengths, sampling, depth):
     """Draft at `depth` (1-based; generated index lengths + depth, the root
-    being `lengths`) from logits [B, V] -> (tokens [B], q or None)."""
-    return sampling_lib.draft(logits, view.context.sampling, view.keys,
-                              view.lengths + depth)
+    being `lengths`) from logits [R, V] -> (tokens [R], q or None)."""
+    return sampling_lib.draft(logits, sampling, keys, lengths + depth)
+
+  def _chain_keys(self, view: View):
+    """Per (row, chain) keys [B C] and lengths [B C]: the row's key with the
+    chain folded in, so a tree's chains draw independently."""
+    chains, lengths = self.chains, view.lengths
+    if chains == 1 or view.keys is None:
+      return view.keys, lengths
+    keys = jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(
+        jnp.arange(chains)))(view.keys).reshape(-1)
+    return keys, jnp.repeat(lengths, chains)
 
   def _draft(self, cache, view: View, features, tokens, offsets, last,
              empty=False):
@@ -110,21 +124,26 @@ class EagleDrafter(Drafter):
         x, last.reshape((batch,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
     hidden, logits = take(hidden), take(logits)
     pos = view.prompt_lengths + view.lengths  # the root's position
+    sampling = view.context.sampling
+    keys, lengths = self._chain_keys(view)
     steps_cache = cache
     if chains == 1:
-      token, q = self._choose(logits, view, 1)
-    else:  # The C likeliest first drafts, each on its own copy of the cache.
-      token, q = jax.lax.top_k(logits, chains)[1].reshape(-1), None
+      token, q = self._choose(logits, keys, lengths, sampling, 1)
+    else:  # C first drafts, each on its own copy of the cache.
       copies = lambda x: jnp.repeat(x, chains, axis=0)
       hidden, pos = copies(hidden), copies(pos)
       steps_cache = jax.tree_util.tree_map(copies, cache)
+      if sampling is None:  # The C likeliest.
+        token, q = jax.lax.top_k(logits, chains)[1].reshape(-1), None
+      else:  # C independent draws from q (the tree verifier's contract).
+        token, q = self._choose(copies(logits), keys, lengths, sampling, 1)
 
     def step(carry, depth):
       cache, hidden, token = carry
       hidden, logits, cache = self._step(hidden[:, None], token[:, None],
                                          (pos + depth - 1)[:, None], cache,
                                          False)
-      token, q = self._choose(logits[:, 0], view, depth + 1)
+      token, q = self._choose(logits[:, 0], keys, lengths, sampling, depth + 1)
       return (cache, hidden[:, 0], token), (token, q)
 
     (steps_cache, _, _), (rest, rest_q) = jax.lax.scan(
@@ -133,8 +152,8 @@ class EagleDrafter(Drafter):
     out = {"cache": steps_cache if chains == 1 else cache,
            "tokens": tokens.astype(jnp.int32).reshape(batch, chains, d)}
     if q is not None:
-      out["q"] = jnp.concatenate([q[:, None], jnp.moveaxis(rest_q, 0, 1)],
-                                 axis=1)[:, None]  # [B, 1, D, V]
+      q = jnp.concatenate([q[:, None], jnp.moveaxis(rest_q, 0, 1)], axis=1)
+      out["q"] = q.reshape(batch, chains, d, -1)  # [B, C, D, V]
     return out
 
   def _features(self, view: View):

@@ -15,8 +15,8 @@ values into place.
 
 Every committed token is still decided by the verifier against head 1, so
 with `Exact()` the output equals greedy decoding whatever the drafts; only
-the number of calls changes. Drafts are deterministic: with sampling they
-count as one-hot q (one chain only; multi-draft trees are greedy-only).
+the number of calls changes. Drafts are deterministic: with sampling the
+verifier matches them against the target's own draws (chain or tree).
 
 Why a tree in one row and not p batch rows: the rows would each need a copy
 of the whole prefix cache (p times the memory, and a copy per call), while
