@@ -291,6 +291,11 @@ def _check_key(key, sampling):
 
 
 def _check_refined(method, cfg, sampling):
+  if cfg.head_type == "hydra":
+    raise ValueError("Refined searches a lattice of independent heads' "
+                     "candidates, but this model's proposal heads are Hydra "
+                     "heads (head_type='hydra'), which read the drafted "
+                     "tokens: decode with blockdec.Blockwise(block_size).")
   if method.lattice_width > cfg.vocab_size:
     raise ValueError(f"lattice_width={method.lattice_width!r} must be in "
                      f"[1, vocab_size={cfg.vocab_size}].")

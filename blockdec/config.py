@@ -19,6 +19,7 @@ _MLPS = ("swiglu", "gelu")
 _POSITIONS = ("rope", "learned")
 _BACKENDS = ("xla", "pallas")
 _DTYPES = ("float32", "bfloat16")
+_HEAD_TYPES = ("stern", "hydra")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,10 @@ class ModelConfig:
   # Decoder layers of an EAGLE-style drafter on the trunk's features
   # (configs/eagle.py, `blockdec.Eagle`), or 0: none.
   eagle_layers: int = 0
+  # The proposal heads' kind: "stern" (head j reads the final hidden state
+  # alone) or "hydra" (head j also reads the embeddings of the j - 1 tokens
+  # before its target: Hydra's dependent heads, `blockdec.Hydra`).
+  head_type: Literal["stern", "hydra"] = "stern"
 
   def __post_init__(self):
     def store(name, value):  # Normalised (e.g. np.int64 -> int) in place.
@@ -87,6 +92,7 @@ class ModelConfig:
         "mask_token_id", self.mask_token_id, low=0, high=self.vocab_size - 1,
         optional=True))
     _check_choice("norm", self.norm, _NORMS)
+    _check_choice("head_type", self.head_type, _HEAD_TYPES)
     _check_choice("mlp", self.mlp, _MLPS)
     _check_choice("position", self.position, _POSITIONS)
     _check_choice("attention_backend", self.attention_backend, _BACKENDS)

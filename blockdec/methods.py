@@ -8,8 +8,10 @@ it.
 
     Autoregressive()                      one token per call (greedy, or
                                           ancestral sampling)
-    Blockwise(block_size, acceptance,     Stern et al.'s heads draft
+    Blockwise(block_size, acceptance,     the model's proposal heads draft
               adaptive)                   block_size - 1 tokens per call
+                                          (Stern's, or Hydra's dependent
+                                          heads one after the other)
     Refined(block_size, num_drafts, ...)  Kim et al.'s rescored lattice
                                           drafts, several as a token tree
     DraftModel(draft_cfg, draft_params,   a small model drafts
@@ -45,7 +47,7 @@ from blockdec.decoding.core import Drafter, NoDrafter
 from blockdec.models import transformer
 from blockdec.decoding.drafters import (BlockDiffusionDrafter,
                                         DraftModelDrafter, EagleDrafter,
-                                        HeadsDrafter,
+                                        HeadsDrafter, HydraDrafter,
                                         LookaheadDrafter, PromptLookupDrafter,
                                         RefinedDrafter)
 
@@ -119,6 +121,12 @@ def _check_block_size(block_size, cfg: ModelConfig | None = None) -> None:
 class Blockwise(Method):
   """Blockwise parallel decoding with the model's proposal heads.
 
+  Stern's independent heads (`head_type="stern"`) draft at once from the
+  last committed node (`blockdec/decoding/drafters/heads.py`); Hydra's
+  dependent heads (`head_type="hydra"`, `configs/heads_hydra.py`) draft one
+  after the other, each reading the drafts before it
+  (`blockdec/decoding/drafters/hydra.py`).
+
   Attributes:
     block_size: k in [1, num_prediction_heads]: the decided token plus the
       drafts of heads 2..k; None: all heads.
@@ -142,8 +150,16 @@ class Blockwise(Method):
     return cfg.num_prediction_heads if self.block_size is None \
         else self.block_size
 
-  def drafter(self, cfg, block_size, arrays, **kw):
-    return HeadsDrafter(block_size)
+  def drafter(self, cfg, block_size, arrays, *, params, **kw):
+    if cfg.head_type != "hydra":
+      return HeadsDrafter(block_size)
+    model = transformer.Transformer(cfg)
+
+    def head(h, tokens, j):
+      return model.apply({"params": params}, h, tokens, j,
+                         method=transformer.Transformer.hydra_head)
+
+    return HydraDrafter(block_size, head)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ Three layers, each a plain function of the one above:
      lm_head/kernel                  [d, V]        ("embed", "vocab")
      proposal_heads/head_j/fc1/kernel [d, F_h]     ("embed", "mlp")
      proposal_heads/head_j/fc2/kernel [F_h, d]     ("mlp", "embed")
+     proposal_heads/head_j/fc_in/kernel [j d, d]   (None, "embed")  (Hydra)
      eagle/fc/kernel                 [2d, d]       ("embed", "mlp")
      eagle/layer_i/...               as layer_i/...
      biases                          the kernel's output axis
@@ -260,6 +261,7 @@ _LEAF_AXES = {
     ("down", "kernel"): ("mlp", "embed"), ("down", "bias"): ("embed",),
     ("proj", "kernel"): ("mlp", "embed"), ("proj", "bias"): ("embed",),
     ("fc1", "kernel"): ("embed", "mlp"), ("fc1", "bias"): ("mlp",),
+    ("fc_in", "kernel"): (None, "embed"), ("fc_in", "bias"): ("embed",),
     ("fc2", "kernel"): ("mlp", "embed"), ("fc2", "bias"): ("embed",),
     ("embed", "embedding"): ("vocab", "embed"),
     ("pos_embed", "embedding"): (None, "embed"),

@@ -28,15 +28,18 @@ def test_blockwise_exact_equals_greedy(arch, batch, k, p, n, with_eos):
 
 
 def check_against_greedy(arch, batch, k, p, n, with_eos, num_models,
-                         prepare=None, **blockwise_kwargs):
+                         prepare=None, model=None, **blockwise_kwargs):
   """`num_models` random weight sets of architecture `arch`: blockwise
   decoding (with `blockwise_kwargs`) equals greedy on ragged prompts.
 
-  `prepare(seed, params)` may change a model's params (e.g. its heads).
+  `prepare(seed, params)` may change a model's params (e.g. its heads);
+  `model`: ModelConfig overrides (e.g. the heads' kind). Returns the
+  accepted-length histogram summed over every run.
   """
-  eos_id = None
+  eos_id, hist = None, 0
   for seed in range(num_models):
-    cfg, params = random_model(arch, param_seed=100 * arch + seed)
+    cfg, params = random_model(arch, param_seed=100 * arch + seed,
+                               **(model or {}))
     if prepare is not None:
       params = prepare(seed, params)
     prompts, lengths = ragged_prompts(100 * arch + seed, batch, p,
@@ -50,6 +53,8 @@ def check_against_greedy(arch, batch, k, p, n, with_eos, num_models,
                                       eos_id=eos_id, **blockwise_kwargs)
     _check_pair(cfg, params, prompts, lengths, greedy, block, k, n, eos_id,
                 eos_expected_in_row=batch // 2 if seed == 0 else None)
+    hist = hist + np.asarray(block.accepted_hist).sum(0)
+  return hist
 
 
 def _check_pair(cfg, params, prompts, lengths, greedy, block, k, n, eos_id,

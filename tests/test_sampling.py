@@ -111,6 +111,15 @@ def sampled_p_values(cfg, params, n, sampling, method, eos_id=None, seed=0,
   return p_values, out
 
 
+def assert_lossless(cfg, params, n, sampling, method, eos_id=None):
+  """The chi-square test passes, and drafts were both accepted and
+  rejected (both paths of the verifier ran)."""
+  p_values, out = sampled_p_values(cfg, params, n, sampling, method, eos_id)
+  assert min(p_values) > ALPHA, p_values
+  hist = np.asarray(out.accepted_hist).sum(0)
+  assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
 CASES = [  # (sampling, n, block_size, eos_id)
     (blockdec.Sampling(temperature=1.0), 3, 4, None),
     (blockdec.Sampling(temperature=0.6), 3, 3, None),
@@ -124,13 +133,8 @@ CASES = [  # (sampling, n, block_size, eos_id)
 def test_speculative_sampling_matches_enumerated_distribution(sampling, n, k,
                                                               eos_id):
   cfg, params = _model()
-  p_values, out = sampled_p_values(cfg, params, n, sampling,
-                                   blockdec.Blockwise(block_size=k), eos_id,
-                                   )
-  assert min(p_values) > ALPHA, p_values
-  # Drafts were both accepted and rejected: both paths were tested.
-  hist = np.asarray(out.accepted_hist).sum(0)
-  assert hist[0] > 0 and hist[1:].sum() > 0, hist
+  assert_lossless(cfg, params, n, sampling, blockdec.Blockwise(block_size=k),
+                  eos_id)
 
 
 def test_ancestral_sampling_matches_enumerated_distribution():

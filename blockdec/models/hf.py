@@ -137,7 +137,8 @@ def _rope(hf: dict, where: str):
 def config_from_hf(hf: dict, *, num_prediction_heads: int = 1,
                    head_hidden: int | None = None,
                    max_seq_len: int | None = None, dtype: str = "float32",
-                   where: str = CONFIG_FILE) -> tuple[ModelConfig, str]:
+                   where: str = CONFIG_FILE,
+                   head_type: str = "stern") -> tuple[ModelConfig, str]:
   """A `ModelConfig` and the family name for an HF `config.json` dict.
 
   Raises ValueError naming the option when the checkpoint uses something
@@ -145,7 +146,8 @@ def config_from_hf(hf: dict, *, num_prediction_heads: int = 1,
   """
   family = _family(hf, where)
   common = dict(num_prediction_heads=num_prediction_heads,
-                head_hidden=head_hidden, dtype=dtype, param_dtype=dtype,
+                head_hidden=head_hidden, head_type=head_type, dtype=dtype,
+                param_dtype=dtype,
                 vocab_size=int(hf["vocab_size"]))
   if family == "gpt2":
     act = hf.get("activation_function", "gelu_new")
@@ -467,7 +469,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *,
     head_hidden = int(heads_meta["head_hidden"])
   cfg, family = config_from_hf(
       hf, num_prediction_heads=num_prediction_heads, head_hidden=head_hidden,
-      max_seq_len=max_seq_len, dtype=dtype, where=where)
+      max_seq_len=max_seq_len, dtype=dtype, where=where,
+      head_type=heads_meta.get("head_type", "stern"))
   tensors = _Tensors(path)
   shapes = _base_shapes(cfg)
   np_dtype = _NP_DTYPES[dtype]
@@ -543,10 +546,13 @@ def _read_heads(path: str) -> tuple[dict, dict]:
 
 def _heads(cfg: ModelConfig, stored: dict, seed: int) -> dict:
   """Proposal heads 2..k: stored ones where present, fresh ones after."""
-  d = cfg.d_model
+  d, k = cfg.d_model, cfg.num_prediction_heads
+  dtype = transformer._dtype(cfg.dtype)
+  embeddings = (jnp.zeros((1, 1, k - 1, d), dtype)
+                if cfg.head_type == "hydra" else None)
   fresh = transformer.ProposalHeads(cfg).init(
-      jax.random.key(seed), jnp.zeros((1, 1, d), transformer._dtype(cfg.dtype)),
-      cfg.num_prediction_heads)["params"]
+      jax.random.key(seed), jnp.zeros((1, 1, d), dtype), k,
+      embeddings)["params"]
   out = {}
   for name, init in fresh.items():
     if name not in stored:
@@ -691,6 +697,8 @@ def export_hf_checkpoint(cfg: ModelConfig, params, path: str | os.PathLike, *,
             "num_prediction_heads": str(cfg.num_prediction_heads)}
     if cfg.head_hidden is not None:
       meta["head_hidden"] = str(cfg.head_hidden)
+    if cfg.head_type != "stern":
+      meta["head_type"] = cfg.head_type
     save_file(flat, heads_file, metadata=meta)
   elif os.path.exists(heads_file):
     os.remove(heads_file)  # Stale heads of an earlier export.

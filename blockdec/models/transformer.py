@@ -11,6 +11,7 @@ Parameter tree (names are stable; checkpoint import relies on them):
   final_norm
   lm_head/kernel             [d, V]                  (tie_embeddings=False)
   proposal_heads/head_{j}/{fc1,fc2}   j = 2..k       (num_prediction_heads > 1)
+  proposal_heads/head_{j}/{fc_in,fc1,fc2}            (head_type="hydra")
   eagle/fc, eagle/layer_{i}/..., eagle/norm          (eagle_layers > 0)
 
 Head 1 is `final_norm -> vocabulary projection`. Head j >= 2 (Stern sec. 3) is
@@ -19,6 +20,13 @@ one residual feed-forward layer on the same normalised hidden state,
 Everything under `proposal_heads` can be trained while the rest stays frozen,
 which leaves head 1, and so greedy decoding, bit-for-bit unchanged. The
 same holds for `eagle` (an EAGLE-style drafter, `EagleDrafter`).
+
+Hydra heads (`head_type="hydra"`, Ankner et al. 2024) are dependent: head
+j >= 2 at position t also reads the embeddings of tokens t + 1 .. t + j - 1
+(the decided token and the drafts before its own), joined with h by a linear
+map, `z = fc_in([h, e_{t+1}, ..., e_{t+j-1}])`, then `z + fc2(relu(fc1(z)))`.
+Drafting with them is sequential (`blockdec.Blockwise` on such a model);
+training feeds the targets of the heads before (teacher forcing).
 """
 
 from __future__ import annotations
@@ -211,6 +219,22 @@ class ProposalHead(nn.Module):
     return h + dense(cfg.d_model, "fc2")(nn.relu(dense(cfg.head_ff_dim, "fc1")(h)))
 
 
+class HydraHead(nn.Module):
+  """Hydra's head j: the hidden state and the j - 1 tokens before the target."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, embeddings):
+    """h [..., d] and embeddings [..., j - 1, d] -> the head's state [..., d]."""
+    cfg = self.cfg
+    dense = lambda n, name: _dense(cfg, n, name, True)
+    joined = jnp.concatenate(
+        [h, embeddings.reshape(embeddings.shape[:-2] + (-1,)).astype(h.dtype)],
+        axis=-1)
+    z = dense(cfg.d_model, "fc_in")(joined)
+    return z + dense(cfg.d_model, "fc2")(nn.relu(dense(cfg.head_ff_dim, "fc1")(z)))
+
+
 class EagleDrafter(nn.Module):
   """An EAGLE-style drafter (Li et al. 2024): the next hidden state from this one.
 
@@ -293,18 +317,42 @@ class Transformer(nn.Module):
       logits = self.lm_head(h)
     return logits.astype(jnp.float32)
 
-  def head_logits(self, h, num_heads: int | None = None):
-    """h [B, T, d] -> logits [B, T, num_heads, V] of heads 1..num_heads."""
+  def head_logits(self, h, num_heads: int | None = None, tokens=None):
+    """h [B, T, d] -> logits [B, T, num_heads, V] of heads 1..num_heads.
+
+    Hydra heads (cfg.head_type == "hydra") also need `tokens` [B, T, >=
+    num_heads - 1]: at each position the tokens after it (head j reads the
+    first j - 1).
+    """
     num_heads = num_heads or self.cfg.num_prediction_heads
     hs = [h]
     if num_heads > 1:
-      hs += self.proposal_heads(h, num_heads)
+      embeddings = None
+      if self.cfg.head_type == "hydra":
+        if tokens is None:
+          raise ValueError(
+              "this model's proposal heads are Hydra heads (head_type="
+              "'hydra'): they read the drafted tokens, which only "
+              "blockdec.Blockwise's Hydra drafter feeds them.")
+        embeddings = self.embed(tokens[..., :num_heads - 1])
+      hs += self.proposal_heads(h, num_heads, embeddings)
     return self.vocab_logits(jnp.stack(hs, axis=2))
+
+  def hydra_head(self, h, tokens, j: int):
+    """Hydra head j (static) at h [B, d] after tokens [B, j - 1] -> logits
+    [B, V]."""
+    return self.vocab_logits(self.proposal_heads.heads[f"head_{j}"](
+        h, self.embed(tokens)))
 
   def __call__(self, tokens, positions, cache=None, num_heads=None,
                mask=None):
+    """Logits of every head; Hydra heads read the tokens that follow in
+    `tokens` (teacher forcing along the given text; 0 past its end)."""
     h, cache = self.trunk(tokens, positions, cache, mask)
-    return self.head_logits(h, num_heads), cache
+    following, num_heads = None, num_heads or self.cfg.num_prediction_heads
+    if self.cfg.head_type == "hydra" and num_heads > 1:
+      following = following_tokens(tokens, num_heads - 1)
+    return self.head_logits(h, num_heads, following), cache
 
   def eagle_step(self, features, tokens, positions, cache=None,
                  empty_cache: bool = False):
@@ -328,21 +376,37 @@ class Transformer(nn.Module):
   def init_all(self, tokens, positions):
     """Touches every submodule (the EAGLE drafter too) for `init`."""
     h, _ = self.trunk(tokens, positions)
-    out = self.head_logits(h)
+    following = None
+    if self.cfg.head_type == "hydra":
+      following = jnp.zeros(tokens.shape + (self.cfg.num_prediction_heads,),
+                            jnp.int32)
+    out = self.head_logits(h, tokens=following)
     if self.cfg.eagle_layers:
       self.eagle_step(h, tokens, positions)
     return out
+
+
+def following_tokens(tokens: jax.Array, n: int) -> jax.Array:
+  """tokens [B, T] -> [B, T, n]: at t, tokens t + 1 .. t + n (0 past T)."""
+  padded = jnp.pad(tokens, ((0, 0), (0, n)))
+  t = tokens.shape[1]
+  return jnp.stack([padded[:, i:i + t] for i in range(1, n + 1)], axis=-1)
 
 
 class ProposalHeads(nn.Module):
   cfg: ModelConfig
 
   def setup(self):
-    self.heads = {f"head_{j}": ProposalHead(self.cfg, name=f"head_{j}")
+    head = HydraHead if self.cfg.head_type == "hydra" else ProposalHead
+    self.heads = {f"head_{j}": head(self.cfg, name=f"head_{j}")
                   for j in range(2, self.cfg.num_prediction_heads + 1)}
 
-  def __call__(self, h, num_heads):
-    return [self.heads[f"head_{j}"](h) for j in range(2, num_heads + 1)]
+  def __call__(self, h, num_heads, embeddings=None):
+    """Heads 2..num_heads on h; Hydra heads read embeddings [..., >= j-1, d]."""
+    if embeddings is None:
+      return [self.heads[f"head_{j}"](h) for j in range(2, num_heads + 1)]
+    return [self.heads[f"head_{j}"](h, embeddings[..., :j - 1, :])
+            for j in range(2, num_heads + 1)]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:

@@ -106,18 +106,28 @@ def make_optimizer(optim, total_steps: int):
   return optax.chain(*parts), schedule
 
 
-def head_losses(params, cfg: ModelConfig, batch, regime: str) -> jax.Array:
-  """Per-head mean cross-entropy [k] on batch {"tokens", "mask"} [B, S]."""
+def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool):
+  """Every head's logits [B, T, k, V] on batch rows, with targets and
+  weights [B, T, k] (`losses.head_targets`)."""
   k = cfg.num_prediction_heads
   inputs, targets, weights = losses.head_targets(batch["tokens"], batch["mask"], k)
   positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32),
                                inputs.shape)
   model = transformer.Transformer(cfg)
   h, _ = model.apply({"params": params}, inputs, positions, method="trunk")
-  if losses.REGIMES[regime]["trains"] == "heads":
+  if frozen_trunk:
     h = jax.lax.stop_gradient(h)  # [B, T, d] a constant: no trunk backward.
-  logits = model.apply({"params": params}, h, method="head_logits")  # [B, T, k, V]
-  return losses.per_head_losses(logits, targets, weights)
+  # Hydra heads read the tokens before their targets: teacher forcing.
+  following = targets if cfg.head_type == "hydra" else None
+  logits = model.apply({"params": params}, h, None, following,
+                       method="head_logits")
+  return logits, targets, weights
+
+
+def head_losses(params, cfg: ModelConfig, batch, regime: str) -> jax.Array:
+  """Per-head mean cross-entropy [k] on batch {"tokens", "mask"} [B, S]."""
+  return losses.per_head_losses(*_head_logits(
+      params, cfg, batch, losses.REGIMES[regime]["trains"] == "heads"))
 
 
 def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
@@ -185,13 +195,7 @@ def make_eval_step(cfg: ModelConfig):
   """(params, batch) -> (summed cross-entropy [k], summed weights [k])."""
 
   def eval_step(params, batch):
-    k = cfg.num_prediction_heads
-    inputs, targets, weights = losses.head_targets(batch["tokens"],
-                                                   batch["mask"], k)
-    positions = jnp.broadcast_to(
-        jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
-    logits, _ = transformer.apply(params, cfg, inputs, positions)
-    return losses.per_head_sums(logits, targets, weights)
+    return losses.per_head_sums(*_head_logits(params, cfg, batch, True))
 
   return eval_step
 
@@ -249,6 +253,9 @@ def heads_model(base_cfg: ModelConfig, base_params, overrides, seed: int):
     raise ValueError(f"config.model has a field ModelConfig lacks: {e}") from None
   fresh = jax.device_get(api.init_params(cfg, jax.random.key(seed)))
   base_params = jax.device_get(base_params)
+  if cfg.head_type != base_cfg.head_type:  # Other heads: start them fresh.
+    base_params = {k: v for k, v in base_params.items()
+                   if k != "proposal_heads"}
 
   def merge(new, old, path):
     if isinstance(new, dict):
@@ -263,7 +270,7 @@ def heads_model(base_cfg: ModelConfig, base_params, overrides, seed: int):
           f"parameter {path} has shape {np.shape(old)} in the base checkpoint "
           f"but {np.shape(new)} under the head config; config.model may only "
           "change head fields (num_prediction_heads, head_hidden, "
-          "eagle_layers).")
+          "head_type, eagle_layers).")
     return np.asarray(old)
 
   return cfg, merge(fresh, base_params, "")

@@ -8,3 +8,4 @@ from blockdec.decoding.drafters.prompt_lookup import PromptLookupDrafter
 from blockdec.decoding.drafters.lookahead import LookaheadDrafter
 from blockdec.decoding.drafters.block_diffusion import BlockDiffusionDrafter
 from blockdec.decoding.drafters.eagle import EagleDrafter
+from blockdec.decoding.drafters.hydra import HydraDrafter

@@ -1,0 +1,203 @@
+"""Hydra's dependent heads: exact under greedy, lossless with sampling,
+trained on a frozen trunk.
+
+Exactness: seeded sweeps over random architectures, ragged batches, block
+sizes and EOS, token for token against the plain greedy loop. Alignment: a
+"bigram" target (attention and MLP outputs zeroed, so the next token depends
+on the current one alone) with heads that copy the last token they read
+(head j's join keeps only the embedding of token t + j - 1): its drafts are
+right only if every head reads the decided token and the drafts before its
+own, in order, so every call accepts the whole block; Stern's heads cannot
+do that. Lossless sampling: the chi-square test of tests/test_sampling.py,
+with a biased verifier rejected.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blockdec
+from tests.helpers import ragged_prompts, random_model, tiny_config
+from tests.test_exactness import check_against_greedy
+from tests.test_sampling import (_ResampleFromTarget, assert_lossless,
+                                 sampled_p_values)
+from tests.test_training import (base, corpus, tiny,  # noqa: F401 (fixtures)
+                                 train_killed_and_resumed)
+
+CASES = [  # (arch_seed, batch, block_size, max_prompt, max_new_tokens, eos)
+    (0, 1, 2, 5, 14, False), (2, 3, 4, 6, 20, True), (5, 5, 6, 9, 19, True),
+    (7, 8, 8, 5, 25, False),
+]
+
+
+def bigram_with_copy_heads(cfg, params):
+  """The target predicts from the current token alone; Hydra head j's
+  state is the embedding of the last token it reads (t + j - 1)."""
+  def zero_layer_outputs(path, x):
+    names = [getattr(p, "key", "") for p in path]
+    if names[0].startswith("layer_") and (
+        names[1:3] == ["attn", "o"] or names[1:3] in (["mlp", "down"],
+                                                      ["mlp", "proj"])):
+      return jnp.zeros_like(x)
+    return x
+
+  params = jax.tree_util.tree_map_with_path(zero_layer_outputs, params)
+  d, heads = cfg.d_model, {}
+  for j in range(2, cfg.num_prediction_heads + 1):
+    old = params["proposal_heads"][f"head_{j}"]
+    heads[f"head_{j}"] = {
+        **jax.tree_util.tree_map(jnp.zeros_like, old),
+        "fc_in": {"kernel": jnp.concatenate([jnp.zeros(((j - 1) * d, d)),
+                                             jnp.eye(d)]),
+                  "bias": jnp.zeros((d,))}}
+  return {**params, "proposal_heads": heads}
+
+
+def cyclic_bigram(cfg, params):
+  """Orthogonal embeddings and an output projection that maps token x to
+  x + 1 (mod V): the bigram target's greedy text counts up, with no fixed
+  point (untied embeddings, V <= d)."""
+  v, d = cfg.vocab_size, cfg.d_model
+  q, _ = np.linalg.qr(np.random.RandomState(0).randn(d, v))
+  embed = jnp.asarray(q.T * 4.0, jnp.float32)  # [V, d], orthogonal rows
+  return {**params, "embed": {"embedding": embed},
+          "lm_head": {"kernel": jnp.roll(embed.T, 1, axis=1)}}
+
+
+@pytest.mark.parametrize("arch,batch,k,p,n,with_eos", CASES)
+def test_hydra_is_exact(arch, batch, k, p, n, with_eos):
+  """Two weight sets: random heads, and copy heads on a bigram target."""
+  cfg = tiny_config(arch, head_type="hydra")
+  hist = check_against_greedy(
+      arch, batch, k, p, n, with_eos, num_models=2, model={
+          "head_type": "hydra"}, compact_rows=batch == 5,
+      prepare=lambda seed, params: (bigram_with_copy_heads(cfg, params)
+                                    if seed else params))
+  assert hist[1:].sum() > 0, hist  # Drafts were accepted ...
+  if k > 2:
+    assert hist[:-1].sum() > 0, hist  # ... and rejected.
+
+
+def test_dependent_heads_read_the_chain_in_order():
+  cfg, params = random_model(3, head_type="hydra", max_seq_len=128,
+                             vocab_size=16, tie_embeddings=False)
+  params = bigram_with_copy_heads(cfg, cyclic_bigram(cfg, params))
+  prompts, lengths = ragged_prompts(3, 4, 10, cfg.vocab_size)
+  k, n = 8, 48
+  out = blockdec.decode(params, cfg, prompts, lengths, n,
+                        method=blockdec.Blockwise(block_size=k))
+  # Every call but a row's last (clamped to the budget) accepts k tokens.
+  np.testing.assert_array_equal(out.num_calls, np.full(4, n // k))
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=n)
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+  last = prompts[np.arange(4), lengths - 1]
+  np.testing.assert_array_equal(  # The text counts up from the prompt.
+      greedy.tokens, (last[:, None] + 1 + np.arange(n)) % cfg.vocab_size)
+  # Stern heads on the same target (zero residuals: every head repeats head
+  # 1's token, which counting text never does) have nothing accepted.
+  stern_cfg = cfg.replace(head_type="stern")
+  stern = blockdec.init_params(stern_cfg, jax.random.key(0))
+  stern = {**params, "proposal_heads": jax.tree_util.tree_map(
+      jnp.zeros_like, stern["proposal_heads"])}
+  stern_out = blockdec.decode(stern, stern_cfg, prompts, lengths, n,
+                              method=blockdec.Blockwise(block_size=k))
+  assert float(out.block_efficiency) == k
+  assert float(stern_out.block_efficiency) == 1
+
+
+@pytest.mark.parametrize("sampling,n,k,eos_id", [
+    (blockdec.Sampling(temperature=1.0), 3, 4, None),
+    (blockdec.Sampling(temperature=0.7, top_k=4, top_p=0.9), 4, 3, 2),
+])
+def test_hydra_sampling_matches_enumerated_distribution(sampling, n, k,
+                                                        eos_id):
+  cfg, params = _sampling_model()
+  assert_lossless(cfg, params, n, sampling, blockdec.Blockwise(block_size=k),
+                  eos_id)
+
+
+def test_biased_verifier_is_caught_with_hydra():
+  cfg, params = _sampling_model()
+  p_values, _ = sampled_p_values(
+      cfg, params, 3, blockdec.Sampling(temperature=1.0),
+      blockdec.Blockwise(block_size=4, acceptance=_ResampleFromTarget()))
+  assert min(p_values) < 1e-6, p_values
+
+
+def _sampling_model():
+  """A 6-token bigram target with copy heads (its q is near p, not equal)."""
+  cfg, params = random_model(1, param_seed=0, vocab_size=6, n_layers=1,
+                             num_prediction_heads=4, max_seq_len=16,
+                             head_type="hydra")
+  params = jax.tree_util.tree_map(lambda x: x * 0.5, params)
+  return cfg, bigram_with_copy_heads(cfg, params)
+
+
+def test_adaptive_draft_length_stays_exact():
+  cfg, params = random_model(4, head_type="hydra")
+  params = bigram_with_copy_heads(cfg, params)
+  prompts, lengths = ragged_prompts(4, 3, 6, cfg.vocab_size)
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=24)
+  for estimate in ("confidence", "history"):
+    out = blockdec.decode(params, cfg, prompts, lengths, 24,
+                          method=blockdec.Blockwise(
+                              block_size=6, adaptive=blockdec.AdaptiveBlockSize(
+                                  estimate=estimate, token_cost=0.2)))
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
+def test_hydra_errors():
+  cfg, params = random_model(1, head_type="hydra")
+  prompts, lengths = ragged_prompts(1, 2, 4, cfg.vocab_size)
+  with pytest.raises(ValueError, match="Hydra heads"):
+    blockdec.decode(params, cfg, prompts, lengths, 8,
+                    method=blockdec.Refined(block_size=3))
+  with pytest.raises(ValueError, match="head_type='nope'"):
+    cfg.replace(head_type="nope")
+  # A Stern checkpoint is not a Hydra one: the heads' shapes differ.
+  stern_params = blockdec.init_params(cfg.replace(head_type="stern"),
+                                      jax.random.key(0))
+  with pytest.raises(ValueError, match="fc_in"):
+    blockdec.decode(stern_params, cfg, prompts, lengths, 8,
+                    method=blockdec.Blockwise(3))
+
+
+def test_hydra_heads_train_on_a_frozen_trunk_and_resume(base, corpus,
+                                                        tmp_path):
+  """configs/heads_hydra.py:tiny: only the heads move (greedy output is the
+  base's), their held-out loss falls, and a killed run resumes exactly."""
+  cfg, params, tokenizer, _ = base
+  config = tiny("heads_hydra", corpus, steps=16, checkpoint_every=2,
+                eval_every=8, log_every=1)
+  assert config.regime == "frozen" and config.model.head_type == "hydra"
+  config.optim.learning_rate = 1e-2
+  summary, (hcfg, hparams, _) = train_killed_and_resumed(
+      config, tmp_path, (cfg, params, tokenizer))
+  assert hcfg.head_type == "hydra" and hcfg.num_prediction_heads == 4
+  for key in params:  # Trunk and head 1: bit-for-bit.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, hparams[key],
+                           params[key])
+  rows = [r for r in map(__import__("json").loads,
+                         (tmp_path / "a" / "metrics.jsonl").read_text()
+                         .splitlines()) if r["split"] == "valid"]
+  assert [r["step"] for r in rows] == [8, 16]
+  assert rows[-1]["head_losses"][1] < rows[0]["head_losses"][1]
+  assert summary["regime"] == "frozen"
+  prompts, lengths = ragged_prompts(0, 3, 6, hcfg.vocab_size)
+  greedy = blockdec.greedy_decode(hparams, hcfg, prompts, lengths,
+                                  max_new_tokens=16)
+  out = blockdec.decode(hparams, hcfg, prompts, lengths, 16,
+                        method=blockdec.Blockwise(4))
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
+def test_hf_export_keeps_hydra_heads(tmp_path):
+  cfg, params = random_model(0, head_type="hydra", num_prediction_heads=3)
+  blockdec.export_hf_checkpoint(cfg, params, tmp_path)
+  cfg2, params2 = blockdec.load_hf_checkpoint(tmp_path)
+  assert cfg2.head_type == "hydra" and cfg2.num_prediction_heads == 3
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         params2["proposal_heads"], params["proposal_heads"])
