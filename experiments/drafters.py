@@ -12,11 +12,14 @@ samples the base's own distribution, losslessly):
                  (configs/draft_model.py:demo), DraftModel(k)
   eagle          the EAGLE-style drafter on the trunk's features
                  (configs/eagle.py:demo), Eagle(k)
+  hydra-distill  Hydra's dependent heads trained on the base's greedy text
+                 (configs/heads_hydra.py:demo_distill), Blockwise(k)
 
 each as a chain at k = --block_sizes, greedy and at temperature
 --temperature, at batch 1 and --batch; EAGLE also as a token tree of
 --tree_chains chains (its C likeliest first tokens, each continued
-greedily; greedy only). Models that are not cached are skipped unless
+greedily; with sampling C independent draws, verified by multi-candidate
+rejection). Models that are not cached are skipped unless
 --train.
 
 Rows: {model, drafter, block_size, tree, temperature, batch,
@@ -70,6 +73,8 @@ DRAFTERS = {
                                                        block_size=k), "base"),
     "eagle": ("configs/eagle.py:demo",
               lambda run, k: blockdec.Eagle(block_size=k), "own"),
+    "hydra-distill": ("configs/heads_hydra.py:demo_distill",
+                      lambda run, k: blockdec.Blockwise(block_size=k), "own"),
 }
 PROMPT_BYTES = (128, 192)
 TARGETS = dict(greedy_nondegenerate=5.0, sampled_nondegenerate=3.0)
@@ -162,7 +167,7 @@ def main(argv=None):
         for k in args.block_sizes:
           plans.append((name, k, run.params if own else base.params,
                         run.cfg if own else base.cfg, make(run, k), "chain"))
-          if name == "eagle" and sampling is None and args.tree_chains > 1:
+          if name == "eagle" and args.tree_chains > 1:
             plans.append((name, k, run.params, run.cfg, blockdec.Eagle(
                 k, num_drafts=args.tree_chains),
                           f"static, {args.tree_chains} chains"))

@@ -230,6 +230,19 @@ def check_decode(backends=("xla",), meshes=MESHES, fns=None):
                                   err_msg=str(run))
     np.testing.assert_array_equal(np.asarray(out.num_calls), ref.num_calls,
                                   err_msg=str(run))
+  # Hydra heads: their joins (fc_in) sharded by the rules, drafting one
+  # after the other from View.features.
+  h_cfg = cfg.replace(head_type="hydra")
+  h_params = blockdec.init_params(h_cfg, jax.random.key(9))
+  ref = blockdec.decode(h_params, h_cfg, prompts, lengths, 10,
+                        method=blockdec.Blockwise(3))
+  np.testing.assert_array_equal(ref.tokens, blockdec.greedy_decode(
+      h_params, h_cfg, prompts, lengths, max_new_tokens=10).tokens)
+  out = blockdec.decode(blockdec.shard_params(h_params, h_cfg, mesh), h_cfg,
+                        prompts, lengths, 10, mesh=mesh,
+                        method=blockdec.Blockwise(3))
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref.tokens)
+  np.testing.assert_array_equal(np.asarray(out.num_calls), ref.num_calls)
 
 
 def check_decode_pallas():

@@ -27,7 +27,7 @@ from blockdec.models import transformer
 from blockdec.training import diffusion, pipeline, train
 from tests.helpers import (assert_same_or_near_tie, mid_way_eos,
                            ragged_prompts, random_model)
-from tests.test_sampling import ALPHA, _ResampleFromTarget, sampled_p_values
+from tests.test_sampling import ALPHA, _MatchTopTwo, sampled_p_values
 from tests.test_training import tiny, train_killed_and_resumed
 from tests.test_training_data import write_corpus
 
@@ -239,7 +239,7 @@ def test_self_speculative_sampling_matches_enumerated_distribution():
   assert hist[0] > 0 and hist[1:].sum() > 0, hist
   biased, _ = sampled_p_values(
       cfg, params, 3, sampling,
-      blockdec.BlockDiffusion(2, 0.5, acceptance=_ResampleFromTarget()))
+      blockdec.BlockDiffusion(2, 0.5, acceptance=_MatchTopTwo()))
   assert min(biased) < 1e-6, biased
 
 

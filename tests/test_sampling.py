@@ -20,6 +20,7 @@ from scipy import stats
 
 import blockdec
 from blockdec.decoding import sampling as sampling_lib
+from blockdec.decoding.verify import Verdict, _pick, accepted_drafts
 from tests.helpers import random_model
 
 ALPHA = 1e-3  # A lossless verifier passes; the biased one gives p ~ 1e-30.
@@ -168,6 +169,21 @@ class _AcceptTooOften(blockdec.SpeculativeSampling):
 
   def acceptance_ratio(self, p_draft, q_draft):
     return jnp.sqrt(super().acceptance_ratio(p_draft, q_draft))
+
+
+class _MatchTopTwo(blockdec.SpeculativeSampling):
+  """A biased match for deterministic drafts (whose verification uses no
+  residual): a draft survives when it is among the target's two likeliest
+  tokens (Stern's top-2 rule, lossy)."""
+
+  def _match_draws(self, drafts, logits, sampling, keys):
+    top2 = jax.lax.top_k(logits, 2)[1][:, :, :-1]  # [B, C, D, 2]
+    per_chain = accepted_drafts(jnp.any(drafts[..., None] == top2, axis=-1))
+    chain = jnp.argmax(per_chain, axis=-1).astype(jnp.int32)
+    accepted = _pick(per_chain, chain).astype(jnp.int32)
+    log_p = sampling.log_probs(_pick(_pick(logits, chain), accepted))
+    return Verdict(accepted=accepted, chain=chain, next_token=(
+        sampling_lib.sample(_pick(keys.next, accepted), log_p)))
 
 
 @pytest.mark.parametrize("biased", [_ResampleFromTarget(), _AcceptTooOften()])

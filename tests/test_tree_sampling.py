@@ -24,26 +24,10 @@ import pytest
 from scipy import stats
 
 import blockdec
-from blockdec.decoding import sampling as sampling_lib
-from blockdec.decoding.verify import (Verdict, VerifyKeys, _pick,
-                                     accepted_drafts)
+from blockdec.decoding.verify import VerifyKeys
 from tests.helpers import ragged_prompts, random_model
-from tests.test_sampling import ALPHA, _ResampleFromTarget, _model
-from tests.test_sampling import sampled_p_values
-
-
-class _MatchTopTwo(blockdec.SpeculativeSampling):
-  """A biased match for deterministic drafts: a draft survives when it is
-  among the target's two likeliest tokens (Stern's top-2 rule, lossy)."""
-
-  def _match_draws(self, drafts, logits, sampling, keys):
-    top2 = jax.lax.top_k(logits, 2)[1][:, :, :-1]  # [B, C, D, 2]
-    per_chain = accepted_drafts(jnp.any(drafts[..., None] == top2, axis=-1))
-    chain = jnp.argmax(per_chain, axis=-1).astype(jnp.int32)
-    accepted = _pick(per_chain, chain).astype(jnp.int32)
-    log_p = sampling.log_probs(_pick(_pick(logits, chain), accepted))
-    return Verdict(accepted=accepted, chain=chain, next_token=(
-        sampling_lib.sample(_pick(keys.next, accepted), log_p)))
+from tests.test_sampling import (ALPHA, _MatchTopTwo, _ResampleFromTarget,
+                                 _model, sampled_p_values)
 
 
 # One call's tree over the vocabulary {0, 1, 2, 3}: C = 3 chains of D = 2

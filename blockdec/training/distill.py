@@ -62,8 +62,11 @@ def generate(params, cfg, stream: np.ndarray, *, num_sequences: int,
     raise ValueError(f"distill prefix_len + new_tokens = "
                      f"{prefix_len + new_tokens} exceeds the teacher's "
                      f"max_seq_len={cfg.max_seq_len}.")
+  # The proposal heads' kind never changes greedy text (head 1 decides it):
+  # left out of the key, so data cached before the field existed is reused.
+  teacher = {k: v for k, v in cfg.to_dict().items() if k != "head_type"}
   settings = dict(num_sequences=num_sequences, prefix_len=prefix_len,
-                  new_tokens=new_tokens, seed=seed, cfg=cfg.to_dict(),
+                  new_tokens=new_tokens, seed=seed, cfg=teacher,
                   params=params_digest(params),
                   stream=hashlib.sha256(stream.tobytes()).hexdigest())
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
