@@ -4,9 +4,11 @@ them ancestrally and by speculative sampling.
 
 First run: trains configs/base_lm.py:demo, then configs/heads_frozen.py:demo
 (about 10 minutes on 2 CPU cores), caching both under cache/. Later runs reuse
-the cache and only decode. The EAGLE-style drafter of the same base
-(configs/eagle.py:demo, about 15 more minutes to train, too long for a first
-run) is decoded too once it is in the cache. The work happens in blockdec.training (pipeline,
+the cache and only decode. The best lossless drafters of the same base,
+Hydra's dependent heads distilled on its greedy text
+(configs/heads_hydra.py:demo_distill) and the EAGLE-style drafter
+(configs/eagle.py:demo), each 15-20 more minutes to train (too long for a
+first run), are decoded too once they are in the cache. The work happens in blockdec.training (pipeline,
 evaluation); this file chooses the settings and prints.
 """
 
@@ -22,6 +24,7 @@ from blockdec.training import data, evaluation, pipeline
 
 CONFIG = "configs/heads_frozen.py:demo"
 EAGLE_CONFIG = "configs/eagle.py:demo"
+HYDRA_CONFIG = "configs/heads_hydra.py:demo_distill"
 CACHE_DIR = os.environ.get("BLOCKDEC_CACHE", "cache")
 NUM_PROMPTS = 16
 PROMPT_BYTES = (128, 192)  # Cut at line boundaries; + NEW_TOKENS <= seq_len 256.
@@ -87,29 +90,31 @@ summary ({run.cfg.n_layers}-layer d={run.cfg.d_model} byte LM, {run.cfg.num_pred
   sample NLL (T=1 model)    ancestral {sampled['ancestral_nll']:.3f} +- {sampled['ancestral_nll_stderr']:.3f}, speculative {sampled['nll']:.3f} +- {sampled['nll_stderr']:.3f} nats/token (same distribution: equal within noise)
   identical to greedy       {r['identical'] and one['identical'] and adaptive['identical']}
   machine load              {os.getloadavg()[0]:.1f} (1-min average) on {os.cpu_count()} cores; timings are medians of 5""")
-  _eagle(texts, sample)
+  from blockdec import Blockwise, Eagle  # pylint: disable=g-import-not-at-top
+  _cached_drafter(texts, sample, "Hydra dependent heads", HYDRA_CONFIG,
+                  Blockwise(block_size=8), 20)
+  _cached_drafter(texts, sample, "EAGLE drafter", EAGLE_CONFIG,
+                  Eagle(block_size=8), 15)
   print(f"  total time                {time.perf_counter() - t0:.0f} s")
 
 
-def _eagle(texts, sample):
-  """The EAGLE drafter on the same frozen base, when it is cached."""
-  from blockdec import Eagle  # pylint: disable=g-import-not-at-top
-  run = pipeline.cached_run(EAGLE_CONFIG, CACHE_DIR, required=False,
+def _cached_drafter(texts, sample, label, config, method, minutes):
+  """A drafter trained on the same frozen base, decoded when it is cached."""
+  run = pipeline.cached_run(config, CACHE_DIR, required=False,
                             log=lambda _: None)
   if run is None:
-    print(f"  EAGLE drafter             not trained; `blockdec train --config "
-          f"{EAGLE_CONFIG}` (about 15 minutes) adds it here")
+    print(f"  {label:<26}not trained; `blockdec train --config {config}` "
+          f"(about {minutes} minutes) adds it here")
     return
-  method = Eagle(block_size=8)
   r = evaluation.compare_decoding(run.params, run.cfg, run.tokenizer, texts,
                                   max_new_tokens=NEW_TOKENS, repeats=5,
                                   method=method)
   one = evaluation.compare_decoding(run.params, run.cfg, run.tokenizer,
                                     [texts[sample]], max_new_tokens=NEW_TOKENS,
                                     method=method)
-  print(f"""  EAGLE drafter, k=8 (exact, same frozen base: {EAGLE_CONFIG})
-  batch {len(texts)}: eagle         {r['blockwise_tokens_per_s']:.0f} tokens/s, speedup {r['speedup']:.2f}x, {r['block_efficiency']:.2f} tokens per call ({r['block_efficiency_non_degenerate']:.2f} non-degenerate rows), identical to greedy {r['identical']}
-  batch 1 (prompt {sample}): eagle     speedup {one['speedup']:.2f}x, {one['block_efficiency']:.2f} tokens per call""")
+  print(f"""  {label}, k=8 (exact, same frozen base: {config})
+  batch {len(texts)}: {r['blockwise_tokens_per_s']:.0f} tokens/s, speedup {r['speedup']:.2f}x, {r['block_efficiency']:.2f} tokens per call ({r['block_efficiency_non_degenerate']:.2f} non-degenerate rows), identical to greedy {r['identical']}
+  batch 1 (prompt {sample}): speedup {one['speedup']:.2f}x, {one['block_efficiency']:.2f} tokens per call""")
 
 
 if __name__ == "__main__":

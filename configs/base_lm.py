@@ -10,6 +10,8 @@ Presets (the argument after ":"):
   tiny  seconds; for tests and smoke runs.
   cpu   a few minutes on 2 CPU cores: a small byte model.
   demo  the `make demo` base model (~6-7 minutes on 2 CPU cores).
+  mid   d = 384, 6 layers: more weights than a CPU's last-level cache
+        (about an hour on 2 CPU cores).
   gpu   (default) a larger byte model for one accelerator.
 
 Every field is documented in blockdec/training/defaults.py; the ones set here
@@ -24,6 +26,10 @@ _PRESETS = {
     "tiny": (32, 1, 2, 32, 4, 4, 3e-3, 1),
     "cpu": (128, 2, 4, 128, 16, 300, 3e-3, 30),
     "demo": (256, 4, 4, 256, 16, 400, 2e-3, 40),
+    # 65 MB of float32 weights: past a 32 MB last-level cache, so a greedy
+    # step is memory-bound on CPU as on accelerators (experiments/
+    # step_costs.py); about an hour on 2 CPU cores.
+    "mid": (384, 6, 6, 256, 16, 1000, 1.5e-3, 100),
     "gpu": (512, 8, 8, 512, 64, 20000, 1e-3, 1000),
 }
 
