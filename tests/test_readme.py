@@ -61,7 +61,7 @@ def test_python_snippets_run(tmp_path):
   # cwd: a scratch folder, so snippets that write files write them there.
   proc = subprocess.run([sys.executable, "-c", _RUNNER],
                         input=json.dumps(blocks), cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=1500)
   assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
   for line, _ in blocks:
     assert f"ok {line}" in proc.stdout, proc.stdout
