@@ -21,7 +21,10 @@ distributed as ancestral sampling from the target otherwise.
                                q(x)); at the first rejection draw from the
                                normalised max(0, p - q); after a full chain
                                draw a bonus token from p (Leviathan et al.
-                               2023; Chen et al. 2023).
+                               2023; Chen et al. 2023); token trees by
+                               multi-candidate rejection, deterministic
+                               drafts by matching the target's own draws
+                               (see the class).
   TopK, Distance, MinBlock     Stern et al.'s approximate rules (greedy
   (acceptance.py)              only; lossy).
   Typical(threshold, alpha)    Medusa's typical acceptance (lossy).
