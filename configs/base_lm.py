@@ -26,7 +26,7 @@ _PRESETS = {
     "tiny": (32, 1, 2, 32, 4, 4, 3e-3, 1),
     "cpu": (128, 2, 4, 128, 16, 300, 3e-3, 30),
     "demo": (256, 4, 4, 256, 16, 400, 2e-3, 40),
-    # 65 MB of float32 weights: past a 32 MB last-level cache, so a greedy
+    # 54 MB of float32 weights: past a 32 MB last-level cache, so a greedy
     # step is memory-bound on CPU as on accelerators (experiments/
     # step_costs.py); about an hour on 2 CPU cores.
     "mid": (384, 6, 6, 256, 16, 1000, 1.5e-3, 100),
