@@ -22,6 +22,7 @@ import pytest
 
 import blockdec
 from blockdec.training import eagle as eagle_training
+from blockdec.training import train
 from tests.helpers import mid_way_eos, ragged_prompts, random_model
 from tests.test_exactness import _check_pair
 from tests.test_sampling import (_ResampleFromTarget, assert_lossless,
@@ -223,9 +224,8 @@ def test_eagle_trains_on_a_frozen_trunk_and_resumes(base, corpus, tmp_path):
   for key in params:  # Trunk and head 1: bit-for-bit.
     jax.tree_util.tree_map(np.testing.assert_array_equal, eparams[key],
                            params[key])
-  rows = [r for r in map(__import__("json").loads,
-                         (tmp_path / "a" / "metrics.jsonl").read_text()
-                         .splitlines()) if r["split"] == "valid"]
+  rows = [r for r in train.read_metrics(tmp_path / "a" / "metrics.jsonl")
+          if r["split"] == "valid"]
   assert [r["step"] for r in rows] == [8, 16]
   assert rows[-1]["eagle_token_loss"][0] < rows[0]["eagle_token_loss"][0]
   assert summary["regime"] == "eagle"
@@ -236,7 +236,7 @@ def test_eagle_trains_on_a_frozen_trunk_and_resumes(base, corpus, tmp_path):
 def test_eagle_trains_on_the_bases_greedy_text(base, corpus, tmp_path):
   """configs/eagle.py:tiny_distill: regime eagle_distill, on the base's
   generated continuations (cached beside the run); the base is frozen."""
-  from blockdec.training import pipeline, train
+  from blockdec.training import pipeline
   cfg, params, tokenizer, _ = base
   config = pipeline.load_config(ROOT / "configs" / "eagle.py", "tiny_distill")
   assert config.regime == "eagle_distill"
@@ -258,7 +258,7 @@ def test_eagle_trains_on_the_bases_greedy_text(base, corpus, tmp_path):
 
 
 def test_bad_eagle_configs_fail_clearly(base, corpus, tmp_path):
-  from blockdec.training import train
+
   init = base[:3]
   for changes, message in (
       ({"model": {"eagle_layers": 0}}, "eagle_layers >= 1"),

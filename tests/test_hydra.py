@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import blockdec
+from blockdec.training import train
 from tests.helpers import ragged_prompts, random_model, tiny_config
 from tests.test_exactness import check_against_greedy
 from tests.test_sampling import (_ResampleFromTarget, assert_lossless,
@@ -181,9 +182,8 @@ def test_hydra_heads_train_on_a_frozen_trunk_and_resume(base, corpus,
   for key in params:  # Trunk and head 1: bit-for-bit.
     jax.tree_util.tree_map(np.testing.assert_array_equal, hparams[key],
                            params[key])
-  rows = [r for r in map(__import__("json").loads,
-                         (tmp_path / "a" / "metrics.jsonl").read_text()
-                         .splitlines()) if r["split"] == "valid"]
+  rows = [r for r in train.read_metrics(tmp_path / "a" / "metrics.jsonl")
+          if r["split"] == "valid"]
   assert [r["step"] for r in rows] == [8, 16]
   assert rows[-1]["head_losses"][1] < rows[0]["head_losses"][1]
   assert summary["regime"] == "frozen"

@@ -20,7 +20,7 @@ from scipy import stats
 
 import blockdec
 from blockdec.decoding import sampling as sampling_lib
-from blockdec.decoding.verify import Verdict, _pick, accepted_drafts
+from blockdec.decoding.verify import _pick, greedy_verdict
 from tests.helpers import random_model
 
 ALPHA = 1e-3  # A lossless verifier passes; the biased one gives p ~ 1e-30.
@@ -178,12 +178,10 @@ class _MatchTopTwo(blockdec.SpeculativeSampling):
 
   def _match_draws(self, drafts, logits, sampling, keys):
     top2 = jax.lax.top_k(logits, 2)[1][:, :, :-1]  # [B, C, D, 2]
-    per_chain = accepted_drafts(jnp.any(drafts[..., None] == top2, axis=-1))
-    chain = jnp.argmax(per_chain, axis=-1).astype(jnp.int32)
-    accepted = _pick(per_chain, chain).astype(jnp.int32)
-    log_p = sampling.log_probs(_pick(_pick(logits, chain), accepted))
-    return Verdict(accepted=accepted, chain=chain, next_token=(
-        sampling_lib.sample(_pick(keys.next, accepted), log_p)))
+    v = greedy_verdict(jnp.any(drafts[..., None] == top2, axis=-1), logits)
+    log_p = sampling.log_probs(_pick(_pick(logits, v.chain), v.accepted))
+    return v.replace(next_token=sampling_lib.sample(
+        _pick(keys.next, v.accepted), log_p))
 
 
 @pytest.mark.parametrize("biased", [_ResampleFromTarget(), _AcceptTooOften()])
