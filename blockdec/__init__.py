@@ -17,7 +17,9 @@ from blockdec.api import (blockwise_decode, check_params, decode,
 from blockdec.checkpointing import load_checkpoint, save_checkpoint
 from blockdec.config import ModelConfig
 from blockdec.decoding import (AcceptAll, AcceptanceRule, AdaptiveBlockSize,
-                               DecodeOutput, Distance, Exact, MinBlock,
+                               DecodeOutput, Distance, DraftTree,
+                               DynamicTree, Exact,
+                               MinBlock,
                                Sampling, SpeculativeSampling, TopK, Typical,
                                Verifier)
 from blockdec.methods import (Autoregressive, BlockDiffusion, Blockwise,
@@ -31,5 +33,7 @@ from blockdec.sharding import ShardingConfig, make_mesh, shard_params
 # Refined block drafts (Kim et al. 2024): lattice rescoring, multi-draft.
 from blockdec.api import refined_blockwise_decode
 from blockdec.decoding import NGramLM
+# Static token-tree shapes from measured acceptance (Sequoia-style).
+from blockdec.decoding import tree_shapes
 
 __version__ = "0.1.0"

@@ -9,17 +9,19 @@ it.
     Autoregressive()                      one token per call (greedy, or
                                           ancestral sampling)
     Blockwise(block_size, acceptance,     the model's proposal heads draft
-              adaptive)                   block_size - 1 tokens per call
+              adaptive, tree)             block_size - 1 tokens per call
                                           (Stern's, or Hydra's dependent
-                                          heads one after the other)
+                                          heads one after the other), or a
+                                          static token tree
     Refined(block_size, num_drafts, ...)  Kim et al.'s rescored lattice
                                           drafts, several as a token tree
     DraftModel(draft_cfg, draft_params,   a small model drafts
                block_size)                block_size - 1 tokens (speculative
                                           decoding)
-    Eagle(block_size)                     the model's EAGLE-style drafter
+    Eagle(block_size, num_drafts, tree)   the model's EAGLE-style drafter
                                           (a decoder layer on the trunk's
-                                          features) drafts block_size - 1
+                                          features) drafts block_size - 1,
+                                          as a chain or a token tree
     PromptLookup(ngram, block_size)       drafts what followed the last
                                           n-gram earlier in the row's text
     Lookahead(window, ngram, guesses)     Jacobi guesses feed an n-gram pool
@@ -44,6 +46,7 @@ from blockdec.config import ModelConfig
 from blockdec.decoding import (AcceptAll, AdaptiveBlockSize, DraftOptions,
                                Exact, NGramLM, Verifier)
 from blockdec.decoding.core import Drafter, NoDrafter
+from blockdec.decoding.lattice import DraftTree, DynamicTree
 from blockdec.models import transformer
 from blockdec.decoding.drafters import (BlockDiffusionDrafter,
                                         DraftModelDrafter, EagleDrafter,
@@ -135,31 +138,99 @@ class Blockwise(Method):
       greedy rules `TopK(n)`, `Distance(eps)`, `MinBlock(l)`.
     adaptive: `AdaptiveBlockSize(...)` verifies per call only as many drafts
       as they are likely to pay for; None verifies all of them.
+    tree: a static token tree (`blockdec.DraftTree.from_parents(...)`, e.g.
+      from `blockdec.tree_shapes.best_tree`) verified in one call: a node of
+      rank r at depth j holds head j + 1's r-th likeliest token (Medusa's
+      trees; with Hydra heads, given the node's own path). block_size
+      defaults to the tree's depth + 1 and must equal it. Drafts are
+      deterministic, so sampling stays lossless by matching the target's
+      own draws. Or `blockdec.DynamicTree(nodes, top_k)`: each row grows
+      its own tree every call from the heads' probabilities (EAGLE-2's
+      expansion, block_size - 1 levels; block_size defaults to all heads).
+      No adaptive rule; lossless verifiers only.
   """
 
   block_size: int | None = None
   acceptance: Verifier = Exact()
   adaptive: AdaptiveBlockSize | None = None
+  tree: DraftTree | DynamicTree | None = None
   reads_heads = True
 
   def __post_init__(self):
     _as_ints(self, "block_size")
     _check_block_size(self.block_size)
+    _check_tree(self, self.tree, self.block_size)
 
   def resolve_block_size(self, cfg):
+    if isinstance(self.tree, DraftTree):
+      return self.tree.depth
     return cfg.num_prediction_heads if self.block_size is None \
         else self.block_size
 
+  def cache_slots(self, block_size):
+    return block_size if self.tree is None else self.tree.size
+
+  def check(self, cfg, sampling, *, positions):
+    _check_tree_vocab(self.tree, cfg)
+    _check_dynamic_tree(self.tree, self.resolve_block_size(cfg))
+
   def drafter(self, cfg, block_size, arrays, *, params, **kw):
     if cfg.head_type != "hydra":
-      return HeadsDrafter(block_size)
+      return HeadsDrafter(block_size, self.tree)
     model = transformer.Transformer(cfg)
 
     def head(h, tokens, j):
       return model.apply({"params": params}, h, tokens, j,
                          method=transformer.Transformer.hydra_head)
 
-    return HydraDrafter(block_size, head)
+    return HydraDrafter(block_size, head, self.tree)
+
+
+def _check_tree(spec, tree, block_size) -> None:
+  """A spec's `tree`: a DraftTree of depth block_size - 1, no adaptive
+  rule, a lossless verifier."""
+  if tree is None:
+    return
+  name = type(spec).__name__
+  if not isinstance(tree, (DraftTree, DynamicTree)):
+    raise TypeError(f"{name} tree={tree!r} must be None, a "
+                    "blockdec.DraftTree (DraftTree.from_parents(parents)) "
+                    "or a blockdec.DynamicTree(nodes, top_k).")
+  if spec.adaptive is not None:
+    raise ValueError(f"the adaptive draft length works on one chain; got "
+                     f"{name}(tree=...) with adaptive={spec.adaptive!r}.")
+  if not spec.acceptance.lossless:
+    raise ValueError(f"{name}(tree=...) verifies with Exact() (lossless); "
+                     f"got acceptance={spec.acceptance!r}.")
+  if isinstance(tree, DynamicTree):
+    return
+  if tree.size < 2:
+    raise ValueError(f"{name} tree={tree!r} has no drafts; use a chain.")
+  if block_size is not None and block_size != tree.depth:
+    raise ValueError(f"{name} block_size={block_size} must be the tree's "
+                     f"depth + 1 = {tree.depth} (or None).")
+
+
+def _check_tree_vocab(tree, cfg) -> None:
+  width = (tree.top_k if isinstance(tree, DynamicTree) else
+           None if tree is None else tree.width)
+  if width is not None and width > cfg.vocab_size:
+    raise ValueError(f"tree={tree!r} ranks {width} tokens at a node but "
+                     f"vocab_size={cfg.vocab_size}.")
+
+
+def _check_dynamic_tree(tree, block_size: int) -> None:
+  """A DynamicTree grows block_size - 1 >= 1 levels holding >= nodes - 1."""
+  if not isinstance(tree, DynamicTree):
+    return
+  depth, k = block_size - 1, tree.top_k
+  if depth < 1:
+    raise ValueError(f"{tree!r} needs block_size >= 2; got {block_size}.")
+  grown = k + (depth - 1) * k * k
+  if grown < tree.nodes - 1:
+    raise ValueError(f"{tree!r} keeps {tree.nodes - 1} drafted nodes but "
+                     f"{depth} levels of top_k={k} grow only {grown}; lower "
+                     "nodes or raise top_k or block_size.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,27 +429,50 @@ class Eagle(Method):
       multi-candidate rejection.
     acceptance, adaptive: as in `Blockwise` (the adaptive rule uses the
       "history" estimate).
+    tree: a static token tree instead of `num_drafts` chains
+      (`blockdec.DraftTree.from_parents(...)`, e.g. from
+      `blockdec.tree_shapes.best_tree`): a node of rank r holds the
+      drafter's r-th likeliest token given its path; block_size defaults to
+      the tree's depth + 1 and must equal it. Drafts are ranked under
+      sampling too (the verifier matches them against the target's draws).
   """
 
-  block_size: int = 4
+  block_size: int | None = None
   num_drafts: int = 1
   acceptance: Verifier = Exact()
   adaptive: AdaptiveBlockSize | None = None
+  tree: DraftTree | None = None
 
   def __post_init__(self):
+    if isinstance(self.tree, DynamicTree):
+      raise ValueError(
+          "Eagle drafts static trees only (its drafter steps each chain on "
+          "its own cache copy); for a dynamic tree use "
+          "blockdec.Blockwise(tree=blockdec.DynamicTree(...)) on Stern or "
+          "Hydra heads.")
+    if self.block_size is None:
+      object.__setattr__(self, "block_size",
+                         4 if self.tree is None else self.tree.depth)
     _check_positive(self, "block_size")
     _check_positive(self, "num_drafts")
     if self.num_drafts > 1 and self.block_size < 2:
       raise ValueError(f"Eagle(num_drafts={self.num_drafts}) drafts a tree, "
                        f"which needs block_size >= 2; got {self.block_size}.")
+    if self.tree is not None and self.num_drafts > 1:
+      raise ValueError(f"Eagle takes num_drafts={self.num_drafts} chains or "
+                       "a tree, not both.")
+    _check_tree(self, self.tree, self.block_size)
 
   def resolve_block_size(self, cfg):
     return self.block_size
 
   def cache_slots(self, block_size):
+    if self.tree is not None:
+      return self.tree.size
     return 1 + self.num_drafts * (block_size - 1)
 
   def check(self, cfg, sampling, *, positions):
+    _check_tree_vocab(self.tree, cfg)
     if self.num_drafts > 1:
       if self.adaptive is not None:
         raise ValueError("the adaptive draft length works on one chain; got "
@@ -407,7 +501,8 @@ class Eagle(Method):
       return hidden, logits, cache
 
     return EagleDrafter(block_size, step, transformer.make_eagle_cache(
-        cfg, batch, cache_length + block_size + 1), chains=self.num_drafts)
+        cfg, batch, cache_length + block_size + 1), chains=self.num_drafts,
+                        tree=self.tree)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,13 @@ each as a chain at k = --block_sizes, greedy and at temperature
 --temperature, at batch 1 and --batch; EAGLE also as a token tree of
 --tree_chains chains (its C likeliest first tokens, each continued
 greedily; with sampling C independent draws, verified by multi-candidate
-rejection). Models that are not cached are skipped unless
---train.
+rejection). heads-distill, hydra-distill and eagle also as a static tree
+of --tree_budget nodes shaped Sequoia-style (`blockdec.tree_shapes`): the
+acceptance per depth and rank measured with probe trees on --tree_prompts
+prompts of the corpus's *valid* split (not the test prompts timed here),
+then the best tree for that matrix (its predicted tokens per call are in
+the JSON beside the measured ones). Models that are not cached are
+skipped unless --train.
 
 Rows: {model, drafter, block_size, tree, temperature, batch,
 tokens_per_call, tokens_per_call_nondegenerate, degenerate_share,
@@ -56,7 +61,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import blockdec  # noqa: E402
-from blockdec import metrics  # noqa: E402
+from blockdec import metrics, tree_shapes  # noqa: E402
 from blockdec.training import evaluation, pipeline  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -76,6 +81,12 @@ DRAFTERS = {
     "hydra-distill": ("configs/heads_hydra.py:demo_distill",
                       lambda run, k: blockdec.Blockwise(block_size=k), "own"),
 }
+# Drafters that take a static tree: name -> (run, tree) -> spec.
+TREE_METHODS = {
+    "heads-distill": lambda run, tree: blockdec.Blockwise(tree=tree),
+    "hydra-distill": lambda run, tree: blockdec.Blockwise(tree=tree),
+    "eagle": lambda run, tree: blockdec.Eagle(tree=tree),
+}
 PROMPT_BYTES = (128, 192)
 TARGETS = dict(greedy_nondegenerate=5.0, sampled_nondegenerate=3.0)
 
@@ -90,6 +101,12 @@ def parse_args(argv=None):
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--tree_chains", type=int, default=4,
                  help="chains of the EAGLE token tree rows (0: none)")
+  p.add_argument("--tree_budget", type=int, default=24,
+                 help="nodes of the Sequoia-shaped static trees (0: none)")
+  p.add_argument("--tree_width", type=int, default=4,
+                 help="ranks per depth measured for the tree shapes")
+  p.add_argument("--tree_prompts", type=int, default=8,
+                 help="valid-split prompts the tree shapes are measured on")
   p.add_argument("--drafters", default=",".join(DRAFTERS))
   p.add_argument("--cache_dir", default=str(ROOT / "cache"))
   p.add_argument("--train", action="store_true",
@@ -148,6 +165,24 @@ def main(argv=None):
   _, prompts, lengths = evaluation.heldout_prompts(
       base.tokenizer, args.num_prompts, *PROMPT_BYTES)
   n = args.new_tokens
+  shapes = {}  # (name, k) -> (tree, acceptance matrix)
+  if args.tree_budget:
+    _, vprompts, vlengths = evaluation.heldout_prompts(
+        base.tokenizer, args.tree_prompts, *PROMPT_BYTES, split="valid")
+    for name, (run, _, _) in drafters.items():
+      if name not in TREE_METHODS:
+        continue
+      for k in args.block_sizes:
+        def probe(tree, run=run, name=name):
+          return blockdec.decode(run.params, run.cfg, jnp.asarray(vprompts),
+                                 jnp.asarray(vlengths), n,
+                                 method=TREE_METHODS[name](run, tree))
+        acc = tree_shapes.measure_acceptance(probe, k - 1, args.tree_width)
+        tree = tree_shapes.best_tree(acc, args.tree_budget)
+        shapes[name, k] = (tree, acc)
+        print(f"[drafters] {name} k={k}: tree of {tree.size} nodes, depth "
+              f"{tree.depth - 1}, {tree.num_drafts} leaves; predicted "
+              f"{tree_shapes.expected_tokens(tree, acc):.2f} tokens/call")
   load_before = os.getloadavg()[0]
   print(f"[drafters] {len(prompts)} prompts, {n} new tokens, batches 1 and "
         f"{args.batch}, {args.repeats} repeats; load {load_before:.1f}")
@@ -167,6 +202,10 @@ def main(argv=None):
         for k in args.block_sizes:
           plans.append((name, k, run.params if own else base.params,
                         run.cfg if own else base.cfg, make(run, k), "chain"))
+          if (name, k) in shapes:
+            plans.append((name, k, run.params, run.cfg, TREE_METHODS[name](
+                run, shapes[name, k][0]),
+                          f"static, Sequoia {args.tree_budget} nodes"))
           if name == "eagle" and args.tree_chains > 1:
             plans.append((name, k, run.params, run.cfg, blockdec.Eagle(
                 k, num_drafts=args.tree_chains),
@@ -213,6 +252,13 @@ def main(argv=None):
                           **({"eagle_top1": run.summary["valid"]["eagle_top1"]}
                              if "eagle_top1" in run.summary["valid"] else {})}
                    for name, (run, _, _) in drafters.items()},
+      "tree_shapes": [
+          {"drafter": name, "block_size": k, "nodes": tree.size,
+           "parents": list(tree.parents),
+           "acceptance": np.round(acc, 4).tolist(),
+           "predicted_tokens_per_call": tree_shapes.expected_tokens(tree,
+                                                                    acc)}
+          for (name, k), (tree, acc) in shapes.items()],
       "targets": TARGETS, "rows": rows,
   }
   out = pathlib.Path(args.out)
@@ -284,6 +330,24 @@ def markdown(result) -> str:
     lines.append(f"- Temperature {temps[-1]:g} >= "
                  f"{t['sampled_nondegenerate']}: "
                  f"{describe(best(temps[-1]), t['sampled_nondegenerate'])}.")
+  if result.get("tree_shapes"):
+    lines += ["", "## Static tree shapes (Sequoia-style)", "",
+              "Acceptance per depth and rank measured with probe trees on "
+              "valid-split prompts; the tree is the best one of its node "
+              "budget for that matrix (`blockdec.tree_shapes.best_tree`).",
+              "", "| drafter | k | nodes | depth | leaves | predicted "
+              "tokens/call | measured (greedy, batch 1) |",
+              "|---|---|---|---|---|---|---|"]
+    for sh in result["tree_shapes"]:
+      tree = blockdec.DraftTree.from_parents(sh["parents"])
+      got = [r["tokens_per_call"] for r in rows
+             if r["drafter"] == sh["drafter"] and r["temperature"] == 0
+             and r["batch"] == 1 and r["block_size"] == sh["block_size"]
+             and r["tree"].startswith("static, Sequoia")]
+      lines.append(f"| {sh['drafter']} | {sh['block_size']} | {sh['nodes']} "
+                   f"| {tree.depth - 1} | {tree.num_drafts} | "
+                   f"{sh['predicted_tokens_per_call']:.2f} | "
+                   f"{_fmt(got[0] if got else None)} |")
   training = result["training"]
   if "eagle" in training and "eagle_top1" in training["eagle"]:
     top1 = training["eagle"]["eagle_top1"]
@@ -313,8 +377,9 @@ def plot(result, path):
              label=f"batch {batch}")
     ax.axhline(1.0, color="gray", lw=1, ls=":")
     ax.set_xticks(np.arange(len(names)) + width * (len(batches) - 1) / 2)
-    ax.set_xticklabels([f"{n} k={k}" + ("" if t == "chain" else " tree")
-                        for n, k, t in names], fontsize=8, rotation=35,
+    ax.set_xticklabels([f"{n} k={k}" + (
+        "" if t == "chain" else " Sequoia tree" if "Sequoia" in t
+        else " chains tree") for n, k, t in names], fontsize=8, rotation=35,
                        ha="right")
     ax.set_ylabel("speedup over the base's own decoding")
     ax.set_title("greedy" if temperature == 0 else

@@ -17,7 +17,8 @@ from blockdec.decoding.greedy import greedy_decode
 from blockdec.decoding.sampling import Sampling
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, DecodeState,
                                      ScoreFn, SplitScoreFn)
-from blockdec.decoding.lattice import DraftTree, Lattice, top_k_lattice
+from blockdec.decoding.lattice import (DraftTree, DynamicTree, Lattice,
+                                      RowTree, top_k_lattice)
 from blockdec.decoding.multidraft import (DraftOptions, NeuralRescorer,
                                           refined_blockwise_decode)
 from blockdec.decoding.ngram import NGramLM

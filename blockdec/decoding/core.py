@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from blockdec.decoding import sampling as sampling_lib
 from blockdec.kernels import masks
-from blockdec.decoding.lattice import DraftTree
+from blockdec.decoding.lattice import DraftTree, DynamicTree, RowTree
 from blockdec.decoding.rescoring import tree_call
 from blockdec.decoding.state import (DecodeOptions, DecodeOutput, ScoreFn,
                                      finalize,
@@ -80,6 +80,9 @@ class Draft:
     calls: [B] int32 calls of the TARGET model the drafter made for this
       draft through `View.score` (block diffusion's denoising steps); they
       count in `num_calls` beside the verification call. None: 0.
+    tree: the rows' own trees (`lattice.RowTree`), required from a drafter
+      whose `tree` is a `lattice.DynamicTree`; `tokens` then holds each
+      chain's tokens along its path. None otherwise.
   """
 
   tokens: jax.Array
@@ -88,6 +91,7 @@ class Draft:
   length: jax.Array | None = None
   extra: jax.Array | None = None
   calls: jax.Array | None = None
+  tree: RowTree | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +191,9 @@ class Drafter(abc.ABC):
 
   A chain drafter (`tree is None`) proposes one chain (C = 1) of
   `num_drafts` tokens; a tree drafter proposes the chains of `tree` (a
-  `lattice.DraftTree`), verified in one tree call.
+  `lattice.DraftTree`), verified in one tree call; a dynamic-tree drafter
+  (`tree` a `lattice.DynamicTree`) proposes each row's own tree
+  (`Draft.tree`), verified through a runtime tree mask.
   """
 
   @property
@@ -196,7 +202,7 @@ class Drafter(abc.ABC):
     """D, tokens drafted per chain after the root (static)."""
 
   @property
-  def tree(self) -> DraftTree | None:
+  def tree(self) -> DraftTree | DynamicTree | None:
     """The token tree the chains form, or None for one chain."""
     return None
 
@@ -345,9 +351,16 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
   if tree is not None and adaptive is not None:
     raise ValueError("the adaptive draft length works on chains, not trees.")
   extra = drafter.extra
-  if extra is not None and tree is None:
+  dynamic = isinstance(tree, DynamicTree)
+  if extra is not None and (tree is None or dynamic):
     raise ValueError("extra nodes need a tree drafter (Drafter.tree).")
-  tree_mask = None if tree is None else masks.TreeMask(
+  if tree is not None and (dynamic or tree.padded) and not verifier.lossless:
+    raise ValueError(
+        f"a draft tree whose chains end at different depths (or a dynamic "
+        f"one) needs a "
+        f"lossless verifier (Exact() or SpeculativeSampling()); got "
+        f"acceptance={verifier!r}.")
+  tree_mask = None if tree is None or dynamic else masks.TreeMask(
       tree.parents + (() if extra is None else extra.parents))
   context = Context(sampling=sampling, want_confidence=(
       adaptive is not None and adaptive.estimate == "confidence"))
@@ -408,12 +421,29 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     offsets = state.positions  # [B]
     drafts = draft.tokens[:, :, :t - 1]  # [B, C, t-1]
     chains = drafts.shape[1]
+    q = None if draft.q is None else draft.q[:, :, :t - 1]
+    if tree is not None and q is not None and (
+        dynamic or not tree.branches_at_root_only):
+      raise ValueError(
+          "drafts with q (sampled drafts) verify as a tree only when its "
+          "chains share nothing but the root (multi-candidate rejection); "
+          f"this drafter's tree is {tree!r}. Ranked (top-r) trees are "
+          "deterministic drafts: propose them with q=None.")
     root = state.next_token[:, None]
     if tree is None:
       fed = jnp.concatenate([root, drafts[:, 0]], axis=1)  # [B, t]
       positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)
       head_fn, cache = tree_call(score_fn, params, fed, positions, state.cache)
       paths = jnp.arange(t, dtype=jnp.int32)[None]  # [1, t]
+    elif dynamic:  # Each row's own tree, through a runtime mask.
+      rt = draft.tree
+      full = jnp.concatenate(
+          [jnp.broadcast_to(root[:, None], (rows, chains, 1)), drafts], axis=2)
+      fed = rt.tokens.at[:, 0].set(state.next_token)  # [B, T]
+      positions = offsets[:, None] + rt.depths
+      head_fn, cache = tree_call(score_fn, params, fed, positions, state.cache,
+                                 mask=masks.RuntimeTreeMask(rt.parents))
+      paths = rt.paths  # [B, C, t]
     else:
       full = jnp.concatenate(
           [jnp.broadcast_to(root[:, None], (rows, chains, 1)), drafts], axis=2)
@@ -425,7 +455,8 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
       head_fn, cache = tree_call(score_fn, params, fed, positions, state.cache,
                                  mask=tree_mask)
       paths = jnp.asarray(tree.paths, jnp.int32)  # [C, t]
-    nodes = jnp.broadcast_to(paths.reshape(1, -1), (rows, chains * t))
+    nodes = (paths.reshape(rows, chains * t) if dynamic else
+             jnp.broadcast_to(paths.reshape(1, -1), (rows, chains * t)))
     logits = head_fn(nodes, 1)[:, :, 0].reshape(rows, chains, t, -1)
     extra_logits = None
     if extra is not None:
@@ -439,7 +470,13 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
           accept=sampling_lib.token_keys(keys, index[:, :t - 1],
                                          sampling_lib.ACCEPT),
           next=sampling_lib.token_keys(keys, index, sampling_lib.NEXT))
-    q = None if draft.q is None else draft.q[:, :, :t - 1]
+    if tree is not None and (dynamic or tree.padded):
+      # A chain's padding repeats its leaf: never accepted (no token is -1),
+      # and a rejection there draws from p at the leaf (q = 0).
+      real = draft.tree.real if dynamic else jnp.asarray(tree.real)
+      drafts = jnp.where(real, drafts, -1)
+      if q is not None:
+        q = jnp.where(real[..., None], q, 0.0)
     verdict = verifier.verify(drafts, logits, q, sampling, verify_keys)
 
     # Commit the root and the accepted drafts of the kept chain.
@@ -457,8 +494,12 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     tokens = write_rows(state.tokens, kept, state.lengths)
     lengths = state.lengths + count
     done = state.done | (active & ended) | (lengths >= n)
-    path = paths[jnp.zeros_like(verdict.chain) if tree is None
-                 else verdict.chain]  # [B, t]
+    if dynamic:
+      path = jnp.take_along_axis(paths, verdict.chain[:, None, None],
+                                 axis=1)[:, 0]  # [B, t]
+    else:
+      path = paths[jnp.zeros_like(verdict.chain) if tree is None
+                   else verdict.chain]  # [B, t]
     if tree is not None:
       cache = compact_fn(cache, offsets[:, None] + path, offsets,
                          offsets + count)

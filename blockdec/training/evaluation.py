@@ -40,12 +40,16 @@ def timed(fn, repeats: int):
 
 
 def heldout_prompts(tokenizer, num: int, min_bytes: int = 128,
-                    max_bytes: int = 192, corpus: str = "stdlib"):
+                    max_bytes: int = 192, corpus: str = "stdlib",
+                    split: str = "test"):
   """(texts, prompts int32 [num, P], lengths [num]): `num` held-out prompts
-  of the corpus's test split (`data.heldout_prompts`, cut at line
-  boundaries), encoded and right-padded to one width."""
+  of the corpus's `split` ("test", or "valid" for tuning on other text;
+  `data.heldout_prompts`, cut at line boundaries), encoded and
+  right-padded to one width."""
   splits = data_lib.split_corpus(data_lib.load_corpus(corpus))
-  texts = data_lib.heldout_prompts(splits["test"], num, min_bytes=min_bytes,
+  if split not in ("test", "valid"):
+    raise ValueError(f"split={split!r} must be 'test' or 'valid'.")
+  texts = data_lib.heldout_prompts(splits[split], num, min_bytes=min_bytes,
                                    max_bytes=max_bytes)
   prompts, lengths = pad_prompts([np.asarray(tokenizer.encode(t), np.int32)
                                   for t in texts])

@@ -22,19 +22,25 @@ o .. o + c - 1 and decided the root at p = o + c:
              j + 1                                         (j = 1 .. D - 1)
 
 D drafter calls per round, each a fraction of a target call (one layer, no
-proposal heads). As a token tree (`chains` C > 1) draft 1 is C tokens and
-each starts a chain that the D - 1 steps continue on its own copy of the
-drafter's cache (Medusa/EAGLE's static tree with one branching level,
-`lattice.DraftTree(C, k)`); the target verifies all C chains in one tree
-call. Prefill feeds the prompt the same way.
+proposal heads). As a token tree every chain (root-to-leaf path of the
+tree) steps on its own copy of the drafter's cache; the target verifies
+all chains in one tree call. Prefill feeds the prompt the same way. Trees:
 
-Greedy drafts are argmaxes (a tree's first tokens the C likeliest) and the
-longest accepted chain is kept. With sampling each draft is drawn from the
-filtered distribution q of the drafter's logits (the run's `Sampling`); a
-tree's C first tokens are independent draws (the row's key with the chain
-folded in), which is what the speculative-sampling verifier's
-multi-candidate rejection needs to keep the output distributed as the
-target's.
+  chains C > 1       draft 1 is C tokens, each continued on its own
+                     (`lattice.DraftTree(C, k)`, one branching level);
+  tree               any static shape (`DraftTree.from_parents`, e.g.
+                     `tree_shapes.best_tree`): a node of rank r holds the
+                     drafter's r-th likeliest token given its path.
+
+Greedy drafts are argmaxes (ranked: a node of rank r the r-th likeliest)
+and the longest accepted chain is kept. With sampling a chain's drafts are
+drawn from the filtered distribution q of the drafter's logits (the run's
+`Sampling`); C chains' first tokens are independent draws (the row's key
+with the chain folded in), which is what the speculative-sampling
+verifier's multi-candidate rejection needs to keep the output distributed
+as the target's. A `tree`'s drafts stay ranked under sampling
+(deterministic drafts, which the verifier matches against the target's own
+draws).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import jax.numpy as jnp
 
 from blockdec.decoding import sampling as sampling_lib
 from blockdec.decoding.core import Draft, Drafter, View
-from blockdec.decoding.lattice import DraftTree
+from blockdec.decoding.lattice import DraftTree, ranked
 
 # step(features [B, T, d], tokens [B, T], positions [B, T], cache, empty)
 #   -> (predicted next states [B, T, d], their logits [B, T, V], cache):
@@ -70,13 +76,17 @@ class EagleDrafter(Drafter):
     chains: C; above 1 the drafts form a token tree (`DraftTree(C, k)`):
       C first tokens (the likeliest, or independent draws with sampling),
       each continued by its own steps.
+    tree: a static token tree of depth block_size - 1 (ranked drafts);
+      replaces `chains`.
   """
 
   def __init__(self, block_size: int, step: EagleStepFn, cache: Any,
-               chains: int = 1):
+               chains: int = 1, tree: DraftTree | None = None):
     self.block_size, self._step, self.cache = block_size, step, cache
-    self.chains = chains
-    self._tree = DraftTree(chains, block_size) if chains > 1 else None
+    if tree is None and chains > 1:
+      tree = DraftTree(chains, block_size)
+    self._tree, self._given_tree = tree, tree is not None and chains == 1
+    self.chains = 1 if tree is None else tree.num_drafts
 
   @property
   def num_drafts(self) -> int:
@@ -127,23 +137,34 @@ class EagleDrafter(Drafter):
     sampling = view.context.sampling
     keys, lengths = self._chain_keys(view)
     steps_cache = cache
+    # Ranked drafts (a node of rank r: the r-th likeliest): greedy trees,
+    # and given trees under sampling too.
+    rank = chains > 1 and (sampling is None or self._given_tree)
     if chains == 1:
       token, q = self._choose(logits, keys, lengths, sampling, 1)
-    else:  # C first drafts, each on its own copy of the cache.
+    else:  # Each chain on its own copy of the cache.
       copies = lambda x: jnp.repeat(x, chains, axis=0)
       hidden, pos = copies(hidden), copies(pos)
       steps_cache = jax.tree_util.tree_map(copies, cache)
-      if sampling is None:  # The C likeliest.
-        token, q = jax.lax.top_k(logits, chains)[1].reshape(-1), None
+      if rank:
+        token, q = ranked(logits[:, None],
+                          self._tree.chain_ranks[:, 0]).reshape(-1), None
       else:  # C independent draws from q (the tree verifier's contract).
         token, q = self._choose(copies(logits), keys, lengths, sampling, 1)
+    chain_ranks = None if not rank else jnp.asarray(self._tree.chain_ranks)
 
     def step(carry, depth):
       cache, hidden, token = carry
       hidden, logits, cache = self._step(hidden[:, None], token[:, None],
                                          (pos + depth - 1)[:, None], cache,
                                          False)
-      token, q = self._choose(logits[:, 0], keys, lengths, sampling, depth + 1)
+      if rank:  # Draft depth + 1 of chain c: its rank at that depth.
+        token = ranked(logits[:, 0].reshape(batch, chains, -1),
+                       chain_ranks[:, depth], self._tree.width).reshape(-1)
+        q = None
+      else:
+        token, q = self._choose(logits[:, 0], keys, lengths, sampling,
+                                depth + 1)
       return (cache, hidden[:, 0], token), (token, q)
 
     (steps_cache, _, _), (rest, rest_q) = jax.lax.scan(

@@ -8,6 +8,14 @@ speculative-sampling verifier needs). Heads do not see each other's drafts:
 head j's q is the same whatever heads 2..j-1 drew, which is still a valid
 draft distribution.
 
+With a token tree (`tree`, a `lattice.DraftTree` of depth k - 1; Medusa's
+static trees, `tree_shapes.best_tree`) a node of rank r at depth j holds
+head j + 1's r-th likeliest token; with a `lattice.DynamicTree` each row
+grows its own tree every call from the heads' probabilities (EAGLE-2's
+expansion; a path's probability is the product of its heads'). Tree
+drafts are deterministic under sampling too (the verifier matches them
+against the target's own draws).
+
 Worked example, k = 3, greedy: after the call the heads at the last
 committed node read [the, cat, sat]; "the" is head 1's (the next token,
 chosen by the verifier), so the next call feeds [the, cat, sat] with drafts
@@ -23,18 +31,22 @@ import jax.numpy as jnp
 
 from blockdec.decoding import sampling as sampling_lib
 from blockdec.decoding.core import Draft, Drafter, View
+from blockdec.decoding.lattice import (DraftTree, DynamicTree, chain_tokens,
+                                      grow_tree, ranked)
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadsDrafter(Drafter):
   """Drafts `block_size - 1` tokens with heads 2..block_size.
 
-  Carry: tokens [B, D] int32 the next drafts; q [B, D, V] their filtered
-  distributions (sampling only); confidence [B, D] (adaptive "confidence"
-  estimate only).
+  Carry: tokens [B, D] int32 the next drafts ([B, C, D] with a tree); q
+  [B, D, V] their filtered distributions (sampling, chains only);
+  confidence [B, D] (adaptive "confidence" estimate only).
   """
 
   block_size: int
+  # Of depth block_size - 1 (k tokens a chain), or grown per row and call.
+  tree: DraftTree | DynamicTree | None = None
 
   @property
   def num_drafts(self) -> int:
@@ -51,6 +63,13 @@ class HeadsDrafter(Drafter):
     if d == 0:
       return {"tokens": jnp.zeros((batch, 0), jnp.int32)}
     logits = view.heads(self.block_size)[:, 1:]  # [B, D, V] heads 2..k
+    if isinstance(self.tree, DynamicTree):
+      rows = grow_tree(lambda level, paths: jnp.broadcast_to(
+          logits[:, None, level - 1], paths.shape[:2] + logits.shape[-1:]),
+                       view.next_token, d, self.tree)
+      return {"tokens": chain_tokens(rows), "tree": rows}
+    if self.tree is not None:  # [B, C, D]: chain c's rank at each depth.
+      return {"tokens": ranked(logits[:, None], self.tree.chain_ranks)}
     if context.sampling is None:
       tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
       out = {"tokens": tokens}
@@ -72,6 +91,8 @@ class HeadsDrafter(Drafter):
 
   def propose(self, carry, view: View) -> Draft:
     q = carry.get("q")
+    if self.tree is not None:
+      return Draft(tokens=carry["tokens"], tree=carry.get("tree"))
     return Draft(tokens=carry["tokens"][:, None],
                  q=None if q is None else q[:, None],
                  confidence=carry.get("confidence"))

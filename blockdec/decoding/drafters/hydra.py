@@ -13,6 +13,15 @@ drafts therefore come one after the other, each a small feed-forward step
                          ...
                          head k (h, r, .., draft k-2) -> draft k - 1
 
+With a token tree (`tree`, a `lattice.DraftTree`) a node of rank r holds
+the r-th likeliest token of its head given its own path (every chain's
+heads read that chain's tokens), so the drafts are deterministic under
+sampling too (the verifier matches them against the target's draws).
+With a `lattice.DynamicTree` each row grows its own tree every call
+(EAGLE-2's expansion): the K likeliest paths of each level are expanded
+with their heads' K likeliest tokens, and the T - 1 likeliest nodes are
+verified.
+
 Greedy drafts are argmaxes; with sampling each is drawn from its filtered
 distribution q (keyed by its generated index), which depends on the drafts
 before it, as the speculative-sampling verifier allows. h is the target's
@@ -29,6 +38,8 @@ import jax.numpy as jnp
 
 from blockdec.decoding import sampling as sampling_lib
 from blockdec.decoding.core import Draft, Drafter, View
+from blockdec.decoding.lattice import (DraftTree, DynamicTree, chain_tokens,
+                                      grow_tree, ranked)
 
 # head(h [B, d], tokens [B, j - 1], j) -> head j's logits [B, V]: the
 # model's Hydra head j bound to its parameters (`methods.Hydra` binds
@@ -40,20 +51,55 @@ class HydraDrafter(Drafter):
   """Drafts `block_size - 1` tokens with Hydra heads 2..block_size.
 
   Built inside the jitted decode (`head` closes over the target's traced
-  parameters). Carry: tokens [B, D]; q [B, D, V] with sampling; confidence
-  [B, D] for the adaptive rule's "confidence" estimate.
+  parameters). Carry: tokens [B, D] ([B, C, D] with a tree); q [B, D, V]
+  with sampling (chains only); confidence [B, D] for the adaptive rule's
+  "confidence" estimate.
   """
 
-  def __init__(self, block_size: int, head: HydraHeadFn):
-    self.block_size, self._head = block_size, head
+  def __init__(self, block_size: int, head: HydraHeadFn,
+               tree: DraftTree | DynamicTree | None = None):
+    self.block_size, self._head, self._tree = block_size, head, tree
 
   @property
   def num_drafts(self) -> int:
     return self.block_size - 1
 
+  @property
+  def tree(self) -> DraftTree | DynamicTree | None:
+    return self._tree
+
+  def _grow(self, h: jax.Array, view: View):
+    """Each row's own tree (`lattice.grow_tree`) from Hydra's heads."""
+    def logits_fn(level, paths):  # paths [B, K', level]
+      batch, width = paths.shape[:2]
+      logits = self._head(jnp.repeat(h, width, axis=0),
+                          paths.reshape(batch * width, level), level + 1)
+      return logits.reshape(batch, width, -1)
+
+    rows = grow_tree(logits_fn, view.next_token, self.num_drafts, self._tree)
+    return {"tokens": chain_tokens(rows), "tree": rows}
+
+  def _draft_tree(self, h: jax.Array, view: View):
+    """Every chain of the tree, head after head, each from its own path."""
+    tree, batch = self._tree, view.lengths.shape[0]
+    if isinstance(tree, DynamicTree):
+      return self._grow(h, view)
+    chains = tree.num_drafts
+    h = jnp.repeat(h, chains, axis=0)  # [B C, d]
+    chain = [jnp.repeat(view.next_token, chains)]
+    for j in range(2, self.block_size + 1):
+      logits = self._head(h, jnp.stack(chain, axis=1), j)  # [B C, V]
+      token = ranked(logits.reshape(batch, chains, -1),
+                     tree.chain_ranks[:, j - 2])  # [B, C]
+      chain.append(token.reshape(-1))
+    tokens = jnp.stack(chain[1:], axis=1).reshape(batch, chains, -1)
+    return {"tokens": tokens.astype(jnp.int32)}
+
   def _draft(self, h: jax.Array, view: View):
     """The chain after the root from h [B, d] at the last committed node."""
     sampling, batch = view.context.sampling, view.lengths.shape[0]
+    if self._tree is not None:
+      return self._draft_tree(h, view)
     if self.num_drafts == 0:
       return {"tokens": jnp.zeros((batch, 0), jnp.int32)}
     chain, qs, confidence = [view.next_token], [], []
@@ -95,6 +141,8 @@ class HydraDrafter(Drafter):
 
   def propose(self, carry, view: View) -> Draft:
     q = carry.get("q")
+    if self._tree is not None:
+      return Draft(tokens=carry["tokens"], tree=carry.get("tree"))
     return Draft(tokens=carry["tokens"][:, None],
                  q=None if q is None else q[:, None],
                  confidence=carry.get("confidence"))
