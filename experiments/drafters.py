@@ -24,7 +24,10 @@ of --tree_budget nodes shaped Sequoia-style (`blockdec.tree_shapes`): the
 acceptance per depth and rank measured with probe trees on --tree_prompts
 prompts of the corpus's *valid* split (not the test prompts timed here),
 then the best tree for that matrix (its predicted tokens per call are in
-the JSON beside the measured ones). Models that are not cached are
+the JSON beside the measured ones). heads-distill and hydra-distill also
+as an EAGLE-2-style dynamic tree (blockdec.DynamicTree: --dynamic_nodes
+nodes grown from the --dynamic_top_k likeliest paths per level, every
+call). Models that are not cached are
 skipped unless --train.
 
 Rows: {model, drafter, block_size, tree, temperature, batch,
@@ -87,6 +90,9 @@ TREE_METHODS = {
     "hydra-distill": lambda run, tree: blockdec.Blockwise(tree=tree),
     "eagle": lambda run, tree: blockdec.Eagle(tree=tree),
 }
+# Drafters that grow an EAGLE-2-style tree each call (heads only: the EAGLE
+# drafter's own cache has no tree attention).
+DYNAMIC_TREES = ("heads-distill", "hydra-distill")
 PROMPT_BYTES = (128, 192)
 TARGETS = dict(greedy_nondegenerate=5.0, sampled_nondegenerate=3.0)
 
@@ -103,6 +109,10 @@ def parse_args(argv=None):
                  help="chains of the EAGLE token tree rows (0: none)")
   p.add_argument("--tree_budget", type=int, default=24,
                  help="nodes of the Sequoia-shaped static trees (0: none)")
+  p.add_argument("--dynamic_nodes", type=int, default=24,
+                 help="nodes of the EAGLE-2-style dynamic trees (0: none)")
+  p.add_argument("--dynamic_top_k", type=int, default=4,
+                 help="paths expanded per level of the dynamic trees")
   p.add_argument("--tree_width", type=int, default=4,
                  help="ranks per depth measured for the tree shapes")
   p.add_argument("--tree_prompts", type=int, default=8,
@@ -206,6 +216,11 @@ def main(argv=None):
             plans.append((name, k, run.params, run.cfg, TREE_METHODS[name](
                 run, shapes[name, k][0]),
                           f"static, Sequoia {args.tree_budget} nodes"))
+          if name in DYNAMIC_TREES and args.dynamic_nodes:
+            plans.append((name, k, run.params, run.cfg, blockdec.Blockwise(
+                k, tree=blockdec.DynamicTree(nodes=args.dynamic_nodes,
+                                             top_k=args.dynamic_top_k)),
+                          f"dynamic, {args.dynamic_nodes} nodes"))
           if name == "eagle" and args.tree_chains > 1:
             plans.append((name, k, run.params, run.cfg, blockdec.Eagle(
                 k, num_drafts=args.tree_chains),
@@ -379,7 +394,7 @@ def plot(result, path):
     ax.set_xticks(np.arange(len(names)) + width * (len(batches) - 1) / 2)
     ax.set_xticklabels([f"{n} k={k}" + (
         "" if t == "chain" else " Sequoia tree" if "Sequoia" in t
-        else " chains tree") for n, k, t in names], fontsize=8, rotation=35,
+        else " dynamic tree" if t.startswith("dynamic") else " chains tree") for n, k, t in names], fontsize=8, rotation=35,
                        ha="right")
     ax.set_ylabel("speedup over the base's own decoding")
     ax.set_title("greedy" if temperature == 0 else
