@@ -6,6 +6,8 @@ r"""The `blockdec` command: train, decode, eval.
       --max_new_tokens=64
   blockdec decode --checkpoint cache/heads_frozen_cpu-... --prompt "def main(" \
       --temperature=0.6 --top_p=0.95 --seed=0
+  blockdec decode --checkpoint cache/heads_hydra_demo_distill-... \
+      --prompt "def main(" --tree_nodes=24
   blockdec decode --checkpoint cache/base_lm_demo-... --prompt "def main(" \
       --method=draft_model --draft_checkpoint=cache/draft_model_demo-...
   blockdec eval --checkpoint cache/heads_frozen_cpu-... --num_prompts=16
@@ -67,6 +69,11 @@ _METHOD = flags.DEFINE_enum(
     "run), n-gram lookup in the text, lookahead decoding, or "
     "block diffusion (a configs/block_diffusion.py model; --threshold, "
     "--self_speculative).")
+_TREE_NODES = flags.DEFINE_integer(
+    "tree_nodes", 0, "decode --method=blockwise: verify a token tree of this "
+    "many nodes that the heads grow every call (EAGLE-2-style "
+    "blockdec.DynamicTree) instead of one chain; 0 = a chain.",
+    lower_bound=0)
 _THRESHOLD = flags.DEFINE_float(
     "threshold", 0.9, "decode --method=block_diffusion: confidence at which "
     "a masked position is decided.", lower_bound=0.0, upper_bound=1.0)
@@ -96,7 +103,8 @@ _VERBOSE = flags.DEFINE_boolean(
 COMMAND_FLAGS = {
     "train": ("config", "cache_dir"),
     "decode": ("checkpoint", "prompt", "prompt_escapes", "max_new_tokens",
-               "method", "draft_checkpoint", "block_size", "threshold",
+               "method", "draft_checkpoint", "block_size", "tree_nodes",
+               "threshold",
                "self_speculative", "temperature", "top_k", "top_p", "seed"),
     "eval": ("checkpoint", "corpus", "num_prompts", "max_new_tokens",
              "block_size", "json"),
@@ -148,7 +156,8 @@ def _decode():
   r = evaluation.compare_decoding(
       params, cfg, tokenizer, [prompt], max_new_tokens=_MAX_NEW.value,
       block_size=_BLOCK.value or None, repeats=1,
-      method=None if _METHOD.value == "blockwise" else method)
+      method=None if _METHOD.value == "blockwise" and not _TREE_NODES.value
+      else method)
   print(prompt + r["blockwise"][0])
   print(f"\n[block efficiency {r['block_efficiency']:.2f}, speedup "
         f"{r['speedup']:.2f}x, identical to greedy: {r['identical']}]")
@@ -159,6 +168,10 @@ def _method(cfg):
   import blockdec
   k = _BLOCK.value or None
   name = _METHOD.value
+  if _TREE_NODES.value and name != "blockwise":
+    raise app.UsageError(f"--tree_nodes={_TREE_NODES.value} grows trees from "
+                         f"the heads: it needs --method=blockwise, not "
+                         f"--method={name}.")
   if name == "draft_model":
     if _DRAFT_CHECKPOINT.value is None:
       raise app.UsageError("--method=draft_model needs --draft_checkpoint.")
@@ -178,6 +191,9 @@ def _method(cfg):
     return blockdec.BlockDiffusion(
         block_size=k or 8, threshold=_THRESHOLD.value,
         acceptance=blockdec.Exact() if _SELF_SPECULATIVE.value else None)
+  if _TREE_NODES.value:
+    return blockdec.Blockwise(k or cfg.num_prediction_heads,
+                              tree=blockdec.DynamicTree(nodes=_TREE_NODES.value))
   return blockdec.Blockwise(k)
 
 

@@ -160,7 +160,11 @@ def run_method(params, cfg, prompts, lengths, n, method, batch, repeats,
     return jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs)
 
   out, _, seconds = evaluation.timed(one_pass, repeats)
-  return jax.device_get(out), seconds
+  out = jax.device_get(out)
+  # Every method compiles its own loops; kept, the ~60 programs of a full run
+  # exhaust the process's memory mappings (vm.max_map_count) and XLA aborts.
+  jax.clear_caches()
+  return out, seconds
 
 
 def main(argv=None):
@@ -190,6 +194,7 @@ def main(argv=None):
         acc = tree_shapes.measure_acceptance(probe, k - 1, args.tree_width)
         tree = tree_shapes.best_tree(acc, args.tree_budget)
         shapes[name, k] = (tree, acc)
+        jax.clear_caches()
         print(f"[drafters] {name} k={k}: tree of {tree.size} nodes, depth "
               f"{tree.depth - 1}, {tree.num_drafts} leaves; predicted "
               f"{tree_shapes.expected_tokens(tree, acc):.2f} tokens/call")

@@ -78,6 +78,12 @@ Models (`--models`):
                (sequence-level distillation: the checkpoint's own greedy
                output); trained here when the cache lacks it (~5 minutes).
                Its draft is its own first layer (no distilled draft).
+  demo-llama-hydra  (when cache/ holds configs/heads_hydra.py:demo_distill)
+               the same base weights with k=8 Hydra dependent heads
+               distilled on its greedy text: the heads' systems only.
+  gpt2-tiny-hydra  gpt2-tiny's base with k=8 Hydra heads trained on its HF
+               folder the same way (configs/hf_heads.py:cpu, distill,
+               model.head_type=hydra): the heads' systems only.
   gpt2-124m    random GPT-2-124M shape (12 layers, d=768, vocab 50257):
                greedy rows on stdlib-shaped random prompts only, to show the
                memory-bound regime (every decode step streams all ~0.5 GB of
@@ -125,8 +131,11 @@ SAMPLED = frozenset({"hf-sample", "hf-prompt-lookup", "hf-assisted",
                      "blockdec-sample", "blockdec-draft-model",
                      "blockdec-prompt-lookup"})
 SAMPLE_ONLY = frozenset({"hf-sample", "blockdec-sample"})
-MODELS = ("demo-llama", "demo-llama-distill", "cpu-llama", "gpt2-tiny",
-          "gpt2-124m")
+MODELS = ("demo-llama", "demo-llama-distill", "demo-llama-hydra",
+          "cpu-llama", "gpt2-tiny", "gpt2-tiny-hydra", "gpt2-124m")
+# Models with heads only (no draft model): the heads' systems.
+HEADS_SYSTEMS = ("hf-greedy", "blockdec-greedy", "blockdec-blockwise",
+                 "blockdec-adaptive")
 PROMPT_SETS = ("stdlib", "site-packages")
 # Third-party packages whose top-level modules make the site-packages set.
 SITE_PACKAGES = ("numpy", "jax", "flax", "optax", "chex", "torch",
@@ -197,6 +206,15 @@ def distilled_heads_model(cache_dir: str, k: int = 8):
           {**params, "proposal_heads": heads}, workdir)
 
 
+def hydra_heads_model(cache_dir: str):
+  """(cfg, params, workdir) of the demo base with Hydra's dependent heads
+  distilled on its greedy text (configs/heads_hydra.py:demo_distill), or
+  None."""
+  from blockdec.training import pipeline
+  return finished_run(pipeline.load_config(
+      ROOT / "configs" / "heads_hydra.py", "demo_distill"), cache_dir)
+
+
 def demo_model(cache_dir: str):
   """(cfg, params, trained, workdir) of the demo model, or its shape at random."""
   found = trained_heads_model(cache_dir, "demo")
@@ -244,13 +262,14 @@ def gpt2_model(n_layers, d_model, n_heads, k, seed):
   return cfg, blockdec.init_params(cfg, jax.random.key(seed))
 
 
-def gpt2_tiny_model(cache_dir: str):
+def gpt2_tiny_model(cache_dir: str, head_type: str = "stern"):
   """(cfg, params, tokenizer, notes) of the trained tiny GPT-2 with heads.
 
   The base run (configs/gpt2_tiny.py) is exported once as an HF GPT-2
-  folder beside its run folder; the heads are trained on that folder as a
-  user would on their own checkpoint (configs/hf_heads.py), by distillation.
-  Both runs are trained when missing and reused from `cache_dir` after.
+  folder beside its run folder; the heads (Stern's, or Hydra's dependent
+  heads with head_type="hydra") are trained on that folder as a user would
+  on their own checkpoint (configs/hf_heads.py), by distillation. Both runs
+  are trained when missing and reused from `cache_dir` after.
   """
   from blockdec.training import pipeline
   base = pipeline.train_or_load(
@@ -263,12 +282,17 @@ def gpt2_tiny_model(cache_dir: str):
   heads.hf_checkpoint = str(hf_dir)
   heads.regime = "distill"
   heads.name = "hf_heads_distill_cpu"
+  if head_type != "stern":
+    heads.model.head_type = head_type
+    heads.name = f"hf_heads_{head_type}_distill_cpu"
   run = pipeline.train_or_load(heads, cache_dir)
   return run.cfg, run.params, base.tokenizer, (
       f"gpt2-tiny: configs/gpt2_tiny.py trained on the stdlib ({base.workdir},"
       f" held-out {base.summary['valid']['loss']:.2f} nats/token), exported to"
-      f" GPT2LMHeadModel at {hf_dir}; k=8 heads trained on that folder by "
-      f"configs/hf_heads.py:cpu with regime=distill ({run.workdir}).")
+      f" GPT2LMHeadModel at {hf_dir}; k=8 {head_type} heads trained on that "
+      f"folder by configs/hf_heads.py:cpu with regime=distill"
+      f"{'' if head_type == 'stern' else ', model.head_type=' + head_type} "
+      f"({run.workdir}).")
 
 
 def site_packages_corpus() -> list:
@@ -836,14 +860,27 @@ def main():
     cfg, params, workdir = found
     blockdec.export_hf_checkpoint(cfg, params, tmp / "demo_distill",
                                   tokenizer=hf_lib.byte_tokenizer())
-    rows += bench(
-        "demo-llama-distill", tmp / "demo_distill", None, byte_sets,
-        ("hf-greedy", "blockdec-greedy", "blockdec-blockwise",
-         "blockdec-adaptive"), extra=dict(trained=True))
+    rows += bench("demo-llama-distill", tmp / "demo_distill", None,
+                  byte_sets, HEADS_SYSTEMS, extra=dict(trained=True))
     notes.append(
         f"demo-llama-distill: the same base weights as demo-llama (so the "
         f"same greedy output) with the k=8 first of the 10 heads trained by "
         f"sequence-level distillation in the Stern-table run {workdir}.")
+
+  found = hydra_heads_model(args.cache_dir) \
+      if "demo-llama-hydra" in models else None
+  if found is not None:  # The same trunk, dependent heads.
+    cfg, params, workdir = found
+    blockdec.export_hf_checkpoint(cfg, params, tmp / "demo_hydra",
+                                  tokenizer=hf_lib.byte_tokenizer())
+    rows += bench("demo-llama-hydra", tmp / "demo_hydra", None, byte_sets,
+                  HEADS_SYSTEMS, extra=dict(trained=True))
+    notes.append(
+        f"demo-llama-hydra: the demo base weights (so demo-llama's greedy "
+        f"output) with k={cfg.num_prediction_heads} Hydra dependent heads "
+        f"distilled on its greedy text, configs/heads_hydra.py:demo_distill "
+        f"({workdir}); the heads travel in blockdec_heads.safetensors with "
+        f"their head_type.")
 
   found = trained_heads_model(args.cache_dir, "cpu") \
       if "cpu-llama" in models else None
@@ -874,6 +911,15 @@ def main():
                   by_set(lambda s: bpe_prompts(tokenizer, s, 8, 48)),
                   extra=dict(trained=True), draft_note=draft_note)
     notes.append(f"{note} {draft_note}.")
+
+  if "gpt2-tiny-hydra" in models:
+    cfg, params, tokenizer, note = gpt2_tiny_model(args.cache_dir, "hydra")
+    blockdec.export_hf_checkpoint(cfg, params, tmp / "gpt2_tiny_hydra",
+                                  tokenizer=tokenizer)
+    rows += bench("gpt2-tiny-hydra", tmp / "gpt2_tiny_hydra", None,
+                  by_set(lambda s: bpe_prompts(tokenizer, s, 8, 48)),
+                  HEADS_SYSTEMS, extra=dict(trained=True))
+    notes.append(note.replace("gpt2-tiny:", "gpt2-tiny-hydra:", 1))
 
   rng = np.random.default_rng(0)
   gpt2_prompts = rng.integers(0, 50257, size=(8, 32)).astype(np.int32)

@@ -374,3 +374,25 @@ def test_dynamic_tree_errors():
     blockdec.decode(params, cfg, prompts, lengths, 8,
                     method=blockdec.Blockwise(tree=blockdec.DynamicTree(
                         nodes=16, top_k=2)))
+
+
+def test_cli_decodes_with_a_dynamic_tree(tmp_path, capsys):
+  from absl import flags
+  from blockdec import cli
+  from blockdec.training.tokenizers import ByteTokenizer
+  cfg, params = random_model(0, vocab_size=256, num_prediction_heads=3)
+  blockdec.save_checkpoint(tmp_path, cfg, params, tokenizer=ByteTokenizer())
+  argv = ["blockdec", "decode", f"--checkpoint={tmp_path}", "--prompt=abcabc",
+          "--max_new_tokens=6", "--tree_nodes=6"]
+  try:
+    cli.main(flags.FLAGS(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  assert out.startswith("abcabc") and "identical to greedy: True" in out
+  try:
+    with pytest.raises(SystemExit):
+      cli.main(flags.FLAGS(argv + ["--method=lookahead"]))
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert "--tree_nodes=6 grows trees" in capsys.readouterr().err

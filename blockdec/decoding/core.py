@@ -356,10 +356,9 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     raise ValueError("extra nodes need a tree drafter (Drafter.tree).")
   if tree is not None and (dynamic or tree.padded) and not verifier.lossless:
     raise ValueError(
-        f"a draft tree whose chains end at different depths (or a dynamic "
-        f"one) needs a "
-        f"lossless verifier (Exact() or SpeculativeSampling()); got "
-        f"acceptance={verifier!r}.")
+        "a draft tree whose chains end at different depths, or a dynamic "
+        "one, needs a lossless verifier (Exact() or SpeculativeSampling()); "
+        f"got acceptance={verifier!r}.")
   tree_mask = None if tree is None or dynamic else masks.TreeMask(
       tree.parents + (() if extra is None else extra.parents))
   context = Context(sampling=sampling, want_confidence=(
@@ -430,6 +429,9 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
           f"this drafter's tree is {tree!r}. Ranked (top-r) trees are "
           "deterministic drafts: propose them with q=None.")
     root = state.next_token[:, None]
+    if tree is not None:  # [B, C, t]: every chain's tokens, root first.
+      full = jnp.concatenate(
+          [jnp.broadcast_to(root[:, None], (rows, chains, 1)), drafts], axis=2)
     if tree is None:
       fed = jnp.concatenate([root, drafts[:, 0]], axis=1)  # [B, t]
       positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)
@@ -437,16 +439,12 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
       paths = jnp.arange(t, dtype=jnp.int32)[None]  # [1, t]
     elif dynamic:  # Each row's own tree, through a runtime mask.
       rt = draft.tree
-      full = jnp.concatenate(
-          [jnp.broadcast_to(root[:, None], (rows, chains, 1)), drafts], axis=2)
       fed = rt.tokens.at[:, 0].set(state.next_token)  # [B, T]
       positions = offsets[:, None] + rt.depths
       head_fn, cache = tree_call(score_fn, params, fed, positions, state.cache,
                                  mask=masks.RuntimeTreeMask(rt.parents))
       paths = rt.paths  # [B, C, t]
     else:
-      full = jnp.concatenate(
-          [jnp.broadcast_to(root[:, None], (rows, chains, 1)), drafts], axis=2)
       fed = tree.flatten(full)  # [B, T]
       depths = tuple(tree.depths) + (() if extra is None else extra.depths)
       if extra is not None:
