@@ -854,14 +854,18 @@ def main():
     rows += bench("demo-llama", tmp / "demo", tmp / "demo_draft", byte_sets,
                   extra=dict(trained=trained), draft_note=draft_note)
 
+  def bench_heads(name, cfg, params):
+    """Rows of the heads' systems for a byte model with heads."""
+    blockdec.export_hf_checkpoint(cfg, params, tmp / name,
+                                  tokenizer=hf_lib.byte_tokenizer())
+    return bench(name, tmp / name, None, byte_sets, HEADS_SYSTEMS,
+                 extra=dict(trained=True))
+
   found = distilled_heads_model(args.cache_dir) \
       if "demo-llama-distill" in models else None
   if found is not None:  # The same trunk, better heads.
     cfg, params, workdir = found
-    blockdec.export_hf_checkpoint(cfg, params, tmp / "demo_distill",
-                                  tokenizer=hf_lib.byte_tokenizer())
-    rows += bench("demo-llama-distill", tmp / "demo_distill", None,
-                  byte_sets, HEADS_SYSTEMS, extra=dict(trained=True))
+    rows += bench_heads("demo-llama-distill", cfg, params)
     notes.append(
         f"demo-llama-distill: the same base weights as demo-llama (so the "
         f"same greedy output) with the k=8 first of the 10 heads trained by "
@@ -871,10 +875,7 @@ def main():
       if "demo-llama-hydra" in models else None
   if found is not None:  # The same trunk, dependent heads.
     cfg, params, workdir = found
-    blockdec.export_hf_checkpoint(cfg, params, tmp / "demo_hydra",
-                                  tokenizer=hf_lib.byte_tokenizer())
-    rows += bench("demo-llama-hydra", tmp / "demo_hydra", None, byte_sets,
-                  HEADS_SYSTEMS, extra=dict(trained=True))
+    rows += bench_heads("demo-llama-hydra", cfg, params)
     notes.append(
         f"demo-llama-hydra: the demo base weights (so demo-llama's greedy "
         f"output) with k={cfg.num_prediction_heads} Hydra dependent heads "
