@@ -18,9 +18,7 @@ from blockdec.checkpointing import load_checkpoint, save_checkpoint
 from blockdec.config import ModelConfig
 from blockdec.decoding import (AcceptAll, AcceptanceRule, AdaptiveBlockSize,
                                DecodeOutput, Distance, DraftTree,
-                               DynamicTree, Exact,
-                               MinBlock,
-                               Sampling, SpeculativeSampling, TopK, Typical,
+                               DynamicTree, Exact, MinBlock, Sampling, SpeculativeSampling, TopK, Typical,
                                Verifier)
 from blockdec.methods import (Autoregressive, BlockDiffusion, Blockwise,
                               DraftModel, Eagle, Lookahead, Method,

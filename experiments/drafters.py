@@ -379,6 +379,15 @@ def markdown(result) -> str:
   return "\n".join(lines)
 
 
+def _tree_label(tree: str) -> str:
+  """A row's `tree` column as a short plot label suffix."""
+  if tree == "chain":
+    return ""
+  if "Sequoia" in tree:
+    return " Sequoia tree"
+  return " dynamic tree" if tree.startswith("dynamic") else " chains tree"
+
+
 def plot(result, path):
   rows = [r for r in result["rows"] if r["drafter"] != "autoregressive"]
   temps = sorted({r["temperature"] for r in rows})
@@ -397,10 +406,8 @@ def plot(result, path):
              label=f"batch {batch}")
     ax.axhline(1.0, color="gray", lw=1, ls=":")
     ax.set_xticks(np.arange(len(names)) + width * (len(batches) - 1) / 2)
-    ax.set_xticklabels([f"{n} k={k}" + (
-        "" if t == "chain" else " Sequoia tree" if "Sequoia" in t
-        else " dynamic tree" if t.startswith("dynamic") else " chains tree") for n, k, t in names], fontsize=8, rotation=35,
-                       ha="right")
+    ax.set_xticklabels([f"{n} k={k}{_tree_label(t)}" for n, k, t in names],
+                       fontsize=8, rotation=35, ha="right")
     ax.set_ylabel("speedup over the base's own decoding")
     ax.set_title("greedy" if temperature == 0 else
                  f"sampling, T={temperature:g}")

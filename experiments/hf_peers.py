@@ -854,34 +854,29 @@ def main():
     rows += bench("demo-llama", tmp / "demo", tmp / "demo_draft", byte_sets,
                   extra=dict(trained=trained), draft_note=draft_note)
 
-  def bench_heads(name, cfg, params):
-    """Rows of the heads' systems for a byte model with heads."""
+  heads_only = {  # name -> (loader, note from (cfg, workdir))
+      "demo-llama-distill": (distilled_heads_model, lambda cfg, workdir: (
+          f"demo-llama-distill: the same base weights as demo-llama (so the "
+          f"same greedy output) with the k=8 first of the 10 heads trained "
+          f"by sequence-level distillation in the Stern-table run "
+          f"{workdir}.")),
+      "demo-llama-hydra": (hydra_heads_model, lambda cfg, workdir: (
+          f"demo-llama-hydra: the demo base weights (so demo-llama's greedy "
+          f"output) with k={cfg.num_prediction_heads} Hydra dependent heads "
+          f"distilled on its greedy text, configs/heads_hydra.py:"
+          f"demo_distill ({workdir}); the heads travel in "
+          f"blockdec_heads.safetensors with their head_type.")),
+  }
+  for name, (loader, note) in heads_only.items():
+    found = loader(args.cache_dir) if name in models else None
+    if found is None:
+      continue
+    cfg, params, workdir = found  # The demo trunk with other heads.
     blockdec.export_hf_checkpoint(cfg, params, tmp / name,
                                   tokenizer=hf_lib.byte_tokenizer())
-    return bench(name, tmp / name, None, byte_sets, HEADS_SYSTEMS,
-                 extra=dict(trained=True))
-
-  found = distilled_heads_model(args.cache_dir) \
-      if "demo-llama-distill" in models else None
-  if found is not None:  # The same trunk, better heads.
-    cfg, params, workdir = found
-    rows += bench_heads("demo-llama-distill", cfg, params)
-    notes.append(
-        f"demo-llama-distill: the same base weights as demo-llama (so the "
-        f"same greedy output) with the k=8 first of the 10 heads trained by "
-        f"sequence-level distillation in the Stern-table run {workdir}.")
-
-  found = hydra_heads_model(args.cache_dir) \
-      if "demo-llama-hydra" in models else None
-  if found is not None:  # The same trunk, dependent heads.
-    cfg, params, workdir = found
-    rows += bench_heads("demo-llama-hydra", cfg, params)
-    notes.append(
-        f"demo-llama-hydra: the demo base weights (so demo-llama's greedy "
-        f"output) with k={cfg.num_prediction_heads} Hydra dependent heads "
-        f"distilled on its greedy text, configs/heads_hydra.py:demo_distill "
-        f"({workdir}); the heads travel in blockdec_heads.safetensors with "
-        f"their head_type.")
+    rows += bench(name, tmp / name, None, byte_sets, HEADS_SYSTEMS,
+                  extra=dict(trained=True))
+    notes.append(note(cfg, workdir))
 
   found = trained_heads_model(args.cache_dir, "cpu") \
       if "cpu-llama" in models else None

@@ -158,10 +158,7 @@ class DraftTree:
     children = [[] for _ in parents]
     for i, p in enumerate(parents[1:], 1):
       children[p].append(i)
-    depth = np.zeros(len(parents), np.int64)
-    for i, p in enumerate(parents[1:], 1):
-      depth[i] = depth[p] + 1
-    k = int(depth.max()) + 1
+    k = int(_depths_and_ranks(parents)[0].max()) + 1
     # Leaves in depth-first order, children by rank: chain 0 is the spine
     # of rank-0 nodes.
     leaves, stack = [], [0]
@@ -184,14 +181,7 @@ class DraftTree:
   def _build(self, parents: tuple[int, ...], paths: np.ndarray) -> None:
     self.parents, self.paths = parents, paths
     self.num_drafts, self.depth = paths.shape
-    depths = np.zeros(len(parents), np.int64)
-    ranks = np.zeros(len(parents), np.int64)
-    seen = [0] * len(parents)
-    for i, p in enumerate(parents):
-      if p >= 0:
-        depths[i] = depths[p] + 1
-        ranks[i], seen[p] = seen[p], seen[p] + 1
-    self.depths, self.ranks = depths, ranks
+    self.depths, self.ranks = depths, ranks = _depths_and_ranks(parents)
     # lengths[c]: nodes of chain c, root included (the rest is padding).
     self.lengths = depths[paths[:, -1]] + 1
     self.real = np.arange(1, self.depth)[None] < self.lengths[:, None]  # [C, D]
@@ -235,6 +225,18 @@ class DraftTree:
   def flatten(self, drafts: jax.Array) -> jax.Array:
     """drafts [..., C, k] (root at index 0) -> node tokens [..., T]."""
     return drafts[..., self._chain_of, self.depths]
+
+
+def _depths_and_ranks(parents) -> tuple[np.ndarray, np.ndarray]:
+  """Each node's depth (root 0) and rank among its siblings, by index."""
+  depths = np.zeros(len(parents), np.int64)
+  ranks = np.zeros(len(parents), np.int64)
+  seen = [0] * len(parents)
+  for i, p in enumerate(parents):
+    if p >= 0:
+      depths[i] = depths[p] + 1
+      ranks[i], seen[p] = seen[p], seen[p] + 1
+  return depths, ranks
 
 
 def ranked(logits: jax.Array, ranks, width: int | None = None) -> jax.Array:
