@@ -73,7 +73,7 @@ def cache_length(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
   return prompt_len + max_new_tokens + block_size
 
 
-def _decode_impl(params, prompts, prompt_lengths, key, arrays, *,
+def _decode_impl(params, prompts, prompt_lengths, key, arrays, source=None, *,
                  cfg: ModelConfig, options: DecodeOptions,
                  method: methods.Method, cache_sharding=None) -> DecodeOutput:
   batch, p = prompts.shape
@@ -87,6 +87,8 @@ def _decode_impl(params, prompts, prompt_lengths, key, arrays, *,
   slots = 1 if drafter is None else drafter.cache_slots
   cache = transformer.make_cache(
       cfg, batch, cache_length(p, options.max_new_tokens, slots))
+  if source is not None:  # An encoder-decoder: encode once, keep in the cache.
+    cache = cache.with_memory(transformer.encode(params, cfg, *source))
   score = model_score_fn(cfg, num_heads=min(k, cfg.num_prediction_heads))
   if cache_sharding is not None:
     # Keep the cache split (batch over data, kv heads over model) through
@@ -117,10 +119,11 @@ def _constrain_cache(score: decoding.SplitScoreFn, cache_sharding):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "options", "method"))
-def _decode(params, prompts, prompt_lengths, key, arrays, *, cfg: ModelConfig,
-            options: DecodeOptions, method: methods.Method) -> DecodeOutput:
-  return _decode_impl(params, prompts, prompt_lengths, key, arrays, cfg=cfg,
-                      options=options, method=method)
+def _decode(params, prompts, prompt_lengths, key, arrays, source, *,
+            cfg: ModelConfig, options: DecodeOptions,
+            method: methods.Method) -> DecodeOutput:
+  return _decode_impl(params, prompts, prompt_lengths, key, arrays, source,
+                      cfg=cfg, options=options, method=method)
 
 
 @functools.lru_cache(maxsize=64)
@@ -152,12 +155,12 @@ def _sharded_decoder(cfg: ModelConfig, options: DecodeOptions,
 
 
 def _run_decode(params, prompts, prompt_lengths, cfg, options, method, mesh,
-                rules, key) -> DecodeOutput:
+                rules, key, source=None) -> DecodeOutput:
   arrays = method.arrays()
   method = method.without_arrays()
   if mesh is None:
-    return _decode(params, prompts, prompt_lengths, key, arrays, cfg=cfg,
-                   options=options, method=method)
+    return _decode(params, prompts, prompt_lengths, key, arrays, source,
+                   cfg=cfg, options=options, method=method)
   if not isinstance(mesh, jax.sharding.Mesh):
     raise TypeError(f"mesh must be a jax.sharding.Mesh (blockdec.make_mesh), "
                     f"got {type(mesh).__name__}.")
@@ -188,7 +191,8 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
            sampling: decoding.Sampling | None = None,
            key: jax.Array | None = None, eos_id: int | None = None,
            pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
-           rules=None, compact_rows: bool = True) -> DecodeOutput:
+           rules=None, compact_rows: bool = True, source=None,
+           source_lengths=None) -> DecodeOutput:
   """Decodes with any method of the draft-and-verify family.
 
   Args:
@@ -221,6 +225,11 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
     compact_rows: once at most half of the rows are still decoding, go on
       with a batch of half the size (same tokens; the stragglers stop paying
       for finished rows). Ignored with a mesh.
+    source: an encoder-decoder's (`cfg.encoder_layers > 0`) source tokens
+      int [B, S], right-padded; encoded once, then every method decodes the
+      target from `prompts` (e.g. a BOS token) as for an LM. None for a
+      decoder-only model.
+    source_lengths: int [B], each in [1, S] (with `source`).
 
   Returns:
     `DecodeOutput`: tokens [B, N] (`pad_id` after each row's end), lengths
@@ -250,6 +259,8 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
   prompts, prompt_lengths = _check_inputs(
       params, cfg, prompts, prompt_lengths, max_new_tokens,
       block_size if method.reads_heads else 1)
+  source = _check_source(cfg, source, source_lengths, prompts.shape[0],
+                         method, mesh)
   acceptance = method.verifier(cfg)
   if not isinstance(acceptance, decoding.Verifier):
     raise TypeError(f"acceptance={acceptance!r} must be a blockdec verifier "
@@ -270,7 +281,53 @@ def decode(params, cfg: ModelConfig, prompts, prompt_lengths,
                           compact_rows=bool(compact_rows), adaptive=adaptive,
                           sampling=sampling)
   return _run_decode(params, prompts, prompt_lengths, cfg, options, method,
-                     mesh, rules, key)
+                     mesh, rules, key, source)
+
+
+def _check_source(cfg, source, source_lengths, batch, method, mesh):
+  """(source [B, S] int32, source_lengths [B] int32) of an encoder-decoder,
+  or None for a decoder-only model; raises on anything else."""
+  if not cfg.encoder_layers:
+    if source is not None or source_lengths is not None:
+      raise ValueError("source/source_lengths are for an encoder-decoder "
+                       "(encoder_layers > 0); this model is decoder-only: "
+                       "put the context in prompts.")
+    return None
+  if source is None or source_lengths is None:
+    raise ValueError(f"this model is an encoder-decoder (encoder_layers="
+                     f"{cfg.encoder_layers}): pass source [B, S] and "
+                     "source_lengths [B] (the prompts are the target's start, "
+                     "e.g. its BOS token).")
+  if mesh is not None:
+    raise ValueError("decoding an encoder-decoder on a mesh is not "
+                     "supported; pass mesh=None.")
+  if isinstance(method, methods.DraftModel):
+    raise ValueError("DraftModel drafts with a decoder-only LM, which cannot "
+                     "read an encoder-decoder's source; use Blockwise, "
+                     "Refined, PromptLookup or Lookahead.")
+  source, source_lengths = jnp.asarray(source), jnp.asarray(source_lengths)
+  if source.ndim != 2 or source.shape[0] != batch or source.shape[1] == 0:
+    raise ValueError(f"source must be a non-empty int array [B={batch}, S], "
+                     f"got shape {source.shape}.")
+  validation.check_int_dtype("source", source)
+  if source_lengths.shape != (batch,):
+    raise ValueError(f"source_lengths must have shape ({batch},), got "
+                     f"{source_lengths.shape}.")
+  validation.check_int_dtype("source_lengths", source_lengths)
+  s = source.shape[1]
+  if s > cfg.max_seq_len:
+    raise ValueError(f"source width S={s} exceeds max_seq_len="
+                     f"{cfg.max_seq_len}.")
+  if _is_concrete(source_lengths):
+    lengths = np.asarray(source_lengths)
+    if lengths.min() < 1 or lengths.max() > s:
+      raise ValueError(f"source_lengths={lengths.tolist()} must all be in "
+                       f"[1, S={s}] (an empty source has nothing to "
+                       "translate).")
+    valid = np.arange(s)[None, :] < lengths[:, None]
+    _check_token_ids("source", source, cfg.vocab_size, valid)
+    source = jnp.where(jnp.asarray(valid), source, 0)
+  return source.astype(jnp.int32), source_lengths.astype(jnp.int32)
 
 
 def _check_key(key, sampling):
@@ -316,7 +373,8 @@ def _check_refined(method, cfg, sampling):
 def greedy_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                   max_new_tokens: int = 64, eos_id: int | None = None,
                   pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
-                  rules=None) -> DecodeOutput:
+                  rules=None, source=None, source_lengths=None
+                  ) -> DecodeOutput:
   """Greedy decoding with head 1: `decode(method=Autoregressive())`.
 
   Returns:
@@ -325,7 +383,8 @@ def greedy_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
   """
   return decode(params, cfg, prompts, prompt_lengths, max_new_tokens,
                 method=methods.Autoregressive(), eos_id=eos_id, pad_id=pad_id,
-                mesh=mesh, rules=rules)
+                mesh=mesh, rules=rules, source=source,
+                source_lengths=source_lengths)
 
 
 def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
@@ -334,8 +393,8 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                      eos_id: int | None = None,
                      pad_id: int = 0, mesh: jax.sharding.Mesh | None = None,
                      rules=None, compact_rows: bool = True,
-                     adaptive: decoding.AdaptiveBlockSize | None = None
-                     ) -> DecodeOutput:
+                     adaptive: decoding.AdaptiveBlockSize | None = None,
+                     source=None, source_lengths=None) -> DecodeOutput:
   """Blockwise parallel decoding with the model's proposal heads, greedy:
   `decode(method=Blockwise(block_size, acceptance, adaptive))`.
 
@@ -352,7 +411,8 @@ def blockwise_decode(params, cfg: ModelConfig, prompts, prompt_lengths, *,
                                          acceptance=acceptance,
                                          adaptive=adaptive),
                 eos_id=eos_id, pad_id=pad_id, mesh=mesh, rules=rules,
-                compact_rows=compact_rows)
+                compact_rows=compact_rows, source=source,
+                source_lengths=source_lengths)
 
 
 def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
@@ -397,12 +457,15 @@ def refined_blockwise_decode(params, cfg: ModelConfig, prompts,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward_logits(params, tokens, cfg):
-  return transformer.forward_logits(params, cfg, tokens)
+def _forward_logits(params, tokens, source, cfg):
+  return transformer.forward_logits(params, cfg, tokens,
+                                    *(source or (None, None)))
 
 
-def forward_logits(params, cfg: ModelConfig, tokens) -> jax.Array:
-  """Head-1 logits [B, T, V] (float32) of full sequences tokens [B, T]."""
+def forward_logits(params, cfg: ModelConfig, tokens, source=None,
+                   source_lengths=None) -> jax.Array:
+  """Head-1 logits [B, T, V] (float32) of full sequences tokens [B, T]; an
+  encoder-decoder's given its source [B, S] and source_lengths [B]."""
   check_params(params, cfg)
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2 or 0 in tokens.shape:
@@ -413,7 +476,9 @@ def forward_logits(params, cfg: ModelConfig, tokens) -> jax.Array:
     raise ValueError(f"sequence length {tokens.shape[1]} exceeds "
                      f"max_seq_len={cfg.max_seq_len}.")
   _check_token_ids("tokens", tokens, cfg.vocab_size)
-  return _forward_logits(params, tokens.astype(jnp.int32), cfg)
+  source = _check_source(cfg, source, source_lengths, tokens.shape[0],
+                         methods.Autoregressive(), None)
+  return _forward_logits(params, tokens.astype(jnp.int32), source, cfg)
 
 
 # ----------------------------------------------------------------- validation

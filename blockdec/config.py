@@ -69,6 +69,11 @@ class ModelConfig:
   # alone) or "hydra" (head j also reads the embeddings of the j - 1 tokens
   # before its target: Hydra's dependent heads, `blockdec.Hydra`).
   head_type: Literal["stern", "hydra"] = "stern"
+  # Layers of a bidirectional encoder over a source sequence, or 0: a
+  # decoder-only LM. With an encoder every decoder layer also cross-attends
+  # to the encoded source (an encoder-decoder, e.g. for translation); the
+  # encoder shares the token embedding (one vocabulary for both sides).
+  encoder_layers: int = 0
 
   def __post_init__(self):
     def store(name, value):  # Normalised (e.g. np.int64 -> int) in place.
@@ -88,6 +93,8 @@ class ModelConfig:
     store("rope_scaling", _check_rope_scaling(self.rope_scaling))
     store("eagle_layers", validation.check_int("eagle_layers",
                                                self.eagle_layers, low=0))
+    store("encoder_layers", validation.check_int("encoder_layers",
+                                                 self.encoder_layers, low=0))
     store("mask_token_id", validation.check_int(
         "mask_token_id", self.mask_token_id, low=0, high=self.vocab_size - 1,
         optional=True))
@@ -108,6 +115,10 @@ class ModelConfig:
     if self.position == "rope" and self.dim_per_head % 2:
       raise ValueError(
           f"head_dim={self.dim_per_head} must be even for rotary embeddings.")
+
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.encoder_layers > 0
 
   @property
   def num_kv_heads(self) -> int:

@@ -56,6 +56,44 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       b, t, h, d)
 
 
+@jax.tree_util.register_pytree_node_class
+class PaddingMask:
+  """Bidirectional attention over each row's valid keys (an encoder's mask).
+
+  Every query of row b sees every key s with ``valid[b, s]``, before or
+  after it: the pattern of an encoder over right-padded sources. A pytree
+  whose one leaf is ``valid`` [B, S] bool, so it is traced data, never a
+  static argument. Used without a KV cache only.
+  """
+
+  __hash__ = None
+
+  def __init__(self, valid):
+    self.valid = jnp.asarray(valid, bool)
+
+  def tree_flatten(self):
+    return (self.valid,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    mask = object.__new__(cls)
+    mask.valid = children[0]
+    return mask
+
+  def __repr__(self):
+    return f"PaddingMask(valid={self.valid.shape})"
+
+
+def cross_attention(q, k, v, valid):
+  """Queries q [B, T, H, D] attend to a source's keys/values k, v [B, H_kv,
+  S, D] at its valid tokens, valid [B, S] (no order: every query sees the
+  whole source)."""
+  mask = jnp.broadcast_to(valid[:, None, :],
+                          (q.shape[0], q.shape[1], valid.shape[1]))
+  return dot_product_attention(q, k, v, mask)
+
+
 def self_attention(q, k, v, positions):
   """Causal attention of a sequence to itself (training, scoring).
 

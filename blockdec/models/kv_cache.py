@@ -15,9 +15,30 @@ next block is written at offset 12 and slots 12..13 are overwritten.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class Memory:
+  """An encoded source as every decoder layer's cross-attention sees it.
+
+  Computed once per source (`Transformer.encode`) and then only read: the
+  decoder's queries change every call, the source's keys and values never.
+
+  Attributes:
+    k: L arrays [B, H_kv, S, D], one per decoder layer (head-major, as
+      `attention.dot_product_attention` takes them).
+    v: L arrays [B, H_kv, S, D].
+    valid: [B, S] bool, True at the source's tokens (False at padding).
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array
 
 
 @flax.struct.dataclass
@@ -35,11 +56,18 @@ class KVCache:
       product (1.5x faster at batch 8 than contracting D of [S, D] keys).
     v: L arrays [B, H_kv, S, D] of values.
     end_index: [B] int32, number of valid slots per row.
+    memory: an encoder-decoder's encoded source (`Memory`, batch-leading
+      like every other leaf, so row compaction carries it along), or None.
   """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   end_index: jax.Array
+  memory: Any = None
+
+  def with_memory(self, memory: Memory) -> "KVCache":
+    """This cache holding `memory`, the source its rows are decoded from."""
+    return self.replace(memory=memory)
 
   @classmethod
   def make(cls, *, num_layers: int, batch: int, length: int,

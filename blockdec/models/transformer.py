@@ -13,6 +13,8 @@ Parameter tree (names are stable; checkpoint import relies on them):
   proposal_heads/head_{j}/{fc1,fc2}   j = 2..k       (num_prediction_heads > 1)
   proposal_heads/head_{j}/{fc_in,fc1,fc2}            (head_type="hydra")
   eagle/fc, eagle/layer_{i}/..., eagle/norm          (eagle_layers > 0)
+  encoder/layer_{i}/..., encoder/final_norm          (encoder_layers > 0)
+  cross_{i}/norm, cross_{i}/{q,k,v,o}                (encoder_layers > 0)
 
 Head 1 is `final_norm -> vocabulary projection`. Head j >= 2 (Stern sec. 3) is
 one residual feed-forward layer on the same normalised hidden state,
@@ -27,6 +29,16 @@ j >= 2 at position t also reads the embeddings of tokens t + 1 .. t + j - 1
 map, `z = fc_in([h, e_{t+1}, ..., e_{t+j-1}])`, then `z + fc2(relu(fc1(z)))`.
 Drafting with them is sequential (`blockdec.Blockwise` on such a model);
 training feeds the targets of the heads before (teacher forcing).
+
+An encoder-decoder (`encoder_layers > 0`, e.g. for translation) adds a
+bidirectional encoder over a source sequence (the same blocks, with a
+padding mask, sharing the token embedding) and a cross-attention sublayer
+in every decoder layer, between self-attention and the MLP, each with its
+own pre-norm (`cross_{i}`). The decoder with its heads is unchanged, so
+every decoding method drafts and verifies target tokens as for an LM. The
+source is encoded once per decode (`Transformer.encode`): its per-layer
+cross-attention keys and values travel in the KV cache (`KVCache.memory`)
+and are only read by later calls.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import jax.numpy as jnp
 
 from blockdec.config import ModelConfig
 from blockdec.models import attention
-from blockdec.models.kv_cache import KVCache
+from blockdec.models.kv_cache import KVCache, Memory
 
 
 def _dtype(name: str):
@@ -157,6 +169,9 @@ class Attention(nn.Module):
       from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
       if mask is None or isinstance(mask, masks.CausalBlockMask):
         out = attention.self_attention(q, k, v, positions)
+      elif isinstance(mask, attention.PaddingMask):  # An encoder.
+        out = attention.cross_attention(q, k.swapaxes(1, 2),
+                                        v.swapaxes(1, 2), mask.valid)
       elif isinstance(mask, (masks.TreeMask, masks.RuntimeTreeMask)):
         raise ValueError(f"mask={mask!r} needs a KV cache (a tree's nodes "
                          "are placed in cache slots); without one use None, "
@@ -199,11 +214,15 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, cache=None, layer=0, mask=None,
-               rope=None, empty_cache=False):
+               rope=None, empty_cache=False, cross=None):
+    """`cross`: an encoder-decoder's cross-attention sublayer for this layer
+    (x -> update), applied between self-attention and the MLP."""
     attn_out, cache = Attention(self.cfg, name="attn")(
         _norm(self.cfg, "attn_norm")(x), positions, cache, layer, mask,
         rope, empty_cache)
     x = x + attn_out
+    if cross is not None:
+      x = x + cross(x)
     x = x + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
     return x, cache
 
@@ -259,6 +278,55 @@ class EagleDrafter(nn.Module):
     return _norm(cfg, "norm")(x), cache
 
 
+class CrossAttention(nn.Module):
+  """A decoder layer's attention to the encoded source (encoder-decoder).
+
+  Two uses: `project(encoded)` turns the encoder's output into this
+  layer's keys and values once per source; `__call__(x, k, v, valid)`
+  attends the decoder's states to them (pre-norm; returns the update).
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    h, h_kv, d = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
+    self.norm = _norm(cfg, "norm")
+    self.q = _dense(cfg, h * d, "q", cfg.qkv_bias)
+    self.k = _dense(cfg, h_kv * d, "k", cfg.qkv_bias)
+    self.v = _dense(cfg, h_kv * d, "v", cfg.qkv_bias)
+    self.o = _dense(cfg, cfg.d_model, "o", cfg.proj_bias)
+
+  def project(self, encoded):
+    """encoded [B, S, d] -> keys, values [B, H_kv, S, D]."""
+    b, s, _ = encoded.shape
+    shape = (b, s, self.cfg.num_kv_heads, self.cfg.dim_per_head)
+    k = self.k(encoded).reshape(shape).swapaxes(1, 2)
+    v = self.v(encoded).reshape(shape).swapaxes(1, 2)
+    return k, v
+
+  def __call__(self, x, k, v, valid):
+    cfg = self.cfg
+    b, t, _ = x.shape
+    q = self.q(self.norm(x)).reshape(b, t, cfg.n_heads, cfg.dim_per_head)
+    out = attention.cross_attention(q, k, v, valid)
+    return self.o(out.reshape(b, t, cfg.n_heads * cfg.dim_per_head))
+
+
+class Encoder(nn.Module):
+  """Bidirectional blocks over the (embedded) source; final norm."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, valid):
+    """x [B, S, d] embedded source, positions [B, S], valid [B, S] bool."""
+    cfg = self.cfg
+    rope = rope_angles(cfg, positions) if cfg.position == "rope" else None
+    mask = attention.PaddingMask(valid)
+    for i in range(cfg.encoder_layers):
+      x, _ = Block(cfg, name=f"layer_{i}")(x, positions, None, i, mask, rope)
+    return _norm(cfg, "final_norm")(x)
+
+
 class Transformer(nn.Module):
   """The model. `__call__` returns logits of every head; see module docstring."""
   cfg: ModelConfig
@@ -282,9 +350,34 @@ class Transformer(nn.Module):
       self.proposal_heads = ProposalHeads(cfg)
     if cfg.eagle_layers:
       self.eagle = EagleDrafter(cfg)
+    if cfg.encoder_layers:
+      self.encoder = Encoder(cfg)
+      self.cross = [CrossAttention(cfg, name=f"cross_{i}")
+                    for i in range(cfg.n_layers)]
+
+  def _embed(self, tokens, positions):
+    x = self.embed(tokens)
+    if self.cfg.position == "learned":
+      x = x + self.pos_embed(jnp.minimum(positions, self.cfg.max_seq_len - 1))
+    return x
+
+  def encode(self, source, source_lengths) -> Memory:
+    """source [B, S] (right-padded), source_lengths [B] -> the `Memory` every
+    decoder layer cross-attends to (an encoder-decoder only)."""
+    if not self.cfg.encoder_layers:
+      raise ValueError("encode needs an encoder-decoder (encoder_layers > "
+                       "0); this model is decoder-only.")
+    s = source.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), source.shape)
+    valid = positions < source_lengths[:, None]
+    encoded = self.encoder(self._embed(source, positions), positions, valid)
+    kv = [cross.project(encoded) for cross in self.cross]
+    return Memory(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
+                  valid=valid)
 
   def trunk(self, tokens, positions, cache: KVCache | None = None,
-            mask=None, empty_cache: bool = False):
+            mask=None, empty_cache: bool = False,
+            memory: Memory | None = None):
     """tokens, positions [B, T] -> (normalised hidden [B, T, d], cache).
 
     With a cache, the block is written at slots `positions[:, 0] ...` and the
@@ -294,17 +387,27 @@ class Transformer(nn.Module):
     `kernels.BlockBidirectionalMask(T, n)` a block-diffusion block) or a
     `kernels.RuntimeTreeMask` with traced parents; see `Attention`.
     `empty_cache` (static): the cache holds nothing committed yet (prefill),
-    so it is not read.
+    so it is not read. `memory` (an encoder-decoder; `encode`): the source,
+    by default the one the cache holds (`KVCache.memory`).
     """
-    x = self.embed(tokens)
-    if self.cfg.position == "learned":
-      x = x + self.pos_embed(jnp.minimum(positions, self.cfg.max_seq_len - 1))
+    x = self._embed(tokens, positions)
     rope = None
     if self.cfg.position == "rope":
       rope = rope_angles(self.cfg, positions,
                          None if cache is None else cache.length)
+    if memory is None and cache is not None:
+      memory = cache.memory
+    if self.cfg.encoder_layers and memory is None:
+      raise ValueError("this encoder-decoder (encoder_layers="
+                       f"{self.cfg.encoder_layers}) needs its source: pass "
+                       "memory=encode(source, source_lengths) or a cache "
+                       "holding it (KVCache.with_memory).")
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, positions, cache, i, mask, rope, empty_cache)
+      cross = None
+      if self.cfg.encoder_layers:
+        cross = functools.partial(self.cross[i], k=memory.k[i], v=memory.v[i],
+                                  valid=memory.valid)
+      x, cache = layer(x, positions, cache, i, mask, rope, empty_cache, cross)
     if cache is not None:
       cache = cache.set_end_index(positions[:, 0] + tokens.shape[1])
     return self.final_norm(x), cache
@@ -345,10 +448,10 @@ class Transformer(nn.Module):
         h, self.embed(tokens)))
 
   def __call__(self, tokens, positions, cache=None, num_heads=None,
-               mask=None):
+               mask=None, memory=None):
     """Logits of every head; Hydra heads read the tokens that follow in
     `tokens` (teacher forcing along the given text; 0 past its end)."""
-    h, cache = self.trunk(tokens, positions, cache, mask)
+    h, cache = self.trunk(tokens, positions, cache, mask, memory=memory)
     following, num_heads = None, num_heads or self.cfg.num_prediction_heads
     if self.cfg.head_type == "hydra" and num_heads > 1:
       following = following_tokens(tokens, num_heads - 1)
@@ -374,8 +477,12 @@ class Transformer(nn.Module):
     return out, cache
 
   def init_all(self, tokens, positions):
-    """Touches every submodule (the EAGLE drafter too) for `init`."""
-    h, _ = self.trunk(tokens, positions)
+    """Touches every submodule (the EAGLE drafter and encoder too) for
+    `init`."""
+    memory = None
+    if self.cfg.encoder_layers:
+      memory = self.encode(tokens, jnp.ones(tokens.shape[:1], jnp.int32))
+    h, _ = self.trunk(tokens, positions, memory=memory)
     following = None
     if self.cfg.head_type == "hydra":
       following = jnp.zeros(tokens.shape + (self.cfg.num_prediction_heads,),
@@ -430,20 +537,32 @@ def make_eagle_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
 
 
 def apply(params, cfg: ModelConfig, tokens, positions, cache=None,
-          num_heads=None, mask=None):
+          num_heads=None, mask=None, memory=None):
   """Logits [B, T, num_heads, V] (float32) and the updated cache.
 
   `mask` (see `Transformer.trunk`): None scores a causal block; a static
   block mask (e.g. `kernels.TreeMask(parents)`, a static argument under
   `jax.jit`) or a `kernels.RuntimeTreeMask` (a traced one) another pattern.
+  `memory`: an encoder-decoder's encoded source (`encode`).
   """
   return Transformer(cfg).apply({"params": params}, tokens, positions, cache,
-                                num_heads, mask)
+                                num_heads, mask, memory)
 
 
-def forward_logits(params, cfg: ModelConfig, tokens):
-  """Head-1 logits [B, T, V] of full sequences tokens [B, T] (no cache)."""
+def encode(params, cfg: ModelConfig, source, source_lengths) -> Memory:
+  """An encoder-decoder's encoded source (`Transformer.encode`)."""
+  return Transformer(cfg).apply({"params": params}, source, source_lengths,
+                                method=Transformer.encode)
+
+
+def forward_logits(params, cfg: ModelConfig, tokens, source=None,
+                   source_lengths=None):
+  """Head-1 logits [B, T, V] of full sequences tokens [B, T] (no cache);
+  an encoder-decoder's given its source [B, S] and source_lengths [B]."""
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                tokens.shape)
-  logits, _ = apply(params, cfg, tokens, positions, None, num_heads=1)
+  memory = None if source is None else encode(params, cfg, source,
+                                              source_lengths)
+  logits, _ = apply(params, cfg, tokens, positions, None, num_heads=1,
+                    memory=memory)
   return logits[:, :, 0]

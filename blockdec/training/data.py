@@ -148,9 +148,8 @@ def split_of(name: str, valid_fraction: float = 0.02,
   return "train"
 
 
-def split_corpus(docs: Sequence[Document], valid_fraction: float = 0.02,
-                 test_fraction: float = 0.02) -> dict[str, list[Document]]:
-  """Splits by document; raises if train or valid ends up empty."""
+def check_split_fractions(valid_fraction: float, test_fraction: float):
+  """Raises ValueError unless both are in [0, 1) and sum to less than 1."""
   for name, value in (("valid_fraction", valid_fraction),
                       ("test_fraction", test_fraction)):
     if not 0.0 <= value < 1.0:
@@ -158,6 +157,12 @@ def split_corpus(docs: Sequence[Document], valid_fraction: float = 0.02,
   if valid_fraction + test_fraction >= 1.0:
     raise ValueError(f"valid_fraction + test_fraction = "
                      f"{valid_fraction + test_fraction} must be < 1.")
+
+
+def split_corpus(docs: Sequence[Document], valid_fraction: float = 0.02,
+                 test_fraction: float = 0.02) -> dict[str, list[Document]]:
+  """Splits by document; raises if train or valid ends up empty."""
+  check_split_fractions(valid_fraction, test_fraction)
   splits = {s: [] for s in SPLITS}
   for d in docs:
     splits[split_of(d.name, valid_fraction, test_fraction)].append(d)

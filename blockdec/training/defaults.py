@@ -136,6 +136,13 @@ def check_config(c) -> None:
       value = value[part]
     _positive_int(path, value)
   _positive_int("optim.warmup_steps", c.optim.warmup_steps, allow_zero=True)
+  kind = c.data.get("kind", "lm")
+  if kind not in ("lm", "translation"):
+    raise ValueError(f"config.data.kind={kind!r} is not supported; allowed: "
+                     "('lm', 'translation').")
+  if kind == "translation":  # Set by configs/translation.py only.
+    for path in ("max_source_len", "max_target_len", "bpe_vocab_size"):
+      _positive_int(f"data.{path}", c.data[path])
   if c.data.tokenizer not in KINDS:
     raise ValueError(f"config.data.tokenizer={c.data.tokenizer!r} is not "
                      f"supported; allowed: {KINDS}.")

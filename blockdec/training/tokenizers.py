@@ -4,6 +4,7 @@ Both map text to int32 ids and back, and save themselves into a checkpoint
 folder so a checkpoint always carries the tokenizer it was trained with:
 
   tokenizer_config.json   {"type": "bytes"} or {"type": "bpe", "file": "tokenizer.json"}
+                          (+ "encode_special_tokens": true, see below)
   tokenizer.json          the HF tokenizer (BPE only)
 
     tok = train_bpe(["def f(x):\\n    return x\\n"] * 50, vocab_size=300)
@@ -12,6 +13,12 @@ folder so a checkpoint always carries the tokenizer it was trained with:
 
 Byte-level BPE decodes back to exactly the input text (no normalisation, no
 added prefix space), so held-out loss can be reported per byte for either.
+
+`train_bpe(..., special_tokens=("<pad>", "<s>", "</s>"))` reserves ids 0, 1, 2
+for those tokens. They are never produced from text: a text that contains
+"</s>" encodes as its bytes, not as the special id (HF's
+`encode_special_tokens`, which `tokenizer.json` does not store, so the config
+file records it), and `decode` leaves special ids out.
 """
 
 from __future__ import annotations
@@ -84,29 +91,44 @@ class BPETokenizer:
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     self.tokenizer.save(str(directory / HF_FILE))
-    (directory / CONFIG_FILE).write_text(
-        json.dumps({"type": "bpe", "file": HF_FILE}) + "\n")
+    spec = {"type": "bpe", "file": HF_FILE}
+    if self.tokenizer.encode_special_tokens:  # Not kept by tokenizer.json.
+      spec["encode_special_tokens"] = True
+    (directory / CONFIG_FILE).write_text(json.dumps(spec) + "\n")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int,
-              min_frequency: int = 2) -> BPETokenizer:
+              min_frequency: int = 2,
+              special_tokens: Sequence[str] = ()) -> BPETokenizer:
   """Trains a byte-level BPE on `texts` (e.g. the training split only).
 
   The 256 byte symbols are always in the vocabulary, so any text encodes;
-  `vocab_size` must therefore be at least 257 (256 bytes + one merge).
+  `vocab_size` must therefore be at least 257 (256 bytes + one merge), plus
+  one per special token. `special_tokens` get ids 0, 1, ... in order and are
+  never produced from text (see the module docstring).
   """
+  special_tokens = list(special_tokens)
+  smallest = 257 + len(special_tokens)
   if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
-      or vocab_size < 257:
-    raise ValueError(f"bpe vocab_size={vocab_size!r} must be an int >= 257 "
-                     "(the 256 byte symbols plus at least one merge).")
+      or vocab_size < smallest:
+    specials = (f"{len(special_tokens)} special token(s), "
+                if special_tokens else "")
+    raise ValueError(f"bpe vocab_size={vocab_size!r} must be an int >= "
+                     f"{smallest} ({specials}the 256 byte symbols plus at "
+                     "least one merge).")
+  if len(set(special_tokens)) != len(special_tokens) or "" in special_tokens:
+    raise ValueError(f"special_tokens={special_tokens!r} must be distinct "
+                     "non-empty strings.")
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size, min_frequency=min_frequency,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      special_tokens=[], show_progress=False)
+      special_tokens=special_tokens, show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
+  if special_tokens:
+    tok.encode_special_tokens = True
   return BPETokenizer(tok)
 
 
@@ -142,5 +164,8 @@ def load_tokenizer(directory):
     path = directory / spec.get("file", HF_FILE)
     if not path.exists():
       raise FileNotFoundError(f"{config_path} names {path}, which is missing.")
-    return BPETokenizer(Tokenizer.from_file(str(path)))
+    tok = Tokenizer.from_file(str(path))
+    if spec.get("encode_special_tokens"):
+      tok.encode_special_tokens = True
+    return BPETokenizer(tok)
   raise ValueError(f"{config_path} has type={kind!r}; allowed: {KINDS}.")

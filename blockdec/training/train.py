@@ -53,6 +53,7 @@ from blockdec.config import ModelConfig
 from blockdec.models import transformer
 from blockdec.training import data as data_lib
 from blockdec.training import diagnostics, diffusion, distill, eagle, losses
+from blockdec.training import translation
 from blockdec.training.defaults import check_config
 from blockdec.training.tokenizers import load_tokenizer, make_tokenizer
 
@@ -114,7 +115,12 @@ def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool):
   positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32),
                                inputs.shape)
   model = transformer.Transformer(cfg)
-  h, _ = model.apply({"params": params}, inputs, positions, method="trunk")
+  memory = None
+  if "source" in batch:  # An encoder-decoder (translation): its source.
+    memory = model.apply({"params": params}, batch["source"],
+                         batch["source_lengths"], method="encode")
+  h, _ = model.apply({"params": params}, inputs, positions, memory=memory,
+                     method="trunk")
   if frozen_trunk:
     h = jax.lax.stop_gradient(h)  # [B, T, d] a constant: no trunk backward.
   # Hydra heads read the tokens before their targets: teacher forcing.
@@ -295,14 +301,21 @@ class Trainer:
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     c = config
-    docs = data_lib.load_corpus(c.data.corpus, pattern=c.data.pattern) \
-        if docs is None else docs
-    self.splits = data_lib.split_corpus(docs, c.data.valid_fraction,
-                                        c.data.test_fraction)
+    # data.kind "translation" (configs/translation.py): sentence pairs of an
+    # encoder-decoder instead of an LM's token stream.
+    self.task = None
+    if c.data.get("kind", "lm") != "translation":
+      docs = data_lib.load_corpus(c.data.corpus, pattern=c.data.pattern) \
+          if docs is None else docs
+      self.splits = data_lib.split_corpus(docs, c.data.valid_fraction,
+                                          c.data.test_fraction)
 
     if self.regime == "base":
       if (self.workdir / checkpointing.CONFIG_FILE).exists():
         self.tokenizer = load_tokenizer(self.workdir)  # Resume: same tokenizer.
+      elif c.data.get("kind", "lm") == "translation":
+        self.task = translation.TranslationTask(c.data)
+        self.tokenizer = self.task.tokenizer
       else:
         self.tokenizer = make_tokenizer(
             c.data.tokenizer, (d.text for d in self.splits["train"]),
@@ -322,21 +335,38 @@ class Trainer:
       else:
         self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
       self.teacher = (base_cfg, base_params)
+    if c.data.get("kind", "lm") == "translation" and self.task is None:
+      self.task = translation.TranslationTask(c.data, self.tokenizer)
     if self.tokenizer.vocab_size > self.cfg.vocab_size:
       raise ValueError(f"config.model.vocab_size={self.cfg.vocab_size} is "
                        f"smaller than the tokenizer's {self.tokenizer.vocab_size}.")
-    if c.data.seq_len > self.cfg.max_seq_len:
+    if self.task is None and c.data.seq_len > self.cfg.max_seq_len:
       raise ValueError(f"config.data.seq_len={c.data.seq_len} exceeds "
                        f"model max_seq_len={self.cfg.max_seq_len}.")
     losses.check_regime(self.regime, self.cfg.num_prediction_heads)
     self._check_or_write_run_files()
 
-    self.train_stream = data_lib.token_stream(self.splits["train"], self.tokenizer)
-    valid_stream = data_lib.token_stream(self.splits["valid"], self.tokenizer)
-    valid_bytes = sum(len(d.text.encode("utf-8")) for d in self.splits["valid"])
-    self.bytes_per_token = valid_bytes / max(len(valid_stream), 1)
-    self.eval_data = data_lib.eval_batches(valid_stream, c.data.seq_len,
-                                           c.batch_size, c.data.eval_batches)
+    if self.task is not None:
+      if not self.cfg.encoder_layers:
+        raise ValueError("config.data.kind='translation' needs an encoder-"
+                         "decoder: set config.model.encoder_layers >= 1.")
+      if self.task.seq_len > self.cfg.max_seq_len:
+        raise ValueError(f"config.data.max_target_len + 1 = "
+                         f"{self.task.seq_len} exceeds model max_seq_len="
+                         f"{self.cfg.max_seq_len}.")
+      self.bytes_per_token = self.task.bytes_per_token
+      self.eval_data = self.task.eval_batches(c.batch_size,
+                                              c.data.eval_batches)
+    else:
+      self.train_stream = data_lib.token_stream(self.splits["train"],
+                                                self.tokenizer)
+      valid_stream = data_lib.token_stream(self.splits["valid"],
+                                           self.tokenizer)
+      valid_bytes = sum(len(d.text.encode("utf-8"))
+                        for d in self.splits["valid"])
+      self.bytes_per_token = valid_bytes / max(len(valid_stream), 1)
+      self.eval_data = data_lib.eval_batches(valid_stream, c.data.seq_len,
+                                             c.batch_size, c.data.eval_batches)
 
     self.optimizer, self.schedule = make_optimizer(c.optim, c.steps)
     params = jax.device_put(params)
@@ -353,6 +383,9 @@ class Trainer:
     eval_fn = make_eval_step(self.cfg)
     sharding_cfg = sharding.ShardingConfig.from_config(c.get("sharding"))
     self.mesh = sharding_cfg.make_mesh()
+    if self.mesh is not None and self.task is not None:
+      raise ValueError("training a translation model on a mesh is not "
+                       "supported; unset config.sharding.")
     if self.mesh is None:
       self.train_step, self.eval_step = jax.jit(step_fn), jax.jit(eval_fn)
       self._put_batch = lambda batch: batch
@@ -383,7 +416,18 @@ class Trainer:
     """Training batches (distillation data is generated on first use)."""
     if self._batches is None:
       c = self.config
-      if losses.REGIMES[self.regime]["distill"]:
+      if self.task is not None:
+        encoded = None
+        if losses.REGIMES[self.regime]["distill"]:
+          t_cfg, t_params = self.teacher
+          encoded = self.task.distill(
+              t_params, t_cfg, num_sequences=c.distill.num_sequences,
+              batch_size=c.distill.batch_size, seed=c.seed,
+              cache_dir=c.distill.cache_dir or (self.workdir.parent /
+                                                "distill"),
+              progress=c.progress)
+        self._batches = self.task.train_batches(c.batch_size, c.seed, encoded)
+      elif losses.REGIMES[self.regime]["distill"]:
         d = c.distill
         cache = d.cache_dir or (self.workdir.parent / "distill")
         t_cfg, t_params = self.teacher
@@ -521,7 +565,8 @@ class Trainer:
                "steps": int(state.step), "model": self.cfg.to_dict(),
                "tokenizer": self.tokenizer.kind,
                "valid": valid[-1] if valid else self.evaluate(params)}
-    n = self.config.diagnostics.num_prompts
+    # The diagnostics decode LM prompts: none for a translation model.
+    n = self.config.diagnostics.num_prompts if self.task is None else 0
     if n and self.cfg.num_prediction_heads > 1:
       summary["head_agreement"] = self.head_agreement(params, n)
     if n and self.regime == "draft":

@@ -1,0 +1,144 @@
+r"""English -> German translation from the installed gettext catalogs.
+
+An encoder-decoder (ModelConfig.encoder_layers > 0) trained on the human
+translations under /usr/share/locale/<lang>/LC_MESSAGES/*.mo
+(blockdec/training/gettext_corpus.py: split by catalog, so test programs are
+unseen in training), with a shared BPE vocabulary. The four head regimes of
+Stern et al.'s Table 1 train k = 10 proposal heads on the decoder.
+
+Launch (from the repository root):
+
+  blockdec train --config configs/translation.py:cpu            # the base
+  blockdec train --config configs/translation.py:cpu,both       # a regime
+  python experiments/stern_translation.py --config=configs/translation.py:cpu
+
+The argument is "<preset>" (the base translation model, regime "base") or
+"<preset>,<regime>" with a regime of Stern's table: regular (frozen base,
+heads on the references), distillation (frozen base, heads on the base's
+greedy translations), fine-tuning (all parameters, from the regular run),
+both (all parameters on the distilled data, from the distillation run).
+
+Presets:
+  tiny  seconds; tests and smoke runs.
+  cpu   d = 256, 3 + 3 layers: about 20 minutes for the base on 2 CPU cores.
+  demo  d = 384, 4 + 4 layers, longer: the intended setting (an idle machine
+        or an accelerator).
+"""
+
+import dataclasses
+
+from blockdec.training.defaults import default_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  d_model: int
+  layers: int          # Encoder layers = decoder layers.
+  heads: int           # Attention heads.
+  vocab: int           # Shared BPE vocabulary.
+  max_len: int         # Longest source / target in BPE tokens (+ EOS).
+  batch: int           # Pairs per step.
+  steps: int           # Base model steps.
+  head_steps: int      # Steps per head regime.
+  lr: float            # Peak AdamW learning rate of the base.
+  k: int               # Heads of the regime models (head 1 included).
+  distill_pairs: int   # Training sources the base translates (distillation).
+
+
+PRESETS = {
+    "tiny": Preset(d_model=32, layers=1, heads=2, vocab=300, max_len=24,
+                   batch=4, steps=3, head_steps=2, lr=3e-3, k=4,
+                   distill_pairs=8),
+    "cpu": Preset(d_model=256, layers=3, heads=4, vocab=4000, max_len=48,
+                  batch=64, steps=1000, head_steps=200, lr=2e-3, k=10,
+                  distill_pairs=4000),
+    "demo": Preset(d_model=384, layers=4, heads=6, vocab=8000, max_len=64,
+                   batch=64, steps=6000, head_steps=1000, lr=1.5e-3, k=10,
+                   distill_pairs=20000),
+}
+
+# Stern's regimes -> the trainer's regime, and the run a fine-tuned regime
+# starts from (its trunk, head 1 and trained heads).
+REGIMES = {"regular": "frozen", "distillation": "distill",
+           "fine-tuning": "finetune", "both": "distill_finetune"}
+FINETUNE_FROM = {"fine-tuning": "regular", "both": "distillation"}
+FINETUNE_TRUNK_LR_SCALE = 0.1  # The trunk moves gently (as configs/stern_table.py).
+
+
+def base_config(preset: str):
+  p = PRESETS[preset]
+  c = default_config()
+  c.name = f"translation_{preset}"  # Run folder prefix.
+  c.regime = "base"                 # Head 1: the next target token.
+  c.model.vocab_size = 0            # From the shared BPE vocabulary.
+  c.model.d_model = p.d_model
+  c.model.n_layers = p.layers       # Decoder blocks.
+  c.model.encoder_layers = p.layers  # Encoder blocks (bidirectional).
+  c.model.n_heads = p.heads
+  c.model.max_seq_len = 2 * p.max_len  # Source and target positions.
+  c.model.num_prediction_heads = 1  # Heads are added by the regimes.
+  c.data.kind = "translation"       # Sentence pairs, not an LM stream.
+  c.data.src_lang = "en"            # msgid side.
+  c.data.tgt_lang = "de"
+  c.data.locale_dir = ""            # "" = /usr/share/locale.
+  c.data.tokenizer = "bpe"          # Shared BPE (ids 0, 1, 2: PAD, BOS, EOS).
+  c.data.bpe_vocab_size = p.vocab
+  c.data.max_source_len = p.max_len  # Longer pairs are dropped.
+  c.data.max_target_len = p.max_len  # y + EOS.
+  c.data.bucket = 16                # Batches of similar lengths, cut to x16.
+  c.data.valid_fraction = 0.05      # Share of catalogs held out (valid).
+  c.data.test_fraction = 0.05       # Share of catalogs held out (BLEU).
+  c.data.eval_batches = 8           # Valid batches per evaluation.
+  c.batch_size = p.batch
+  c.steps = p.steps
+  c.optim.learning_rate = p.lr
+  c.optim.warmup_steps = max(p.steps // 20, 1)
+  c.eval_every = max(p.steps // 4, 1)
+  c.checkpoint_every = max(p.steps // 10, 1)
+  c.log_every = max(min(10, p.steps // 20), 1)
+  c.diagnostics.num_prompts = 0     # LM diagnostics do not apply.
+  if preset == "tiny":
+    c.data.eval_batches = 1
+  return c
+
+
+def regime_config(preset: str, regime: str):
+  """The training config of one of Stern's regimes (k heads on the base)."""
+  if regime not in REGIMES:
+    raise ValueError(f"translation regime {regime!r} unknown; allowed: "
+                     f"{tuple(REGIMES)}.")
+  p = PRESETS[preset]
+  base = base_config(preset)
+  c = default_config()
+  c.name = f"translation_{REGIMES[regime]}_{preset}_k{p.k}"
+  c.regime = REGIMES[regime]
+  c.base = base
+  c.init_from = ""
+  c.model = {"num_prediction_heads": p.k, "head_hidden": 0}
+  c.data = base.data.copy_and_resolve_references()
+  c.batch_size = p.batch
+  c.steps = p.head_steps
+  c.optim.learning_rate = 3e-3 if regime in ("regular", "distillation") \
+      else 1e-3
+  c.optim.warmup_steps = max(p.head_steps // 10, 1)
+  c.eval_every = c.checkpoint_every = max(p.head_steps // 2, 1)
+  c.log_every = max(min(10, p.head_steps // 20), 1)
+  c.diagnostics.num_prompts = 0
+  c.distill.num_sequences = p.distill_pairs  # Sources the base translates.
+  c.distill.batch_size = 64                  # Sources per decoding call.
+  if regime in FINETUNE_FROM:
+    c.base = regime_config(preset, FINETUNE_FROM[regime])
+    c.optim.trunk_lr_scale = FINETUNE_TRUNK_LR_SCALE
+    c.first_head_weight = float(p.k - 1)  # Head 1 is half of the loss.
+  if preset == "tiny":
+    c.data.eval_batches = 1
+    c.distill.batch_size = 4
+  return c
+
+
+def get_config(arg="cpu"):
+  preset, _, regime = (arg or "cpu").partition(",")
+  if preset not in PRESETS:
+    raise ValueError(f"translation preset {preset!r} unknown; allowed: "
+                     f"{tuple(PRESETS)}.")
+  return base_config(preset) if not regime else regime_config(preset, regime)

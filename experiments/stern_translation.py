@@ -1,0 +1,408 @@
+r"""Stern et al. (2018) Table 1 on translation: block size beside BLEU.
+
+Run from the repository root::
+
+    python experiments/stern_translation.py                 # preset cpu
+    python experiments/stern_translation.py --preset=demo
+    python experiments/stern_translation.py --preset=tiny --num_test=16 \
+        --out=/tmp/st    # smoke run
+
+Trains (or reuses from `--cache_dir`) the models of configs/translation.py:
+an English -> German encoder-decoder on the installed gettext catalogs and
+one k-head model per regime of Stern's Table 1 (regular = frozen base with
+heads on the references, distillation = heads on the base's greedy
+translations, fine-tuning, both). Block size k uses the first k heads of
+that model (Stern trained one model per k). On the held-out test catalogs
+(programs unseen in training) it measures, per (regime, k, acceptance):
+
+* mean accepted block size: target tokens (EOS included) per decoder call,
+  Stern's k-hat;
+* BLEU (sacreBLEU, default 13a tokenisation) of the decoded translations
+  against the catalogs' human translations;
+* wall clock for the regimes in `--timed`: speedup over greedy decoding of
+  the same model, same process, same sentences, at batch 1 (sentences one
+  after another) and batch 8, median of `--repeats` after a warm-up.
+
+Writes `<out>.json` ({"machine", "rows", ...}, rows `{regime, k,
+acceptance, mean_block_size, bleu, speedup_b1, speedup_b8}`), `<out>.md`
+and `<out>.png` (default experiments/results/stern_translation).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+from absl import app, flags
+import jax
+import matplotlib
+import numpy as np
+import sacrebleu
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+import blockdec  # noqa: E402
+from blockdec import metrics  # noqa: E402
+from blockdec.training import pipeline, translation  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "translation.py"
+REGIMES = ("regular", "distillation", "fine-tuning", "both")
+APPROXIMATE = {"top2": blockdec.TopK(2), "top3": blockdec.TopK(3),
+               "distance1": blockdec.Distance(1),
+               "minblock2": blockdec.MinBlock(2),
+               "minblock3": blockdec.MinBlock(3)}
+K_VALUES = (2, 4, 6, 8, 10)  # As Stern's table (STERN_BLOCK).
+
+
+def _sibling(name: str):
+  """experiments/<name>.py as a module (these scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      name, pathlib.Path(__file__).with_name(f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules.setdefault(name, module)  # Its dataclasses look it up there.
+  spec.loader.exec_module(module)
+  return module
+
+
+# Stern et al. 2018, Table 1 (WMT14 En-De dev, exact acceptance): mean
+# accepted block size for k = 2, 4, 6, 8, 10, and the "both" model's
+# wall-clock speedups (one GPU); one copy, in experiments/stern_table.py.
+_stern = _sibling("stern_table")
+STERN_BLOCK, STERN_SPEEDUP = _stern.STERN_BLOCK, _stern.STERN_SPEEDUP
+
+
+def _define_flags():
+  return (
+      flags.DEFINE_enum("preset", "cpu", ("tiny", "cpu", "demo"),
+                        "configs/translation.py preset."),
+      flags.DEFINE_enum("only", "all", ("all", "train"),
+                        "train: only train or reuse the models."),
+      flags.DEFINE_integer("num_test", 0,
+                           "Test pairs decoded (0 = all of the test split)."),
+      flags.DEFINE_list("timed", ["regular", "both"],
+                        "Regimes timed against greedy decoding."),
+      flags.DEFINE_integer("timing_sentences", 16,
+                           "Test sentences timed (batch 1: one by one)."),
+      flags.DEFINE_integer("repeats", 3, "Timed repeats (median)."),
+      flags.DEFINE_integer("batch_size", 64, "Rows per decoding call (BLEU)."),
+      flags.DEFINE_string("cache_dir", "cache", "Cached training runs."),
+      flags.DEFINE_string(
+          "out", str(ROOT / "experiments" / "results" / "stern_translation"),
+          "Output prefix: writes <out>.json, <out>.md, <out>.png."))
+
+
+def _load() -> float:
+  return os.getloadavg()[0]
+
+
+def load_config(arg: str, locale_dir: str = ""):
+  """configs/translation.py:`arg`, reading catalogs from `locale_dir` (""
+  = the config's), in the run and in every base it trains first."""
+  c = pipeline.load_config(CONFIG, arg)
+  run = c
+  while locale_dir and run is not None:
+    run.data.locale_dir = locale_dir
+    run = run.get("base")
+  return c
+
+
+def train_all(preset: str, cache_dir: str, locale_dir: str = ""):
+  """{regime: Run} and the base Run, trained now or reused."""
+  base = pipeline.train_or_load(load_config(preset, locale_dir), cache_dir)
+  runs = {r: pipeline.train_or_load(load_config(f"{preset},{r}", locale_dir),
+                                    cache_dir)
+          for r in REGIMES}
+  return base, runs
+
+
+class Translator:
+  """Decodes fixed-width test sources with any method (one compile each)."""
+
+  def __init__(self, encoded, refs, tokenizer, n_new: int, batch_size: int):
+    self.sources = encoded.sources
+    self.source_lengths = encoded.source_lengths
+    self.refs = refs
+    self.tokenizer = tokenizer
+    self.n_new = n_new
+    self.batch_size = batch_size
+
+  def decode(self, run, method, rows):
+    """(tokens [N, n_new], lengths [N], calls [N]) of `rows`, batched; the
+    last batch is padded with copies of row 0 (dropped after)."""
+    tokens, lengths, calls = [], [], []
+    for start in range(0, len(rows), self.batch_size):
+      part = rows[start:start + self.batch_size]
+      pad = self.batch_size - len(part) if len(rows) > self.batch_size else 0
+      idx = np.concatenate([part, np.full(pad, rows[0])]).astype(int)
+      out = blockdec.decode(
+          run.params, run.cfg, np.full((len(idx), 1), translation.BOS_ID),
+          np.ones(len(idx), np.int32), self.n_new, method=method,
+          eos_id=translation.EOS_ID, source=self.sources[idx],
+          source_lengths=self.source_lengths[idx])
+      keep = slice(0, len(part))
+      tokens.append(np.asarray(out.tokens)[keep])
+      lengths.append(np.asarray(out.lengths)[keep])
+      calls.append(np.asarray(out.num_calls)[keep])
+    return (np.concatenate(tokens), np.concatenate(lengths),
+            np.concatenate(calls))
+
+  def text(self, tokens, lengths) -> list[str]:
+    out = []
+    for row, n in zip(tokens, lengths):
+      ids = [int(t) for t in row[:n] if t > translation.EOS_ID]
+      out.append(self.tokenizer.decode(ids))
+    return out
+
+  def measure(self, run, method, rows) -> dict:
+    tokens, lengths, calls = self.decode(run, method, rows)
+    hyps = self.text(tokens, lengths)
+    bleu = sacrebleu.corpus_bleu(hyps, [[self.refs[i] for i in rows]])
+    return {"mean_block_size": float(lengths.sum() / max(calls.sum(), 1)),
+            "bleu": float(bleu.score), "tokens": tokens, "lengths": lengths}
+
+
+def time_method(translator: Translator, run, method, rows, batch: int,
+                repeats: int) -> float:
+  """Median seconds to decode `rows` in batches of `batch` (after a
+  warm-up call that compiles)."""
+  saved = translator.batch_size
+  translator.batch_size = batch
+  try:
+    translator.decode(run, method, rows[:batch])  # Compile.
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      translator.decode(run, method, rows)
+      times.append(time.perf_counter() - t0)
+  finally:
+    translator.batch_size = saved
+  return statistics.median(times)
+
+
+def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
+                  timed=("regular", "both"), timing_sentences=16, repeats=3,
+                  batch_size=64, only="all", approximate=tuple(APPROXIMATE),
+                  locale_dir="") -> dict:
+  """Trains or reuses the models, measures, writes <out>.json|md|png.
+
+  `approximate`: the lossy rules measured at the largest k (names of
+  APPROXIMATE). `locale_dir`: read the catalogs there (tests build their
+  own). Returns the report (the JSON's content).
+  """
+  base, runs = train_all(preset, cache_dir, locale_dir)
+  if only == "train":
+    return {}
+  cfg0 = load_config(preset, locale_dir)
+  task = translation.TranslationTask(cfg0.data, base.tokenizer)
+  test = task.encoded["test"]
+  refs = [task.splits.test[i].target for i in test.indices]
+  rows = np.arange(len(test) if not num_test else min(num_test, len(test)))
+  translator = Translator(test, refs, base.tokenizer,
+                          cfg0.data.max_target_len, batch_size)
+  k_max = runs["regular"].cfg.num_prediction_heads
+  k_values = [k for k in K_VALUES if k <= k_max] or [k_max]
+  result_rows = []
+  load_before = _load()
+
+  greedy_out = translator.measure(base, blockdec.Autoregressive(), rows)
+  base_bleu = greedy_out["bleu"]
+  print(f"[base] greedy BLEU {base_bleu:.2f} on {len(rows)} test pairs")
+  for regime in REGIMES:
+    run = runs[regime]
+    greedy = translator.measure(run, blockdec.Autoregressive(), rows)
+    result_rows.append(_row(regime, 1, "exact", greedy, greedy, greedy_out))
+    for k in k_values:
+      got = translator.measure(run, blockdec.Blockwise(block_size=k), rows)
+      result_rows.append(_row(regime, k, "exact", got, greedy, greedy_out))
+      print(f"[{regime}] k={k} exact: block {got['mean_block_size']:.2f} "
+            f"BLEU {got['bleu']:.2f}")
+    for name in approximate:
+      rule = APPROXIMATE[name]
+      got = translator.measure(
+          run, blockdec.Blockwise(block_size=k_values[-1], acceptance=rule),
+          rows)
+      result_rows.append(_row(regime, k_values[-1], name, got, greedy,
+                              greedy_out))
+  # Wall clock, with nothing else decoding: regimes x k against greedy.
+  t_rows = rows[:timing_sentences]
+  for regime in timed:
+    run = runs[regime]
+    for batch in (1, 8):
+      greedy_s = time_method(translator, run, blockdec.Autoregressive(),
+                             t_rows, batch, repeats)
+      for k in k_values:
+        block_s = time_method(translator, run,
+                              blockdec.Blockwise(block_size=k), t_rows, batch,
+                              repeats)
+        for r in result_rows:
+          if (r["regime"], r["k"], r["acceptance"]) == (regime, k, "exact"):
+            r[f"speedup_b{batch}"] = greedy_s / block_s
+            r[f"seconds_b{batch}"] = block_s
+            r[f"greedy_seconds_b{batch}"] = greedy_s
+      print(f"[timing] {regime} batch {batch}: greedy {greedy_s:.2f} s")
+  load_after = _load()
+  base_valid = json.loads((base.workdir / "summary.json").read_text())["valid"]
+  report = {
+      "machine": metrics.machine_description(),
+      "load_1min": {"before": load_before, "after": load_after},
+      "preset": preset, "command": " ".join(sys.argv),
+      "test_pairs": int(len(rows)), "test_domains": task.splits.domains["test"],
+      "corpus": task.splits.summary(),
+      "base": {"bleu": base_bleu, "valid_loss": base_valid["loss"],
+               "model": base.cfg.to_dict()},
+      "timing_sentences": int(len(t_rows)), "repeats": repeats,
+      "stern_block": STERN_BLOCK, "stern_speedup": STERN_SPEEDUP,
+      "rows": [{k: v for k, v in r.items()} for r in result_rows],
+      "examples": _examples(translator, rows, greedy_out, 5),
+  }
+  if out:
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out.with_suffix(".png"))
+  return report
+
+
+def _row(regime, k, acceptance, got, greedy, base_greedy) -> dict:
+  """One JSON row; agreement = share of sentences identical to the regime
+  model's own greedy translation (exact acceptance: 1.0 by construction)."""
+  same = np.all(got["tokens"] == greedy["tokens"], axis=1)
+  same_base = np.all(got["tokens"] == base_greedy["tokens"], axis=1)
+  return {"regime": regime, "k": k, "acceptance": acceptance,
+          "mean_block_size": got["mean_block_size"], "bleu": got["bleu"],
+          "identical_to_own_greedy": float(same.mean()),
+          "identical_to_base_greedy": float(same_base.mean()),
+          "speedup_b1": None, "speedup_b8": None}
+
+
+def _examples(translator, rows, greedy_out, n):
+  hyps = translator.text(greedy_out["tokens"][:n], greedy_out["lengths"][:n])
+  return [{"reference": translator.refs[i], "base_greedy": h}
+          for i, h in zip(rows[:n], hyps)]
+
+
+def _fmt(x, digits=2):
+  return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(report) -> str:
+  rows = report["rows"]
+  get = lambda regime, k, acc="exact": next(
+      (r for r in rows if (r["regime"], r["k"], r["acceptance"])
+       == (regime, k, acc)), None)
+  ks = sorted({r["k"] for r in rows if r["acceptance"] == "exact"})
+  base = report["base"]
+  lines = [
+      "# Stern et al. (2018) Table 1 on translation (gettext En-De)", "",
+      f"Machine: {report['machine']}. Load average (1-minute): "
+      f"{report['load_1min']['before']:.1f} before, "
+      f"{report['load_1min']['after']:.1f} after. Written by "
+      f"`experiments/stern_translation.py --preset={report['preset']}`.", "",
+      f"Corpus: {report['corpus'].splitlines()[0]}; "
+      f"{report['test_pairs']} test pairs from the held-out catalogs "
+      f"({', '.join(report['test_domains'])}), unseen in training.", "",
+      f"Base model: encoder-decoder, {base['model']['encoder_layers']} + "
+      f"{base['model']['n_layers']} layers, d = {base['model']['d_model']}, "
+      f"shared BPE vocabulary of {base['model']['vocab_size']}; held-out "
+      f"loss {base['valid_loss']:.3f} nats/token; greedy **BLEU "
+      f"{base['bleu']:.2f}** (sacreBLEU 13a).", "",
+      "## Mean accepted block size and BLEU (exact acceptance)", "",
+      "Cells: mean accepted block size / BLEU. k = 1 is the regime model's "
+      "own greedy decoding. Stern: WMT14 En-De, one model per k "
+      "(block size only).", "",
+      "| regime | " + " | ".join(f"k={k}" for k in ks) + " |",
+      "|---|" + "---|" * len(ks)]
+  for regime in REGIMES:
+    cells = []
+    for k in ks:
+      r = get(regime, k)
+      cells.append("–" if r is None else
+                   f"{r['mean_block_size']:.2f} / {r['bleu']:.2f}")
+    lines.append(f"| {regime} | " + " | ".join(cells) + " |")
+    stern = dict(zip(K_VALUES, STERN_BLOCK[regime]))
+    lines.append(f"| *Stern {regime}* | " + " | ".join(
+        _fmt(stern.get(k)) for k in ks) + " |")
+  lines += ["", "## Approximate acceptance at the largest k (lossy)", "",
+            "BLEU cost against the regime's exact decoding; identical = share "
+            "of sentences equal to the regime model's greedy translation. "
+            "Distance-based acceptance (|proposal - argmax| <= 1) is Stern's "
+            "rule for ordinal outputs (pixel intensities); BPE ids are not "
+            "ordinal, so it is shown only for completeness. Stern (both, "
+            "k = 10): top-2 5.67, top-3 5.91.", "",
+            "| regime | rule | block size | BLEU | ΔBLEU | identical |",
+            "|---|---|---|---|---|---|"]
+  k_top = ks[-1]
+  for regime in REGIMES:
+    exact = get(regime, k_top)
+    for name in APPROXIMATE:  # Those measured.
+      r = get(regime, k_top, name)
+      if r is None or exact is None:
+        continue
+      lines.append(f"| {regime} | {name} | {r['mean_block_size']:.2f} | "
+                   f"{r['bleu']:.2f} | {r['bleu'] - exact['bleu']:+.2f} | "
+                   f"{r['identical_to_own_greedy']:.0%} |")
+  lines += ["", "## Wall clock (exact acceptance)", "",
+            f"Speedup over greedy decoding of the same model on "
+            f"{report['timing_sentences']} test sentences, median of "
+            f"{report['repeats']}; batch 1 = sentences one after another. "
+            "Stern (both, one GPU): " + ", ".join(
+                f"k={k} {s:.2f}x" for k, s in zip(K_VALUES, STERN_SPEEDUP))
+            + ".", "",
+            "| regime | batch | " + " | ".join(f"k={k}" for k in ks[1:])
+            + " |", "|---|---|" + "---|" * len(ks[1:])]
+  for regime in sorted({r["regime"] for r in rows if r["speedup_b1"]}):
+    for batch in (1, 8):
+      lines.append(f"| {regime} | {batch} | " + " | ".join(
+          _fmt(get(regime, k)[f"speedup_b{batch}"]) + "x" for k in ks[1:])
+                   + " |")
+  lines += ["", "## Examples (base model, greedy)", ""]
+  for ex in report["examples"]:
+    lines.append(f"- reference: {ex['reference']!r}  \n"
+                 f"  greedy: {ex['base_greedy']!r}")
+  return "\n".join(lines) + "\n"
+
+
+def plot(report, path) -> None:
+  rows = report["rows"]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  for i, regime in enumerate(REGIMES):
+    mine = sorted((r["k"], r["mean_block_size"], r["bleu"]) for r in rows
+                  if r["regime"] == regime and r["acceptance"] == "exact")
+    color = f"C{i}"
+    ax1.plot([m[0] for m in mine], [m[1] for m in mine], "o-", color=color,
+             label=f"{regime} (ours)")
+    ax1.plot(K_VALUES, STERN_BLOCK[regime], "x--", color=color, alpha=0.6,
+             label=f"{regime} (Stern)")
+    ax2.plot([m[0] for m in mine], [m[2] for m in mine], "o-", color=color,
+             label=regime)
+  ax1.set(xlabel="k (block size)", ylabel="mean accepted block size",
+          title="Tokens per decoder call")
+  ax2.set(xlabel="k (block size)", ylabel="BLEU (test catalogs)",
+          title="BLEU (k = 1: greedy)")
+  ax1.legend(fontsize=7, ncol=2)
+  ax2.legend(fontsize=7)
+  fig.suptitle("Blockwise parallel decoding, gettext En-De "
+               f"(preset {report['preset']})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  run_benchmark(f.preset, f.cache_dir, f.out, f.num_test, tuple(f.timed),
+                f.timing_sentences, f.repeats, f.batch_size, f.only)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

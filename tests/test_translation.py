@@ -1,0 +1,177 @@
+"""Translation end to end on synthetic gettext catalogs (seconds, no training
+of note): the trainer's translation task, Stern's four regimes on an
+encoder-decoder, resume after an interruption, and the benchmark's rows."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import blockdec
+from blockdec.training import gettext_corpus as gc
+from blockdec.training import pipeline, translation
+from blockdec.training.train import Trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "translation.py"
+
+_WORDS = [("open", "öffne"), ("close", "schließe"), ("the file", "die Datei"),
+          ("the window", "das Fenster"), ("now", "jetzt"), ("later", "später"),
+          ("cannot", "kann nicht"), ("read", "lesen"), ("write", "schreiben"),
+          ("the folder", "den Ordner"), ("again", "erneut"),
+          ("please", "bitte")]
+
+
+def _catalogs(root: pathlib.Path) -> pathlib.Path:
+  """Six German catalogs of word-for-word messages under root/de/."""
+  rng = np.random.default_rng(0)
+  folder = root / "de" / "LC_MESSAGES"
+  folder.mkdir(parents=True)
+  for d in range(6):
+    entries = []
+    for _ in range(40):
+      words = [_WORDS[i] for i in rng.choice(len(_WORDS), 4, replace=False)]
+      entries.append(gc.Entry(" ".join(w[0] for w in words),
+                              " ".join(w[1] for w in words)))
+    gc.write_mo(folder / f"program{d}.mo", entries)
+  return root
+
+
+def _config(arg, locale_dir):
+  spec = importlib.util.spec_from_file_location("stern_translation",
+                                                ROOT / "experiments" /
+                                                "stern_translation.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module, module.load_config(arg, str(locale_dir))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The tiny preset's base and four regimes, trained on the catalogs."""
+  tmp = tmp_path_factory.mktemp("translation")
+  locale = _catalogs(tmp / "locale")
+  module, _ = _config("tiny", locale)
+  base, runs = module.train_all("tiny", str(tmp / "cache"), str(locale))
+  return module, locale, tmp / "cache", base, runs
+
+
+def test_regimes_train_an_encoder_decoder(trained):
+  _, locale, _, base, runs = trained
+  assert base.cfg.encoder_layers >= 1 and base.cfg.num_prediction_heads == 1
+  assert base.tokenizer.vocab_size == base.cfg.vocab_size
+  for regime, run in runs.items():
+    assert run.cfg.num_prediction_heads == 4, regime
+    assert run.cfg.encoder_layers == base.cfg.encoder_layers
+  flat = lambda p: jax.tree_util.tree_leaves(
+      {k: v for k, v in p.items() if k != "proposal_heads"})
+  # Frozen-trunk regimes keep the base's encoder, decoder and head 1; the
+  # fine-tuned ones move them.
+  for regime, frozen in (("regular", True), ("distillation", True),
+                         ("fine-tuning", False), ("both", False)):
+    same = all(np.array_equal(a, b) for a, b in
+               zip(flat(runs[regime].params), flat(base.params)))
+    assert same == frozen, regime
+  # Every regime decodes its test sources exactly (Exact == greedy).
+  _, c = _config("tiny", locale)
+  task = translation.TranslationTask(c.data, base.tokenizer)
+  test = task.encoded["test"]
+  assert len(test) > 0
+  rows = np.arange(min(len(test), 6))
+  kw = dict(source=test.sources[rows], source_lengths=test.source_lengths[rows],
+            eos_id=translation.EOS_ID)
+  prompts = np.full((len(rows), 1), translation.BOS_ID)
+  ones = np.ones(len(rows), np.int32)
+  for run in runs.values():
+    greedy = blockdec.greedy_decode(run.params, run.cfg, prompts, ones,
+                                    max_new_tokens=12, **kw)
+    block = blockdec.blockwise_decode(run.params, run.cfg, prompts, ones,
+                                      max_new_tokens=12, block_size=4, **kw)
+    np.testing.assert_array_equal(block.tokens, greedy.tokens)
+
+
+def test_distillation_trains_on_the_base_translations(trained):
+  _, locale, cache, base, _ = trained
+  _, c = _config("tiny,distillation", locale)
+  task = translation.TranslationTask(c.data, base.tokenizer)
+  encoded = task.distill(base.params, base.cfg, num_sequences=5,
+                         batch_size=4, cache_dir=cache / "distill_check",
+                         seed=0, progress=False)
+  out = blockdec.greedy_decode(
+      base.params, base.cfg, np.full((5, 1), translation.BOS_ID),
+      np.ones(5, np.int32), max_new_tokens=c.data.max_target_len,
+      eos_id=translation.EOS_ID, source=encoded.sources,
+      source_lengths=encoded.source_lengths)
+  tokens = np.asarray(out.tokens)
+  for i in range(5):
+    n = int(out.lengths[i])
+    if encoded.target_lengths[i]:  # Ended with EOS within the budget.
+      np.testing.assert_array_equal(encoded.targets[i, 1:n + 1], tokens[i, :n])
+      assert encoded.targets[i, 0] == translation.BOS_ID
+    assert encoded.target_lengths[i] in (0, n)
+  # Cached: a second call reads the same arrays back.
+  again = task.distill(base.params, base.cfg, num_sequences=5, batch_size=4,
+                       cache_dir=cache / "distill_check", seed=0,
+                       progress=False)
+  np.testing.assert_array_equal(again.targets, encoded.targets)
+
+
+def test_interrupted_training_resumes_and_loses_nothing(trained, tmp_path):
+  _, locale, _, _, _ = trained
+  _, c = _config("tiny", locale)
+  c.steps = c.checkpoint_every = 3
+  c.progress = False
+  whole, _ = Trainer(c, tmp_path / "whole").run()
+  Trainer(c, tmp_path / "cut").run(stop_at_step=1)  # Killed after step 1...
+  c.checkpoint_every = 1
+  Trainer(c, tmp_path / "cut2").run(stop_at_step=2)
+  resumed, _ = Trainer(c, tmp_path / "cut2").run()  # ... resumed at step 2.
+  for a, b in zip(jax.tree_util.tree_leaves(whole.params),
+                  jax.tree_util.tree_leaves(resumed.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_benchmark_rows(trained, tmp_path):
+  module, locale, cache, _, _ = trained
+  report = module.run_benchmark(
+      "tiny", str(cache), str(tmp_path / "st"), num_test=8,
+      timed=("both",), timing_sentences=8, repeats=1, batch_size=8,
+      approximate=("top2",), locale_dir=str(locale))
+  rows = report["rows"]
+  assert {r["regime"] for r in rows} == set(module.REGIMES)
+  for r in rows:
+    assert {"regime", "k", "acceptance", "mean_block_size", "bleu",
+            "speedup_b1", "speedup_b8"} <= set(r)
+    assert 1.0 <= r["mean_block_size"] <= r["k"] or r["acceptance"] != "exact"
+    assert 0.0 <= r["bleu"] <= 100.0
+  exact = [r for r in rows if r["acceptance"] == "exact"]
+  assert all(r["identical_to_own_greedy"] == 1.0 for r in exact)
+  timed = [r for r in exact if r["regime"] == "both" and r["k"] > 1]
+  assert timed and all(r["speedup_b1"] > 0 and r["speedup_b8"] > 0
+                       for r in timed)
+  saved = json.loads((tmp_path / "st.json").read_text())
+  assert saved["rows"] == json.loads(json.dumps(rows))
+  assert (tmp_path / "st.md").read_text().startswith("# Stern et al.")
+  assert (tmp_path / "st.png").stat().st_size > 0
+
+
+def test_config_errors(tmp_path):
+  with pytest.raises(ValueError, match="translation regime 'neither'"):
+    pipeline.load_config(CONFIG, "tiny,neither")
+  with pytest.raises(ValueError, match="preset 'huge'"):
+    pipeline.load_config(CONFIG, "huge")
+  c = pipeline.load_config(CONFIG, "tiny")
+  c.data.locale_dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    Trainer(c, tmp_path / "run")
+  c = pipeline.load_config(CONFIG, "tiny")
+  c.model.encoder_layers = 0
+  c.data.locale_dir = str(_catalogs(tmp_path / "locale"))
+  with pytest.raises(ValueError, match="encoder_layers >= 1"):
+    Trainer(c, tmp_path / "run2")
+  c.data.kind = "speech"
+  with pytest.raises(ValueError, match="data.kind='speech'"):
+    Trainer(c, tmp_path / "run3")
