@@ -140,10 +140,6 @@ def test_a_row_does_not_depend_on_its_neighbours():
   sources, source_lengths = _sources(1, 6, 10, cfg.vocab_size)
   prompts, lengths = _targets(1, 6, cfg.vocab_size)
   sampling = blockdec.Sampling(temperature=1.0)
-  both = blockdec.decode(params, cfg, prompts, lengths, 16,
-                         method=blockdec.Blockwise(block_size=4),
-                         sampling=sampling, key=jax.random.key(5),
-                         source=sources, source_lengths=source_lengths)
   alone = blockdec.decode(params, cfg, prompts[2:3], lengths[2:3], 16,
                           method=blockdec.Blockwise(block_size=4),
                           sampling=sampling, key=jax.random.key(5),
@@ -157,7 +153,7 @@ def test_a_row_does_not_depend_on_its_neighbours():
                             source=sources[2:],
                             source_lengths=source_lengths[2:])
   np.testing.assert_array_equal(alone.tokens[0], shifted.tokens[0])
-  assert both.tokens.shape == (6, 16)
+  assert (np.asarray(shifted.tokens)[1:] != np.asarray(alone.tokens)).any()
 
 
 def _enumerate(params, cfg, source, prompt, n, sampling):
@@ -176,16 +172,18 @@ def _enumerate(params, cfg, source, prompt, n, sampling):
   return frontier
 
 
-@pytest.mark.parametrize("verifier,lossless",
-                         [(blockdec.Exact(), True), (_AcceptTooOften(), False)])
-def test_speculative_sampling_of_a_translation_is_lossless(verifier, lossless):
+@pytest.mark.parametrize("verifier,lossless,rows",
+                         [(blockdec.Exact(), True, 2500),
+                          (_AcceptTooOften(), False, 1000)])
+def test_speculative_sampling_of_a_translation_is_lossless(verifier, lossless,
+                                                          rows):
   """Two sources, one batch: each source's sampled continuations follow
   the enumerated distribution (and a biased verifier fails the test)."""
   cfg, params = random_model(1, param_seed=3, vocab_size=6, encoder_layers=1,
                              num_prediction_heads=4, max_seq_len=16)
   params = jax.tree_util.tree_map(lambda x: x * 0.5, params)
   sources = [np.array([2, 5, 3], np.int32), np.array([4, 4, 1], np.int32)]
-  rows, n = 2500, 3
+  n = 3
   sampling = blockdec.Sampling(temperature=0.8, top_k=5)
   source = np.stack([sources[i % 2] for i in range(2 * rows)])
   source_lengths = np.array([3, 2] * rows, np.int32)  # Ragged: 3 and 2.
@@ -235,6 +233,8 @@ def test_source_errors():
                     source_lengths=[4, 4])
   with pytest.raises(ValueError, match="needs its source"):
     transformer.apply(params, cfg, prompts, np.zeros_like(prompts))
+  with pytest.raises(ValueError, match="encoder-decoder"):
+    blockdec.export_hf_checkpoint(cfg, params, "/nonexistent/never_written")
   with pytest.raises(ValueError, match="encoder_layers"):
     blockdec.ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1,
                          encoder_layers=-1)

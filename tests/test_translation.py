@@ -108,10 +108,10 @@ def test_distillation_trains_on_the_base_translations(trained):
   tokens = np.asarray(out.tokens)
   for i in range(5):
     n = int(out.lengths[i])
-    if encoded.target_lengths[i]:  # Ended with EOS within the budget.
-      np.testing.assert_array_equal(encoded.targets[i, 1:n + 1], tokens[i, :n])
-      assert encoded.targets[i, 0] == translation.BOS_ID
-    assert encoded.target_lengths[i] in (0, n)
+    np.testing.assert_array_equal(encoded.targets[i, 1:n + 1], tokens[i, :n])
+    assert encoded.targets[i, 0] == translation.BOS_ID
+    assert (encoded.targets[i, n + 1:] == translation.PAD_ID).all()
+    assert encoded.target_lengths[i] == n
   # Cached: a second call reads the same arrays back.
   again = task.distill(base.params, base.cfg, num_sequences=5, batch_size=4,
                        cache_dir=cache / "distill_check", seed=0,

@@ -663,6 +663,11 @@ def export_hf_checkpoint(cfg: ModelConfig, params, path: str | os.PathLike, *,
   if dtype not in _NP_DTYPES:
     raise ValueError(f"dtype={dtype!r}; allowed: {sorted(_NP_DTYPES)}.")
   np_dtype = _NP_DTYPES[dtype]
+  if cfg.encoder_layers:
+    raise ValueError(f"export_hf_checkpoint writes GPT-2 / Llama decoder-only "
+                     f"models; this is an encoder-decoder (encoder_layers="
+                     f"{cfg.encoder_layers}): keep the blockdec checkpoint "
+                     "(save_checkpoint).")
   if cfg.eagle_layers:
     warnings.warn(f"export_hf_checkpoint writes the model without its EAGLE "
                   f"drafter (eagle_layers={cfg.eagle_layers}): HF formats "

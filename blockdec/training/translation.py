@@ -14,7 +14,8 @@ the trainer consumes:
             rows whose mask is 0), so every pair is scored once.
   distill   sequence-level knowledge distillation (Stern et al. sec. 6.1):
             the base's greedy translations of training sources replace the
-            references, cached on disk by the base's weights.
+            references (cut at the length budget when they run on), cached
+            on disk by the base's weights.
 
 The shared BPE vocabulary (ids 0, 1, 2 = PAD, BOS, EOS) is trained on both
 sides of the training split by the base run and saved with every checkpoint.
@@ -159,18 +160,16 @@ class TranslationTask:
         lengths[start:start + len(part)] = np.asarray(out.lengths)
       path.parent.mkdir(parents=True, exist_ok=True)
       np.savez(path, tokens=tokens, lengths=lengths)
-    # A translation that never reached EOS within the budget ends there.
-    ended = (np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[:, None],
-                                1)[:, 0] == EOS_ID)
+    # A translation that did not reach EOS within the budget is kept as the
+    # base wrote it (its first n tokens, no EOS): it is still the teacher's.
     targets = np.full((len(rows), n + 1), PAD_ID, np.int32)
     targets[:, 0] = BOS_ID
     targets[:, 1:] = np.where(np.arange(n)[None] < lengths[:, None], tokens,
                               PAD_ID)
     return corpus.EncodedPairs(
         sources=train.sources[rows], source_lengths=train.source_lengths[rows],
-        targets=targets, target_lengths=np.where(ended, lengths, 0).astype(
-            np.int32),
-        indices=train.indices[rows], num_dropped=int((~ended).sum()))
+        targets=targets, target_lengths=lengths.astype(np.int32),
+        indices=train.indices[rows], num_dropped=0)
 
 
 def _leaves(tree):
