@@ -119,7 +119,7 @@ def _constrain_cache(score: decoding.SplitScoreFn, cache_sharding):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "options", "method"))
-def _decode(params, prompts, prompt_lengths, key, arrays, source, *,
+def _decode(params, prompts, prompt_lengths, key, arrays, source=None, *,
             cfg: ModelConfig, options: DecodeOptions,
             method: methods.Method) -> DecodeOutput:
   return _decode_impl(params, prompts, prompt_lengths, key, arrays, source,

@@ -86,6 +86,8 @@ def _define_flags():
                         "train: only train or reuse the models."),
       flags.DEFINE_integer("num_test", 0,
                            "Test pairs decoded (0 = all of the test split)."),
+      flags.DEFINE_list("approximate", list(APPROXIMATE),
+                        "Lossy rules measured at the largest k."),
       flags.DEFINE_list("timed", ["regular", "both"],
                         "Regimes timed against greedy decoding."),
       flags.DEFINE_integer("timing_sentences", 16,
@@ -399,8 +401,13 @@ def plot(report, path) -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
+  unknown = sorted(set(f.approximate) - set(APPROXIMATE))
+  if unknown:
+    raise app.UsageError(f"--approximate {unknown} unknown; allowed: "
+                         f"{sorted(APPROXIMATE)}.")
   run_benchmark(f.preset, f.cache_dir, f.out, f.num_test, tuple(f.timed),
-                f.timing_sentences, f.repeats, f.batch_size, f.only)
+                f.timing_sentences, f.repeats, f.batch_size, f.only,
+                tuple(f.approximate))
 
 
 if __name__ == "__main__":
