@@ -304,7 +304,8 @@ class Trainer:
     # data.kind "translation" (configs/translation.py): sentence pairs of an
     # encoder-decoder instead of an LM's token stream.
     self.task = None
-    if c.data.get("kind", "lm") != "translation":
+    translating = c.data.get("kind", "lm") == "translation"
+    if not translating:
       docs = data_lib.load_corpus(c.data.corpus, pattern=c.data.pattern) \
           if docs is None else docs
       self.splits = data_lib.split_corpus(docs, c.data.valid_fraction,
@@ -313,7 +314,7 @@ class Trainer:
     if self.regime == "base":
       if (self.workdir / checkpointing.CONFIG_FILE).exists():
         self.tokenizer = load_tokenizer(self.workdir)  # Resume: same tokenizer.
-      elif c.data.get("kind", "lm") == "translation":
+      elif translating:  # The task trains the shared BPE vocabulary.
         self.task = translation.TranslationTask(c.data)
         self.tokenizer = self.task.tokenizer
       else:
@@ -335,7 +336,7 @@ class Trainer:
       else:
         self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
       self.teacher = (base_cfg, base_params)
-    if c.data.get("kind", "lm") == "translation" and self.task is None:
+    if translating and self.task is None:
       self.task = translation.TranslationTask(c.data, self.tokenizer)
     if self.tokenizer.vocab_size > self.cfg.vocab_size:
       raise ValueError(f"config.model.vocab_size={self.cfg.vocab_size} is "
@@ -416,20 +417,19 @@ class Trainer:
     """Training batches (distillation data is generated on first use)."""
     if self._batches is None:
       c = self.config
+      d = c.distill
+      cache = d.cache_dir or (self.workdir.parent / "distill")
+      distilling = losses.REGIMES[self.regime]["distill"]
       if self.task is not None:
         encoded = None
-        if losses.REGIMES[self.regime]["distill"]:
+        if distilling:
           t_cfg, t_params = self.teacher
           encoded = self.task.distill(
-              t_params, t_cfg, num_sequences=c.distill.num_sequences,
-              batch_size=c.distill.batch_size, seed=c.seed,
-              cache_dir=c.distill.cache_dir or (self.workdir.parent /
-                                                "distill"),
+              t_params, t_cfg, num_sequences=d.num_sequences,
+              batch_size=d.batch_size, seed=c.seed, cache_dir=cache,
               progress=c.progress)
         self._batches = self.task.train_batches(c.batch_size, c.seed, encoded)
-      elif losses.REGIMES[self.regime]["distill"]:
-        d = c.distill
-        cache = d.cache_dir or (self.workdir.parent / "distill")
+      elif distilling:
         t_cfg, t_params = self.teacher
         tokens, mask = distill.generate(
             t_params, t_cfg, self.train_stream, num_sequences=d.num_sequences,

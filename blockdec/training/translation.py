@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import pathlib
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from blockdec import api
 from blockdec.training import gettext_corpus as corpus
 
 PAD_ID, BOS_ID, EOS_ID = corpus.PAD_ID, corpus.BOS_ID, corpus.EOS_ID
@@ -129,14 +131,13 @@ class TranslationTask:
     DecodeOutput; default `blockdec.greedy_decode` with EOS). Cached as .npz
     under `cache_dir`, keyed by the base's weights and the settings.
     """
-    from blockdec import api  # pylint: disable=g-import-not-at-top
     train = self.encoded["train"]
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(train), min(num_sequences, len(train)),
                               replace=False))
     n = self.data.max_target_len  # y and EOS.
     digest = hashlib.sha256()
-    for leaf in _leaves(params):
+    for leaf in jax.tree_util.tree_leaves(params):
       digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     digest.update(repr((cfg, rows.tolist(), n)).encode())
     path = pathlib.Path(cache_dir) / f"translation_{digest.hexdigest()[:16]}.npz"
@@ -171,7 +172,3 @@ class TranslationTask:
         targets=targets, target_lengths=lengths.astype(np.int32),
         indices=train.indices[rows], num_dropped=0)
 
-
-def _leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree_util.tree_leaves(tree)
