@@ -11,7 +11,7 @@ Presets (the argument after ":"):
   cpu   a few minutes on 2 CPU cores: a small byte model.
   demo  the `make demo` base model (~6-7 minutes on 2 CPU cores).
   mid   d = 384, 6 layers: more weights than a CPU's last-level cache
-        (about an hour on 2 CPU cores).
+        (under an hour on 2 CPU cores).
   gpu   (default) a larger byte model for one accelerator.
 
 Every field is documented in blockdec/training/defaults.py; the ones set here
@@ -28,8 +28,8 @@ _PRESETS = {
     "demo": (256, 4, 4, 256, 16, 400, 2e-3, 40),
     # 54 MB of float32 weights: past a 32 MB last-level cache, so a greedy
     # step is memory-bound on CPU as on accelerators (experiments/
-    # step_costs.py); about an hour on 2 CPU cores.
-    "mid": (384, 6, 6, 256, 16, 1000, 1.5e-3, 100),
+    # step_costs.py); under an hour on 2 CPU cores.
+    "mid": (384, 6, 6, 256, 16, 600, 1.5e-3, 60),
     "gpu": (512, 8, 8, 512, 64, 20000, 1e-3, 1000),
 }
 

@@ -26,6 +26,7 @@ Presets (the argument after ":"):
   tiny  seconds; for tests and smoke runs.
   cpu   a few minutes on 2 CPU cores, for the cpu base.
   demo  the draft for the `make demo` base (minutes on 2 CPU cores).
+  mid   the draft for the memory-bound configs/base_lm.py:mid base.
   gpu   (default) for the gpu base.
 
 Every field is documented in blockdec/training/defaults.py; the ones set here
@@ -47,6 +48,10 @@ _PRESETS = {
     "demo": dict(d_model=128, n_layers=1, n_heads=4, num_sequences=2048,
                  prefix_len=64, new_tokens=128, gen_batch=128, batch_size=16,
                  steps=1000, lr=3e-3),
+    # The mid base costs ~3x the demo's per generated token: half the rows.
+    "mid": dict(d_model=128, n_layers=1, n_heads=4, num_sequences=1024,
+                prefix_len=64, new_tokens=128, gen_batch=128, batch_size=16,
+                steps=1000, lr=3e-3),
     "gpu": dict(d_model=256, n_layers=2, n_heads=4, num_sequences=8192,
                 prefix_len=64, new_tokens=256, gen_batch=256, batch_size=64,
                 steps=5000, lr=1e-3),

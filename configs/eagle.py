@@ -27,6 +27,7 @@ draft when decoding greedily):
   tiny  seconds; for tests and smoke runs.
   cpu   minutes on 2 CPU cores, for the cpu base.
   demo  the drafter for the `make demo` base (~15 minutes on 2 CPU cores).
+  mid   the drafter for the memory-bound configs/base_lm.py:mid base.
   gpu   (default) for the gpu base.
 
 Every field is documented in blockdec/training/defaults.py; the ones set here
@@ -45,6 +46,7 @@ _PRESETS = {
     "tiny": (3, 3e-3, 4),
     "cpu": (300, 3e-3, 16),
     "demo": (600, 3e-3, 16),
+    "mid": (600, 3e-3, 16),
     "gpu": (5000, 1e-3, 64),
 }
 

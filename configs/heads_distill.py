@@ -12,7 +12,7 @@ Launch (from the repository root):
   blockdec train --config configs/heads_distill.py:cpu --config.regime=distill_finetune
 
 With `init_from` empty the base LM of the same preset is trained or reused
-first. Presets: tiny, cpu, demo, gpu.
+first. Presets: tiny, cpu, demo, mid, gpu.
 """
 
 import pathlib

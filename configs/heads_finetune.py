@@ -11,7 +11,7 @@ Launch (from the repository root):
   blockdec train --config configs/heads_finetune.py:gpu --config.optim.learning_rate=3e-4
 
 With `init_from` empty the base LM of the same preset is trained or reused
-first. Presets: tiny, cpu, demo, gpu.
+first. Presets: tiny, cpu, demo, mid, gpu.
 """
 
 import pathlib

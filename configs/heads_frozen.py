@@ -10,7 +10,8 @@ Launch (from the repository root):
   blockdec train --config configs/heads_frozen.py:demo --config.init_from=path/to/base_run
 
 With `init_from` empty, the base LM of the same preset (configs/base_lm.py)
-is trained first, or reused from the cache. Presets: tiny, cpu, demo, gpu.
+is trained first, or reused from the cache. Presets: tiny, cpu, demo, mid,
+gpu.
 """
 
 import pathlib
@@ -23,6 +24,7 @@ _PRESETS = {
     "tiny": (4, 3, 3e-3, 4),
     "cpu": (8, 150, 3e-3, 16),
     "demo": (8, 250, 3e-3, 16),
+    "mid": (8, 250, 3e-3, 16),
     "gpu": (8, 5000, 1e-3, 64),
 }
 

@@ -19,7 +19,7 @@ Launch (from the repository root):
 on the base's own greedy continuations (the "distill" regime, sharing the
 cached continuations of configs/heads_distill.py). With `init_from` empty
 the base LM of the same preset is trained or reused first. Presets: tiny,
-cpu, demo, gpu.
+cpu, demo, mid, gpu.
 """
 
 import pathlib

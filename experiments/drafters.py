@@ -1,8 +1,11 @@
 r"""Lossless drafters on one frozen base: tokens per call and wall-clock.
 
-Every drafter here leaves the `make demo` base (configs/base_lm.py:demo)
-bit-for-bit unchanged, so every row decodes the base's own greedy text (or
-samples the base's own distribution, losslessly):
+Every drafter here leaves its base (--model: the `make demo` base
+configs/base_lm.py:demo by default; the memory-bound configs/base_lm.py:mid;
+configs/base_lm.py:tiny for smoke runs; or the tiny GPT-2 of
+configs/gpt2_tiny.py) bit-for-bit unchanged, so every row decodes the base's
+own greedy text (or samples the base's own distribution, losslessly). The
+drafters, each from the config of the model's preset (shown for demo):
 
   heads-frozen   Stern's proposal heads trained on data
                  (configs/heads_frozen.py:demo), Blockwise(k)
@@ -27,8 +30,10 @@ then the best tree for that matrix (its predicted tokens per call are in
 the JSON beside the measured ones). heads-distill and hydra-distill also
 as an EAGLE-2-style dynamic tree (blockdec.DynamicTree: --dynamic_nodes
 nodes grown from the --dynamic_top_k likeliest paths per level, every
-call). Models that are not cached are
-skipped unless --train.
+call). Drafters that are not cached are skipped unless --train. The mid base
+runs heads-distill, draft-model and hydra-distill by default; gpt2-tiny has
+heads-distill and hydra-distill, trained on its Hugging Face export by
+configs/hf_heads.py:cpu (experiments/gpt2_tiny.py).
 
 Rows: {model, drafter, block_size, tree, temperature, batch,
 tokens_per_call, tokens_per_call_nondegenerate, degenerate_share,
@@ -44,6 +49,8 @@ Launch (from the repository root):
   python experiments/drafters.py            # -> experiments/results/drafters.{json,md,png}
   python experiments/drafters.py --train    # train/reuse every drafter first
   python experiments/drafters.py --quick    # k = 8, 8 prompts, 64 tokens
+  python experiments/drafters.py --model=mid --train   # -> drafters_mid.*
+  python experiments/drafters.py --model=gpt2-tiny     # -> drafters_gpt2_tiny.*
 """
 
 from __future__ import annotations
@@ -67,23 +74,41 @@ import blockdec  # noqa: E402
 from blockdec import metrics, tree_shapes  # noqa: E402
 from blockdec.training import evaluation, pipeline  # noqa: E402
 
+import gpt2_tiny  # noqa: E402  (experiments/gpt2_tiny.py)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-BASE = "configs/base_lm.py:demo"
-# name -> (config, method factory (run, k) -> spec, whose params decode)
+# --model -> its base config. demo, mid and tiny are configs/base_lm.py
+# presets whose drafters are the same presets of the drafter configs;
+# gpt2-tiny is configs/gpt2_tiny.py with heads trained on its HF export
+# (experiments/gpt2_tiny.py).
+MODELS = {
+    "demo": "configs/base_lm.py:demo",
+    "mid": "configs/base_lm.py:mid",
+    "tiny": "configs/base_lm.py:tiny",
+    "gpt2-tiny": "configs/gpt2_tiny.py",
+}
+# name -> (config file:preset template, method factory (run, k) -> spec,
+# whose params decode)
 DRAFTERS = {
-    "heads-frozen": ("configs/heads_frozen.py:demo",
+    "heads-frozen": ("configs/heads_frozen.py:{preset}",
                      lambda run, k: blockdec.Blockwise(block_size=k), "own"),
-    "heads-distill": ("configs/heads_distill.py:demo",
+    "heads-distill": ("configs/heads_distill.py:{preset}",
                       lambda run, k: blockdec.Blockwise(block_size=k), "own"),
-    "draft-model": ("configs/draft_model.py:demo",
+    "draft-model": ("configs/draft_model.py:{preset}",
                     lambda run, k: blockdec.DraftModel(run.cfg, run.params,
                                                        block_size=k), "base"),
-    "eagle": ("configs/eagle.py:demo",
+    "eagle": ("configs/eagle.py:{preset}",
               lambda run, k: blockdec.Eagle(block_size=k), "own"),
-    "hydra-distill": ("configs/heads_hydra.py:demo_distill",
+    "hydra-distill": ("configs/heads_hydra.py:{preset}_distill",
                       lambda run, k: blockdec.Blockwise(block_size=k), "own"),
 }
+# Drafters of gpt2-tiny: heads distilled on its HF export, by head type.
+GPT2_DRAFTERS = {"heads-distill": "stern", "hydra-distill": "hydra"}
+# The drafters run when --drafters is not given: on the mid base the ones
+# that fit an hour of training, on gpt2-tiny the heads it has.
+DEFAULT_DRAFTERS = {"mid": ("heads-distill", "draft-model", "hydra-distill"),
+                    "gpt2-tiny": tuple(GPT2_DRAFTERS)}
 # Drafters that take a static tree: name -> (run, tree) -> spec.
 TREE_METHODS = {
     "heads-distill": lambda run, tree: blockdec.Blockwise(tree=tree),
@@ -95,6 +120,8 @@ TREE_METHODS = {
 DYNAMIC_TREES = ("heads-distill", "hydra-distill")
 PROMPT_BYTES = (128, 192)
 TARGETS = dict(greedy_nondegenerate=5.0, sampled_nondegenerate=3.0)
+# Issue targets on wall clock: the best greedy batch-1 speedup.
+SPEEDUP_TARGETS = {"mid": 2.5}
 
 
 def parse_args(argv=None):
@@ -102,6 +129,8 @@ def parse_args(argv=None):
   p.add_argument("--num_prompts", type=int, default=16)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--prompt_bytes", default="128,192",
+                 help="min,max bytes of the held-out prompts")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--block_sizes", default="4,8")
   p.add_argument("--temperature", type=float, default=1.0)
@@ -117,22 +146,39 @@ def parse_args(argv=None):
                  help="ranks per depth measured for the tree shapes")
   p.add_argument("--tree_prompts", type=int, default=8,
                  help="valid-split prompts the tree shapes are measured on")
-  p.add_argument("--drafters", default=",".join(DRAFTERS))
+  p.add_argument("--model", default="demo", choices=tuple(MODELS),
+                 help="the frozen base: configs/base_lm.py presets demo, mid "
+                 "(past the CPU cache), tiny (smoke runs), or gpt2-tiny")
+  p.add_argument("--drafters", default="",
+                 help="comma-separated subset of the drafters ('': the "
+                 "model's default set)")
   p.add_argument("--cache_dir", default=str(ROOT / "cache"))
   p.add_argument("--train", action="store_true",
                  help="train (or reuse) every drafter first")
   p.add_argument("--quick", action="store_true")
-  p.add_argument("--out", default=str(RESULTS / "drafters"))
+  p.add_argument("--out", default=None,
+                 help="output stem (default experiments/results/drafters, "
+                 "drafters_<model> for other models)")
   args = p.parse_args(argv)
   if args.quick:
     args.num_prompts, args.new_tokens, args.repeats = 8, 64, 1
     args.block_sizes = "8"
   args.block_sizes = [int(x) for x in args.block_sizes.split(",") if x]
-  args.drafters = [x for x in args.drafters.split(",") if x]
-  unknown = sorted(set(args.drafters) - set(DRAFTERS))
+  args.prompt_bytes = tuple(int(x) for x in args.prompt_bytes.split(","))
+  if len(args.prompt_bytes) != 2 or not 0 < args.prompt_bytes[0] <= \
+      args.prompt_bytes[1]:
+    raise ValueError(f"--prompt_bytes={args.prompt_bytes} must be min,max "
+                     "with 0 < min <= max.")
+  allowed = GPT2_DRAFTERS if args.model == "gpt2-tiny" else DRAFTERS
+  args.drafters = ([x for x in args.drafters.split(",") if x] or
+                   list(DEFAULT_DRAFTERS.get(args.model, DRAFTERS)))
+  unknown = sorted(set(args.drafters) - set(allowed))
   if unknown:
-    raise ValueError(f"--drafters: unknown {unknown}; allowed: "
-                     f"{sorted(DRAFTERS)}.")
+    raise ValueError(f"--drafters: unknown {unknown} for --model="
+                     f"{args.model}; allowed: {sorted(allowed)}.")
+  if args.out is None:
+    suffix = "" if args.model == "demo" else "_" + args.model.replace("-", "_")
+    args.out = str(RESULTS / f"drafters{suffix}")
   if args.num_prompts % args.batch:
     raise ValueError(f"--num_prompts={args.num_prompts} must be a multiple "
                      f"of --batch={args.batch}.")
@@ -142,6 +188,30 @@ def parse_args(argv=None):
 def load(spec, args, *, required=True):
   return pipeline.cached_run(spec, args.cache_dir, train=args.train,
                              required=required)
+
+
+def load_models(args):
+  """(base run, {drafter name: (run, method factory, whose params)}); the
+  drafters not cached are skipped (trained with --train)."""
+  if args.model == "gpt2-tiny":
+    base = gpt2_tiny.base_run(args.cache_dir, train=args.train)
+    if base is None:
+      raise FileNotFoundError(
+          f"{args.cache_dir} holds no finished configs/gpt2_tiny.py run; "
+          "pass --train.")
+  else:
+    base = load(MODELS[args.model], args)
+  drafters = {}
+  for name in args.drafters:
+    _, make, params_of = DRAFTERS[name]
+    if args.model == "gpt2-tiny":
+      spec = gpt2_tiny.heads_config(base, GPT2_DRAFTERS[name])
+    else:
+      spec = DRAFTERS[name][0].format(preset=args.model)
+    run = load(spec, args, required=False)
+    if run is not None:
+      drafters[name] = (run, make, params_of)
+  return base, drafters
 
 
 def run_method(params, cfg, prompts, lengths, n, method, batch, repeats,
@@ -169,20 +239,14 @@ def run_method(params, cfg, prompts, lengths, n, method, batch, repeats,
 
 def main(argv=None):
   args = parse_args(argv)
-  base = load(BASE, args)
-  drafters = {}
-  for name in args.drafters:
-    spec, make, params_of = DRAFTERS[name]
-    run = load(spec, args, required=False)
-    if run is not None:
-      drafters[name] = (run, make, params_of)
+  base, drafters = load_models(args)
   _, prompts, lengths = evaluation.heldout_prompts(
-      base.tokenizer, args.num_prompts, *PROMPT_BYTES)
+      base.tokenizer, args.num_prompts, *args.prompt_bytes)
   n = args.new_tokens
   shapes = {}  # (name, k) -> (tree, acceptance matrix)
   if args.tree_budget:
     _, vprompts, vlengths = evaluation.heldout_prompts(
-        base.tokenizer, args.tree_prompts, *PROMPT_BYTES, split="valid")
+        base.tokenizer, args.tree_prompts, *args.prompt_bytes, split="valid")
     for name, (run, _, _) in drafters.items():
       if name not in TREE_METHODS:
         continue
@@ -243,7 +307,7 @@ def main(argv=None):
         texts = [base.tokenizer.decode(t[:m]) for t, m in zip(out.tokens, lens)]
         degenerate = np.array([metrics.is_degenerate(t) for t in texts])
         row = {
-            "model": "demo", "drafter": name, "block_size": k,
+            "model": args.model, "drafter": name, "block_size": k,
             "tree": tree, "temperature": temperature, "batch": batch,
             "tokens_per_call": metrics.block_efficiency(lens, calls),
             "tokens_per_call_nondegenerate": (
@@ -266,8 +330,12 @@ def main(argv=None):
           f"load average {load_before:.1f} before, {load_after:.1f} after"),
       "command": "python experiments/drafters.py " + shlex.join(
           sys.argv[1:] if argv is None else argv),
+      "model": args.model, "base": MODELS[args.model],
+      "prompt_bytes": list(args.prompt_bytes),
       "prompts": int(len(prompts)), "new_tokens": n, "repeats": args.repeats,
-      "base_heldout_nats_per_byte": base.summary["valid"]["nats_per_byte"],
+      "base_heldout_nats_per_byte": base.summary["valid"].get(
+          "nats_per_byte"),
+      "base_heldout_loss": base.summary["valid"]["loss"],
       "training": {name: {"steps": run.summary.get("steps"),
                           **({"eagle_top1": run.summary["valid"]["eagle_top1"]}
                              if "eagle_top1" in run.summary["valid"] else {})}
@@ -279,7 +347,9 @@ def main(argv=None):
            "predicted_tokens_per_call": tree_shapes.expected_tokens(tree,
                                                                     acc)}
           for (name, k), (tree, acc) in shapes.items()],
-      "targets": TARGETS, "rows": rows,
+      "targets": {**TARGETS, **({"speedup_b1": SPEEDUP_TARGETS[args.model]}
+                                if args.model in SPEEDUP_TARGETS else {})},
+      "rows": rows,
   }
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,26 +360,36 @@ def main(argv=None):
   return result
 
 
+_TITLES = {"demo": "`make demo`", "mid": "mid-size (memory-bound)",
+           "tiny": "tiny (smoke)", "gpt2-tiny": "tiny GPT-2 (BPE)"}
+
+
 def _fmt(x, f="{:.2f}"):
   return "-" if x is None else f.format(x)
 
 
 def markdown(result) -> str:
   rows = result["rows"]
+  model = result.get("model", "demo")
+  lo, hi = result.get("prompt_bytes", PROMPT_BYTES)
+  nats = result["base_heldout_nats_per_byte"]
+  loss = (f"{nats:.3f} nats/byte" if nats is not None else
+          f"{result['base_heldout_loss']:.3f} nats/token")
   lines = [
-      "# Lossless drafters on the frozen `make demo` base",
+      f"# Lossless drafters on the frozen {_TITLES.get(model, model)} base "
+      f"(`{result.get('base', MODELS['demo'])}`)",
       "",
       f"Machine: {result['machine']}. Written by `{result['command']}`.",
       "",
       f"{result['prompts']} held-out stdlib prompts (test split, "
-      f"{PROMPT_BYTES[0]}-{PROMPT_BYTES[1]} bytes), {result['new_tokens']} "
+      f"{lo}-{hi} bytes), {result['new_tokens']} "
       "new tokens. Every drafter leaves the base unchanged: greedy rows are "
       "checked token for token against the base's greedy output, sampled "
       "rows are lossless. tokens/s are medians of "
       f"{result['repeats']} passes after a warm-up; speedups are ratios to "
       "the base's greedy decoding (ancestral sampling at the same "
-      "temperature) at the same batch in the same run. Base held-out loss "
-      f"{result['base_heldout_nats_per_byte']:.3f} nats/byte.",
+      f"temperature) at the same batch in the same run. Base held-out loss "
+      f"{loss}.",
       "",
       "| temperature | batch | drafter | k | tree | tokens/call | "
       "non-degenerate | degenerate | tokens/s | speedup |",
@@ -350,6 +430,17 @@ def markdown(result) -> str:
     lines.append(f"- Temperature {temps[-1]:g} >= "
                  f"{t['sampled_nondegenerate']}: "
                  f"{describe(best(temps[-1]), t['sampled_nondegenerate'])}.")
+  fastest = max((r for r in rows if r["temperature"] == 0 and r["batch"] == 1
+                 and r["drafter"] != "autoregressive"),
+                key=lambda r: r["speedup"], default=None)
+  if fastest is not None:
+    target = t.get("speedup_b1")
+    verdict = ("" if target is None else
+               f" (target >= {target}x: "
+               f"{'met' if fastest['speedup'] >= target else 'not met'})")
+    lines.append(f"- Fastest greedy batch-1 drafter: {fastest['drafter']} "
+                 f"k={fastest['block_size']} {fastest['tree']}, "
+                 f"{fastest['speedup']:.2f}x its base's greedy{verdict}.")
   if result.get("tree_shapes"):
     lines += ["", "## Static tree shapes (Sequoia-style)", "",
               "Acceptance per depth and rank measured with probe trees on "
@@ -412,7 +503,8 @@ def plot(result, path):
     ax.set_title("greedy" if temperature == 0 else
                  f"sampling, T={temperature:g}")
     ax.legend(fontsize=8)
-  fig.suptitle("Lossless drafters on the frozen demo base")
+  fig.suptitle("Lossless drafters on the frozen "
+               f"{_TITLES.get(result.get('model', 'demo'), 'demo')} base")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

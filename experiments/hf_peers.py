@@ -118,6 +118,8 @@ import blockdec
 from blockdec import metrics
 from blockdec.models import hf as hf_lib
 
+import gpt2_tiny  # noqa: E402  (experiments/gpt2_tiny.py)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 SYSTEMS = ("hf-greedy", "hf-sample", "hf-prompt-lookup", "hf-assisted",
@@ -263,36 +265,15 @@ def gpt2_model(n_layers, d_model, n_heads, k, seed):
 
 
 def gpt2_tiny_model(cache_dir: str, head_type: str = "stern"):
-  """(cfg, params, tokenizer, notes) of the trained tiny GPT-2 with heads.
-
-  The base run (configs/gpt2_tiny.py) is exported once as an HF GPT-2
-  folder beside its run folder; the heads (Stern's, or Hydra's dependent
-  heads with head_type="hydra") are trained on that folder as a user would
-  on their own checkpoint (configs/hf_heads.py), by distillation. Both runs
-  are trained when missing and reused from `cache_dir` after.
-  """
+  """(cfg, params, tokenizer, note) of the trained tiny GPT-2 with heads
+  (experiments/gpt2_tiny.py): the base and the heads are trained when
+  missing and reused from `cache_dir` after."""
   from blockdec.training import pipeline
-  base = pipeline.train_or_load(
-      pipeline.load_config(ROOT / "configs" / "gpt2_tiny.py"), cache_dir)
-  hf_dir = pathlib.Path(f"{base.workdir}-hf")
-  if not (hf_dir / "config.json").exists():
-    blockdec.export_hf_checkpoint(base.cfg, base.params, hf_dir,
-                                  tokenizer=base.tokenizer)
-  heads = pipeline.load_config(ROOT / "configs" / "hf_heads.py", "cpu")
-  heads.hf_checkpoint = str(hf_dir)
-  heads.regime = "distill"
-  heads.name = "hf_heads_distill_cpu"
-  if head_type != "stern":
-    heads.model.head_type = head_type
-    heads.name = f"hf_heads_{head_type}_distill_cpu"
-  run = pipeline.train_or_load(heads, cache_dir)
-  return run.cfg, run.params, base.tokenizer, (
-      f"gpt2-tiny: configs/gpt2_tiny.py trained on the stdlib ({base.workdir},"
-      f" held-out {base.summary['valid']['loss']:.2f} nats/token), exported to"
-      f" GPT2LMHeadModel at {hf_dir}; k=8 {head_type} heads trained on that "
-      f"folder by configs/hf_heads.py:cpu with regime=distill"
-      f"{'' if head_type == 'stern' else ', model.head_type=' + head_type} "
-      f"({run.workdir}).")
+  base = gpt2_tiny.base_run(cache_dir)
+  run = pipeline.train_or_load(gpt2_tiny.heads_config(base, head_type),
+                               cache_dir)
+  return (run.cfg, run.params, base.tokenizer,
+          gpt2_tiny.note(base, run, head_type))
 
 
 def site_packages_corpus() -> list:

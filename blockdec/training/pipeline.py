@@ -25,6 +25,8 @@ import json
 import pathlib
 from typing import Any
 
+import ml_collections
+
 from blockdec import checkpointing
 from blockdec.config import ModelConfig
 
@@ -124,20 +126,25 @@ def train_or_load(config, cache_dir="cache", *, progress: bool | None = None,
 
 def cached_run(spec, cache_dir="cache", *, train: bool = False,
                required: bool = True, log=print) -> Run | None:
-  """The run of config `spec` ("configs/x.py:preset") from the cache.
+  """The run of config `spec` ("configs/x.py:preset", or a built config
+  dict) from the cache.
 
   With `train`, an uncached run is trained first (`train_or_load`);
   otherwise it is None, or a FileNotFoundError naming the folder and the
   command that trains it when `required`. For experiments that must not
   start an hour of training unasked.
   """
-  config = load_config(spec)
+  if isinstance(spec, ml_collections.ConfigDict):
+    config, spec = spec, spec.name
+    how = "pass --train"
+  else:
+    config = load_config(spec)
+    how = f"`blockdec train --config {spec}` (or pass --train)"
   workdir = run_dir(config, cache_dir)
   if not (train or is_finished(workdir)):
     if required:
       raise FileNotFoundError(
-          f"{workdir} holds no finished {spec} run; train it with "
-          f"`blockdec train --config {spec}` (or pass --train).")
+          f"{workdir} holds no finished {spec} run; train it with {how}.")
     log(f"[cache] {spec}: not cached ({workdir}); skipped")
     return None
   return train_or_load(config, cache_dir, log=log)

@@ -1,0 +1,60 @@
+"""The trained tiny GPT-2 and its heads, shared by the experiments.
+
+The base run (configs/gpt2_tiny.py) is exported once as a Hugging Face
+GPT2LMHeadModel folder beside its run folder; the heads (Stern's, or
+Hydra's dependent heads) are trained on that folder by distillation with
+configs/hf_heads.py:cpu, the path a user with their own GPT-2 checkpoint
+takes. Imports no torch, so `experiments/drafters.py` can use it too.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import blockdec
+from blockdec.training import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BASE = str(ROOT / "configs" / "gpt2_tiny.py")
+HEAD_TYPES = ("stern", "hydra")
+
+
+def base_run(cache_dir: str, *, train: bool = True):
+  """The configs/gpt2_tiny.py run (trained when missing and `train`), with
+  its HF export written beside it; None when not cached and not `train`."""
+  run = pipeline.cached_run(BASE, cache_dir, train=train, required=False)
+  if run is not None and not (hf_folder(run) / "config.json").exists():
+    blockdec.export_hf_checkpoint(run.cfg, run.params, hf_folder(run),
+                                  tokenizer=run.tokenizer)
+  return run
+
+
+def hf_folder(base) -> pathlib.Path:
+  """The HF GPT-2 folder exported from the `base` run."""
+  return pathlib.Path(f"{base.workdir}-hf")
+
+
+def heads_config(base, head_type: str = "stern"):
+  """configs/hf_heads.py:cpu on the base's HF folder, regime distill, k = 8
+  heads of `head_type`."""
+  if head_type not in HEAD_TYPES:
+    raise ValueError(f"head_type={head_type!r}; allowed: {HEAD_TYPES}.")
+  heads = pipeline.load_config(ROOT / "configs" / "hf_heads.py", "cpu")
+  heads.hf_checkpoint = str(hf_folder(base))
+  heads.regime = "distill"
+  heads.name = "hf_heads_distill_cpu"
+  if head_type != "stern":
+    heads.model.head_type = head_type
+    heads.name = f"hf_heads_{head_type}_distill_cpu"
+  return heads
+
+
+def note(base, heads_run, head_type: str) -> str:
+  """One line on where the model came from, for the results' notes."""
+  return (
+      f"gpt2-tiny: configs/gpt2_tiny.py trained on the stdlib ({base.workdir},"
+      f" held-out {base.summary['valid']['loss']:.2f} nats/token), exported to"
+      f" GPT2LMHeadModel at {hf_folder(base)}; k=8 {head_type} heads trained "
+      f"on that folder by configs/hf_heads.py:cpu with regime=distill"
+      f"{'' if head_type == 'stern' else ', model.head_type=' + head_type} "
+      f"({heads_run.workdir}).")

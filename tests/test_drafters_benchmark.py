@@ -1,0 +1,73 @@
+"""experiments/drafters.py on the tiny preset: every row and file is produced.
+
+Trains the tiny base and a tiny Hydra drafter (seconds) into a temporary cache
+and runs the benchmark with chains, a Sequoia-shaped static tree and a
+dynamic tree, greedy and sampled, at batch 1 and 2. The script itself
+checks every greedy row against the base's greedy output token for token;
+here the rows, targets and files are checked. No speed assertions: timing
+fields only have to be positive.
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+  if "drafters_benchmark" not in sys.modules:
+    sys.path.insert(0, str(ROOT / "experiments"))  # Its gpt2_tiny helper.
+    spec = importlib.util.spec_from_file_location(
+        "drafters_benchmark", ROOT / "experiments" / "drafters.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["drafters_benchmark"] = module
+    spec.loader.exec_module(module)
+  return sys.modules["drafters_benchmark"]
+
+
+def test_tiny_run_produces_every_row_and_file(tmp_path):
+  script = _load_script()
+  out = tmp_path / "results" / "drafters_tiny"
+  result = script.main([
+      "--model=tiny", "--train", f"--cache_dir={tmp_path / 'cache'}",
+      "--drafters=hydra-distill", "--block_sizes=3",
+      "--num_prompts=2", "--batch=2", "--new_tokens=8", "--repeats=1",
+      "--prompt_bytes=16,32", "--tree_budget=4", "--tree_width=2",
+      "--tree_prompts=2", "--dynamic_nodes=4", "--dynamic_top_k=2",
+      "--tree_chains=0", f"--out={out}"])
+
+  on_disk = json.loads(out.with_suffix(".json").read_text())
+  assert on_disk["rows"] == result["rows"] and on_disk["model"] == "tiny"
+  assert out.with_suffix(".png").stat().st_size > 0
+  md = out.with_suffix(".md").read_text()
+  assert "tiny (smoke) base" in md and "Fastest greedy batch-1 drafter" in md
+
+  kinds = {(r["drafter"], r["tree"].split(",")[0], r["temperature"],
+            r["batch"]) for r in result["rows"]}
+  expected = {("autoregressive", "chain", t, b)
+              for t in (0.0, 1.0) for b in (1, 2)}
+  expected |= {("hydra-distill", tree, t, b)
+               for tree in ("chain", "static", "dynamic")
+               for t in (0.0, 1.0) for b in (1, 2)}
+  assert kinds == expected
+  for r in result["rows"]:
+    assert r["model"] == "tiny"
+    assert 1.0 <= r["tokens_per_call"] <= (r["block_size"] or 1)
+    assert r["tokens_per_s"] > 0 and r["speedup"] > 0
+    assert 0.0 <= r["degenerate_share"] <= 1.0
+  assert [s["drafter"] for s in result["tree_shapes"]] == ["hydra-distill"]
+  assert all(s["nodes"] == 4 for s in result["tree_shapes"])
+
+
+def test_bad_arguments_name_the_value():
+  script = _load_script()
+  with pytest.raises(ValueError, match="draft-model.*gpt2-tiny"):
+    script.parse_args(["--model=gpt2-tiny", "--drafters=draft-model"])
+  with pytest.raises(ValueError, match="--prompt_bytes"):
+    script.parse_args(["--prompt_bytes=64,32"])
+  with pytest.raises(SystemExit):
+    script.parse_args(["--model=huge"])
