@@ -127,13 +127,15 @@ SPEEDUP_TARGETS = {"mid": 2.5}
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--num_prompts", type=int, default=16)
-  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--batch", type=int, default=8,
+                 help="the second batch size beside 1 (1: batch 1 only)")
   p.add_argument("--new_tokens", type=int, default=128)
   p.add_argument("--prompt_bytes", default="128,192",
                  help="min,max bytes of the held-out prompts")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--block_sizes", default="4,8")
-  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--temperature", type=float, default=1.0,
+                 help="the sampled rows' temperature (0: greedy rows only)")
   p.add_argument("--tree_chains", type=int, default=4,
                  help="chains of the EAGLE token tree rows (0: none)")
   p.add_argument("--tree_budget", type=int, default=24,
@@ -266,10 +268,10 @@ def main(argv=None):
   print(f"[drafters] {len(prompts)} prompts, {n} new tokens, batches 1 and "
         f"{args.batch}, {args.repeats} repeats; load {load_before:.1f}")
   rows = []
-  for temperature in (0.0, args.temperature):
+  for temperature in sorted({0.0, args.temperature}):
     sampling = (None if temperature == 0 else
                 blockdec.Sampling(temperature=temperature))
-    for batch in (1, args.batch):
+    for batch in sorted({1, args.batch}):
       ref, ref_s = run_method(base.params, base.cfg, prompts, lengths, n,
                               blockdec.Autoregressive(), batch, args.repeats,
                               sampling)

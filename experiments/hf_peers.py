@@ -74,16 +74,17 @@ Models (`--models`):
   gpt2-tiny    a GPT-2 (configs/gpt2_tiny.py: 2 layers, d=128, LayerNorm,
                GELU, learned positions, biases, 2048-token BPE) trained on
                the stdlib, exported as GPT2LMHeadModel, with k=8 heads
-               trained on that HF folder by configs/hf_heads.py:cpu
-               (sequence-level distillation: the checkpoint's own greedy
-               output); trained here when the cache lacks it (~5 minutes).
+               trained on that HF folder by configs/hf_heads.py:demo
+               (sequence-level distillation on 2048 of the checkpoint's own
+               greedy continuations; experiments/gpt2_tiny.py); trained here
+               when the cache lacks it (~15 minutes).
                Its draft is its own first layer (no distilled draft).
   demo-llama-hydra  (when cache/ holds configs/heads_hydra.py:demo_distill)
                the same base weights with k=8 Hydra dependent heads
                distilled on its greedy text: the heads' systems only.
   gpt2-tiny-hydra  gpt2-tiny's base with k=8 Hydra heads trained on its HF
-               folder the same way (configs/hf_heads.py:cpu, distill,
-               model.head_type=hydra): the heads' systems only.
+               folder the same way (model.head_type=hydra): the heads'
+               systems only.
   gpt2-124m    random GPT-2-124M shape (12 layers, d=768, vocab 50257):
                greedy rows on stdlib-shaped random prompts only, to show the
                memory-bound regime (every decode step streams all ~0.5 GB of
