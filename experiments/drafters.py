@@ -213,6 +213,10 @@ def load_models(args):
     run = load(spec, args, required=False)
     if run is not None:
       drafters[name] = (run, make, params_of)
+  if not drafters:
+    raise FileNotFoundError(
+        f"none of the drafters {args.drafters} of --model={args.model} is in "
+        f"{args.cache_dir}; pass --train to train them.")
   return base, drafters
 
 

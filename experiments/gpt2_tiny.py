@@ -23,15 +23,19 @@ def base_run(cache_dir: str, *, train: bool = True):
   """The configs/gpt2_tiny.py run (trained when missing and `train`), with
   its HF export written beside it; None when not cached and not `train`."""
   run = pipeline.cached_run(BASE, cache_dir, train=train, required=False)
-  if run is not None and not (hf_folder(run) / "config.json").exists():
-    blockdec.export_hf_checkpoint(run.cfg, run.params, hf_folder(run),
+  folder = ROOT / hf_folder(run) if run is not None else None
+  if run is not None and not (folder / "config.json").exists():
+    blockdec.export_hf_checkpoint(run.cfg, run.params, folder,
                                   tokenizer=run.tokenizer)
   return run
 
 
 def hf_folder(base) -> pathlib.Path:
-  """The HF GPT-2 folder exported from the `base` run."""
-  return pathlib.Path(f"{base.workdir}-hf")
+  """The HF GPT-2 folder exported from the `base` run; relative to the
+  repository root when inside it, so the heads' config (whose key holds
+  this path) is the same whether the cache was named absolute or not."""
+  path = pathlib.Path(f"{base.workdir}-hf").absolute()
+  return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 # configs/hf_heads.py:demo, regime distill, with more of the base's text
