@@ -33,7 +33,7 @@ nodes grown from the --dynamic_top_k likeliest paths per level, every
 call). Drafters that are not cached are skipped unless --train. The mid base
 runs heads-distill, draft-model and hydra-distill by default; gpt2-tiny has
 heads-distill and hydra-distill, trained on its Hugging Face export by
-configs/hf_heads.py:cpu (experiments/gpt2_tiny.py).
+configs/hf_heads.py (experiments/gpt2_tiny.py).
 
 Rows: {model, drafter, block_size, tree, temperature, batch,
 tokens_per_call, tokens_per_call_nondegenerate, degenerate_share,
@@ -195,14 +195,8 @@ def load(spec, args, *, required=True):
 def load_models(args):
   """(base run, {drafter name: (run, method factory, whose params)}); the
   drafters not cached are skipped (trained with --train)."""
-  if args.model == "gpt2-tiny":
-    base = gpt2_tiny.base_run(args.cache_dir, train=args.train)
-    if base is None:
-      raise FileNotFoundError(
-          f"{args.cache_dir} holds no finished configs/gpt2_tiny.py run; "
-          "pass --train.")
-  else:
-    base = load(MODELS[args.model], args)
+  base = (gpt2_tiny.base_run(args.cache_dir, train=args.train, required=True)
+          if args.model == "gpt2-tiny" else load(MODELS[args.model], args))
   drafters = {}
   for name in args.drafters:
     _, make, params_of = DRAFTERS[name]

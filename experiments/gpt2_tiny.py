@@ -19,10 +19,11 @@ BASE = str(ROOT / "configs" / "gpt2_tiny.py")
 HEAD_TYPES = ("stern", "hydra")
 
 
-def base_run(cache_dir: str, *, train: bool = True):
+def base_run(cache_dir: str, *, train: bool = True, required: bool = False):
   """The configs/gpt2_tiny.py run (trained when missing and `train`), with
-  its HF export written beside it; None when not cached and not `train`."""
-  run = pipeline.cached_run(BASE, cache_dir, train=train, required=False)
+  its HF export written beside it; when not cached and not `train`, None or
+  (`required`) `pipeline.cached_run`'s error."""
+  run = pipeline.cached_run(BASE, cache_dir, train=train, required=required)
   folder = ROOT / hf_folder(run) if run is not None else None
   if run is not None and not (folder / "config.json").exists():
     blockdec.export_hf_checkpoint(run.cfg, run.params, folder,
