@@ -22,6 +22,7 @@ the weights are bit-identical; so are the draft models. Systems (`--systems`):
   blockdec-greedy     blockdec.greedy_decode (one jitted loop)
   blockdec-sample     blockdec.decode(method=Autoregressive(), sampling=...)
   blockdec-blockwise  blockdec.blockwise_decode with the model's k heads
+                      (`--block-sizes=MODEL=K,...` verifies K <= k instead)
   blockdec-adaptive   ... with adaptive=blockdec.AdaptiveBlockSize() (each
                       call verifies as many of the k drafts as the row's
                       history says pay; default token_cost, not tuned here)
@@ -415,12 +416,12 @@ def degenerate_rows(tokens: np.ndarray, byte_level: bool) -> np.ndarray:
 
 
 def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
-                new_tokens, temperature):
+                new_tokens, temperature, block_size=None):
   """(fn, settings) timing `system` once on `prompts` [B, P], or None where
   it does not apply (no heads, no draft, greedy-only at temperature > 0)."""
   batch = prompts.shape[0]
   lengths = np.full((batch,), prompts.shape[1], np.int32)
-  k = cfg.num_prediction_heads
+  k = block_size or cfg.num_prediction_heads
   if (system in SAMPLE_ONLY) if not temperature else (system not in SAMPLED):
     return None
   if system in ("hf-greedy", "hf-sample"):
@@ -474,9 +475,11 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
 
 
 def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
-                repeats, extra, *, temperatures=(0.0,), draft_note=""):
+                repeats, extra, *, temperatures=(0.0,), draft_note="",
+                block_size=None):
   """Rows for one model: every system at every prompt set, temperature and
-  batch size. prompts: {prompt_set: {batch: [batch, P] int32}}."""
+  batch size. prompts: {prompt_set: {batch: [batch, P] int32}};
+  block_size: the heads' systems' block (None: all the model's heads)."""
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       folder, dtype=torch.float32).eval()
   counter = CallCounter(hf_model)
@@ -488,6 +491,10 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
     draft = blockdec.DraftModel(*blockdec.load_hf_checkpoint(draft_folder),
                                 block_size=DRAFT_BLOCK_SIZE)
   cfg, params = blockdec.load_hf_checkpoint(folder)
+  if block_size is not None and not 2 <= block_size <= \
+      cfg.num_prediction_heads:
+    raise ValueError(f"--block-sizes: {name}={block_size}; allowed: 2 .. "
+                     f"{cfg.num_prediction_heads} (its heads).")
   first = next(iter(next(iter(prompts.values())).values()))
   threads = pick_torch_threads(hf_model, first)
   extra = dict(extra, torch_threads=threads)
@@ -500,7 +507,7 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
           call = system_call(system, hf_model=hf_model, hf_draft=hf_draft,
                              cfg=cfg, params=params, draft=draft,
                              prompts=batch_prompts, new_tokens=new_tokens,
-                             temperature=temperature)
+                             temperature=temperature, block_size=block_size)
           if call is None:
             continue
           fn, settings = call
@@ -760,6 +767,18 @@ def csv_flag(allowed, cast=str):
   return parse
 
 
+def block_sizes_flag(text):
+  """An argparse type: MODEL=K pairs, comma-separated -> {model: K}."""
+  out = {}
+  for item in (v.strip() for v in text.split(",") if v.strip()):
+    model, _, k = item.partition("=")
+    if model not in MODELS or not k.isdigit() or int(k) < 2:
+      raise argparse.ArgumentTypeError(
+          f"{item!r}: expected MODEL=K with MODEL in {MODELS} and K >= 2.")
+    out[model] = int(k)
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true",
@@ -779,6 +798,10 @@ def main():
                       default=PROMPT_SETS,
                       help=f"comma-separated subset of {PROMPT_SETS}")
   parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--block-sizes", type=block_sizes_flag, default={},
+                      help="MODEL=K,...: blockdec-blockwise/-adaptive verify "
+                           "K tokens per call on MODEL (default: all its "
+                           "heads)")
   parser.add_argument("--cache-dir", default="cache")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
@@ -811,7 +834,8 @@ def main():
     t0 = time.perf_counter()
     out = bench_model(name, folder, draft_folder, prompts, new_tokens,
                       [s for s in systems if s in model_systems], repeats,
-                      kw.pop("extra"), temperatures=temperatures, **kw)
+                      kw.pop("extra"), temperatures=temperatures,
+                      block_size=args.block_sizes.get(name), **kw)
     print(f"  {name}: {len(out)} rows in {time.perf_counter() - t0:.0f} s",
           flush=True)
     return out

@@ -422,3 +422,19 @@ def test_gpt2_tiny_config_to_hf_and_distilled_heads(tmp_path):
                                     np.array([len(prompt)]), max_new_tokens=12,
                                     adaptive=adaptive)
     np.testing.assert_array_equal(out.tokens, want)
+
+
+def test_hf_peers_block_sizes_flag():
+  """experiments/hf_peers.py --block-sizes: MODEL=K pairs, errors naming
+  what is allowed."""
+  import argparse
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                         / "experiments"))
+  import hf_peers
+  assert hf_peers.block_sizes_flag("gpt2-tiny-hydra=4, demo-llama=8") == {
+      "gpt2-tiny-hydra": 4, "demo-llama": 8}
+  for bad in ("gpt2-tiny-hydra=1", "nope=4", "gpt2-tiny-hydra", "demo-llama=x"):
+    with pytest.raises(argparse.ArgumentTypeError, match="MODEL=K"):
+      hf_peers.block_sizes_flag(bad)
