@@ -31,9 +31,10 @@ the JSON beside the measured ones). heads-distill and hydra-distill also
 as an EAGLE-2-style dynamic tree (blockdec.DynamicTree: --dynamic_nodes
 nodes grown from the --dynamic_top_k likeliest paths per level, every
 call). Drafters that are not cached are skipped unless --train. The mid base
-runs heads-distill, draft-model and hydra-distill by default; gpt2-tiny has
-heads-distill and hydra-distill, trained on its Hugging Face export by
-configs/hf_heads.py (experiments/gpt2_tiny.py).
+runs every drafter by default; gpt2-tiny has heads-distill and hydra-distill,
+trained on its Hugging Face export by configs/hf_heads.py
+(experiments/gpt2_tiny.py), and eagle, distilled on the run itself
+(configs/eagle.py:gpt2_tiny_distill).
 
 Rows: {model, drafter, block_size, tree, temperature, batch,
 tokens_per_call, tokens_per_call_nondegenerate, degenerate_share,
@@ -103,12 +104,15 @@ DRAFTERS = {
     "hydra-distill": ("configs/heads_hydra.py:{preset}_distill",
                       lambda run, k: blockdec.Blockwise(block_size=k), "own"),
 }
-# Drafters of gpt2-tiny: heads distilled on its HF export, by head type.
-GPT2_DRAFTERS = {"heads-distill": "stern", "hydra-distill": "hydra"}
-# The drafters run when --drafters is not given: on the mid base the ones
-# that fit an hour of training, on gpt2-tiny the heads it has.
-DEFAULT_DRAFTERS = {"mid": ("heads-distill", "draft-model", "hydra-distill"),
-                    "gpt2-tiny": tuple(GPT2_DRAFTERS)}
+# Drafters of gpt2-tiny: name -> base run -> config. Heads are distilled on
+# its HF export (by head type); EAGLE on the run itself.
+GPT2_DRAFTERS = {
+    "heads-distill": lambda base: gpt2_tiny.heads_config(base, "stern"),
+    "hydra-distill": lambda base: gpt2_tiny.heads_config(base, "hydra"),
+    "eagle": lambda base: "configs/eagle.py:gpt2_tiny_distill",
+}
+# The drafters run when --drafters is not given (all of DRAFTERS otherwise).
+DEFAULT_DRAFTERS = {"gpt2-tiny": tuple(GPT2_DRAFTERS)}
 # Drafters that take a static tree: name -> (run, tree) -> spec.
 TREE_METHODS = {
     "heads-distill": lambda run, tree: blockdec.Blockwise(tree=tree),
@@ -201,7 +205,7 @@ def load_models(args):
   for name in args.drafters:
     _, make, params_of = DRAFTERS[name]
     if args.model == "gpt2-tiny":
-      spec = gpt2_tiny.heads_config(base, GPT2_DRAFTERS[name])
+      spec = GPT2_DRAFTERS[name](base)
     else:
       spec = DRAFTERS[name][0].format(preset=args.model)
     run = load(spec, args, required=False)

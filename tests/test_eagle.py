@@ -255,6 +255,12 @@ def test_eagle_trains_on_the_bases_greedy_text(base, corpus, tmp_path):
                            params[key])
   with pytest.raises(ValueError, match="'nope' unknown"):
     pipeline.load_config(ROOT / "configs" / "eagle.py", "nope")
+  # The tiny GPT-2's drafter: its base is configs/gpt2_tiny.py (BPE).
+  gpt2 = pipeline.load_config(ROOT / "configs" / "eagle.py",
+                              "gpt2_tiny_distill")
+  assert gpt2.base.to_dict() == pipeline.load_config(
+      ROOT / "configs" / "gpt2_tiny.py").to_dict()
+  assert (gpt2.data.tokenizer, gpt2.regime) == ("bpe", "eagle_distill")
 
 
 def test_bad_eagle_configs_fail_clearly(base, corpus, tmp_path):
