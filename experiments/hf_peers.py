@@ -933,7 +933,8 @@ def main():
         {"random": {b: gpt2_prompts[:b] for b in args.batches}},
         min(new_tokens, 32),
         [s for s in systems if s in ("hf-greedy", "blockdec-greedy")],
-        repeats, dict(trained=False))
+        repeats, dict(trained=False),
+        block_size=args.block_sizes.get("gpt2-124m"))
     weights_gb = sum(np.asarray(x).nbytes for x in
                      jax.tree_util.tree_leaves(params)) / 1e9
     for r in rows:
