@@ -114,11 +114,14 @@ import time
 import jax
 import numpy as np
 import torch
-import transformers
 
 import blockdec
 from blockdec import metrics
 from blockdec.models import hf as hf_lib
+
+# Not a plain import: HF's `kernels` (transformers >= 5.25) must not resolve
+# to the checkout's kernels/ folder (see hf_lib.import_transformers).
+transformers = hf_lib.import_transformers()
 
 import gpt2_tiny  # noqa: E402  (experiments/gpt2_tiny.py)
 

@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip(
     "torch", reason="the hf extra (torch, transformers) is not installed")
-transformers = pytest.importorskip(
+pytest.importorskip(
     "transformers", reason="the hf extra (torch, transformers) is not installed")
 
 # torch in the process: `make test` runs these apart (see pyproject markers).
@@ -23,6 +23,10 @@ pytestmark = pytest.mark.torch
 
 import blockdec  # noqa: E402
 from blockdec.models import hf  # noqa: E402
+
+# transformers >= 5.25 imports HF's `kernels`, which the checkout's kernels/
+# folder would shadow here (the root is on sys.path for the tests package).
+transformers = hf.import_transformers()
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 VOCAB = 97
@@ -438,3 +442,15 @@ def test_hf_peers_block_sizes_flag():
   for bad in ("gpt2-tiny-hydra=1", "nope=4", "gpt2-tiny-hydra", "demo-llama=x"):
     with pytest.raises(argparse.ArgumentTypeError, match="MODEL=K"):
       hf_peers.block_sizes_flag(bad)
+
+
+def test_import_transformers_binds_hf_kernels_not_the_checkout_folder():
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  loaded = sys.modules.get("kernels")
+  if loaded is not None:  # transformers >= 5.25 with HF's kernels installed.
+    folder = os.path.join(root, "kernels")
+    assert not os.path.abspath(loaded.__file__).startswith(folder + os.sep)
+    assert hasattr(loaded, "CUDAProperties")
+  # The import that failed under transformers 5.25 before the fix.
+  assert hf.import_transformers().GPT2LMHeadModel.__name__ == "GPT2LMHeadModel"

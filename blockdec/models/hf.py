@@ -710,3 +710,45 @@ def export_hf_checkpoint(cfg: ModelConfig, params, path: str | os.PathLike, *,
   if tokenizer is not None:
     _as_hf_tokenizer(tokenizer).save(os.path.join(path, TOKENIZER_FILE))
   return path
+
+
+def import_transformers():
+  """Imports `transformers` with the top-level name `kernels` bound correctly.
+
+  transformers 5.25 and later depend on Hugging Face's `kernels` package and
+  import it (`from kernels import ...`) when its models load. This
+  repository's `kernels/` folder is installed as `blockdec.kernels`, but a
+  process that has the checkout's root on `sys.path` (pytest does, for the
+  `tests` package; so does `python -m ...` run from the root) would find the
+  folder first under the bare name and fail with "cannot import name ... from
+  'kernels'". This imports the installed `kernels` package, if there is one,
+  with the checkout's root off `sys.path`, so `sys.modules["kernels"]` is
+  Hugging Face's and every later import resolves to it.
+
+  Returns the `transformers` module; raises ImportError if it is missing.
+  """
+  import importlib
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  folder = os.path.join(root, "kernels")
+  loaded = sys.modules.get("kernels")
+  if loaded is not None and _inside(getattr(loaded, "__file__", None), folder):
+    del sys.modules["kernels"]  # The checkout's folder under the wrong name.
+  if "kernels" not in sys.modules:
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path
+                   if os.path.abspath(p or os.curdir) != root]
+    try:
+      importlib.import_module("kernels")
+    except ImportError:
+      pass  # transformers < 5.25 without it: nothing to shadow.
+    finally:
+      sys.path[:] = saved
+  return importlib.import_module("transformers")
+
+
+def _inside(path: str | None, folder: str) -> bool:
+  return path is not None and os.path.abspath(path).startswith(
+      folder + os.sep)
