@@ -49,8 +49,11 @@ def test_per_row_offsets():
   block = jnp.stack([seq[0, 5:9], seq[1, 8:12]])
   positions = offsets[:, None] + jnp.arange(4)
   logits, _ = transformer.apply(params, cfg, block, positions, cache)
-  np.testing.assert_allclose(logits[0, :, 0], reference[0, 5:9], atol=2e-5)
-  np.testing.assert_allclose(logits[1, :, 0], reference[1, 8:12], atol=2e-5)
+  # Two programs, float32: sums in different orders (the tests compile
+  # without LLVM's passes, tests/conftest.py) differ by ~3e-5 on logits of
+  # a few units; a wrong offset differs by whole units.
+  np.testing.assert_allclose(logits[0, :, 0], reference[0, 5:9], atol=5e-5)
+  np.testing.assert_allclose(logits[1, :, 0], reference[1, 8:12], atol=5e-5)
 
 
 def test_heads_shapes_and_shared_head_one():

@@ -56,7 +56,8 @@ def test_python_snippets_run(tmp_path):
   import json
   blocks = _blocks("python")
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")  # conftest's compile flags
+                      + " --xla_force_host_platform_device_count=8")
   env["JAX_PLATFORMS"] = "cpu"
   # cwd: a scratch folder, so snippets that write files write them there.
   proc = subprocess.run([sys.executable, "-c", _RUNNER],

@@ -16,7 +16,7 @@ _SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 def _run(*cases):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env.pop("XLA_FLAGS", None)  # sharding_checks.py sets its own.
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, _SCRIPT, *cases], env=env,
                         capture_output=True, text=True, timeout=600)
