@@ -172,10 +172,22 @@ def check_decode(backends=("xla",), meshes=MESHES, fns=None):
                                       ref.num_calls, err_msg=where)
         assert _spec(out.tokens)[0] == "data" or shape[0] == 1, (
             where, out.tokens.sharding)
-  if fns is not None:
-    return
-  # Every method of the core runs sharded: refined drafts as a token tree,
-  # and speculative sampling (same key: same samples as on one device).
+
+
+def _decode_setup():
+  """check_decode's model and prompts, and their greedy decode."""
+  cfg, params = tiny_model(n_layers=1, tie_embeddings=True)
+  prompts, lengths = prompts_and_lengths(cfg.vocab_size)
+  ref_greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                      max_new_tokens=10)
+  return cfg, params, prompts, lengths, ref_greedy
+
+
+def check_decode_methods():
+  """Every method of the core runs sharded as on one device: refined drafts
+  as a token tree, speculative sampling (same key: same samples), and the
+  drafters without heads."""
+  cfg, params, prompts, lengths, ref_greedy = _decode_setup()
   draft_cfg, draft_params = tiny_model(n_layers=1, num_prediction_heads=1)
   one_mesh = ((4, 2),)
   runs = (
@@ -203,6 +215,11 @@ def check_decode(backends=("xla",), meshes=MESHES, fns=None):
                                     err_msg=where)
       np.testing.assert_array_equal(np.asarray(out.num_calls), ref.num_calls,
                                     err_msg=where)
+
+
+def check_decode_model_drafters():
+  """Block diffusion, EAGLE and Hydra run sharded as on one device."""
+  cfg, params, prompts, lengths, ref_greedy = _decode_setup()
   # Block diffusion: denoising calls through View.score on the sharded
   # cache, then the self-speculative causal call.
   bd_cfg = cfg.replace(mask_token_id=cfg.vocab_size - 1)

@@ -34,9 +34,26 @@ def test_mesh_params_cache_and_checkpoint():
 
 
 def test_sharded_decoding_equals_one_device():
-  """Greedy and blockwise tokens on every mesh == one-device tokens; the
-  Pallas kernel under shard_map == xla."""
-  _run("decode", "decode_pallas")
+  """Greedy and blockwise tokens on every mesh == one-device tokens."""
+  _run("decode")
+
+
+def test_every_method_decodes_sharded_as_on_one_device():
+  """Refined, sampling, draft model, prompt lookup and lookahead on a mesh
+  == one device."""
+  _run("decode_methods")
+
+
+def test_model_drafters_decode_sharded_as_on_one_device():
+  """Block diffusion, EAGLE and Hydra on a mesh == one device."""
+  _run("decode_model_drafters")
+
+
+def test_sharded_pallas_decoding_equals_xla():
+  """The Pallas kernel under shard_map == xla on one device. (Apart from
+  the other decoding checks so that xdist spreads the suite's longest
+  test over both workers.)"""
+  _run("decode_pallas")
 
 
 def test_sharded_training_equals_one_device():
