@@ -9,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # XLA:CPU compiles dominate this suite (tiny models; every decode loop
 # shape compiles anew): without LLVM's optimisation passes a compile takes
-# about 40% less time and the programs compute the same things. Set before
+# about 40% less time, and results change only by float32 rounding. Set before
 # jax is imported; subprocesses (sharding checks, README snippets, the
 # notebook's kernel) inherit it.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0"

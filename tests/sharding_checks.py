@@ -147,10 +147,8 @@ def check_decode(backends=("xla",), meshes=MESHES, fns=None):
   """Sharded greedy and blockwise decoding == one-device decoding."""
   # One layer (compiles dominate); tied embeddings: the vocabulary-sharded
   # table serves both the gather and the output projection.
-  cfg, params = tiny_model(n_layers=1, tie_embeddings=True)
-  prompts, lengths = prompts_and_lengths(cfg.vocab_size)
+  cfg, params, prompts, lengths, ref_greedy = _decode_setup()
   kw = dict(max_new_tokens=10)
-  ref_greedy = blockdec.greedy_decode(params, cfg, prompts, lengths, **kw)
   ref_block = blockdec.blockwise_decode(params, cfg, prompts, lengths, **kw)
   np.testing.assert_array_equal(ref_greedy.tokens, ref_block.tokens)
   for backend in backends:
