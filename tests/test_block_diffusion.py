@@ -11,6 +11,9 @@
   enumerated distribution).
 * Block size 1 is autoregressive decoding; thresholds 1.0 and 0.0 take b
   and 1 denoising calls per block.
+* Fused drafting (`next_block_guesses`): the call's mask (each guessed
+  block sees the chain up to its accepted length and itself both ways),
+  the same drafts as unfused decoding at fewer calls, exact and lossless.
 * The adaptation keeps the base's weights, adds the [MASK] row, trains and
   resumes exactly; bad settings fail with clear errors.
 """
@@ -175,11 +178,14 @@ def test_self_speculative_equals_greedy(arch, batch, b, p, n, with_eos):
               else None)
     greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
                                     max_new_tokens=n, eos_id=eos_id)
+    # Model 1 drafts fused: the verification call denoises the next block.
+    guesses = 0 if model == 0 else 1 + arch % 2
     for threshold in ((0.3, 1.0) if model == 0 else (0.3,)):
       out = blockdec.decode(
           params, cfg, prompts, lengths, n, eos_id=eos_id,
           method=blockdec.BlockDiffusion(b, threshold,
-                                         acceptance=blockdec.Exact()))
+                                         acceptance=blockdec.Exact(),
+                                         next_block_guesses=guesses))
       assert_same_or_near_tie(cfg, params, prompts, lengths, greedy, out)
       np.testing.assert_array_equal(out.lengths, greedy.lengths)
       hist, calls = np.asarray(out.accepted_hist), np.asarray(out.num_calls)
@@ -187,9 +193,9 @@ def test_self_speculative_equals_greedy(arch, batch, b, p, n, with_eos):
       assert hist.shape[1] == b + 1
       np.testing.assert_array_equal((hist * np.arange(1, b + 2)).sum(-1),
                                     lens)
-      # Every verification call follows 1..b denoising calls.
+      # Every verification call follows 1..b denoising calls (0..b fused).
       verifications = hist.sum(-1)
-      assert np.all(2 * verifications <= calls)
+      assert np.all((1 if guesses else 2) * verifications <= calls)
       assert np.all(calls <= (b + 1) * verifications)
       if threshold == 1.0:  # One position per denoising call: b calls.
         np.testing.assert_array_equal(calls, (b + 1) * verifications)
@@ -225,7 +231,53 @@ def test_block_size_one_is_autoregressive_and_thresholds_count_calls():
                                   np.asarray(greedy.tokens)[:, 0])
 
 
-def test_self_speculative_sampling_matches_enumerated_distribution():
+def test_fused_drafting_mask_sees_the_accepted_chain_and_the_block():
+  # b = 2, one guess: chain nodes 0 (root), 1, 2; the block guessed after
+  # a = 0 accepted drafts is nodes 3, 4 at depths 1, 2 (under the root);
+  # after a = 1, nodes 5, 6 at depths 2, 3 (under node 1).
+  drafter = BlockDiffusionDrafter(2, 0.0, mask_id=9, guesses=1)
+  extra = drafter.extra
+  assert extra.parents == (0, 3, 1, 5) and extra.depths == (1, 2, 2, 3)
+  sees = drafter.extra.mask(drafter.tree.parents).pattern()
+  expected = np.zeros((7, 7), bool)
+  for node, seen in {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 3, 4],
+                     4: [0, 3, 4], 5: [0, 1, 5, 6], 6: [0, 1, 5, 6]}.items():
+    expected[node, seen] = True
+  np.testing.assert_array_equal(sees, expected)
+  assert blockdec.BlockDiffusion(
+      2, acceptance=blockdec.Exact(), next_block_guesses=1).cache_slots(3) == 7
+
+
+def test_fused_drafting_drafts_the_same_blocks_in_fewer_calls():
+  # A small vocabulary, so the denoiser's runner-ups often are the model's
+  # correction. At threshold 0 every block takes one denoising call
+  # unfused; fused, a row whose next token was guessed takes none, and its
+  # drafts are the ones the denoising call would have made (the same
+  # acceptance histogram).
+  cfg, params = _diffusion_model(1, param_seed=3, vocab_size=10)
+  prompts, lengths = ragged_prompts(4, 4, 6, cfg.vocab_size - 1)
+  n = 24
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=n)
+  outs = [blockdec.decode(params, cfg, prompts, lengths, n,
+                          method=blockdec.BlockDiffusion(
+                              3, 0.0, acceptance=blockdec.Exact(),
+                              next_block_guesses=r))
+          for r in (0, 2)]
+  for out in outs:
+    assert_same_or_near_tie(cfg, params, prompts, lengths, greedy, out)
+  plain, fused = outs
+  np.testing.assert_array_equal(fused.accepted_hist, plain.accepted_hist)
+  verifications = np.asarray(plain.accepted_hist).sum(-1)
+  np.testing.assert_array_equal(plain.num_calls, 2 * verifications)
+  saved = 2 * verifications - np.asarray(fused.num_calls)
+  assert np.all(saved >= 0) and saved.sum() > 0, saved
+  # The first block has no guess; every later one at most one call saved.
+  assert np.all(saved <= verifications - 1)
+
+
+@pytest.mark.parametrize("guesses", [0, 1])
+def test_self_speculative_sampling_matches_enumerated_distribution(guesses):
   cfg, params = random_model(1, param_seed=0, vocab_size=6,
                              num_prediction_heads=1, max_seq_len=16)
   cfg = cfg.replace(mask_token_id=5)
@@ -233,13 +285,15 @@ def test_self_speculative_sampling_matches_enumerated_distribution():
   sampling = blockdec.Sampling(temperature=0.9)
   p_values, out = sampled_p_values(
       cfg, params, 3, sampling,
-      blockdec.BlockDiffusion(2, 0.5, acceptance=blockdec.Exact()), eos_id=2)
+      blockdec.BlockDiffusion(2, 0.5, acceptance=blockdec.Exact(),
+                              next_block_guesses=guesses), eos_id=2)
   assert min(p_values) > ALPHA, p_values
   hist = np.asarray(out.accepted_hist).sum(0)
   assert hist[0] > 0 and hist[1:].sum() > 0, hist
   biased, _ = sampled_p_values(
       cfg, params, 3, sampling,
-      blockdec.BlockDiffusion(2, 0.5, acceptance=_MatchTopTwo()))
+      blockdec.BlockDiffusion(2, 0.5, acceptance=_MatchTopTwo(),
+                              next_block_guesses=guesses))
   assert min(biased) < 1e-6, biased
 
 
@@ -265,6 +319,18 @@ def test_block_diffusion_errors():
     blockdec.decode(params, dcfg, prompts, lengths, 4,
                     method=blockdec.BlockDiffusion(4),
                     sampling=blockdec.Sampling(0.7), key=jax.random.key(0))
+  with pytest.raises(ValueError, match="next_block_guesses=1 needs a "
+                     "verifier that can reject"):
+    blockdec.BlockDiffusion(4, next_block_guesses=1)
+  with pytest.raises(ValueError, match="next_block_guesses"):
+    blockdec.BlockDiffusion(4, acceptance=blockdec.Exact(),
+                            next_block_guesses=-1)
+  short, short_params = _diffusion_model(0, position="learned",
+                                         max_seq_len=14)
+  with pytest.raises(ValueError, match="max_seq_len=14"):
+    blockdec.decode(short_params, short, prompts, lengths, 4,
+                    method=blockdec.BlockDiffusion(
+                        4, acceptance=blockdec.Exact(), next_block_guesses=1))
   with pytest.raises(ValueError, match="mask_token_id=99"):
     blockdec.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2,
                          mask_token_id=99)

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blockdec.decoding import sampling as sampling_lib
 from blockdec.kernels import masks
@@ -103,23 +104,44 @@ class ExtraNodes:
   give the drafter their head-1 logits (`View.extra_logits`), but are never
   verified or committed. Static.
 
+  Block diffusion's fused self-speculative mode denoises the next block in
+  the verification call: extra nodes of one `groups` id also see each other
+  both ways (a block of [MASK]s), on top of the tree mask's ancestors.
+
   Attributes:
     parents: E parent indices into the whole call (the tree's T nodes come
       first, so extra node i is node T + i; -1: the committed prefix only).
     depths: E position offsets from the root's position.
+    groups: E group ids, or None: extra nodes with the same id >= 0 see
+      each other (-1: ancestors only).
   """
 
   parents: tuple[int, ...]
   depths: tuple[int, ...]
+  groups: tuple[int, ...] | None = None
 
   def __post_init__(self):
     if len(self.parents) != len(self.depths):
       raise ValueError(f"ExtraNodes has {len(self.parents)} parents but "
                        f"{len(self.depths)} depths.")
+    if self.groups is not None and len(self.groups) != len(self.parents):
+      raise ValueError(f"ExtraNodes has {len(self.parents)} parents but "
+                       f"{len(self.groups)} groups.")
 
   @property
   def size(self) -> int:
     return len(self.parents)
+
+  def mask(self, tree_parents: tuple[int, ...]) -> masks.BlockMask:
+    """The call's static mask: the tree and these nodes under their
+    parents, and each group's nodes seeing each other."""
+    tree = masks.TreeMask(tuple(tree_parents) + self.parents)
+    if self.groups is None:
+      return tree
+    ids = np.concatenate([np.full(len(tree_parents), -1),
+                          np.asarray(self.groups)])
+    both_ways = (ids[:, None] == ids[None, :]) & (ids[:, None] >= 0)
+    return tree | masks.PatternMask(both_ways)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +178,8 @@ class View:
     context: static settings.
     extra_logits: [B, E, V] head-1 logits at the drafter's extra nodes after
       a call (`Drafter.extra`); None otherwise.
+    extra_tokens: [B, E] int32 the tokens fed at those nodes (`Draft.extra`
+      of the call); None otherwise.
     features: [B, K, d] the target's final hidden states (after the final
       norm) at this call's committed nodes in order (valid up to
       `num_committed`; the state at node i predicts committed token i + 1,
@@ -184,6 +208,7 @@ class View:
   extra_logits: jax.Array | None = None
   score: Callable[..., jax.Array] | None = None
   features: jax.Array | None = None
+  extra_tokens: jax.Array | None = None
 
 
 class Drafter(abc.ABC):
@@ -295,14 +320,15 @@ class LoopState:
 
 
 def _view(state: LoopState, heads, committed, num_committed, offsets, keys,
-          context, extra_logits=None, score=None, features=None) -> View:
+          context, extra_logits=None, score=None, features=None,
+          extra_tokens=None) -> View:
   return View(heads=heads, next_token=state.next_token, lengths=state.lengths,
               committed=committed, num_committed=num_committed,
               offsets=offsets, prompts=state.prompts,
               prompt_lengths=state.prompt_lengths, generated=state.tokens,
               keys=keys, context=context, extra_logits=extra_logits,
               score=None if score is None else score(state.cache),
-              features=features)
+              features=features, extra_tokens=extra_tokens)
 
 
 def _features(head_fn, nodes):
@@ -359,8 +385,9 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
         "a draft tree whose chains end at different depths, or a dynamic "
         "one, needs a lossless verifier (Exact() or SpeculativeSampling()); "
         f"got acceptance={verifier!r}.")
-  tree_mask = None if tree is None or dynamic else masks.TreeMask(
-      tree.parents + (() if extra is None else extra.parents))
+  tree_mask = (None if tree is None or dynamic else
+               masks.TreeMask(tree.parents) if extra is None else
+               extra.mask(tree.parents))
   context = Context(sampling=sampling, want_confidence=(
       adaptive is not None and adaptive.estimate == "confidence"))
   batch = prompts.shape[0]
@@ -518,7 +545,8 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
                                axis=1)  # [B, 1]
     view = _view(new, lambda m: head_fn(last, m)[:, 0], kept, count, offsets,
                  keys, context, extra_logits, score=scorer,
-                 features=_features(head_fn, path))
+                 features=_features(head_fn, path),
+                 extra_tokens=None if extra is None else draft.extra)
     return new.replace(drafter=drafter.update(state.drafter, view))
 
   def propose(state: LoopState) -> Draft:

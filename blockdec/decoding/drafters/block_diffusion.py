@@ -29,6 +29,21 @@ the first decided `stop_token` (e.g. a newline) whose preceding positions
 are all decided: the positions after it become [MASK] filler, never
 accepted, and are decoded in the next block with that line as context.
 
+Fused drafting (`guesses` = r > 0; self-speculative mode): the
+verification call also denoises the next block. If the call accepts a < b
+drafts, the token after them (the next root) is the model's correction at
+x_{a+1}, which differs from the draft there; the denoiser's runner-ups at
+x_{a+1} guess it. For every a in [0, b) and each of the r guesses g the
+call feeds one more block, an extra node group `[g, MASK x (b - 1)]` at
+positions a + 1 .. a + b after the root, under x_1 .. x_a, seeing itself
+both ways (`core.ExtraNodes.groups`): exactly the first denoising call of
+the next block, had the next root been g. After the call, a row whose root
+is one of its accepted length's guesses takes that group's logits as its
+first denoising step; its next block starts decided there and needs
+`ceil` fewer denoising calls (none at threshold 0). Other rows (every draft
+accepted, or no guess right) denoise as before. A call then feeds
+(b + 1) + b * r * b nodes and commits only the chain's.
+
 Sub-block caching (Fast-dLLM v2 reuses the keys and values of a block's
 finished sub-blocks between denoising steps) is not done: every denoising
 step recomputes the whole block, which is exact with respect to the mask.
@@ -39,7 +54,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from blockdec.decoding.core import Draft, Drafter, View
+from blockdec.decoding.core import Draft, Drafter, ExtraNodes, View
+from blockdec.decoding.lattice import DraftTree
 from blockdec.kernels import masks
 
 
@@ -52,22 +68,78 @@ class BlockDiffusionDrafter(Drafter):
       decides one position per denoising call, 0.0 all of them in one.
     mask_id: the model's [MASK] token.
     stop_token: end a block after this token (None: fixed blocks).
+    guesses: r >= 0 guessed next roots per accepted length whose next block
+      the verification call denoises too (fused drafting; 0: off). Needs a
+      verifier that rejects (`Exact()`).
   """
 
   def __init__(self, block_size: int, threshold: float, mask_id: int,
-               stop_token: int | None = None):
+               stop_token: int | None = None, guesses: int = 0):
     self.block_size, self.threshold = block_size, threshold
     self.mask_id, self.stop_token = mask_id, stop_token
+    self.guesses = guesses
 
   @property
   def num_drafts(self) -> int:
     return self.block_size
 
+  @property
+  def tree(self) -> DraftTree | None:
+    # Fused drafting feeds extra nodes, which ride on a (one-chain) tree.
+    return DraftTree(1, self.block_size + 1) if self.guesses else None
+
+  @property
+  def extra(self) -> ExtraNodes | None:
+    if not self.guesses:
+      return None
+    b, r = self.block_size, self.guesses
+    parents, depths, groups = [], [], []
+    for a in range(b):  # a drafts accepted; the chain's node a is x_a.
+      for g in range(r):
+        first = b + 1 + len(parents)  # The group's root in the whole call.
+        parents += [a] + [first + j for j in range(b - 1)]
+        depths += [a + 1 + j for j in range(b)]
+        groups += [a * r + g] * b
+    return ExtraNodes(tuple(parents), tuple(depths), tuple(groups))
+
+  def _empty(self, rows):
+    """A carry without a started block."""
+    b, r = self.block_size, self.guesses
+    return dict(tokens=jnp.full((rows, b), self.mask_id, jnp.int32),
+                decided=jnp.zeros((rows, b), bool),
+                runner_ups=jnp.zeros((rows, b, r), jnp.int32))
+
   def init(self, view: View):
-    return None
+    return self._empty(view.lengths.shape[0]) if self.guesses else None
+
+  def runner_ups(self, logits):
+    """[B, b, r] the r likeliest tokens after the argmax ([MASK] excluded)."""
+    logits = logits.at[..., self.mask_id].set(-jnp.inf)
+    return jax.lax.top_k(logits, self.guesses + 1)[1][..., 1:].astype(
+        jnp.int32)
 
   def update(self, carry, view: View):
-    return None
+    if not self.guesses:
+      return None
+    b, r, rows = self.block_size, self.guesses, view.lengths.shape[0]
+    accepted = view.num_committed - 1  # In [0, b] (EOS or budget: done).
+    guessed = view.extra_tokens.reshape(rows, b * r, b)[..., 0]
+    outcome = jnp.arange(b * r) // r  # Group i guesses for a = i // r.
+    hit = ((guessed == view.next_token[:, None])
+           & (outcome[None] == accepted[:, None]))  # [B, b r]
+    group = jnp.argmax(hit, axis=-1)
+    logits = view.extra_logits.reshape(rows, b * r, b, -1)
+    logits = jnp.take_along_axis(logits, group[:, None, None, None],
+                                 axis=1)[:, 0]  # [B, b, V]
+    empty = self._empty(rows)
+    tokens, decided, _ = self.denoise_step(logits, empty["tokens"],
+                                           empty["decided"])
+    started = dict(tokens=tokens, decided=decided,
+                   runner_ups=self.runner_ups(logits))
+    ok = jnp.any(hit, axis=-1)
+    return jax.tree_util.tree_map(
+        lambda x, y: jnp.where(ok.reshape((rows,) + (1,) * (x.ndim - 1)),
+                               x, y), started, empty)
 
   def denoise_step(self, logits, tokens, decided):
     """One denoising decision.
@@ -108,22 +180,33 @@ class BlockDiffusionDrafter(Drafter):
                  + jnp.arange(b, dtype=jnp.int32))
     mask = masks.BlockBidirectionalMask(b)
 
+    start = self._empty(rows) if carry is None else carry
+
     def cond(c):
-      _, decided, _ = c
-      return ~jnp.all(decided)
+      return ~jnp.all(c["decided"])
 
     def body(c):
-      tokens, decided, calls = c
+      tokens, decided = c["tokens"], c["decided"]
       fed = jnp.concatenate([root[:, None], tokens[:, :b - 1]], axis=1)
       logits = view.score(fed, positions, mask)
-      calls = calls + jnp.any(~decided, axis=-1)
-      tokens, decided, _ = self.denoise_step(logits, tokens, decided)
-      return tokens, decided, calls.astype(jnp.int32)
+      tokens, now, _ = self.denoise_step(logits, tokens, decided)
+      c = dict(c, tokens=tokens, decided=now, calls=(
+          c["calls"] + jnp.any(~decided, axis=-1)).astype(jnp.int32))
+      if self.guesses:  # Runner-ups of the step that decided a position.
+        c["runner_ups"] = jnp.where((now & ~decided)[..., None],
+                                    self.runner_ups(logits), c["runner_ups"])
+      return c
 
     # Every step decides at least one position of every unfinished row, so
     # the loop ends after at most b steps.
-    tokens, _, calls = jax.lax.while_loop(
-        cond, body, (jnp.full((rows, b), self.mask_id, jnp.int32),
-                     jnp.zeros((rows, b), bool),
-                     jnp.zeros((rows,), jnp.int32)))
-    return Draft(tokens=tokens[:, None], calls=calls)
+    out = jax.lax.while_loop(
+        cond, body, dict(start, calls=jnp.zeros((rows,), jnp.int32)))
+    extra = None
+    if self.guesses:  # Group (a, g) feeds [runner-up g at x_{a+1}, MASK..].
+      r = self.guesses
+      extra = jnp.concatenate([
+          out["runner_ups"][..., None],
+          jnp.full((rows, b, r, b - 1), self.mask_id, jnp.int32)],
+          axis=-1).reshape(rows, b * r * b)
+    return Draft(tokens=out["tokens"][:, None], calls=out["calls"],
+                 extra=extra)
