@@ -12,11 +12,15 @@ prompts (test split, 128-192 bytes, as blockdec/demo.py) at one batch size:
   adaptive            a decided newline (AdaBlock-style)
   self-speculative    BlockDiffusion(b, threshold, acceptance=Exact()): the
                       adapted model verifies its own draft (= its greedy)
+  self-speculative-   the same with next_block_guesses=r: the verification
+  fused               call also denoises the next block for every accepted
+                      length and r guessed next tokens (same output)
   draft-model /       the best blockwise drafters of the base on the same
-  heads-frozen        prompts (exact; configs/draft_model.py:demo and
-                      configs/heads_frozen.py:demo, when cached)
+  heads-frozen /      prompts (exact; configs/draft_model.py:demo,
+  hydra-distill       configs/heads_frozen.py:demo and
+                      configs/heads_hydra.py:demo_distill, when cached)
 
-Rows: {method, model, block_size, threshold, tokens_per_call, tokens_per_s,
+Rows: {method, model, block_size, threshold, guesses, tokens_per_call, tokens_per_s,
 speedup, nll_nondegenerate, degenerate_share, agreement_with_ar,
 agreement_with_base}. tokens_per_call = generated tokens / model calls
 (denoising calls included); tokens_per_s = generated tokens of one pass /
@@ -71,6 +75,8 @@ DRAFTERS = {  # name -> (config, method factory)
                                                     block_size=8)),
     "heads-frozen": ("configs/heads_frozen.py:demo",
                      lambda run: blockdec.Blockwise(block_size=8)),
+    "hydra-distill": ("configs/heads_hydra.py:demo_distill",
+                      lambda run: blockdec.Blockwise(block_size=8)),
 }
 PROMPT_BYTES = (128, 192)
 TARGETS = dict(tokens_per_call=2.5, nll_ratio=1.10, heldout_gap=0.05,
@@ -87,6 +93,10 @@ def parse_args(argv=None):
   p.add_argument("--thresholds", default="0.1,0.3,0.5,0.8")
   p.add_argument("--self_speculative_thresholds", default="0.0,0.5")
   p.add_argument("--self_speculative_block_sizes", default="4,8")
+  p.add_argument("--self_speculative_fused", default="4:0.0:2,8:0.0:1,"
+                 "8:0.0:2,8:0.0:3",
+                 help="b:threshold:r settings also run fused "
+                 "(next_block_guesses=r)")
   p.add_argument("--adaptive", default="16:0.3,16:0.5",
                  help="b:threshold settings also run with stop_token=newline "
                  "(AdaBlock-style blocks that end after a line)")
@@ -101,6 +111,7 @@ def parse_args(argv=None):
     args.block_sizes, args.thresholds = "8", "0.5,0.9"
     args.self_speculative_thresholds = "0.5"
     args.self_speculative_block_sizes = "8"
+    args.self_speculative_fused = "8:0.5:1"
     args.adaptive = "8:0.5"
   ints = lambda s: [int(x) for x in s.split(",") if x]
   floats = lambda s: [float(x) for x in s.split(",") if x]
@@ -108,6 +119,9 @@ def parse_args(argv=None):
   args.thresholds = floats(args.thresholds)
   args.self_speculative_thresholds = floats(args.self_speculative_thresholds)
   args.self_speculative_block_sizes = ints(args.self_speculative_block_sizes)
+  args.self_speculative_fused = [
+      (int(x.split(":")[0]), float(x.split(":")[1]), int(x.split(":")[2]))
+      for x in args.self_speculative_fused.split(",") if x]
   args.adaptive = [(int(x.split(":")[0]), float(x.split(":")[1]))
                    for x in args.adaptive.split(",") if x]
   if args.num_prompts % args.batch:
@@ -160,44 +174,49 @@ def main(argv=None):
   print(f"[block_diffusion] {len(prompts)} prompts, batch {batch}, {n} new "
         f"tokens, {args.repeats} repeats; load {load_before:.1f}")
 
-  plans = [("ar-greedy", "base", base, blockdec.Autoregressive(), None, None),
+  plans = [("ar-greedy", "base", base, blockdec.Autoregressive(), None, None,
+            None),
            ("ar-greedy-adapted", "adapted", adapted,
-            blockdec.Autoregressive(), None, None)]
+            blockdec.Autoregressive(), None, None, None)]
   for b in args.block_sizes:
     for th in args.thresholds:
       plans.append(("block-diffusion", "adapted", adapted,
-                    blockdec.BlockDiffusion(b, th), b, th))
+                    blockdec.BlockDiffusion(b, th), b, th, None))
   newline = int(base.tokenizer.encode("\n")[0])
   for b, th in args.adaptive:
     plans.append(("block-diffusion-adaptive", "adapted", adapted,
-                  blockdec.BlockDiffusion(b, th, stop_token=newline), b, th))
-  for b in args.self_speculative_block_sizes:
-    for th in args.self_speculative_thresholds:
-      plans.append(("self-speculative", "adapted", adapted,
-                    blockdec.BlockDiffusion(b, th, acceptance=blockdec.Exact()),
-                    b, th))
+                  blockdec.BlockDiffusion(b, th, stop_token=newline), b, th,
+                  None))
+  spec = [(b, th, 0) for b in args.self_speculative_block_sizes
+          for th in args.self_speculative_thresholds]
+  for b, th, r in spec + args.self_speculative_fused:
+    plans.append((
+        "self-speculative-fused" if r else "self-speculative", "adapted",
+        adapted, blockdec.BlockDiffusion(b, th, acceptance=blockdec.Exact(),
+                                         next_block_guesses=r), b, th, r))
   for name, (run, make) in drafters.items():
     if run is not None:
-      plans.append((name, "base", run if name == "heads-frozen" else base,
-                    make(run), 8, None))
+      plans.append((name, "base", base if name == "draft-model" else run,
+                    make(run), 8, None, None))
 
   outputs = {}
-  for name, model, run, method, b, th in plans:
+  for name, model, run, method, b, th, r in plans:
     out, seconds, warmup = run_method(
         run.params, run.cfg, prompts, lengths, n, method, batch, args.repeats)
     tokens, lens, calls = out.tokens, out.lengths, out.num_calls
-    outputs[(name, b, th)] = (model, out, seconds, warmup)
-    print(f"  {name:18s} b={b} th={th}: {lens.sum() / calls.sum():.2f} "
+    outputs[(name, b, th, r)] = (model, out, seconds, warmup)
+    print(f"  {name:22s} b={b} th={th} r={r}: "
+          f"{lens.sum() / calls.sum():.2f} "
           f"tokens/call, {lens.sum() / seconds:.0f} tokens/s "
           f"(warm-up {warmup:.0f} s)")
   load_after = os.getloadavg()[0]
 
-  _, base_out, base_seconds, _ = outputs[("ar-greedy", None, None)]
+  _, base_out, base_seconds, _ = outputs[("ar-greedy", None, None, None)]
   base_tokens, base_lens = base_out.tokens, base_out.lengths
-  ad_tokens = outputs[("ar-greedy-adapted", None, None)][1].tokens
+  ad_tokens = outputs[("ar-greedy-adapted", None, None, None)][1].tokens
   base_tps = base_lens.sum() / base_seconds
   rows = []
-  for (name, b, th), (model, out, seconds, warmup) in outputs.items():
+  for (name, b, th, r), (model, out, seconds, warmup) in outputs.items():
     tokens, lens, calls = out.tokens, out.lengths, out.num_calls
     degenerate = np.array([metrics.is_degenerate(t)
                            for t in texts(tokens, lens)])
@@ -207,6 +226,7 @@ def main(argv=None):
     kept = [x for x, k in zip(per_row, keep) if k]
     rows.append({
         "method": name, "model": model, "block_size": b, "threshold": th,
+        "guesses": r,
         "tokens_per_call": float(lens.sum() / calls.sum()),
         "tokens_per_s": float(lens.sum() / seconds),
         "speedup": float(lens.sum() / seconds / base_tps),
@@ -265,15 +285,20 @@ def markdown(result) -> str:
       f"adapted ({result['adapted_steps']} steps) "
       f"{_fmt(h['adapted'], '{:.3f}')} nats/byte.",
       "",
-      "| method | model | b | threshold | tokens/call | tokens/s | speedup | "
-      "NLL under base (non-degenerate rows) | degenerate | agreement with "
-      "adapted AR | with base |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "Self-speculative rows: r is `next_block_guesses` (0: the draft is "
+      "denoised in calls of its own; r > 0: fused, the verification call "
+      "also denoises the next block for r guessed next tokens).",
+      "",
+      "| method | model | b | threshold | r | tokens/call | tokens/s | "
+      "speedup | NLL under base (non-degenerate rows) | degenerate | "
+      "agreement with adapted AR | with base |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(
         f"| {r['method']} | {r['model']} | {_fmt(r['block_size'], '{}')} | "
-        f"{_fmt(r['threshold'])} | {r['tokens_per_call']:.2f} | "
+        f"{_fmt(r['threshold'])} | {_fmt(r.get('guesses'), '{}')} | "
+        f"{r['tokens_per_call']:.2f} | "
         f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
         f"{_fmt(r['nll_nondegenerate'], '{:.3f}')} "
         f"({r['nondegenerate_rows']}) | "
@@ -296,7 +321,7 @@ def markdown(result) -> str:
             f"threshold {best['threshold']}, NLL "
             f"{best['nll_nondegenerate']:.3f})" if best else
             "no setting within the bound")
-  spec = [r for r in rows if r["method"] == "self-speculative"]
+  spec = [r for r in rows if r["method"].startswith("self-speculative")]
   best_spec = max(spec, key=lambda r: r["tokens_per_call"]) if spec else None
   gap = (None if None in (h["base"], h["adapted"])
          else h["adapted"] - h["base"])
@@ -316,7 +341,8 @@ def markdown(result) -> str:
       f"- Self-speculative (exact) >= {t['self_speculative_tokens_per_call']}"
       " tokens per call: " + (
           f"best {best_spec['tokens_per_call']:.2f} (b="
-          f"{best_spec['block_size']}, threshold {best_spec['threshold']}; "
+          f"{best_spec['block_size']}, threshold {best_spec['threshold']}, "
+          f"r={best_spec.get('guesses')}; "
           f"agreement with adapted AR "
           f"{best_spec['agreement_with_ar']:.2f})" if best_spec else "-")
       + ".",
@@ -330,8 +356,8 @@ def plot(result, path):
   rows = result["rows"]
   ar = next(r for r in rows if r["method"] == "ar-greedy")
   markers = {"block-diffusion": "o", "block-diffusion-adaptive": "D",
-             "self-speculative": "s",
-             "draft-model": "^", "heads-frozen": "v",
+             "self-speculative": "s", "self-speculative-fused": "X",
+             "draft-model": "^", "heads-frozen": "v", "hydra-distill": "<",
              "ar-greedy": "*", "ar-greedy-adapted": "P"}
   for method, marker in markers.items():
     rs = [r for r in rows if r["method"] == method
@@ -344,7 +370,8 @@ def plot(result, path):
     for r in rs:
       if r["block_size"] is not None:
         label = f"b{r['block_size']}" + (
-            "" if r["threshold"] is None else f"/{r['threshold']:g}")
+            "" if r["threshold"] is None else f"/{r['threshold']:g}") + (
+            f"/r{r['guesses']}" if r.get("guesses") else "")
         ax.annotate(label, (r["tokens_per_call"], r["nll_nondegenerate"]),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
   if ar["nll_nondegenerate"] is not None:
