@@ -80,6 +80,11 @@ _THRESHOLD = flags.DEFINE_float(
 _SELF_SPECULATIVE = flags.DEFINE_boolean(
     "self_speculative", False, "decode --method=block_diffusion: verify the "
     "diffusion draft in autoregressive mode (output = greedy's).")
+_NEXT_BLOCK_GUESSES = flags.DEFINE_integer(
+    "next_block_guesses", 0, "decode --method=block_diffusion "
+    "--self_speculative: the verification call also denoises the next block "
+    "for this many guessed next tokens per accepted length (fused drafting; "
+    "fewer calls, same output); 0 = off.", lower_bound=0)
 _DRAFT_CHECKPOINT = flags.DEFINE_string(
     "draft_checkpoint", None, "decode --method=draft_model: the draft "
     "model's checkpoint folder (e.g. a configs/draft_model.py run).")
@@ -104,8 +109,8 @@ COMMAND_FLAGS = {
     "train": ("config", "cache_dir"),
     "decode": ("checkpoint", "prompt", "prompt_escapes", "max_new_tokens",
                "method", "draft_checkpoint", "block_size", "tree_nodes",
-               "threshold",
-               "self_speculative", "temperature", "top_k", "top_p", "seed"),
+               "threshold", "self_speculative", "next_block_guesses",
+               "temperature", "top_k", "top_p", "seed"),
     "eval": ("checkpoint", "corpus", "num_prompts", "max_new_tokens",
              "block_size", "json"),
 }
@@ -190,7 +195,8 @@ def _method(cfg):
   if name == "block_diffusion":
     return blockdec.BlockDiffusion(
         block_size=k or 8, threshold=_THRESHOLD.value,
-        acceptance=blockdec.Exact() if _SELF_SPECULATIVE.value else None)
+        acceptance=blockdec.Exact() if _SELF_SPECULATIVE.value else None,
+        next_block_guesses=_NEXT_BLOCK_GUESSES.value)
   if _TREE_NODES.value:
     return blockdec.Blockwise(k or cfg.num_prediction_heads,
                               tree=blockdec.DynamicTree(nodes=_TREE_NODES.value))

@@ -404,8 +404,9 @@ def test_block_diffusion_config_trains_resumes_and_decodes(tmp_path):
     pipeline.load_config("configs/block_diffusion.py", "huge")
 
 
-@pytest.mark.parametrize("extra,identical", [(["--self_speculative"], True),
-                                             (["--threshold=0.0"], None)])
+@pytest.mark.parametrize("extra,identical", [
+    (["--self_speculative", "--next_block_guesses=1"], True),
+    (["--threshold=0.0"], None)])
 def test_cli_decodes_with_block_diffusion(tmp_path, capsys, extra, identical):
   from absl import flags
   from blockdec import cli
