@@ -94,9 +94,11 @@ def parse_args(argv=None):
   p.add_argument("--self_speculative_thresholds", default="0.0,0.5")
   p.add_argument("--self_speculative_block_sizes", default="4,8")
   p.add_argument("--self_speculative_fused", default="4:0.0:2,8:0.0:1,"
-                 "8:0.0:2,8:0.0:3",
+                 "8:0.0:2,8:0.0:3,8:0.0:0-3-2-1,8:0.0:0-4-3-2-1,"
+                 "8:0.0:0-6-4-2-1",
                  help="b:threshold:r settings also run fused "
-                 "(next_block_guesses=r)")
+                 "(next_block_guesses=r; r_0-r_1-..: r_a guesses after a "
+                 "accepted drafts)")
   p.add_argument("--adaptive", default="16:0.3,16:0.5",
                  help="b:threshold settings also run with stop_token=newline "
                  "(AdaBlock-style blocks that end after a line)")
@@ -119,8 +121,11 @@ def parse_args(argv=None):
   args.thresholds = floats(args.thresholds)
   args.self_speculative_thresholds = floats(args.self_speculative_thresholds)
   args.self_speculative_block_sizes = ints(args.self_speculative_block_sizes)
+  def guesses(r):
+    r = tuple(int(x) for x in r.split("-"))
+    return r[0] if len(r) == 1 else r
   args.self_speculative_fused = [
-      (int(x.split(":")[0]), float(x.split(":")[1]), int(x.split(":")[2]))
+      (int(x.split(":")[0]), float(x.split(":")[1]), guesses(x.split(":")[2]))
       for x in args.self_speculative_fused.split(",") if x]
   args.adaptive = [(int(x.split(":")[0]), float(x.split(":")[1]))
                    for x in args.adaptive.split(",") if x]
@@ -266,6 +271,13 @@ def _fmt(x, f="{:.2f}"):
   return "-" if x is None else f.format(x)
 
 
+def _guesses(r):
+  """next_block_guesses as a cell: r, or r_0-r_1-.. per accepted length."""
+  if r is None:
+    return "-"
+  return "-".join(str(x) for x in r) if isinstance(r, (list, tuple)) else str(r)
+
+
 def markdown(result) -> str:
   rows = result["rows"]
   ar = next(r for r in rows if r["method"] == "ar-greedy")
@@ -287,7 +299,9 @@ def markdown(result) -> str:
       "",
       "Self-speculative rows: r is `next_block_guesses` (0: the draft is "
       "denoised in calls of its own; r > 0: fused, the verification call "
-      "also denoises the next block for r guessed next tokens).",
+      "also denoises the next block for r guessed next tokens per accepted "
+      "length; r_0-r_1-..: r_a guesses after a accepted drafts). Fed nodes "
+      "per call: b + 1 + b * (number of guesses).",
       "",
       "| method | model | b | threshold | r | tokens/call | tokens/s | "
       "speedup | NLL under base (non-degenerate rows) | degenerate | "
@@ -297,7 +311,7 @@ def markdown(result) -> str:
   for r in rows:
     lines.append(
         f"| {r['method']} | {r['model']} | {_fmt(r['block_size'], '{}')} | "
-        f"{_fmt(r['threshold'])} | {_fmt(r.get('guesses'), '{}')} | "
+        f"{_fmt(r['threshold'])} | {_guesses(r.get('guesses'))} | "
         f"{r['tokens_per_call']:.2f} | "
         f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
         f"{_fmt(r['nll_nondegenerate'], '{:.3f}')} "
@@ -342,7 +356,7 @@ def markdown(result) -> str:
       " tokens per call: " + (
           f"best {best_spec['tokens_per_call']:.2f} (b="
           f"{best_spec['block_size']}, threshold {best_spec['threshold']}, "
-          f"r={best_spec.get('guesses')}; "
+          f"r={_guesses(best_spec.get('guesses'))}; "
           f"agreement with adapted AR "
           f"{best_spec['agreement_with_ar']:.2f})" if best_spec else "-")
       + ".",
@@ -371,7 +385,7 @@ def plot(result, path):
       if r["block_size"] is not None:
         label = f"b{r['block_size']}" + (
             "" if r["threshold"] is None else f"/{r['threshold']:g}") + (
-            f"/r{r['guesses']}" if r.get("guesses") else "")
+            f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "")
         ax.annotate(label, (r["tokens_per_call"], r["nll_nondegenerate"]),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
   if ar["nll_nondegenerate"] is not None:

@@ -246,6 +246,17 @@ def test_fused_drafting_mask_sees_the_accepted_chain_and_the_block():
   np.testing.assert_array_equal(sees, expected)
   assert blockdec.BlockDiffusion(
       2, acceptance=blockdec.Exact(), next_block_guesses=1).cache_slots(3) == 7
+  # Guesses per accepted length: (0, 2) guesses twice after one accepted
+  # draft only (two groups under node 1, each seeing only itself).
+  drafter = BlockDiffusionDrafter(2, 0.0, mask_id=9, guesses=(0, 2))
+  assert drafter.extra.parents == (1, 3, 1, 5)
+  assert drafter.extra.depths == (2, 3, 2, 3)
+  sees = drafter.extra.mask(drafter.tree.parents).pattern()
+  np.testing.assert_array_equal(np.flatnonzero(sees[4]), [0, 1, 3, 4])
+  np.testing.assert_array_equal(np.flatnonzero(sees[5]), [0, 1, 5, 6])
+  assert blockdec.BlockDiffusion(
+      2, acceptance=blockdec.Exact(),
+      next_block_guesses=(0, 2)).cache_slots(3) == 7
 
 
 def test_fused_drafting_drafts_the_same_blocks_in_fewer_calls():
@@ -263,17 +274,22 @@ def test_fused_drafting_drafts_the_same_blocks_in_fewer_calls():
                           method=blockdec.BlockDiffusion(
                               3, 0.0, acceptance=blockdec.Exact(),
                               next_block_guesses=r))
-          for r in (0, 2)]
+          for r in (0, 2, (2, 1))]
   for out in outs:
     assert_same_or_near_tie(cfg, params, prompts, lengths, greedy, out)
-  plain, fused = outs
-  np.testing.assert_array_equal(fused.accepted_hist, plain.accepted_hist)
+  plain, fused, weighted = outs
   verifications = np.asarray(plain.accepted_hist).sum(-1)
   np.testing.assert_array_equal(plain.num_calls, 2 * verifications)
-  saved = 2 * verifications - np.asarray(fused.num_calls)
-  assert np.all(saved >= 0) and saved.sum() > 0, saved
-  # The first block has no guess; every later one at most one call saved.
-  assert np.all(saved <= verifications - 1)
+  for out in (fused, weighted):
+    np.testing.assert_array_equal(out.accepted_hist, plain.accepted_hist)
+    saved = 2 * verifications - np.asarray(out.num_calls)
+    assert np.all(saved >= 0) and saved.sum() > 0, saved
+    # The first block has no guess; every later one at most one call saved.
+    assert np.all(saved <= verifications - 1)
+  # Guessing after 0 and 1 accepted drafts only, with fewer runner-ups
+  # there, hits a subset of what r = 2 everywhere hits.
+  assert np.all(np.asarray(weighted.num_calls)
+                >= np.asarray(fused.num_calls))
 
 
 @pytest.mark.parametrize("guesses", [0, 1])
@@ -325,6 +341,18 @@ def test_block_diffusion_errors():
   with pytest.raises(ValueError, match="next_block_guesses"):
     blockdec.BlockDiffusion(4, acceptance=blockdec.Exact(),
                             next_block_guesses=-1)
+  with pytest.raises(ValueError, match=r"next_block_guesses\[1\]"):
+    blockdec.BlockDiffusion(4, acceptance=blockdec.Exact(),
+                            next_block_guesses=(1, -1))
+  with pytest.raises(ValueError, match="has 5 entries; at most "
+                     "block_size=4"):
+    blockdec.BlockDiffusion(4, acceptance=blockdec.Exact(),
+                            next_block_guesses=(1, 1, 1, 1, 1))
+  with pytest.raises(ValueError, match="runner-ups exist"):
+    blockdec.decode(params, dcfg, prompts, lengths, 4,
+                    method=blockdec.BlockDiffusion(
+                        4, acceptance=blockdec.Exact(),
+                        next_block_guesses=dcfg.vocab_size))
   short, short_params = _diffusion_model(0, position="learned",
                                          max_seq_len=14)
   with pytest.raises(ValueError, match="max_seq_len=14"):

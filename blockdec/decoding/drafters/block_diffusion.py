@@ -29,12 +29,12 @@ the first decided `stop_token` (e.g. a newline) whose preceding positions
 are all decided: the positions after it become [MASK] filler, never
 accepted, and are decoded in the next block with that line as context.
 
-Fused drafting (`guesses` = r > 0; self-speculative mode): the
-verification call also denoises the next block. If the call accepts a < b
-drafts, the token after them (the next root) is the model's correction at
-x_{a+1}, which differs from the draft there; the denoiser's runner-ups at
-x_{a+1} guess it. For every a in [0, b) and each of the r guesses g the
-call feeds one more block, an extra node group `[g, MASK x (b - 1)]` at
+Fused drafting (`guesses` = (r_0, .., r_{b-1}), not all 0; self-
+speculative mode): the verification call also denoises the next block. If
+the call accepts a < b drafts, the token after them (the next root) is the
+model's correction at x_{a+1}, which differs from the draft there; the
+denoiser's r_a runner-ups at x_{a+1} guess it. For every a in [0, b) and
+each of its r_a guesses g the call feeds one more block, an extra node group `[g, MASK x (b - 1)]` at
 positions a + 1 .. a + b after the root, under x_1 .. x_a, seeing itself
 both ways (`core.ExtraNodes.groups`): exactly the first denoising call of
 the next block, had the next root been g. After the call, a row whose root
@@ -42,7 +42,7 @@ is one of its accepted length's guesses takes that group's logits as its
 first denoising step; its next block starts decided there and needs
 `ceil` fewer denoising calls (none at threshold 0). Other rows (every draft
 accepted, or no guess right) denoise as before. A call then feeds
-(b + 1) + b * r * b nodes and commits only the chain's.
+(b + 1) + sum(r_a) * b nodes and commits only the chain's.
 
 Sub-block caching (Fast-dLLM v2 reuses the keys and values of a block's
 finished sub-blocks between denoising steps) is not done: every denoising
@@ -68,16 +68,28 @@ class BlockDiffusionDrafter(Drafter):
       decides one position per denoising call, 0.0 all of them in one.
     mask_id: the model's [MASK] token.
     stop_token: end a block after this token (None: fixed blocks).
-    guesses: r >= 0 guessed next roots per accepted length whose next block
-      the verification call denoises too (fused drafting; 0: off). Needs a
-      verifier that rejects (`Exact()`).
+    guesses: (r_0, .., r_{b-1}) guessed next roots after a accepted drafts
+      whose next block the verification call denoises too (fused drafting;
+      all 0 or empty: off); an int r: r for every a. Needs a verifier that
+      rejects (`Exact()`).
   """
 
   def __init__(self, block_size: int, threshold: float, mask_id: int,
-               stop_token: int | None = None, guesses: int = 0):
+               stop_token: int | None = None,
+               guesses: int | tuple[int, ...] = 0):
     self.block_size, self.threshold = block_size, threshold
     self.mask_id, self.stop_token = mask_id, stop_token
-    self.guesses = guesses
+    if isinstance(guesses, int):
+      guesses = (guesses,) * block_size
+    guesses = tuple(guesses) + (0,) * (block_size - len(guesses))
+    if len(guesses) != block_size or min(guesses) < 0:
+      raise ValueError(f"guesses={guesses} must be block_size={block_size} "
+                       "counts >= 0 (one per accepted length).")
+    # Group i guesses the next root after outcome[i] accepted drafts with
+    # the denoiser's rank[i]-th runner-up there.
+    self.outcome = tuple(a for a, r in enumerate(guesses) for _ in range(r))
+    self.rank = tuple(g for r in guesses for g in range(r))
+    self.guesses = max(guesses)  # Runner-ups kept per position.
 
   @property
   def num_drafts(self) -> int:
@@ -92,14 +104,13 @@ class BlockDiffusionDrafter(Drafter):
   def extra(self) -> ExtraNodes | None:
     if not self.guesses:
       return None
-    b, r = self.block_size, self.guesses
+    b = self.block_size
     parents, depths, groups = [], [], []
-    for a in range(b):  # a drafts accepted; the chain's node a is x_a.
-      for g in range(r):
-        first = b + 1 + len(parents)  # The group's root in the whole call.
-        parents += [a] + [first + j for j in range(b - 1)]
-        depths += [a + 1 + j for j in range(b)]
-        groups += [a * r + g] * b
+    for i, a in enumerate(self.outcome):  # The chain's node a is x_a.
+      first = b + 1 + len(parents)  # The group's root in the whole call.
+      parents += [a] + [first + j for j in range(b - 1)]
+      depths += [a + 1 + j for j in range(b)]
+      groups += [i] * b
     return ExtraNodes(tuple(parents), tuple(depths), tuple(groups))
 
   def _empty(self, rows):
@@ -121,14 +132,14 @@ class BlockDiffusionDrafter(Drafter):
   def update(self, carry, view: View):
     if not self.guesses:
       return None
-    b, r, rows = self.block_size, self.guesses, view.lengths.shape[0]
+    b, rows, groups = self.block_size, view.lengths.shape[0], len(self.outcome)
     accepted = view.num_committed - 1  # In [0, b] (EOS or budget: done).
-    guessed = view.extra_tokens.reshape(rows, b * r, b)[..., 0]
-    outcome = jnp.arange(b * r) // r  # Group i guesses for a = i // r.
+    guessed = view.extra_tokens.reshape(rows, groups, b)[..., 0]
+    outcome = jnp.asarray(self.outcome, jnp.int32)
     hit = ((guessed == view.next_token[:, None])
-           & (outcome[None] == accepted[:, None]))  # [B, b r]
+           & (outcome[None] == accepted[:, None]))  # [B, groups]
     group = jnp.argmax(hit, axis=-1)
-    logits = view.extra_logits.reshape(rows, b * r, b, -1)
+    logits = view.extra_logits.reshape(rows, groups, b, -1)
     logits = jnp.take_along_axis(logits, group[:, None, None, None],
                                  axis=1)[:, 0]  # [B, b, V]
     empty = self._empty(rows)
@@ -202,11 +213,14 @@ class BlockDiffusionDrafter(Drafter):
     out = jax.lax.while_loop(
         cond, body, dict(start, calls=jnp.zeros((rows,), jnp.int32)))
     extra = None
-    if self.guesses:  # Group (a, g) feeds [runner-up g at x_{a+1}, MASK..].
-      r = self.guesses
+    if self.guesses:  # Group i feeds [runner-up rank[i] at x_{outcome[i]+1},
+      # MASK ..].
+      groups = len(self.outcome)
+      roots = out["runner_ups"][:, jnp.asarray(self.outcome),
+                                jnp.asarray(self.rank)]  # [B, groups]
       extra = jnp.concatenate([
-          out["runner_ups"][..., None],
-          jnp.full((rows, b, r, b - 1), self.mask_id, jnp.int32)],
-          axis=-1).reshape(rows, b * r * b)
+          roots[..., None],
+          jnp.full((rows, groups, b - 1), self.mask_id, jnp.int32)],
+          axis=-1).reshape(rows, groups * b)
     return Draft(tokens=out["tokens"][:, None], calls=out["calls"],
                  extra=extra)
