@@ -386,8 +386,13 @@ def plot(result, path):
         label = f"b{r['block_size']}" + (
             "" if r["threshold"] is None else f"/{r['threshold']:g}") + (
             f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "")
+        # Exact rows share one NLL: their labels go upwards, not across.
+        upright = method.startswith("self-speculative")
         ax.annotate(label, (r["tokens_per_call"], r["nll_nondegenerate"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    fontsize=6 if upright else 7, xytext=(0, 6) if upright
+                    else (3, 3), textcoords="offset points",
+                    rotation=90 if upright else 0,
+                    ha="center" if upright else "left")
   if ar["nll_nondegenerate"] is not None:
     ax.axhline(ar["nll_nondegenerate"] * result["targets"]["nll_ratio"],
                color="gray", ls=":", lw=1, label="ar-greedy NLL + 10%")
