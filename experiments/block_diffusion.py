@@ -20,8 +20,8 @@ prompts (test split, 128-192 bytes, as blockdec/demo.py) at one batch size:
   hydra-distill       configs/heads_frozen.py:demo and
                       configs/heads_hydra.py:demo_distill, when cached)
 
-Rows: {method, model, block_size, threshold, guesses, tokens_per_call, tokens_per_s,
-speedup, nll_nondegenerate, degenerate_share, agreement_with_ar,
+Rows: {method, model, block_size, threshold, guesses, tokens_per_call,
+tokens_per_s, speedup, nll_nondegenerate, degenerate_share, agreement_with_ar,
 agreement_with_base}. tokens_per_call = generated tokens / model calls
 (denoising calls included); tokens_per_s = generated tokens of one pass /
 the median of `--repeats` timed passes after a warm-up (compilation);

@@ -34,15 +34,15 @@ speculative mode): the verification call also denoises the next block. If
 the call accepts a < b drafts, the token after them (the next root) is the
 model's correction at x_{a+1}, which differs from the draft there; the
 denoiser's r_a runner-ups at x_{a+1} guess it. For every a in [0, b) and
-each of its r_a guesses g the call feeds one more block, an extra node group `[g, MASK x (b - 1)]` at
-positions a + 1 .. a + b after the root, under x_1 .. x_a, seeing itself
-both ways (`core.ExtraNodes.groups`): exactly the first denoising call of
-the next block, had the next root been g. After the call, a row whose root
-is one of its accepted length's guesses takes that group's logits as its
-first denoising step; its next block starts decided there and needs
-`ceil` fewer denoising calls (none at threshold 0). Other rows (every draft
-accepted, or no guess right) denoise as before. A call then feeds
-(b + 1) + sum(r_a) * b nodes and commits only the chain's.
+each of its r_a guesses g the call feeds one more block, an extra node
+group `[g, MASK x (b - 1)]` at positions a + 1 .. a + b after the root,
+under x_1 .. x_a, seeing itself both ways (`core.ExtraNodes.groups`):
+exactly the first denoising call of the next block, had the next root
+been g. After the call, a row whose root is one of its accepted length's
+guesses takes that group's logits as its first denoising step, so its
+next block needs one denoising call fewer (none at threshold 0). Other
+rows (every draft accepted, or no guess right) denoise as before. A call
+then feeds (b + 1) + sum(r_a) * b nodes and commits only the chain's.
 
 Sub-block caching (Fast-dLLM v2 reuses the keys and values of a block's
 finished sub-blocks between denoising steps) is not done: every denoising
