@@ -235,7 +235,7 @@ def test_fused_drafting_mask_sees_the_accepted_chain_and_the_block():
   # b = 2, one guess: chain nodes 0 (root), 1, 2; the block guessed after
   # a = 0 accepted drafts is nodes 3, 4 at depths 1, 2 (under the root);
   # after a = 1, nodes 5, 6 at depths 2, 3 (under node 1).
-  drafter = BlockDiffusionDrafter(2, 0.0, mask_id=9, guesses=1)
+  drafter = BlockDiffusionDrafter(2, 0.0, mask_id=9, guesses=(1, 1))
   extra = drafter.extra
   assert extra.parents == (0, 3, 1, 5) and extra.depths == (1, 2, 2, 3)
   sees = drafter.extra.mask(drafter.tree.parents).pattern()

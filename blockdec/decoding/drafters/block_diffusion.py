@@ -68,28 +68,25 @@ class BlockDiffusionDrafter(Drafter):
       decides one position per denoising call, 0.0 all of them in one.
     mask_id: the model's [MASK] token.
     stop_token: end a block after this token (None: fixed blocks).
-    guesses: (r_0, .., r_{b-1}) guessed next roots after a accepted drafts
-      whose next block the verification call denoises too (fused drafting;
-      all 0 or empty: off); an int r: r for every a. Needs a verifier that
-      rejects (`Exact()`).
+    guesses: (r_0, r_1, ..) guessed next roots after a accepted drafts
+      (at most b entries, validated by `methods.BlockDiffusion`) whose next
+      block the verification call denoises too (fused drafting; empty or
+      all 0: off). Needs a verifier that rejects (`Exact()`).
   """
 
   def __init__(self, block_size: int, threshold: float, mask_id: int,
-               stop_token: int | None = None,
-               guesses: int | tuple[int, ...] = 0):
+               stop_token: int | None = None, guesses: tuple[int, ...] = ()):
     self.block_size, self.threshold = block_size, threshold
     self.mask_id, self.stop_token = mask_id, stop_token
-    if isinstance(guesses, int):
-      guesses = (guesses,) * block_size
-    guesses = tuple(guesses) + (0,) * (block_size - len(guesses))
-    if len(guesses) != block_size or min(guesses) < 0:
-      raise ValueError(f"guesses={guesses} must be block_size={block_size} "
-                       "counts >= 0 (one per accepted length).")
     # Group i guesses the next root after outcome[i] accepted drafts with
     # the denoiser's rank[i]-th runner-up there.
     self.outcome = tuple(a for a, r in enumerate(guesses) for _ in range(r))
     self.rank = tuple(g for r in guesses for g in range(r))
-    self.guesses = max(guesses)  # Runner-ups kept per position.
+    self.num_runner_ups = max(guesses, default=0)  # Kept per position.
+
+  @property
+  def fused(self) -> bool:
+    return bool(self.outcome)
 
   @property
   def num_drafts(self) -> int:
@@ -98,11 +95,11 @@ class BlockDiffusionDrafter(Drafter):
   @property
   def tree(self) -> DraftTree | None:
     # Fused drafting feeds extra nodes, which ride on a (one-chain) tree.
-    return DraftTree(1, self.block_size + 1) if self.guesses else None
+    return DraftTree(1, self.block_size + 1) if self.fused else None
 
   @property
   def extra(self) -> ExtraNodes | None:
-    if not self.guesses:
+    if not self.fused:
       return None
     b = self.block_size
     parents, depths, groups = [], [], []
@@ -115,22 +112,22 @@ class BlockDiffusionDrafter(Drafter):
 
   def _empty(self, rows):
     """A carry without a started block."""
-    b, r = self.block_size, self.guesses
+    b, r = self.block_size, self.num_runner_ups
     return dict(tokens=jnp.full((rows, b), self.mask_id, jnp.int32),
                 decided=jnp.zeros((rows, b), bool),
                 runner_ups=jnp.zeros((rows, b, r), jnp.int32))
 
   def init(self, view: View):
-    return self._empty(view.lengths.shape[0]) if self.guesses else None
+    return self._empty(view.lengths.shape[0]) if self.fused else None
 
   def runner_ups(self, logits):
     """[B, b, r] the r likeliest tokens after the argmax ([MASK] excluded)."""
     logits = logits.at[..., self.mask_id].set(-jnp.inf)
-    return jax.lax.top_k(logits, self.guesses + 1)[1][..., 1:].astype(
-        jnp.int32)
+    _, top = jax.lax.top_k(logits, self.num_runner_ups + 1)
+    return top[..., 1:].astype(jnp.int32)
 
   def update(self, carry, view: View):
-    if not self.guesses:
+    if not self.fused:
       return None
     b, rows, groups = self.block_size, view.lengths.shape[0], len(self.outcome)
     accepted = view.num_committed - 1  # In [0, b] (EOS or budget: done).
@@ -203,7 +200,7 @@ class BlockDiffusionDrafter(Drafter):
       tokens, now, _ = self.denoise_step(logits, tokens, decided)
       c = dict(c, tokens=tokens, decided=now, calls=(
           c["calls"] + jnp.any(~decided, axis=-1)).astype(jnp.int32))
-      if self.guesses:  # Runner-ups of the step that decided a position.
+      if self.fused:  # Runner-ups of the step that decided a position.
         c["runner_ups"] = jnp.where((now & ~decided)[..., None],
                                     self.runner_ups(logits), c["runner_ups"])
       return c
@@ -213,8 +210,7 @@ class BlockDiffusionDrafter(Drafter):
     out = jax.lax.while_loop(
         cond, body, dict(start, calls=jnp.zeros((rows,), jnp.int32)))
     extra = None
-    if self.guesses:  # Group i feeds [runner-up rank[i] at x_{outcome[i]+1},
-      # MASK ..].
+    if self.fused:  # Group i: [runner-up rank[i] at x_{outcome[i]+1}, MASK..].
       groups = len(self.outcome)
       roots = out["runner_ups"][:, jnp.asarray(self.outcome),
                                 jnp.asarray(self.rank)]  # [B, groups]
