@@ -619,17 +619,18 @@ class BlockDiffusion(Method):
     stop_token: AdaBlock-style adaptive block size: a block ends after the
       first decided `stop_token` (e.g. the newline's id) once the positions
       before it are decided. None: fixed blocks.
-    next_block_guesses: r >= 0; with a verifier that rejects (`Exact()`),
-      the verification call also denoises the next block for each number
-      of accepted drafts and each of the denoiser's r runner-ups there as
-      the next token (fused drafting, b * r * b extra nodes per call); a
-      row whose next token was guessed starts its next block with that
-      denoising step done, one call fewer. A tuple (r_0, r_1, ..) gives
-      r_a guesses after a accepted drafts (at most b entries; the rest 0):
-      spend them where blocks end (on the demo adaptation at b = 8,
-      (0, 3, 2, 1) reaches r = 2's tokens per call with 6 groups instead
-      of 16; experiments/results/block_diffusion.md). 0 (default): off.
-      Same output.
+    next_block_guesses: r >= 0; with a verifier that rejects (`Exact()`,
+      or a lossy one such as `Typical(...)`), the verification call also
+      denoises the next block for each number of accepted drafts and each
+      of the denoiser's r runner-ups there as the next token (fused
+      drafting, b * r * b extra nodes per call); a row whose next token was
+      guessed starts its next block with that denoising step done, one
+      call fewer. A tuple (r_0, r_1, ..) gives r_a guesses after a
+      accepted drafts (at most b entries; the rest 0): spend them where
+      blocks end (on the demo adaptation at b = 8, (0, 3, 2, 1) reaches
+      r = 2's tokens per call with 6 groups instead of 16;
+      experiments/results/block_diffusion.md). 0 (default): off. The
+      output is the unfused run's with the same verifier.
 
   Calls counted in `DecodeOutput.num_calls`: the denoising calls and the
   causal call.
@@ -663,7 +664,8 @@ class BlockDiffusion(Method):
     if self._guesses_per_length() and self.acceptance is None:
       raise ValueError(
           f"BlockDiffusion next_block_guesses={self.next_block_guesses} "
-          "needs a verifier that can reject drafts (acceptance=Exact()): "
+          "needs a verifier that can reject drafts (acceptance=Exact(), "
+          "or a lossy rule such as Typical(...)): "
           "with the default (every draft kept) no guessed block is used.")
 
   def resolve_block_size(self, cfg):

@@ -15,21 +15,26 @@ prompts (test split, 128-192 bytes, as blockdec/demo.py) at one batch size:
   self-speculative-   the same with next_block_guesses=r: the verification
   fused               call also denoises the next block for every accepted
                       length and r guessed next tokens (same output)
+  self-speculative-   fused, verified with Medusa's typical acceptance
+  typical             (blockdec.Typical(threshold, alpha), lossy): block
+                      diffusion whose drafts the model checks in AR mode but
+                      keeps wherever it finds them plausible
   draft-model /       the best blockwise drafters of the base on the same
   heads-frozen /      prompts (exact; configs/draft_model.py:demo,
   hydra-distill       configs/heads_frozen.py:demo and
                       configs/heads_hydra.py:demo_distill, when cached)
 
-Rows: {method, model, block_size, threshold, guesses, tokens_per_call,
-tokens_per_s, speedup, nll_nondegenerate, degenerate_share, agreement_with_ar,
-agreement_with_base}. tokens_per_call = generated tokens / model calls
+Rows: {method, model, block_size, threshold, guesses, acceptance,
+tokens_per_call, tokens_per_s, speedup, nll_nondegenerate, nll_all,
+degenerate_share, agreement_with_ar, agreement_with_base}. tokens_per_call = generated tokens / model calls
 (denoising calls included); tokens_per_s = generated tokens of one pass /
 the median of `--repeats` timed passes after a warm-up (compilation);
 speedup = tokens_per_s over ar-greedy's in the same run. nll_nondegenerate:
 the output's NLL per token under the ORIGINAL base (its head 1, unfiltered),
 over the rows of this output that blockdec.metrics.is_degenerate does not
 flag (loops are cheap to predict, so they would flatter a method's NLL);
-nondegenerate_rows says how many; degenerate_share: the flagged share.
+nondegenerate_rows says how many (each method has its own; nll_all is the
+NLL over every row); degenerate_share: the flagged share.
 agreement_with_ar: the share of generated tokens before the first
 difference from the adapted model's own greedy output;
 agreement_with_base: the same against the base's greedy output. The
@@ -99,6 +104,11 @@ def parse_args(argv=None):
                  help="b:threshold:r settings also run fused "
                  "(next_block_guesses=r; r_0-r_1-..: r_a guesses after a "
                  "accepted drafts)")
+  p.add_argument("--self_speculative_typical",
+                 default="8:0.0:0-6-4-2-1:0.7:0.9,8:0.0:0-3-2-1:0.7:0.9,"
+                 "8:0.0:0-6-4-2-1:0.09:0.3",
+                 help="b:threshold:r:posterior_threshold:posterior_alpha "
+                 "settings run fused and verified by blockdec.Typical (lossy)")
   p.add_argument("--adaptive", default="16:0.3,16:0.5",
                  help="b:threshold settings also run with stop_token=newline "
                  "(AdaBlock-style blocks that end after a line)")
@@ -114,6 +124,7 @@ def parse_args(argv=None):
     args.self_speculative_thresholds = "0.5"
     args.self_speculative_block_sizes = "8"
     args.self_speculative_fused = "8:0.5:1"
+    args.self_speculative_typical = "8:0.5:1:0.7:0.9"
     args.adaptive = "8:0.5"
   ints = lambda s: [int(x) for x in s.split(",") if x]
   floats = lambda s: [float(x) for x in s.split(",") if x]
@@ -127,6 +138,10 @@ def parse_args(argv=None):
   args.self_speculative_fused = [
       (int(x.split(":")[0]), float(x.split(":")[1]), guesses(x.split(":")[2]))
       for x in args.self_speculative_fused.split(",") if x]
+  args.self_speculative_typical = [
+      (int(b), float(th), guesses(r), (float(pt), float(pa)))
+      for b, th, r, pt, pa in (x.split(":") for x in
+                               args.self_speculative_typical.split(",") if x)]
   args.adaptive = [(int(x.split(":")[0]), float(x.split(":")[1]))
                    for x in args.adaptive.split(",") if x]
   if args.num_prompts % args.batch:
@@ -183,6 +198,7 @@ def main(argv=None):
             None),
            ("ar-greedy-adapted", "adapted", adapted,
             blockdec.Autoregressive(), None, None, None)]
+  acceptance = {}  # plan key -> the verifier's label (lossy rows)
   for b in args.block_sizes:
     for th in args.thresholds:
       plans.append(("block-diffusion", "adapted", adapted,
@@ -199,6 +215,12 @@ def main(argv=None):
         "self-speculative-fused" if r else "self-speculative", "adapted",
         adapted, blockdec.BlockDiffusion(b, th, acceptance=blockdec.Exact(),
                                          next_block_guesses=r), b, th, r))
+  for b, th, r, (pt, pa) in args.self_speculative_typical:
+    plans.append((
+        f"self-speculative-typical({pt:g},{pa:g})", "adapted", adapted,
+        blockdec.BlockDiffusion(b, th, acceptance=blockdec.Typical(pt, pa),
+                                next_block_guesses=r), b, th, r))
+    acceptance[plans[-1][0]] = f"typical({pt:g}, {pa:g})"
   for name, (run, make) in drafters.items():
     if run is not None:
       plans.append((name, "base", base if name == "draft-model" else run,
@@ -230,14 +252,18 @@ def main(argv=None):
     per_row = np.split(nll, np.cumsum(lens)[:-1])
     kept = [x for x, k in zip(per_row, keep) if k]
     rows.append({
-        "method": name, "model": model, "block_size": b, "threshold": th,
+        "method": ("self-speculative-typical" if name in acceptance
+                   else name), "model": model, "block_size": b, "threshold": th,
         "guesses": r,
+        "acceptance": acceptance.get(name, "exact" if name.startswith(
+            "self-speculative") else None),
         "tokens_per_call": float(lens.sum() / calls.sum()),
         "tokens_per_s": float(lens.sum() / seconds),
         "speedup": float(lens.sum() / seconds / base_tps),
         "nll_nondegenerate": (float(np.concatenate(kept).mean()) if kept
                               else None),
         "nondegenerate_rows": int(keep.sum()),
+        "nll_all": float(nll.mean()),
         "degenerate_share": float(degenerate.mean()),
         "agreement_with_ar": agreement(tokens, lens, ad_tokens),
         "agreement_with_base": agreement(tokens, lens, base_tokens),
@@ -304,38 +330,45 @@ def markdown(result) -> str:
       "per call: b + 1 + b * (number of guesses).",
       "",
       "| method | model | b | threshold | r | tokens/call | tokens/s | "
-      "speedup | NLL under base (non-degenerate rows) | degenerate | "
-      "agreement with adapted AR | with base |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "speedup | NLL under base (non-degenerate rows) | all rows | "
+      "degenerate | agreement with adapted AR | with base |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
+    lossy = r.get("acceptance") not in (None, "exact")
     lines.append(
-        f"| {r['method']} | {r['model']} | {_fmt(r['block_size'], '{}')} | "
+        f"| {r['method']}{', ' + r['acceptance'] if lossy else ''} | "
+        f"{r['model']} | {_fmt(r['block_size'], '{}')} | "
         f"{_fmt(r['threshold'])} | {_guesses(r.get('guesses'))} | "
         f"{r['tokens_per_call']:.2f} | "
         f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
         f"{_fmt(r['nll_nondegenerate'], '{:.3f}')} "
-        f"({r['nondegenerate_rows']}) | "
+        f"({r['nondegenerate_rows']}) | {_fmt(r.get('nll_all'), '{:.3f}')} | "
         f"{r['degenerate_share']:.0%} | {r['agreement_with_ar']:.2f} | "
         f"{r['agreement_with_base']:.2f} |")
   t = result["targets"]
   ad = next(r for r in rows if r["method"] == "ar-greedy-adapted")
   diff = [r for r in rows if r["method"] == "block-diffusion"
           and r["nll_nondegenerate"] is not None]
+  typical = [r for r in rows if r["method"] == "self-speculative-typical"
+             and r["nll_nondegenerate"] is not None]
 
-  def best_within(reference):
+  def best_within(reference, candidates=diff):
     if reference["nll_nondegenerate"] is None:
       return None
-    good = [r for r in diff if r["nll_nondegenerate"]
+    good = [r for r in candidates if r["nll_nondegenerate"]
             <= t["nll_ratio"] * reference["nll_nondegenerate"]]
     return max(good, key=lambda r: r["tokens_per_call"]) if good else None
 
   def describe(best):
     return (f"best {best['tokens_per_call']:.2f} (b={best['block_size']}, "
-            f"threshold {best['threshold']}, NLL "
+            f"threshold {best['threshold']}"
+            + (f", r={_guesses(best['guesses'])}, {best['acceptance']}"
+               if best.get("guesses") else "") + ", NLL "
             f"{best['nll_nondegenerate']:.3f})" if best else
             "no setting within the bound")
-  spec = [r for r in rows if r["method"].startswith("self-speculative")]
+  spec = [r for r in rows
+          if r["method"] in ("self-speculative", "self-speculative-fused")]
   best_spec = max(spec, key=lambda r: r["tokens_per_call"]) if spec else None
   gap = (None if None in (h["base"], h["adapted"])
          else h["adapted"] - h["base"])
@@ -350,6 +383,10 @@ def markdown(result) -> str:
       f"{describe(best_within(ar))}; of the adapted model's own greedy "
       f"output ({_fmt(ad['nll_nondegenerate'], '{:.3f}')}): "
       f"{describe(best_within(ad))}.",
+      "- The same bound for block diffusion verified by the adapted model "
+      "with typical acceptance (lossy, fused): of the base's greedy output: "
+      f"{describe(best_within(ar, typical))}; of the adapted model's: "
+      f"{describe(best_within(ad, typical))}." if typical else "",
       f"- Held-out AR loss within {t['heldout_gap']} nats/byte of the base: "
       f"gap {_fmt(gap, '{:+.3f}')}.",
       f"- Self-speculative (exact) >= {t['self_speculative_tokens_per_call']}"
@@ -371,6 +408,7 @@ def plot(result, path):
   ar = next(r for r in rows if r["method"] == "ar-greedy")
   markers = {"block-diffusion": "o", "block-diffusion-adaptive": "D",
              "self-speculative": "s", "self-speculative-fused": "X",
+             "self-speculative-typical": "h",
              "draft-model": "^", "heads-frozen": "v", "hydra-distill": "<",
              "ar-greedy": "*", "ar-greedy-adapted": "P"}
   for method, marker in markers.items():
@@ -385,9 +423,11 @@ def plot(result, path):
       if r["block_size"] is not None:
         label = f"b{r['block_size']}" + (
             "" if r["threshold"] is None else f"/{r['threshold']:g}") + (
-            f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "")
+            f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "") + (
+            f"/{r['acceptance']}" if r.get("acceptance") not in
+            (None, "exact") else "")
         # Exact rows share one NLL: their labels go upwards, not across.
-        upright = method.startswith("self-speculative")
+        upright = method in ("self-speculative", "self-speculative-fused")
         ax.annotate(label, (r["tokens_per_call"], r["nll_nondegenerate"]),
                     fontsize=6 if upright else 7, xytext=(0, 6) if upright
                     else (3, 3), textcoords="offset points",
@@ -396,6 +436,11 @@ def plot(result, path):
   if ar["nll_nondegenerate"] is not None:
     ax.axhline(ar["nll_nondegenerate"] * result["targets"]["nll_ratio"],
                color="gray", ls=":", lw=1, label="ar-greedy NLL + 10%")
+  ad = next(r for r in rows if r["method"] == "ar-greedy-adapted")
+  if ad["nll_nondegenerate"] is not None:
+    ax.axhline(ad["nll_nondegenerate"] * result["targets"]["nll_ratio"],
+               color="gray", ls="--", lw=1,
+               label="ar-greedy-adapted NLL + 10%")
   ax.set_xlabel("tokens per model call")
   ax.set_ylabel("output NLL under the base (nats/token)")
   ax.set_title("Block diffusion vs AR and blockwise drafters (demo model)")

@@ -292,6 +292,30 @@ def test_fused_drafting_drafts_the_same_blocks_in_fewer_calls():
                 >= np.asarray(fused.num_calls))
 
 
+@pytest.mark.parametrize("acceptance", [blockdec.Typical(0.3, 0.5),
+                                        blockdec.TopK(2)])
+def test_fused_drafting_under_a_lossy_verifier_changes_only_the_calls(
+    acceptance):
+  # Fusing only moves the next block's first denoising step into the
+  # verification call, so under a lossy verifier too the blocks, the
+  # verdicts and the output are the unfused run's, in fewer calls.
+  cfg, params = _diffusion_model(1, param_seed=3, vocab_size=10)
+  prompts, lengths = ragged_prompts(4, 4, 6, cfg.vocab_size - 1)
+  plain, fused = [blockdec.decode(params, cfg, prompts, lengths, 24,
+                                  method=blockdec.BlockDiffusion(
+                                      3, 0.0, acceptance=acceptance,
+                                      next_block_guesses=r))
+                  for r in (0, (0, 2, 1))]
+  np.testing.assert_array_equal(fused.tokens, plain.tokens)
+  np.testing.assert_array_equal(fused.accepted_hist, plain.accepted_hist)
+  assert np.all(np.asarray(fused.num_calls) <= np.asarray(plain.num_calls))
+  assert np.asarray(fused.num_calls).sum() < np.asarray(plain.num_calls).sum()
+  # The verifier is lossy here: it accepts drafts greedy would not.
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=24)
+  assert not np.array_equal(np.asarray(plain.tokens), np.asarray(greedy.tokens))
+
+
 @pytest.mark.parametrize("guesses", [0, 1])
 def test_self_speculative_sampling_matches_enumerated_distribution(guesses):
   cfg, params = random_model(1, param_seed=0, vocab_size=6,
