@@ -423,16 +423,20 @@ def plot(result, path):
       if r["block_size"] is not None:
         label = f"b{r['block_size']}" + (
             "" if r["threshold"] is None else f"/{r['threshold']:g}") + (
-            f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "") + (
-            f"/{r['acceptance']}" if r.get("acceptance") not in
-            (None, "exact") else "")
-        # Exact rows share one NLL: their labels go upwards, not across.
-        upright = method in ("self-speculative", "self-speculative-fused")
+            f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "")
+        lossy = method == "self-speculative-typical"
+        if lossy:  # "typical(0.7, 0.9)" -> "/t0.7,0.9"
+          label += "/t" + r["acceptance"][len("typical("):-1].replace(" ", "")
+        # Exact rows share one NLL: their labels go upwards, not across;
+        # the typical rows' go downwards.
+        upright = method.startswith("self-speculative")
         ax.annotate(label, (r["tokens_per_call"], r["nll_nondegenerate"]),
-                    fontsize=6 if upright else 7, xytext=(0, 6) if upright
+                    fontsize=6 if upright else 7,
+                    xytext=(0, -6) if lossy else (0, 6) if upright
                     else (3, 3), textcoords="offset points",
                     rotation=90 if upright else 0,
-                    ha="center" if upright else "left")
+                    ha="center" if upright else "left",
+                    va="top" if lossy else "bottom" if upright else "baseline")
   if ar["nll_nondegenerate"] is not None:
     ax.axhline(ar["nll_nondegenerate"] * result["targets"]["nll_ratio"],
                color="gray", ls=":", lw=1, label="ar-greedy NLL + 10%")
@@ -441,6 +445,9 @@ def plot(result, path):
     ax.axhline(ad["nll_nondegenerate"] * result["targets"]["nll_ratio"],
                color="gray", ls="--", lw=1,
                label="ar-greedy-adapted NLL + 10%")
+  if any(r["method"] == "self-speculative-typical" for r in rows):
+    low, high = ax.get_ylim()  # Room for the labels below those points.
+    ax.set_ylim(low - 0.25 * (high - low), high)
   ax.set_xlabel("tokens per model call")
   ax.set_ylabel("output NLL under the base (nats/token)")
   ax.set_title("Block diffusion vs AR and blockwise drafters (demo model)")
