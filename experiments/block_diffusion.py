@@ -26,9 +26,11 @@ prompts (test split, 128-192 bytes, as blockdec/demo.py) at one batch size:
 
 Rows: {method, model, block_size, threshold, guesses, acceptance,
 tokens_per_call, tokens_per_s, speedup, nll_nondegenerate, nll_all,
-degenerate_share, agreement_with_ar, agreement_with_base}. tokens_per_call = generated tokens / model calls
-(denoising calls included); tokens_per_s = generated tokens of one pass /
-the median of `--repeats` timed passes after a warm-up (compilation);
+degenerate_share, agreement_with_ar, agreement_with_base}. acceptance: the
+self-speculative rows' verifier ("exact" or "typical(threshold, alpha)").
+tokens_per_call = generated tokens / model calls (denoising calls
+included); tokens_per_s = generated tokens of one pass / the median of
+`--repeats` timed passes after a warm-up (compilation);
 speedup = tokens_per_s over ar-greedy's in the same run. nll_nondegenerate:
 the output's NLL per token under the ORIGINAL base (its head 1, unfiltered),
 over the rows of this output that blockdec.metrics.is_degenerate does not
@@ -198,7 +200,6 @@ def main(argv=None):
             None),
            ("ar-greedy-adapted", "adapted", adapted,
             blockdec.Autoregressive(), None, None, None)]
-  acceptance = {}  # plan key -> the verifier's label (lossy rows)
   for b in args.block_sizes:
     for th in args.thresholds:
       plans.append(("block-diffusion", "adapted", adapted,
@@ -217,10 +218,9 @@ def main(argv=None):
                                          next_block_guesses=r), b, th, r))
   for b, th, r, (pt, pa) in args.self_speculative_typical:
     plans.append((
-        f"self-speculative-typical({pt:g},{pa:g})", "adapted", adapted,
+        "self-speculative-typical", "adapted", adapted,
         blockdec.BlockDiffusion(b, th, acceptance=blockdec.Typical(pt, pa),
                                 next_block_guesses=r), b, th, r))
-    acceptance[plans[-1][0]] = f"typical({pt:g}, {pa:g})"
   for name, (run, make) in drafters.items():
     if run is not None:
       plans.append((name, "base", base if name == "draft-model" else run,
@@ -231,19 +231,23 @@ def main(argv=None):
     out, seconds, warmup = run_method(
         run.params, run.cfg, prompts, lengths, n, method, batch, args.repeats)
     tokens, lens, calls = out.tokens, out.lengths, out.num_calls
-    outputs[(name, b, th, r)] = (model, out, seconds, warmup)
-    print(f"  {name:22s} b={b} th={th} r={r}: "
+    verifier = _verifier(method)
+    outputs[(name, b, th, r, verifier)] = (model, out, seconds, warmup)
+    print(f"  {name:22s} b={b} th={th} r={r}"
+          + (f" {verifier}" if verifier else "") + ": "
           f"{lens.sum() / calls.sum():.2f} "
           f"tokens/call, {lens.sum() / seconds:.0f} tokens/s "
           f"(warm-up {warmup:.0f} s)")
   load_after = os.getloadavg()[0]
 
-  _, base_out, base_seconds, _ = outputs[("ar-greedy", None, None, None)]
+  _, base_out, base_seconds, _ = outputs[("ar-greedy", None, None, None, None)]
   base_tokens, base_lens = base_out.tokens, base_out.lengths
-  ad_tokens = outputs[("ar-greedy-adapted", None, None, None)][1].tokens
+  ad_tokens = outputs[("ar-greedy-adapted", None, None, None,
+                                None)][1].tokens
   base_tps = base_lens.sum() / base_seconds
   rows = []
-  for (name, b, th, r), (model, out, seconds, warmup) in outputs.items():
+  for (name, b, th, r, verifier), (model, out, seconds,
+                                   warmup) in outputs.items():
     tokens, lens, calls = out.tokens, out.lengths, out.num_calls
     degenerate = np.array([metrics.is_degenerate(t)
                            for t in texts(tokens, lens)])
@@ -252,11 +256,8 @@ def main(argv=None):
     per_row = np.split(nll, np.cumsum(lens)[:-1])
     kept = [x for x, k in zip(per_row, keep) if k]
     rows.append({
-        "method": ("self-speculative-typical" if name in acceptance
-                   else name), "model": model, "block_size": b, "threshold": th,
-        "guesses": r,
-        "acceptance": acceptance.get(name, "exact" if name.startswith(
-            "self-speculative") else None),
+        "method": name, "model": model, "block_size": b, "threshold": th,
+        "guesses": r, "acceptance": verifier,
         "tokens_per_call": float(lens.sum() / calls.sum()),
         "tokens_per_s": float(lens.sum() / seconds),
         "speedup": float(lens.sum() / seconds / base_tps),
@@ -291,6 +292,17 @@ def main(argv=None):
   plot(result, out.with_suffix(".png"))
   print(f"[block_diffusion] wrote {out}.json|md|png")
   return result
+
+
+def _verifier(method):
+  """A block-diffusion method's verifier as a row label, or None."""
+  if not isinstance(method, blockdec.BlockDiffusion):
+    return None
+  acceptance = method.acceptance
+  if isinstance(acceptance, blockdec.Typical):
+    return (f"typical({acceptance.posterior_threshold:g}, "
+            f"{acceptance.posterior_alpha:g})")
+  return None if acceptance is None else "exact"
 
 
 def _fmt(x, f="{:.2f}"):
@@ -425,8 +437,8 @@ def plot(result, path):
             "" if r["threshold"] is None else f"/{r['threshold']:g}") + (
             f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "")
         lossy = method == "self-speculative-typical"
-        if lossy:  # "typical(0.7, 0.9)" -> "/t0.7,0.9"
-          label += "/t" + r["acceptance"][len("typical("):-1].replace(" ", "")
+        if lossy:
+          label += "/" + r["acceptance"].replace(" ", "")
         # Exact rows share one NLL: their labels go upwards, not across;
         # the typical rows' go downwards.
         upright = method.startswith("self-speculative")
