@@ -259,9 +259,11 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
                "model": base.cfg.to_dict()},
       "timing_sentences": int(len(t_rows)), "repeats": repeats,
       "stern_block": STERN_BLOCK, "stern_speedup": STERN_SPEEDUP,
+      "training": {r: _training(run) for r, run in runs.items()},
       "rows": result_rows,
       "examples": _examples(translator, rows, greedy_out, 5),
   }
+  report["target"] = target(report)
   if out:
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +283,37 @@ def _row(regime, k, acceptance, got, greedy, base_greedy) -> dict:
           "identical_to_own_greedy": float(same.mean()),
           "identical_to_base_greedy": float(same_base.mean()),
           "speedup_b1": None, "speedup_b8": None}
+
+
+TARGET_K, TARGET_BLOCK, TARGET_BLEU_DROP = 8, 4.0, 1.0
+
+
+def target(report) -> dict | None:
+  """The issue's target: "both" at k = 8 with a mean accepted block size of
+  at least 4.0 and BLEU within 1 point of the regular model's greedy
+  output (its frozen trunk's: the base's)."""
+  get = lambda regime, k: next(
+      (r for r in report["rows"] if (r["regime"], r["k"], r["acceptance"])
+       == (regime, k, "exact")), None)
+  both, regular = get("both", TARGET_K), get("regular", 1)
+  if both is None or regular is None:
+    return None
+  drop = regular["bleu"] - both["bleu"]
+  return {"k": TARGET_K, "block_size": both["mean_block_size"],
+          "bleu": both["bleu"], "regular_greedy_bleu": regular["bleu"],
+          "bleu_drop": drop,
+          "met": bool(both["mean_block_size"] >= TARGET_BLOCK
+                      and drop <= TARGET_BLEU_DROP)}
+
+
+def _training(run) -> dict:
+  """A regime's training budget and its held-out loss per head."""
+  c = json.loads((run.workdir / "train_config.json").read_text())
+  return {"steps": int(run.summary["steps"]),
+          "batch_size": int(c["batch_size"]),
+          "learning_rate": float(c["optim"]["learning_rate"]),
+          "trunk_lr_scale": c["optim"].get("trunk_lr_scale"),
+          "valid_head_losses": run.summary["valid"].get("head_losses")}
 
 
 def _examples(translator, rows, greedy_out, n):
@@ -330,6 +363,29 @@ def markdown(report) -> str:
     stern = dict(zip(K_VALUES, STERN_BLOCK[regime]))
     lines.append(f"| *Stern {regime}* | " + " | ".join(
         _fmt(stern.get(k)) for k in ks) + " |")
+  t = report.get("target")
+  if t:
+    lines += ["", f"**Target** (\"both\" at k = {t['k']}: block size >= "
+              f"{TARGET_BLOCK:.1f}, BLEU within {TARGET_BLEU_DROP:.0f} point "
+              f"of the regular model's greedy {t['regular_greedy_bleu']:.2f}):"
+              f" block size {t['block_size']:.2f}, BLEU {t['bleu']:.2f} "
+              f"({-t['bleu_drop']:+.2f}); Stern's row: "
+              f"{dict(zip(K_VALUES, STERN_BLOCK['both']))[t['k']]:.2f}. "
+              + ("Met." if t["met"] else "Not met.")]
+  training = report.get("training")
+  if training:
+    lines += ["", "Training (each regime from configs/translation.py; held-"
+              "out loss in nats/token, heads 1, 2, 4, k):", "",
+              "| regime | steps x batch | lr | trunk lr scale | head losses |",
+              "|---|---|---|---|---|"]
+    for regime in REGIMES:
+      tr = training[regime]
+      hl = tr["valid_head_losses"] or []
+      picks = [hl[i] for i in (0, 1, 3, len(hl) - 1) if i < len(hl)]
+      lines.append(f"| {regime} | {tr['steps']} x {tr['batch_size']} | "
+                   f"{tr['learning_rate']:g} | "
+                   f"{_fmt(tr['trunk_lr_scale'], 1)} | "
+                   + ", ".join(f"{x:.2f}" for x in picks) + " |")
   lines += ["", "## Approximate acceptance at the largest k (lossy)", "",
             "BLEU cost against the regime's exact decoding; identical = share "
             "of sentences equal to the regime model's greedy translation. "

@@ -152,6 +152,22 @@ def test_benchmark_rows(trained, tmp_path):
   timed = [r for r in exact if r["regime"] == "both" and r["k"] > 1]
   assert timed and all(r["speedup_b1"] > 0 and r["speedup_b8"] > 0
                        for r in timed)
+  # The target check reads the "both" k = 8 row (the tiny preset has four
+  # heads: no such row, so no verdict) and the regular model's greedy BLEU.
+  assert report["target"] is None
+  rows_k8 = rows + [dict(r, k=8) for r in rows
+                    if (r["regime"], r["acceptance"]) == ("both", "exact")
+                    and r["k"] == 4]
+  t = module.target({"rows": rows_k8})
+  both4 = next(r for r in rows if (r["regime"], r["k"], r["acceptance"])
+               == ("both", 4, "exact"))
+  assert t["block_size"] == both4["mean_block_size"]
+  assert t["met"] == (both4["mean_block_size"] >= 4.0
+                      and t["bleu_drop"] <= 1.0)
+  for regime, tr in report["training"].items():
+    assert tr["steps"] == 2 and len(tr["valid_head_losses"]) == 4, regime
+    assert (tr["trunk_lr_scale"] is None) == (regime in ("regular",
+                                                         "distillation"))
   saved = json.loads((tmp_path / "st.json").read_text())
   assert saved["rows"] == json.loads(json.dumps(rows))
   assert (tmp_path / "st.md").read_text().startswith("# Stern et al.")
