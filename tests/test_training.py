@@ -197,6 +197,30 @@ def test_distillation_data_is_the_greedy_continuation(base, tmp_path):
   assert len(list(tmp_path.glob("distill-*.npz"))) == 1
 
 
+def test_a_teacher_with_heads_distills_as_its_base(base, tmp_path):
+  """A run that starts from a heads model (the "both" regime starts from the
+  distillation run) gets its base's greedy outputs from the cache."""
+  cfg, params, _, _ = base
+  for overrides in ({"num_prediction_heads": 4, "head_hidden": 0},
+                    {"num_prediction_heads": 3, "head_type": "hydra"},
+                    {"eagle_layers": 1}):
+    heads_cfg, heads_params = train.heads_model(cfg, params, overrides, seed=3)
+    assert heads_cfg != cfg
+    got_cfg, got_params = train.greedy_teacher(heads_cfg, heads_params)
+    assert got_cfg == cfg, overrides
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got_params, params)
+  assert train.greedy_teacher(cfg, params)[1] is params
+  stream = np.arange(200, dtype=np.int32) % 97
+  kw = dict(num_sequences=3, prefix_len=5, new_tokens=6, batch_size=3, seed=0,
+            cache_dir=tmp_path)
+  first, _ = distill.generate(params, cfg, stream, **kw)
+  again, _ = distill.generate(*reversed(train.greedy_teacher(
+      *train.heads_model(cfg, params, {"num_prediction_heads": 4}, seed=1))),
+                              stream, **kw)
+  np.testing.assert_array_equal(again, first)
+  assert len(list(tmp_path.glob("distill-*.npz"))) == 1
+
+
 def test_bad_configs_and_corpora_fail_clearly(base, corpus, tmp_path):
   cases = [({"regime": "sometimes"}, "regime"),
            ({"steps": 0}, "steps"),

@@ -282,6 +282,22 @@ def heads_model(base_cfg: ModelConfig, base_params, overrides, seed: int):
   return cfg, merge(fresh, base_params, "")
 
 
+def greedy_teacher(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
+  """The part of a model its greedy outputs depend on: head 1, no drafters.
+
+  Distillation data is cached under a digest of the teacher: a teacher that
+  carries trained heads (the distillation run that "both" starts from)
+  writes the same greedy outputs as its base, and now reuses them.
+  """
+  drafters = ("proposal_heads", "eagle")
+  if (cfg.num_prediction_heads == 1 and not cfg.eagle_layers
+      and not any(name in params for name in drafters)):
+    return cfg, params
+  cfg = cfg.replace(num_prediction_heads=1, eagle_layers=0, head_type="stern",
+                    head_hidden=None)
+  return cfg, {k: v for k, v in params.items() if k not in drafters}
+
+
 class Trainer:
   """Trains one config in one run folder; `run()` resumes if it can.
 
@@ -335,7 +351,7 @@ class Trainer:
         self.cfg, params = diffusion.adapt_model(base_cfg, base_params, c.seed)
       else:
         self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
-      self.teacher = (base_cfg, base_params)
+      self.teacher = greedy_teacher(base_cfg, base_params)
     if translating and self.task is None:
       self.task = translation.TranslationTask(c.data, self.tokenizer)
     if self.tokenizer.vocab_size > self.cfg.vocab_size:
