@@ -48,4 +48,7 @@ def test_pallas_prefill_logits_match_xla():
     c = cfg.replace(attention_backend=backend)
     out[backend], _ = transformer.apply(params, c, tokens, positions,
                                         transformer.make_cache(c, 2, 24))
-  np.testing.assert_allclose(out["pallas"], out["xla"], atol=2e-5, rtol=1e-5)
+  # Whole-model logits: float32 rounding of the two attention paths adds up
+  # over the layers (2.4e-5 seen on an Intel Xeon, under 2e-5 on AMD EPYC);
+  # a wrong mask moves logits by tenths.
+  np.testing.assert_allclose(out["pallas"], out["xla"], atol=1e-4, rtol=1e-4)
