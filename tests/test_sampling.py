@@ -347,3 +347,13 @@ def test_oracle_heads_that_are_right_are_accepted(agree):
                                   key=jax.random.key(0))
   per_call = np.asarray(out.lengths).sum() / np.asarray(out.num_calls).sum()
   assert per_call == pytest.approx(min(agree + 1, k), abs=0.15), per_call
+
+
+def test_demo_reports_the_nll_agreement_it_measured():
+  from blockdec import demo
+  sampled = dict(nll=0.70, nll_stderr=0.03, ancestral_nll=0.76,
+                 ancestral_nll_stderr=0.04)
+  assert demo.nll_verdict(sampled).startswith(
+      "equal within noise: 1.2 standard errors")
+  far = dict(sampled, nll=0.50)
+  assert demo.nll_verdict(far).startswith("5.2 standard errors apart: more")
