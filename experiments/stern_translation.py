@@ -241,11 +241,10 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
         block_s = time_method(translator, run,
                               blockdec.Blockwise(block_size=k), t_rows, batch,
                               repeats)
-        for r in result_rows:
-          if (r["regime"], r["k"], r["acceptance"]) == (regime, k, "exact"):
-            r[f"speedup_b{batch}"] = greedy_s / block_s
-            r[f"seconds_b{batch}"] = block_s
-            r[f"greedy_seconds_b{batch}"] = greedy_s
+        r = find_row(result_rows, regime, k)
+        r[f"speedup_b{batch}"] = greedy_s / block_s
+        r[f"seconds_b{batch}"] = block_s
+        r[f"greedy_seconds_b{batch}"] = greedy_s
       print(f"[timing] {regime} batch {batch}: greedy {greedy_s:.2f} s")
   load_after = _load()
   base_valid = json.loads((base.workdir / "summary.json").read_text())["valid"]
@@ -285,6 +284,12 @@ def _row(regime, k, acceptance, got, greedy, base_greedy) -> dict:
           "speedup_b1": None, "speedup_b8": None}
 
 
+def find_row(rows, regime, k, acceptance="exact") -> dict | None:
+  """The row of (regime, k, acceptance rule), or None."""
+  return next((r for r in rows if (r["regime"], r["k"], r["acceptance"])
+               == (regime, k, acceptance)), None)
+
+
 TARGET_K, TARGET_BLOCK, TARGET_BLEU_DROP = 8, 4.0, 1.0
 
 
@@ -292,10 +297,8 @@ def target(report) -> dict | None:
   """The issue's target: "both" at k = 8 with a mean accepted block size of
   at least 4.0 and BLEU within 1 point of the regular model's greedy
   output (its frozen trunk's: the base's)."""
-  get = lambda regime, k: next(
-      (r for r in report["rows"] if (r["regime"], r["k"], r["acceptance"])
-       == (regime, k, "exact")), None)
-  both, regular = get("both", TARGET_K), get("regular", 1)
+  both = find_row(report["rows"], "both", TARGET_K)
+  regular = find_row(report["rows"], "regular", 1)
   if both is None or regular is None:
     return None
   drop = regular["bleu"] - both["bleu"]
@@ -328,9 +331,7 @@ def _fmt(x, digits=2):
 
 def markdown(report) -> str:
   rows = report["rows"]
-  get = lambda regime, k, acc="exact": next(
-      (r for r in rows if (r["regime"], r["k"], r["acceptance"])
-       == (regime, k, acc)), None)
+  get = lambda regime, k, acc="exact": find_row(rows, regime, k, acc)
   ks = sorted({r["k"] for r in rows if r["acceptance"] == "exact"})
   base = report["base"]
   lines = [
@@ -434,8 +435,7 @@ def plot(report, path) -> None:
   largest k, with the target's corner shaded."""
   rows = report["rows"]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-  markers = {"top2": "^", "top3": "v", "distance1": "D", "minblock2": "s",
-             "minblock3": "P"}
+  markers = dict(zip(APPROXIMATE, "^vDsPXh*"))  # One per lossy rule.
   for i, regime in enumerate(REGIMES):
     mine = sorted((r["k"], r["mean_block_size"], r["bleu"]) for r in rows
                   if r["regime"] == regime and r["acceptance"] == "exact")
