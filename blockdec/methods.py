@@ -629,7 +629,7 @@ class BlockDiffusion(Method):
       accepted drafts (at most b entries; the rest 0): spend them where
       blocks end (on the demo adaptation at b = 8, (0, 3, 2, 1) reaches
       r = 2's tokens per call with 6 groups instead of 16;
-      experiments/results/block_diffusion.md). 0 (default): off. The
+      experiments/results/block_diffusion_corpus.md). 0 (default): off. The
       output is the unfused run's with the same verifier.
 
   Calls counted in `DecodeOutput.num_calls`: the denoising calls and the

@@ -1,8 +1,9 @@
 r"""Block diffusion against autoregressive and blockwise decoding, one model family.
 
 The `make demo` base LM (configs/base_lm.py:demo) and its block-diffusion
-adaptation (configs/block_diffusion.py:demo) decode the same held-out stdlib
-prompts (test split, 128-192 bytes, as blockdec/demo.py) at one batch size:
+adaptation (configs/block_diffusion.py:demo_distill, trained on the base's
+greedy continuations; `--adapted=demo`: on the corpus) decode the same
+held-out stdlib prompts (test split, 128-192 bytes, as blockdec/demo.py) at one batch size:
 
   ar-greedy           the base, greedy (tokens per call 1)
   ar-greedy-adapted   the adapted model in autoregressive mode, greedy
@@ -48,6 +49,7 @@ Launch (from the repository root; trains nothing unless --train):
   python experiments/block_diffusion.py            # -> experiments/results/block_diffusion.{json,md,png}
   python experiments/block_diffusion.py --train    # train/reuse the demo models first
   python experiments/block_diffusion.py --quick    # b = 8, two thresholds, 8 prompts
+  python experiments/block_diffusion.py --adapted=demo --out=experiments/results/block_diffusion_corpus
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ from blockdec.training import evaluation, pipeline  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 BASE = "configs/base_lm.py:demo"
-ADAPTED = "configs/block_diffusion.py:demo"
+ADAPTED = "configs/block_diffusion.py:{}"  # --adapted: the preset.
 DRAFTERS = {  # name -> (config, method factory)
     "draft-model": ("configs/draft_model.py:demo",
                     lambda run: blockdec.DraftModel(run.cfg, run.params,
@@ -114,6 +116,10 @@ def parse_args(argv=None):
   p.add_argument("--adaptive", default="16:0.3,16:0.5",
                  help="b:threshold settings also run with stop_token=newline "
                  "(AdaBlock-style blocks that end after a line)")
+  p.add_argument("--adapted", default="demo_distill",
+                 help="the adaptation's configs/block_diffusion.py preset: "
+                 "demo (on the corpus) or demo_distill (on the base's greedy "
+                 "continuations)")
   p.add_argument("--cache_dir", default=str(ROOT / "cache"))
   p.add_argument("--train", action="store_true",
                  help="train (or reuse) the demo models first")
@@ -184,7 +190,7 @@ def agreement(tokens, lengths, reference):
 def main(argv=None):
   args = parse_args(argv)
   base = load(BASE, args)
-  adapted = load(ADAPTED, args)
+  adapted = load(ADAPTED.format(args.adapted), args)
   drafters = {name: (load(spec, args, required=False), make)
               for name, (spec, make) in DRAFTERS.items()}
   _, prompts, lengths = evaluation.heldout_prompts(
@@ -283,6 +289,7 @@ def main(argv=None):
       "prompts": int(len(prompts)), "batch": batch, "new_tokens": n,
       "repeats": args.repeats, "heldout_nats_per_byte": heldout,
       "adapted_steps": adapted.summary.get("steps"),
+      "adapted_config": ADAPTED.format(args.adapted),
       "targets": TARGETS, "rows": rows,
   }
   out = pathlib.Path(args.out)
@@ -332,7 +339,8 @@ def markdown(result) -> str:
       "model call, denoising calls included.",
       "",
       f"Held-out autoregressive loss: base {_fmt(h['base'], '{:.3f}')}, "
-      f"adapted ({result['adapted_steps']} steps) "
+      f"adapted ({result.get('adapted_config', ADAPTED.format('demo'))}, "
+      f"{result['adapted_steps']} steps) "
       f"{_fmt(h['adapted'], '{:.3f}')} nats/byte.",
       "",
       "Self-speculative rows: r is `next_block_guesses` (0: the draft is "

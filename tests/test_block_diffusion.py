@@ -456,6 +456,45 @@ def test_block_diffusion_config_trains_resumes_and_decodes(tmp_path):
     pipeline.load_config("configs/block_diffusion.py", "huge")
 
 
+def test_block_diffusion_distill_learns_the_base_greedy_text(tmp_path):
+  """configs/block_diffusion.py:tiny_distill adapts the base on its own
+  greedy continuations: every training row's targets are the base's greedy
+  output after the row's corpus prefix."""
+  corpus = write_corpus(tmp_path / "corpus", n=20)
+  train.train(tiny("base_lm", corpus, steps=2), tmp_path / "base")
+  init = blockdec.load_checkpoint(tmp_path / "base")
+  bcfg, bparams, _ = init
+  config = pipeline.load_config("configs/block_diffusion.py", "tiny_distill")
+  config.data.corpus = str(corpus)
+  config.data.valid_fraction, config.data.test_fraction = 0.2, 0.1
+  config.progress = False
+  assert config.regime == "block_diffusion_distill"
+  trainer = train.Trainer(config, tmp_path / "a", init=init)
+  rows = trainer.batches
+  d = config.distill
+  assert rows.tokens.shape == (d.num_sequences, d.prefix_len + d.new_tokens)
+  prefix = rows.tokens[:, :d.prefix_len]
+  greedy = blockdec.greedy_decode(bparams, bcfg, prefix,
+                                  np.full(len(prefix), d.prefix_len),
+                                  max_new_tokens=d.new_tokens)
+  np.testing.assert_array_equal(rows.tokens[:, d.prefix_len:], greedy.tokens)
+  np.testing.assert_array_equal(rows.mask[:, :d.prefix_len], 0)  # Context.
+  np.testing.assert_array_equal(rows.mask[:, d.prefix_len:], 1)  # Targets.
+  summary = train.train(config, tmp_path / "a", init=init)
+  assert summary["regime"] == "block_diffusion_distill"
+  assert np.isfinite(summary["valid"]["loss"])
+  train_rows = [r for r in train.read_metrics(tmp_path / "a" / "metrics.jsonl")
+                if r["split"] == "train"]
+  assert train_rows and all(r["diffusion_loss"] > 0 for r in train_rows)
+  acfg, aparams, _ = blockdec.load_checkpoint(tmp_path / "a")
+  assert acfg.mask_token_id == bcfg.vocab_size
+  out = blockdec.decode(aparams, acfg, prefix[:2], [d.prefix_len] * 2, 8,
+                        method=blockdec.BlockDiffusion(4, 0.5))
+  np.testing.assert_array_equal(out.lengths, 8)
+  with pytest.raises(ValueError, match="'huge_distill' unknown"):
+    pipeline.load_config("configs/block_diffusion.py", "huge_distill")
+
+
 @pytest.mark.parametrize("extra,identical", [
     (["--self_speculative", "--next_block_guesses=1"], True),
     (["--threshold=0.0"], None)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from blockdec import sharding
-from blockdec.training.losses import REGIMES
+from blockdec.training.losses import REGIMES, is_diffusion
 from blockdec.training.tokenizers import KINDS
 
 
@@ -168,11 +168,11 @@ def check_config(c) -> None:
   if REGIMES[c.regime]["distill"]:
     for path in ("num_sequences", "prefix_len", "new_tokens", "batch_size"):
       _positive_int(f"distill.{path}", c.distill[path])
-  if c.regime == "block_diffusion":
+  if is_diffusion(c.regime):
     # Set by configs/block_diffusion.py (not a default: adding a field to
     # every config would change every cached run's hash).
     if c.get("diffusion") is None:
-      raise ValueError("config.regime='block_diffusion' needs "
+      raise ValueError(f"config.regime={c.regime!r} needs "
                        "config.diffusion.block_size and .ar_weight (see "
                        "configs/block_diffusion.py).")
     _positive_int("diffusion.block_size", c.diffusion.block_size)

@@ -34,7 +34,9 @@ import optax
 # base's own greedy text; it shares only the base's tokenizer.
 # "block_diffusion" adapts the base (plus a [MASK] token) to denoise blocks,
 # on the diffusion loss plus the autoregressive one (training/diffusion.py);
-# its held-out loss is the autoregressive head-1 loss.
+# its held-out loss is the autoregressive head-1 loss;
+# "block_diffusion_distill" the same on the base's greedy continuations
+# (deterministic targets, as Stern's distillation gives the heads).
 # "eagle" trains the EAGLE-style drafter on the frozen base (training/
 # eagle.py), "eagle_distill" the same on the base's greedy continuations;
 # their held-out regime loss is the drafter's token loss.
@@ -50,10 +52,18 @@ REGIMES = {
     "draft": dict(trains="all", heads="first", distill=True, model="fresh"),
     "block_diffusion": dict(trains="all", heads="first", distill=False,
                             model="base"),
+    "block_diffusion_distill": dict(trains="all", heads="first", distill=True,
+                                    model="base"),
     "eagle": dict(trains="eagle", heads="first", distill=False, model="base"),
     "eagle_distill": dict(trains="eagle", heads="first", distill=True,
                           model="base"),
 }
+
+
+def is_diffusion(regime: str) -> bool:
+  """Whether `regime` adapts the base to block diffusion (training/
+  diffusion.py), on the corpus or on the base's greedy continuations."""
+  return regime in ("block_diffusion", "block_diffusion_distill")
 
 
 def check_regime(regime: str, num_heads: int) -> None:

@@ -12,7 +12,8 @@ only that subtree and the trunk's hidden states are computed under
 parameters come out bit-for-bit unchanged; "finetune" and "distill_finetune"
 train everything on the mean of the k head losses; "block_diffusion"
 adapts the base (plus a [MASK] token) to denoise blocks (training/
-diffusion.py); "eagle" trains only `params["eagle"]`, an EAGLE-style drafter
+diffusion.py), "block_diffusion_distill" the same on the base's greedy
+continuations; "eagle" trains only `params["eagle"]`, an EAGLE-style drafter
 on the frozen trunk's features (training/eagle.py), and "eagle_distill" the
 same on the base's greedy continuations; "draft" trains a FRESH
 small model (config.model, with the base's vocabulary, tokenizer and
@@ -148,9 +149,9 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
   (training/eagle.py); its noise is drawn from (seed, step) too.
   """
   losses.check_regime(regime, cfg.num_prediction_heads)
-  if regime == "block_diffusion" and cfg.mask_token_id is None:
-    raise ValueError("regime 'block_diffusion' needs a model with a [MASK] "
-                     "token (diffusion.adapt_model).")
+  if losses.is_diffusion(regime) and cfg.mask_token_id is None:
+    raise ValueError(f"regime {regime!r} needs a model with a [MASK] token "
+                     "(diffusion.adapt_model).")
   trains_eagle = losses.REGIMES[regime]["trains"] == "eagle"
   if trains_eagle and not cfg.eagle_layers:
     raise ValueError(f"regime {regime!r} needs a model with eagle_layers "
@@ -158,7 +159,7 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
 
   def loss_fn(sub, state, batch):
     params = with_trainable(state.params, sub, regime)
-    if regime == "block_diffusion":
+    if losses.is_diffusion(regime):
       key = jax.random.fold_in(jax.random.key(seed), state.step)
       ar, diff = diffusion.losses(params, cfg, batch, key,
                                   diffusion_cfg.block_size)
@@ -347,7 +348,7 @@ class Trainer:
       if losses.REGIMES[self.regime]["model"] == "fresh":  # A draft model.
         self.cfg = draft_model_config(c.model, base_cfg)
         params = api.init_params(self.cfg, jax.random.key(c.seed))
-      elif self.regime == "block_diffusion":
+      elif losses.is_diffusion(self.regime):
         self.cfg, params = diffusion.adapt_model(base_cfg, base_params, c.seed)
       else:
         self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
