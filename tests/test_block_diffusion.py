@@ -470,7 +470,7 @@ def test_block_diffusion_distill_learns_the_base_greedy_text(tmp_path):
   config.progress = False
   assert config.regime == "block_diffusion_distill"
   trainer = train.Trainer(config, tmp_path / "a", init=init)
-  rows = trainer.batches
+  rows = trainer.batches.first  # The distilled rows (diffusion loss).
   d = config.distill
   assert rows.tokens.shape == (d.num_sequences, d.prefix_len + d.new_tokens)
   prefix = rows.tokens[:, :d.prefix_len]
@@ -480,6 +480,22 @@ def test_block_diffusion_distill_learns_the_base_greedy_text(tmp_path):
   np.testing.assert_array_equal(rows.tokens[:, d.prefix_len:], greedy.tokens)
   np.testing.assert_array_equal(rows.mask[:, :d.prefix_len], 0)  # Context.
   np.testing.assert_array_equal(rows.mask[:, d.prefix_len:], 1)  # Targets.
+  # Each step also holds corpus rows, on which the AR loss alone is taken:
+  # distilled tokens move the diffusion loss, never the AR one.
+  batch = trainer.batches.batch(0)
+  assert batch["corpus_tokens"].shape == (config.batch_size,
+                                          config.data.seq_len + 1)
+  acfg0, aparams0 = diffusion.adapt_model(bcfg, bparams, seed=0)
+  key = jax.random.key(0)
+  ar, diff = diffusion.losses(aparams0, acfg0, batch, key, 4)
+  shuffled = dict(batch, tokens=np.roll(batch["tokens"], 3, axis=1))
+  ar2, diff2 = diffusion.losses(aparams0, acfg0, shuffled, key, 4)
+  assert float(ar2) == float(ar) and float(diff2) != float(diff)
+  corpus_only = {"tokens": batch["corpus_tokens"],
+                 "mask": batch["corpus_mask"]}
+  np.testing.assert_allclose(
+      ar, diffusion.losses(aparams0, acfg0, corpus_only, key, 4)[0],
+      rtol=1e-5)
   summary = train.train(config, tmp_path / "a", init=init)
   assert summary["regime"] == "block_diffusion_distill"
   assert np.isfinite(summary["valid"]["loss"])

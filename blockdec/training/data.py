@@ -235,6 +235,24 @@ class CorpusBatches:
     return {"tokens": tokens, "mask": np.ones(tokens.shape, np.float32)}
 
 
+class ZippedBatches:
+  """Two batch sources stepped together.
+
+  `batch(step)` is `first.batch(step)` plus `second.batch(step)` with its
+  keys prefixed (`prefix + key`): e.g. distilled rows for one loss and
+  corpus rows for another in the same optimizer step. Each source keeps its
+  own epochs, so the pair is as deterministic in `step` as its parts.
+  """
+
+  def __init__(self, first, second, prefix: str):
+    self.first, self.second, self.prefix = first, second, prefix
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    out = dict(self.first.batch(step))
+    out.update({self.prefix + k: v for k, v in self.second.batch(step).items()})
+    return out
+
+
 class ArrayBatches:
   """Batches from fixed sequences [N, S] with target masks [N, S].
 

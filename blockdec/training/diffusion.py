@@ -117,12 +117,20 @@ def noisy_streams(tokens: jax.Array, key: jax.Array, block_size: int,
   return inputs.astype(jnp.int32), masked
 
 
+# Keys of a batch's corpus rows (regime "block_diffusion_distill").
+CORPUS_PREFIX = "corpus_"
+
+
 def losses(params, cfg: ModelConfig, batch, key: jax.Array,
            block_size: int):
   """(autoregressive loss, diffusion loss), nats per target token.
 
   batch: {"tokens", "mask"} [B, S]; mask[b, s] = 0 excludes token s as a
-  target (both losses).
+  target (both losses). With "corpus_tokens" and "corpus_mask" too (regime
+  "block_diffusion_distill": "tokens" are the base's greedy continuations),
+  the autoregressive loss is taken on those corpus rows instead, in a
+  causal pass of their own, so the model learns to denoise the base's
+  output while its autoregressive head stays fitted to real text.
   """
   tokens = batch["tokens"].astype(jnp.int32)
   rows, s = tokens.shape
@@ -140,4 +148,21 @@ def losses(params, cfg: ModelConfig, batch, key: jax.Array,
   ar = jnp.sum(ce[:, 0] * weight) / jnp.maximum(jnp.sum(weight), 1.0)
   w = masked.astype(jnp.float32) * weight[:, None]
   diffusion = jnp.sum(ce[:, 1:] * w) / jnp.maximum(jnp.sum(w), 1.0)
+  if CORPUS_PREFIX + "tokens" in batch:
+    ar = _corpus_ar_loss(params, cfg, batch[CORPUS_PREFIX + "tokens"],
+                         batch[CORPUS_PREFIX + "mask"])
   return ar, diffusion
+
+
+def _corpus_ar_loss(params, cfg: ModelConfig, tokens, mask):
+  """Head 1's mean cross-entropy on rows [B, S] (mask as in `losses`)."""
+  tokens = tokens.astype(jnp.int32)
+  rows, s = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32),
+                               (rows, s - 1))
+  logits, _ = transformer.apply(params, cfg, tokens[:, :-1], positions,
+                                num_heads=1)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :, 0],
+                                                       tokens[:, 1:])
+  weight = mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)

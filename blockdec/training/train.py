@@ -454,6 +454,13 @@ class Trainer:
             batch_size=d.batch_size, seed=c.seed, cache_dir=cache,
             progress=c.progress)
         self._batches = data_lib.ArrayBatches(tokens, mask, c.batch_size, c.seed)
+        if losses.is_diffusion(self.regime):
+          # The autoregressive loss stays on the corpus (diffusion.losses):
+          # the base's greedy text alone would sharpen the model into it.
+          self._batches = data_lib.ZippedBatches(
+              self._batches, data_lib.CorpusBatches(
+                  self.train_stream, c.data.seq_len, c.batch_size, c.seed),
+              diffusion.CORPUS_PREFIX)
       else:
         self._batches = data_lib.CorpusBatches(
             self.train_stream, c.data.seq_len, c.batch_size, c.seed)
