@@ -31,7 +31,7 @@ Presets (the argument after ":"):
         the denoiser can learn to fill in parallel (Stern's sequence-level
         distillation, applied to the diffusion drafter), and the model's
         autoregressive mode stays close to the base's greedy output.
-        demo_distill: ~35 minutes on 2 CPU cores (5 of them generating).
+        demo_distill: ~40 minutes on 2 CPU cores (3 of them generating).
 
 Every field is documented in blockdec/training/defaults.py, except
 `diffusion`, documented here where it is set.
@@ -59,7 +59,7 @@ _PRESETS = {
 _DISTILL = {
     "tiny": (8, 4, 3),
     "cpu": (512, 16, 300),
-    "demo": (2048, 8, 400),
+    "demo": (2048, 8, 800),
     "gpu": (16384, 64, 5000),
 }
 

@@ -94,17 +94,16 @@ TARGETS = dict(tokens_per_call=2.5, nll_ratio=1.10, heldout_gap=0.05,
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--num_prompts", type=int, default=16)
+  p.add_argument("--num_prompts", type=int, default=32)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--new_tokens", type=int, default=128)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--block_sizes", default="4,8,16")
-  p.add_argument("--thresholds", default="0.1,0.3,0.5,0.8")
+  p.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95")
   p.add_argument("--self_speculative_thresholds", default="0.0,0.5")
-  p.add_argument("--self_speculative_block_sizes", default="4,8")
-  p.add_argument("--self_speculative_fused", default="4:0.0:2,8:0.0:1,"
-                 "8:0.0:2,8:0.0:3,8:0.0:0-3-2-1,8:0.0:0-4-3-2-1,"
-                 "8:0.0:0-6-4-2-1",
+  p.add_argument("--self_speculative_block_sizes", default="4,8,16")
+  p.add_argument("--self_speculative_fused",
+                 default="8:0.0:2,8:0.0:0-3-2-1,8:0.0:0-6-4-2-1",
                  help="b:threshold:r settings also run fused "
                  "(next_block_guesses=r; r_0-r_1-..: r_a guesses after a "
                  "accepted drafts)")
@@ -113,7 +112,7 @@ def parse_args(argv=None):
                  "8:0.0:0-6-4-2-1:0.09:0.3",
                  help="b:threshold:r:posterior_threshold:posterior_alpha "
                  "settings run fused and verified by blockdec.Typical (lossy)")
-  p.add_argument("--adaptive", default="16:0.3,16:0.5",
+  p.add_argument("--adaptive", default="8:0.9,16:0.9",
                  help="b:threshold settings also run with stop_token=newline "
                  "(AdaBlock-style blocks that end after a line)")
   p.add_argument("--adapted", default="demo_distill",

@@ -18,6 +18,8 @@
   resumes exactly; bad settings fail with clear errors.
 """
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -531,3 +533,55 @@ def test_cli_decodes_with_block_diffusion(tmp_path, capsys, extra, identical):
   assert out.startswith("abcabc") and "block efficiency" in out
   if identical:
     assert "identical to greedy: True" in out
+
+
+def _benchmark_script():
+  import importlib.util
+  import sys
+  if "block_diffusion_benchmark" not in sys.modules:
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / \
+        "block_diffusion.py"
+    spec = importlib.util.spec_from_file_location("block_diffusion_benchmark",
+                                                  path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["block_diffusion_benchmark"] = module
+    spec.loader.exec_module(module)
+  return sys.modules["block_diffusion_benchmark"]
+
+
+def test_benchmark_report_checks_the_targets(tmp_path):
+  """experiments/block_diffusion.py's verdicts: the fastest setting within
+  10% of each greedy reference's NLL, the held-out gap, and the exact
+  self-speculative rate, from a result of made-up rows."""
+  script = _benchmark_script()
+
+  def row(method, tpc, nll, b=None, th=None, r=None, acceptance=None):
+    return {"method": method, "model": "adapted", "block_size": b,
+            "threshold": th, "guesses": r, "acceptance": acceptance,
+            "tokens_per_call": tpc, "tokens_per_s": 100.0 * tpc,
+            "speedup": tpc / 2, "nll_nondegenerate": nll,
+            "nondegenerate_rows": 5, "nll_all": nll, "degenerate_share": 0.5,
+            "agreement_with_ar": 0.5, "agreement_with_base": 0.5}
+  rows = [row("ar-greedy", 1.0, 0.50), row("ar-greedy-adapted", 1.0, 0.60),
+          row("block-diffusion", 2.6, 0.54, 8, 0.9),   # within both bounds
+          row("block-diffusion", 3.5, 0.65, 8, 0.5),   # the adapted's only
+          row("block-diffusion", 6.0, None, 16, 0.1),  # all rows degenerate
+          row("self-speculative", 3.2, 0.60, 8, 0.5, 0, "exact"),
+          row("self-speculative-typical", 4.0, 0.70, 8, 0.0, (0, 3, 2, 1),
+              "typical(0.7, 0.9)")]
+  result = {"machine": "test", "command": "python experiments/x.py",
+            "prompts": 8, "batch": 8, "new_tokens": 16, "repeats": 1,
+            "heldout_nats_per_byte": {"base": 1.46, "adapted": 1.43},
+            "adapted_steps": 800,
+            "adapted_config": "configs/block_diffusion.py:demo_distill",
+            "targets": script.TARGETS, "rows": rows}
+  md = script.markdown(result)
+  assert ("of the base's greedy output (0.500): best 2.60 (b=8, threshold "
+          "0.9, NLL 0.540); of the adapted model's own greedy output (0.600):"
+          " best 3.50 (b=8, threshold 0.5, NLL 0.650)") in md
+  assert "typical acceptance (lossy, fused): of the base's greedy output: " \
+         "no setting within the bound" in md
+  assert "gap -0.030" in md and "configs/block_diffusion.py:demo_distill" in md
+  assert "Self-speculative (exact) >= 2.0 tokens per call: best 3.20" in md
+  script.plot(result, tmp_path / "plot.png")
+  assert (tmp_path / "plot.png").stat().st_size > 0
