@@ -631,6 +631,14 @@ class BlockDiffusion(Method):
       r = 2's tokens per call with 6 groups instead of 16;
       experiments/results/block_diffusion_corpus.md). 0 (default): off. The
       output is the unfused run's with the same verifier.
+    order: which undecided positions a denoising call may decide.
+      "confidence" (default; Fast-dLLM): any position at or above the
+      threshold, and at least the most confident one. "left_to_right":
+      only a run of such positions that starts at the first undecided one,
+      and at least that first one, so the block fills as a prefix, in the
+      order the autoregressive head reads it (as semi-autoregressive
+      block decoders do); threshold 1.0 then decides one token per call,
+      left to right.
 
   Calls counted in `DecodeOutput.num_calls`: the denoising calls and the
   causal call.
@@ -641,9 +649,13 @@ class BlockDiffusion(Method):
   acceptance: Verifier | None = None
   stop_token: int | None = None
   next_block_guesses: int | tuple[int, ...] = 0
+  order: str = "confidence"
 
   def __post_init__(self):
     _check_positive(self, "block_size")
+    if self.order not in BlockDiffusionDrafter.ORDERS:
+      raise ValueError(f"BlockDiffusion order={self.order!r}; allowed: "
+                       f"{BlockDiffusionDrafter.ORDERS}.")
     object.__setattr__(self, "threshold", validation.check_number(
         "BlockDiffusion threshold", self.threshold, low=0.0, high=1.0))
     object.__setattr__(self, "stop_token", validation.check_int(
@@ -720,4 +732,4 @@ class BlockDiffusion(Method):
   def drafter(self, cfg, block_size, arrays, **kw):
     return BlockDiffusionDrafter(self.block_size, self.threshold,
                                  self._mask_id(cfg), self.stop_token,
-                                 self._guesses_per_length())
+                                 self._guesses_per_length(), self.order)

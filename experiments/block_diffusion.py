@@ -11,6 +11,8 @@ held-out stdlib prompts (test split, 128-192 bytes, as blockdec/demo.py) at one 
                       diffusion draft is the output (lossy)
   block-diffusion-    the same with stop_token = newline: a block ends after
   adaptive            a decided newline (AdaBlock-style)
+  block-diffusion-    the same with order="left_to_right": a call decides
+  left-to-right       only sure positions that extend the decided prefix
   self-speculative    BlockDiffusion(b, threshold, acceptance=Exact()): the
                       adapted model verifies its own draft (= its greedy)
   self-speculative-   the same with next_block_guesses=r: the verification
@@ -112,6 +114,9 @@ def parse_args(argv=None):
                  "8:0.0:0-6-4-2-1:0.09:0.3",
                  help="b:threshold:r:posterior_threshold:posterior_alpha "
                  "settings run fused and verified by blockdec.Typical (lossy)")
+  p.add_argument("--left_to_right", default="8:0.7,8:0.8,8:0.9,16:0.8,16:0.9",
+                 help="b:threshold settings also run with "
+                 "order='left_to_right' (blocks fill as a prefix)")
   p.add_argument("--adaptive", default="8:0.9,16:0.9",
                  help="b:threshold settings also run with stop_token=newline "
                  "(AdaBlock-style blocks that end after a line)")
@@ -133,6 +138,7 @@ def parse_args(argv=None):
     args.self_speculative_fused = "8:0.5:1"
     args.self_speculative_typical = "8:0.5:1:0.7:0.9"
     args.adaptive = "8:0.5"
+    args.left_to_right = "8:0.5"
   ints = lambda s: [int(x) for x in s.split(",") if x]
   floats = lambda s: [float(x) for x in s.split(",") if x]
   args.block_sizes = ints(args.block_sizes)
@@ -149,8 +155,10 @@ def parse_args(argv=None):
       (int(b), float(th), guesses(r), (float(pt), float(pa)))
       for b, th, r, pt, pa in (x.split(":") for x in
                                args.self_speculative_typical.split(",") if x)]
-  args.adaptive = [(int(x.split(":")[0]), float(x.split(":")[1]))
-                   for x in args.adaptive.split(",") if x]
+  pairs = lambda s: [(int(x.split(":")[0]), float(x.split(":")[1]))
+                     for x in s.split(",") if x]
+  args.adaptive = pairs(args.adaptive)
+  args.left_to_right = pairs(args.left_to_right)
   if args.num_prompts % args.batch:
     raise ValueError(f"--num_prompts={args.num_prompts} must be a multiple "
                      f"of --batch={args.batch}.")
@@ -214,6 +222,10 @@ def main(argv=None):
     plans.append(("block-diffusion-adaptive", "adapted", adapted,
                   blockdec.BlockDiffusion(b, th, stop_token=newline), b, th,
                   None))
+  for b, th in args.left_to_right:
+    plans.append(("block-diffusion-left-to-right", "adapted", adapted,
+                  blockdec.BlockDiffusion(b, th, order="left_to_right"), b,
+                  th, None))
   spec = [(b, th, 0) for b in args.self_speculative_block_sizes
           for th in args.self_speculative_thresholds]
   for b, th, r in spec + args.self_speculative_fused:
@@ -367,7 +379,7 @@ def markdown(result) -> str:
         f"{r['agreement_with_base']:.2f} |")
   t = result["targets"]
   ad = next(r for r in rows if r["method"] == "ar-greedy-adapted")
-  diff = [r for r in rows if r["method"] == "block-diffusion"
+  diff = [r for r in rows if r["method"].startswith("block-diffusion")
           and r["nll_nondegenerate"] is not None]
   typical = [r for r in rows if r["method"] == "self-speculative-typical"
              and r["nll_nondegenerate"] is not None]
@@ -380,7 +392,11 @@ def markdown(result) -> str:
     return max(good, key=lambda r: r["tokens_per_call"]) if good else None
 
   def describe(best):
-    return (f"best {best['tokens_per_call']:.2f} (b={best['block_size']}, "
+    variant = ("" if best is None or best["method"] in (
+        "block-diffusion", "self-speculative-typical")
+               else best["method"] + ", ")
+    return (f"best {best['tokens_per_call']:.2f} ({variant}"
+            f"b={best['block_size']}, "
             f"threshold {best['threshold']}"
             + (f", r={_guesses(best['guesses'])}, {best['acceptance']}"
                if best.get("guesses") else "") + ", NLL "
@@ -426,6 +442,7 @@ def plot(result, path):
   rows = result["rows"]
   ar = next(r for r in rows if r["method"] == "ar-greedy")
   markers = {"block-diffusion": "o", "block-diffusion-adaptive": "D",
+             "block-diffusion-left-to-right": ">",
              "self-speculative": "s", "self-speculative-fused": "X",
              "self-speculative-typical": "h",
              "draft-model": "^", "heads-frozen": "v", "hydra-distill": "<",

@@ -143,6 +143,65 @@ def test_denoise_step_decides_confident_positions_and_at_least_one():
   assert np.asarray(decided2).sum() > np.asarray(decided).sum()
 
 
+def test_left_to_right_order_decides_a_prefix():
+  """order="left_to_right": the sure positions right after the decided
+  prefix, and at least the first undecided one; a sure position behind an
+  unsure one waits."""
+  drafter = BlockDiffusionDrafter(5, threshold=0.6, mask_id=0,
+                                  order="left_to_right")
+  top = np.array([[0.9, 0.8, 0.4, 0.95, 0.9],   # 0, 1 sure; 3, 4 wait.
+                  [0.4, 0.45, 0.9, 0.9, 0.9]])  # only the first, unsure.
+  probs = np.repeat(((1 - top) / 3)[..., None], 5, axis=-1)
+  probs[..., 2] = top
+  logits = np.log(probs)
+  logits[..., 0] = 10.0  # [MASK] is never predicted.
+  tokens, decided = jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 5), bool)
+  tokens, decided, _ = drafter.denoise_step(jnp.asarray(logits), tokens,
+                                            decided)
+  np.testing.assert_array_equal(decided, [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(tokens, [[2, 2, 0, 0, 0], [2, 0, 0, 0, 0]])
+  # Next step: the prefix grows from where it stopped.
+  tokens, decided, _ = drafter.denoise_step(jnp.asarray(logits), tokens,
+                                            decided)
+  np.testing.assert_array_equal(decided, [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+  # The confidence order decides the sure positions wherever they are.
+  by_confidence = BlockDiffusionDrafter(5, threshold=0.6, mask_id=0)
+  _, decided, _ = by_confidence.denoise_step(
+      jnp.asarray(logits), jnp.zeros((2, 5), jnp.int32),
+      jnp.zeros((2, 5), bool))
+  np.testing.assert_array_equal(decided, [[1, 1, 0, 1, 1], [0, 0, 1, 1, 1]])
+
+
+def test_left_to_right_decoding_fills_blocks_in_order():
+  cfg, params = _diffusion_model(2, param_seed=7)
+  prompts, lengths = ragged_prompts(3, 2, 5, cfg.vocab_size - 1)
+  n, b = 15, 4
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=n)
+  for threshold in (0.0, 0.5, 1.0):
+    outs = {order: blockdec.decode(
+        params, cfg, prompts, lengths, n,
+        method=blockdec.BlockDiffusion(b, threshold, order=order))
+            for order in ("confidence", "left_to_right")}
+    for out in outs.values():
+      np.testing.assert_array_equal(out.lengths, [n] * 2)
+      assert np.all(np.asarray(out.tokens) != cfg.mask_token_id)
+    if threshold == 0.0:  # Every position in one call: the same blocks.
+      np.testing.assert_array_equal(outs["confidence"].tokens,
+                                    outs["left_to_right"].tokens)
+    if threshold == 1.0:  # One position per call either way.
+      np.testing.assert_array_equal(outs["confidence"].num_calls,
+                                    outs["left_to_right"].num_calls)
+    # Self-speculative with either order is still the greedy output.
+    exact = blockdec.decode(params, cfg, prompts, lengths, n,
+                            method=blockdec.BlockDiffusion(
+                                b, threshold, acceptance=blockdec.Exact(),
+                                order="left_to_right"))
+    assert_same_or_near_tie(cfg, params, prompts, lengths, greedy, exact)
+  with pytest.raises(ValueError, match="order='sideways'; allowed"):
+    blockdec.BlockDiffusion(4, 0.5, order="sideways")
+
+
 def test_stop_token_ends_the_block_after_it():
   drafter = BlockDiffusionDrafter(5, threshold=0.5, mask_id=9, stop_token=7)
   logits = np.zeros((1, 5, 10), np.float32)

@@ -12,6 +12,8 @@ the decided token (the root) at position `pos`:
            ([MASK] itself excluded)
     decide every undecided x_j whose confidence is >= threshold, and at
            least the most confident one; repeat until the block is decided
+           (order "left_to_right": only the run of such x_j that starts at
+           the first undecided one, and at least that one)
 
 These denoising calls go through `View.score`, which writes nothing to the
 target's cache, and are reported in `Draft.calls`. The block then goes to
@@ -66,6 +68,8 @@ class BlockDiffusionDrafter(Drafter):
     block_size: b, tokens drafted per block (after the root).
     threshold: confidence at which a masked position is decided; 1.0
       decides one position per denoising call, 0.0 all of them in one.
+    order: "confidence" (any position may be decided) or "left_to_right"
+      (the decided positions always form a prefix of the block).
     mask_id: the model's [MASK] token.
     stop_token: end a block after this token (None: fixed blocks).
     guesses: (r_0, r_1, ..) guessed next roots after a accepted drafts
@@ -74,9 +78,14 @@ class BlockDiffusionDrafter(Drafter):
       all 0: off). Needs a verifier that rejects (`Exact()`).
   """
 
+  ORDERS = ("confidence", "left_to_right")
+
   def __init__(self, block_size: int, threshold: float, mask_id: int,
-               stop_token: int | None = None, guesses: tuple[int, ...] = ()):
-    self.block_size, self.threshold = block_size, threshold
+               stop_token: int | None = None, guesses: tuple[int, ...] = (),
+               order: str = "confidence"):
+    if order not in self.ORDERS:
+      raise ValueError(f"order={order!r}; allowed: {self.ORDERS}.")
+    self.block_size, self.threshold, self.order = block_size, threshold, order
     self.mask_id, self.stop_token = mask_id, stop_token
     # Group i guesses the next root after outcome[i] accepted drafts with
     # the denoiser's rank[i]-th runner-up there.
@@ -166,9 +175,18 @@ class BlockDiffusionDrafter(Drafter):
     confidence = jnp.max(probs, axis=-1)
     predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     pending = ~decided
-    best = jnp.argmax(jnp.where(pending, confidence, -1.0), axis=-1)
-    first = jax.nn.one_hot(best, self.block_size, dtype=bool)
-    decide = pending & ((confidence >= self.threshold) | first)
+    sure = confidence >= self.threshold
+    if self.order == "left_to_right":
+      # The first undecided position, and the sure ones right after it.
+      first = jax.nn.one_hot(jnp.argmax(pending, axis=-1), self.block_size,
+                             dtype=bool)
+      run = jnp.cumprod((decided | sure | first).astype(jnp.int32),
+                        axis=-1).astype(bool)
+      decide = pending & run
+    else:
+      best = jnp.argmax(jnp.where(pending, confidence, -1.0), axis=-1)
+      first = jax.nn.one_hot(best, self.block_size, dtype=bool)
+      decide = pending & (sure | first)
     tokens = jnp.where(decide, predicted, tokens)
     decided = decided | decide
     if self.stop_token is not None:
