@@ -85,6 +85,11 @@ _NEXT_BLOCK_GUESSES = flags.DEFINE_integer(
     "--self_speculative: the verification call also denoises the next block "
     "for this many guessed next tokens per accepted length (fused drafting; "
     "fewer calls, same output); 0 = off.", lower_bound=0)
+_DIFFUSION_ORDER = flags.DEFINE_enum(
+    "diffusion_order", "confidence", ["confidence", "left_to_right"],
+    "decode --method=block_diffusion: which masked positions a denoising "
+    "call decides: any at or above --threshold (confidence), or only those "
+    "that extend the decided prefix (left_to_right).")
 _DRAFT_CHECKPOINT = flags.DEFINE_string(
     "draft_checkpoint", None, "decode --method=draft_model: the draft "
     "model's checkpoint folder (e.g. a configs/draft_model.py run).")
@@ -196,7 +201,8 @@ def _method(cfg):
     return blockdec.BlockDiffusion(
         block_size=k or 8, threshold=_THRESHOLD.value,
         acceptance=blockdec.Exact() if _SELF_SPECULATIVE.value else None,
-        next_block_guesses=_NEXT_BLOCK_GUESSES.value)
+        next_block_guesses=_NEXT_BLOCK_GUESSES.value,
+        order=_DIFFUSION_ORDER.value)
   if _TREE_NODES.value:
     return blockdec.Blockwise(k or cfg.num_prediction_heads,
                               tree=blockdec.DynamicTree(nodes=_TREE_NODES.value))

@@ -574,7 +574,8 @@ def test_block_diffusion_distill_learns_the_base_greedy_text(tmp_path):
 
 @pytest.mark.parametrize("extra,identical", [
     (["--self_speculative", "--next_block_guesses=1"], True),
-    (["--threshold=0.0"], None)])
+    (["--threshold=0.0"], None),
+    (["--threshold=0.9", "--diffusion_order=left_to_right"], None)])
 def test_cli_decodes_with_block_diffusion(tmp_path, capsys, extra, identical):
   from absl import flags
   from blockdec import cli
