@@ -12,8 +12,9 @@ only that subtree and the trunk's hidden states are computed under
 parameters come out bit-for-bit unchanged; "finetune" and "distill_finetune"
 train everything on the mean of the k head losses; "block_diffusion"
 adapts the base (plus a [MASK] token) to denoise blocks (training/
-diffusion.py), "block_diffusion_distill" the same on the base's greedy
-continuations; "eagle" trains only `params["eagle"]`, an EAGLE-style drafter
+diffusion.py), "block_diffusion_distill" the same with the denoising loss
+on the base's greedy continuations (the AR loss stays on the corpus);
+"eagle" trains only `params["eagle"]`, an EAGLE-style drafter
 on the frozen trunk's features (training/eagle.py), and "eagle_distill" the
 same on the base's greedy continuations; "draft" trains a FRESH
 small model (config.model, with the base's vocabulary, tokenizer and
