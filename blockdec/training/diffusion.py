@@ -45,6 +45,7 @@ from blockdec import api
 from blockdec.config import ModelConfig
 from blockdec.kernels import masks
 from blockdec.models import transformer
+from blockdec.training import losses as losses_lib
 
 
 def adapt_model(base_cfg: ModelConfig, base_params, seed: int):
@@ -156,13 +157,8 @@ def losses(params, cfg: ModelConfig, batch, key: jax.Array,
 
 def _corpus_ar_loss(params, cfg: ModelConfig, tokens, mask):
   """Head 1's mean cross-entropy on rows [B, S] (mask as in `losses`)."""
-  tokens = tokens.astype(jnp.int32)
-  rows, s = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32),
-                               (rows, s - 1))
-  logits, _ = transformer.apply(params, cfg, tokens[:, :-1], positions,
-                                num_heads=1)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :, 0],
-                                                       tokens[:, 1:])
-  weight = mask[:, 1:].astype(jnp.float32)
-  return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  inputs, targets, weights = losses_lib.head_targets(tokens, mask, 1)
+  positions = jnp.broadcast_to(
+      jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+  logits, _ = transformer.apply(params, cfg, inputs, positions, num_heads=1)
+  return losses_lib.per_head_losses(logits, targets, weights)[0]

@@ -35,8 +35,9 @@ import optax
 # "block_diffusion" adapts the base (plus a [MASK] token) to denoise blocks,
 # on the diffusion loss plus the autoregressive one (training/diffusion.py);
 # its held-out loss is the autoregressive head-1 loss;
-# "block_diffusion_distill" the same on the base's greedy continuations
-# (deterministic targets, as Stern's distillation gives the heads).
+# "block_diffusion_distill" the same with the diffusion loss on the base's
+# greedy continuations (deterministic targets, as Stern's distillation gives
+# the heads) and the autoregressive loss on corpus rows.
 # "eagle" trains the EAGLE-style drafter on the frozen base (training/
 # eagle.py), "eagle_distill" the same on the base's greedy continuations;
 # their held-out regime loss is the drafter's token loss.
