@@ -18,5 +18,7 @@ from blockdec.kernels.masks import CausalBlockMask
 from blockdec.kernels.masks import materialize_mask
 from blockdec.kernels.masks import OrMask
 from blockdec.kernels.masks import PatternMask
+from blockdec.kernels.masks import RuntimeMask
+from blockdec.kernels.masks import RuntimePatternMask
 from blockdec.kernels.masks import RuntimeTreeMask
 from blockdec.kernels.masks import TreeMask

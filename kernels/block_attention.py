@@ -5,9 +5,9 @@ block of ``T`` new tokens per row in one model call. The block's keys and
 values are already written into the cache at ``offsets[b] .. offsets[b]+T-1``
 and the committed prefix is ``0 .. offsets[b]-1``; cache slots after the block
 are stale or empty. Visibility is given by a static ``BlockMask`` (see
-``masks.py``) plus the runtime ``offsets``, or by a ``RuntimeTreeMask`` whose
-pattern (per row or shared) is computed in the trace and read by the kernel
-exactly like a static one.
+``masks.py``) plus the runtime ``offsets``, or by a ``RuntimeMask`` (a tree
+or a pattern) whose pattern (per row or shared) is computed in the trace and
+read by the kernel exactly like a static one.
 
 Shapes::
 
@@ -159,7 +159,7 @@ def skipped_kv_tile_fraction(offsets, block_len: int, seq_len: int, *,
 def _block_attention_kernel(
     offsets_ref,   # scalar [] (GPU) or [B] in SMEM (TPU)
     pattern_ref,   # [block_q, T_pad] float32: pattern row of each query row
-                   # (of this batch row for a per-row RuntimeTreeMask)
+                   # (of this batch row for a per-row RuntimeMask)
     q_ref,         # [block_q, D_pad]
     k_ref,         # [S_pad, D_pad]
     v_ref,         # [S_pad, D_pad]
@@ -252,10 +252,10 @@ def _check_inputs(q, k, v, offsets, mask):
                      f"{offsets.shape=}.")
   if not jnp.issubdtype(offsets.dtype, jnp.integer):
     raise ValueError(f"offsets must be integer; got {offsets.dtype=}.")
-  if not isinstance(mask, (masks_lib.BlockMask, masks_lib.RuntimeTreeMask)):
+  if not isinstance(mask, (masks_lib.BlockMask, masks_lib.RuntimeMask)):
     raise TypeError(f"mask must be a BlockMask (e.g. CausalBlockMask(T)) or a "
-                    f"RuntimeTreeMask; got {type(mask).__name__}.")
-  if isinstance(mask, masks_lib.RuntimeTreeMask):
+                    f"RuntimeMask; got {type(mask).__name__}.")
+  if isinstance(mask, masks_lib.RuntimeMask):
     mask.check_batch(batch)
   if mask.block_len != block_len:
     raise ValueError(f"{mask.block_len=} must equal the query block length "
@@ -264,7 +264,7 @@ def _check_inputs(q, k, v, offsets, mask):
 
 def _split_mask(mask):
   """(static mask or None, runtime mask or None): jit arguments of each kind."""
-  if isinstance(mask, masks_lib.RuntimeTreeMask):
+  if isinstance(mask, masks_lib.RuntimeMask):
     return None, mask
   return mask, None
 
@@ -272,7 +272,7 @@ def _split_mask(mask):
 def _pattern_array(mask) -> np.ndarray | jax.Array:
   """``[1, T, T]`` NumPy (static mask) or ``[1|B, T, T]`` jnp (runtime) bool."""
   pattern = mask.pattern()
-  if isinstance(mask, masks_lib.RuntimeTreeMask):
+  if isinstance(mask, masks_lib.RuntimeMask):
     return pattern if pattern.ndim == 3 else pattern[None]
   return np.asarray(pattern, bool)[None]
 
@@ -292,8 +292,10 @@ def block_attention(q, k, v, offsets, mask, *, block_sizes=None,
     mask: a static ``BlockMask`` with ``block_len == T``, e.g.
       ``CausalBlockMask(T)``, ``TreeMask(parents)``,
       ``BlockBidirectionalMask(T)`` (a static argument of the jitted
-      kernel); or a ``RuntimeTreeMask`` with parents ``[T]`` or ``[B, T]``
-      (a traced argument: one compilation serves every tree of that shape).
+      kernel); or a ``RuntimeMask``: a ``RuntimeTreeMask`` with parents
+      ``[T]`` or ``[B, T]``, or a ``RuntimePatternMask`` ``[T, T]`` or
+      ``[B, T, T]`` (a traced argument: one compilation serves every tree or
+      pattern of that shape).
     block_sizes: static ``BlockSizes``; ``None`` picks defaults.
     interpret: run the kernel in the Pallas interpreter (CPU tests).
     sm_scale: softmax scale; default ``1 / sqrt(D)``.

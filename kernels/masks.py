@@ -29,10 +29,13 @@ Masks combine with ``&`` and ``|`` (element-wise on the pattern)::
     m = CausalBlockMask(4) | BlockBidirectionalMask(4, sub_block_len=2)
     hash(m); m == CausalBlockMask(4) | BlockBidirectionalMask(4, 2)  # True
 
-One mask is not static: ``RuntimeTreeMask(parents)`` is a token tree whose
-``parents`` is a (possibly traced) int32 array, for trees built inside a jitted
-loop (dynamic draft trees). It is a pytree, passed to ``jax.jit`` as an
-ordinary argument; its pattern is computed in the trace with ``jnp``.
+Two masks are not static (``RuntimeMask``): ``RuntimeTreeMask(parents)`` is
+a token tree whose ``parents`` is a (possibly traced) int32 array, for trees
+built inside a jitted loop (dynamic draft trees), and
+``RuntimePatternMask(pattern)`` is a (possibly traced, possibly per-row)
+boolean pattern, for blocks whose pattern depends on decoding state (block
+diffusion's sub-block cache). They are pytrees, passed to ``jax.jit`` as
+ordinary arguments; their patterns are ``jnp`` arrays of the trace.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ __all__ = [
     "BlockBidirectionalMask",
     "PatternMask",
     "DiffusionTrainingMask",
+    "RuntimeMask",
     "RuntimeTreeMask",
+    "RuntimePatternMask",
     "AndMask",
     "OrMask",
     "materialize_mask",
@@ -320,8 +325,38 @@ class OrMask(BlockMask):
     return self.left.pattern() | self.right.pattern()
 
 
+class RuntimeMask:
+  """A block mask whose pattern is runtime data (``[T, T]`` or ``[B, T, T]``).
+
+  Subclasses are pytrees with one leaf, ``leaf``; ``block_len`` (T) and
+  ``slots_are_positions`` are static. Not a ``BlockMask``: no hashing, no
+  ``&`` / ``|``.
+  """
+
+  __hash__ = None
+
+  @property
+  def leaf(self) -> jax.Array:
+    raise NotImplementedError
+
+  @property
+  def block_len(self) -> int:
+    return self.leaf.shape[-1]
+
+  @property
+  def batched(self) -> bool:
+    """True when the pattern is per row (the leaf has a leading B dim)."""
+    raise NotImplementedError
+
+  def check_batch(self, batch: int) -> None:
+    raise NotImplementedError
+
+  def pattern(self) -> jax.Array:
+    raise NotImplementedError
+
+
 @jax.tree_util.register_pytree_node_class
-class RuntimeTreeMask:
+class RuntimeTreeMask(RuntimeMask):
   """A token tree whose parents are runtime data (e.g. grown inside jit).
 
   ``TreeMask`` with ``parents`` an int32 array instead of a static tuple:
@@ -357,8 +392,12 @@ class RuntimeTreeMask:
     self.parents = jnp.asarray(parents, jnp.int32)
 
   @property
-  def block_len(self) -> int:
-    return self.parents.shape[-1]
+  def leaf(self) -> jax.Array:
+    return self.parents
+
+  @property
+  def batched(self) -> bool:
+    return self.parents.ndim == 2
 
   def check_batch(self, batch: int) -> None:
     """Raises unless the parents are [T] or [batch, T]."""
@@ -402,6 +441,71 @@ class RuntimeTreeMask:
 
   def __repr__(self) -> str:
     return f"RuntimeTreeMask(parents={self.parents!r})"
+
+
+@jax.tree_util.register_pytree_node_class
+class RuntimePatternMask(RuntimeMask):
+  """A pattern that is runtime data: ``[T, T]`` or ``[B, T, T]`` bool.
+
+  ``pattern[..., t, u]``: query t sees block key u, as for a static mask,
+  with the block at slots ``offset + 0 .. T-1`` (slots are positions). Use
+  it when the pattern depends on decoding state, e.g. per row; a pattern
+  fixed at trace time is a ``PatternMask``. Every query must see at least
+  itself. Example (row 0 causal, row 1 both ways)::
+
+      RuntimePatternMask(jnp.stack([jnp.tri(3, dtype=bool),
+                                    jnp.ones((3, 3), bool)]))
+  """
+
+  pattern_array: jax.Array  # [T, T] or [B, T, T] bool
+
+  def __init__(self, pattern):
+    if not isinstance(pattern, jax.core.Tracer):
+      arr = np.asarray(pattern)
+      if (arr.ndim not in (2, 3) or arr.shape[-1] != arr.shape[-2]
+          or arr.shape[-1] == 0):
+        raise ValueError(f"RuntimePatternMask pattern must be [T, T] or "
+                         f"[B, T, T] with T >= 1; got shape {arr.shape}.")
+      if arr.dtype != bool:
+        raise ValueError(f"RuntimePatternMask pattern must be bool; got "
+                         f"{arr.dtype}.")
+    self.pattern_array = jnp.asarray(pattern, bool)
+
+  @property
+  def leaf(self) -> jax.Array:
+    return self.pattern_array
+
+  @property
+  def batched(self) -> bool:
+    return self.pattern_array.ndim == 3
+
+  @property
+  def slots_are_positions(self) -> bool:
+    return True
+
+  def check_batch(self, batch: int) -> None:
+    """Raises unless the pattern is [T, T] or [batch, T, T]."""
+    shape = self.pattern_array.shape
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != batch):
+      raise ValueError(f"RuntimePatternMask pattern must be [T, T] or "
+                       f"[B, T, T] with B={batch}, T={self.block_len}; got "
+                       f"shape {shape}.")
+
+  def pattern(self) -> jax.Array:
+    return self.pattern_array
+
+  def tree_flatten(self):
+    return (self.pattern_array,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    obj = object.__new__(cls)
+    obj.pattern_array = children[0]
+    return obj
+
+  def __repr__(self) -> str:
+    return f"RuntimePatternMask(pattern={self.pattern_array!r})"
 
 
 def _check_runtime_parents(parents: np.ndarray) -> None:

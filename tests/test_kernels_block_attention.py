@@ -196,6 +196,25 @@ class TestMasks:
     with pytest.raises(ValueError, match=r"\[T\] or \[B, T\]"):
       kernels.RuntimeTreeMask(np.zeros((1, 1, 2), np.int32))
 
+  def test_runtime_pattern_is_a_pytree(self):
+    pattern = np.stack([np.tri(3, dtype=bool), np.ones((3, 3), bool)])
+    mask = kernels.RuntimePatternMask(pattern)
+    leaves, treedef = jax.tree_util.tree_flatten(mask)
+    assert len(leaves) == 1 and leaves[0].dtype == jnp.bool_
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert isinstance(again, kernels.RuntimeMask) and again.block_len == 3
+    assert again.batched and mask.slots_are_positions
+    np.testing.assert_array_equal(
+        jax.jit(lambda m: m.pattern())(mask), pattern)
+    with pytest.raises(TypeError, match="unhashable"):
+      hash(mask)
+    with pytest.raises(ValueError, match=r"\[T, T\] or \[B, T, T\]"):
+      kernels.RuntimePatternMask(np.ones((2, 3), bool))
+    with pytest.raises(ValueError, match="must be bool"):
+      kernels.RuntimePatternMask(np.ones((3, 3), np.int32))
+    with pytest.raises(ValueError, match="B=3"):
+      mask.check_batch(3)
+
   def test_mask_is_static_jit_argument_without_retrace(self):
     rng = np.random.default_rng(0)
     q, k, v = _random_inputs(rng, 1, 2, 2, 1, 16, 16, jnp.float32)
@@ -345,6 +364,33 @@ class TestBlockAttention:
     for b in range(batch):
       static = kernels.TreeMask(parents[b if per_row else 0])
       want = kernels.block_attention(q, k, v, offsets, static,
+                                     block_sizes=block_sizes,
+                                     interpret=self.INTERPRET)
+      np.testing.assert_allclose(got[b], want[b], atol=1e-6, rtol=1e-6)
+
+  @pytest.mark.parametrize("case", KERNEL_CASES[1:2], ids=[c[0] for c in
+                                                           KERNEL_CASES[1:2]])
+  def test_runtime_pattern_matches_static_pattern(self, case):
+    """A per-row RuntimePatternMask gives each row PatternMask(its pattern)."""
+    _, batch, block_len, heads, kv_heads, head_dim, seq_len, bkv, rule = case
+    rng = np.random.default_rng([batch, block_len, seq_len, 7])
+    # Random patterns in which every query sees itself.
+    patterns = (rng.random((batch, block_len, block_len)) < 0.5) | np.eye(
+        block_len, dtype=bool)
+    q, k, v = _random_inputs(rng, batch, block_len, heads, kv_heads, head_dim,
+                             seq_len, jnp.float32)
+    offsets = jnp.asarray(_offsets(rule, rng, batch, block_len, seq_len, bkv))
+    block_sizes = kernels.BlockSizes(block_kv=bkv)
+    mask = kernels.RuntimePatternMask(patterns)
+    got = kernels.block_attention(q, k, v, offsets, mask,
+                                  block_sizes=block_sizes,
+                                  interpret=self.INTERPRET)
+    np.testing.assert_allclose(
+        got, kernels.block_attention_reference(q, k, v, offsets, mask),
+        **TOLERANCES[jnp.float32])
+    for b in range(batch):
+      want = kernels.block_attention(q, k, v, offsets,
+                                     kernels.PatternMask(patterns[b]),
                                      block_sizes=block_sizes,
                                      interpret=self.INTERPRET)
       np.testing.assert_allclose(got[b], want[b], atol=1e-6, rtol=1e-6)

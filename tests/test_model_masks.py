@@ -28,6 +28,11 @@ NUM_HEADS = 2
 TREE = (-1, 0, 0, 1, 1, 2)
 # One tree per row: TREE, and a forest (second root at node 1) of depth 3.
 ROW_TREES = np.array([TREE, (-1, -1, 1, 2, 0, 4)])
+# One pattern per row (block diffusion's sub-block cache): row 0 causal in
+# its first 2 queries and both ways after; row 1 both ways.
+ROW_PATTERNS = np.stack([
+    np.where(np.arange(T)[:, None] < 2, np.tri(T, dtype=bool), True),
+    np.ones((T, T), bool)])
 
 MASKS = {
     "none": None,
@@ -35,6 +40,7 @@ MASKS = {
     "tree": kernels.TreeMask(TREE),
     "runtime_tree": kernels.RuntimeTreeMask(np.array(TREE)),
     "runtime_tree_per_row": kernels.RuntimeTreeMask(ROW_TREES),
+    "runtime_pattern_per_row": kernels.RuntimePatternMask(ROW_PATTERNS),
     "bidir_sub2": kernels.BlockBidirectionalMask(T, sub_block_len=2),
     "bidir_or_tree": (kernels.BlockBidirectionalMask(T, sub_block_len=3)
                       | kernels.TreeMask(TREE)),
@@ -42,7 +48,8 @@ MASKS = {
 
 # The kernel runs in the Pallas interpreter; each mask compiles it anew, so
 # pallas checks a subset (static tree, per-row runtime tree, sub-blocks).
-PALLAS_MASKS = ("none", "tree", "runtime_tree_per_row", "bidir_sub2")
+PALLAS_MASKS = ("none", "tree", "runtime_tree_per_row",
+                "runtime_pattern_per_row", "bidir_sub2")
 
 
 def _apply(params, cfg, tokens, positions, cache, mask):

@@ -124,10 +124,11 @@ def cached_attention(q, k, v, cache, layer: int, positions, *,
     mask: None (the causal block) or the block's mask, with `block_len == T`:
       a static, hashable `kernels.BlockMask` (`CausalBlockMask`, `TreeMask`,
       `BlockBidirectionalMask`, `PatternMask`, `&`/`|` combinations), or a
-      `kernels.RuntimeTreeMask`, a token tree whose parents ([T] or [B, T]
-      int32) are traced: its pattern is computed in the trace (ancestor
-      closure in jnp) on the xla backend and passed to the kernel on the
-      pallas backend.
+      `kernels.RuntimeMask`: a `RuntimeTreeMask`, a token tree whose parents
+      ([T] or [B, T] int32) are traced (its pattern, the ancestor closure,
+      is computed in jnp), or a `RuntimePatternMask`, a traced [T, T] or
+      [B, T, T] pattern (slots are positions); read in the trace on the xla
+      backend and passed to the kernel on the pallas backend.
     empty: True when no slot before `positions[:, 0]` holds a committed
       token (prefill of a fresh cache): the block then attends only to
       itself and the cache is only written (xla backend, causal block; same
@@ -171,13 +172,14 @@ def cached_attention(q, k, v, cache, layer: int, positions, *,
                              interpret=jax.default_backend() == "cpu")
   # A runtime mask is an argument (traced, split with the rows under a
   # mesh); a static one is bound here.
-  runtime = isinstance(mask, masks.RuntimeTreeMask)
+  runtime = isinstance(mask, masks.RuntimeMask)
   extra = (mask,) if runtime else ()
   run = kernel if runtime else functools.partial(kernel, mask=mask)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     run = _on_mesh(run, mesh, batch=b, num_kv_heads=cache.k[0].shape[1],
-                   mask_ndim=mask.parents.ndim if runtime else None)
+                   mask_leaf=(mask.leaf.ndim, mask.batched) if runtime
+                   else None)
   # The kernel takes [B, S, H_kv, D] and goes head-major inside (padding
   # its copy); XLA folds the transposes into that copy.
   out = run(q, cache.k[layer].transpose(0, 3, 1, 2),
@@ -190,15 +192,15 @@ def _check_mask(mask, batch: int, t: int) -> None:
   from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
   if mask is None:
     return
-  if not isinstance(mask, (masks.BlockMask, masks.RuntimeTreeMask)):
+  if not isinstance(mask, (masks.BlockMask, masks.RuntimeMask)):
     raise TypeError(
         f"mask must be None (causal block), a kernels.BlockMask (e.g. "
-        f"TreeMask(parents)) or a kernels.RuntimeTreeMask; got "
+        f"TreeMask(parents)) or a kernels.RuntimeMask; got "
         f"{type(mask).__name__}. A tuple of parents is TreeMask(parents).")
   if mask.block_len != t:
     raise ValueError(f"mask.block_len={mask.block_len} must equal the block "
                      f"length T={t} (tokens per call); mask={mask!r}.")
-  if isinstance(mask, masks.RuntimeTreeMask):
+  if isinstance(mask, masks.RuntimeMask):
     mask.check_batch(batch)
 
 
@@ -269,7 +271,7 @@ def prefix_block_attention(q: jax.Array, k_prefix: jax.Array,
 
 
 def _on_mesh(kernel, mesh, *, batch: int, num_kv_heads: int,
-             mask_ndim: int | None = None):
+             mask_leaf: tuple[int, bool] | None = None):
   """`kernel(q, k, v, offsets[, mask])` run per shard with `jax.shard_map`.
 
   A Pallas call is opaque to XLA's SPMD partitioner, so under a mesh (set by
@@ -278,8 +280,9 @@ def _on_mesh(kernel, mesh, *, batch: int, num_kv_heads: int,
   heads (over "model"). Query head h reads KV head h // G, so splitting both
   into equal contiguous slices keeps every group on one device. An axis the
   mesh lacks, or that does not divide the dim, is not used (replicated).
-  `mask_ndim` (a `RuntimeTreeMask` passed as a fifth argument): 2 splits
-  its [B, T] parents with the rows, 1 replicates [T] parents; None, no mask
+  `mask_leaf` (a `RuntimeMask` passed as a fifth argument): (ndim of its
+  leaf, whether it is per row); a per-row leaf ([B, T] parents, [B, T, T]
+  pattern) is split with the rows, a shared one replicated; None, no mask
   argument. `check_vma=False`: pallas_call has no varying-manual-axes rule.
   """
 
@@ -290,8 +293,10 @@ def _on_mesh(kernel, mesh, *, batch: int, num_kv_heads: int,
   rows, heads = axis("data", batch), axis("model", num_kv_heads)
   qkv = P(rows, None, heads, None)  # [B, T|S, H|H_kv, D]
   in_specs = (qkv, qkv, qkv, P(rows))
-  if mask_ndim is not None:
-    in_specs += (P(rows, None) if mask_ndim == 2 else P(None),)
+  if mask_leaf is not None:
+    ndim, batched = mask_leaf
+    in_specs += (P(rows, *(None,) * (ndim - 1)) if batched
+                 else P(*(None,) * ndim),)
   return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs,
                        out_specs=qkv, check_vma=False)
 

@@ -144,7 +144,7 @@ class Attention(nn.Module):
     `positions` of layer `layer` (in place) and the block attends to them.
     `mask`: None for the causal block, or a block mask of
     `blockdec.kernels` (static: `TreeMask`,
-    `BlockBidirectionalMask`, ...; runtime: `RuntimeTreeMask`) saying which
+    `BlockBidirectionalMask`, ...; runtime: `RuntimeMask`) saying which
     of the block's own keys each query sees; every query sees the committed
     prefix. For a tree, node i sits at `positions[:, i]` (offset + depth) but
     in slot `positions[:, 0] + i` (see `attention.cached_attention`).
@@ -172,10 +172,11 @@ class Attention(nn.Module):
       elif isinstance(mask, attention.PaddingMask):  # An encoder.
         out = attention.cross_attention(q, k.swapaxes(1, 2),
                                         v.swapaxes(1, 2), mask.valid)
-      elif isinstance(mask, (masks.TreeMask, masks.RuntimeTreeMask)):
+      elif isinstance(mask, (masks.TreeMask, masks.RuntimeMask)):
         raise ValueError(f"mask={mask!r} needs a KV cache (a tree's nodes "
-                         "are placed in cache slots); without one use None, "
-                         "a causal mask or a whole-sequence pattern.")
+                         "are placed in cache slots; a runtime mask is a "
+                         "decoding mask); without one use None, a causal "
+                         "mask or a static whole-sequence pattern.")
       elif isinstance(mask, masks.BlockMask) and mask.block_len == t:
         # A whole sequence under a static pattern (block-diffusion
         # training): query i sees key j iff pattern[i, j]; positions only
@@ -385,7 +386,7 @@ class Transformer(nn.Module):
     causal block) or a block mask with `block_len == T`, static and hashable
     (`kernels.TreeMask(parents)` scores a token tree,
     `kernels.BlockBidirectionalMask(T, n)` a block-diffusion block) or a
-    `kernels.RuntimeTreeMask` with traced parents; see `Attention`.
+    `kernels.RuntimeMask` (traced tree parents or pattern); see `Attention`.
     `empty_cache` (static): the cache holds nothing committed yet (prefill),
     so it is not read. `memory` (an encoder-decoder; `encode`): the source,
     by default the one the cache holds (`KVCache.memory`).
@@ -542,7 +543,7 @@ def apply(params, cfg: ModelConfig, tokens, positions, cache=None,
 
   `mask` (see `Transformer.trunk`): None scores a causal block; a static
   block mask (e.g. `kernels.TreeMask(parents)`, a static argument under
-  `jax.jit`) or a `kernels.RuntimeTreeMask` (a traced one) another pattern.
+  `jax.jit`) or a `kernels.RuntimeMask` (a traced one) another pattern.
   `memory`: an encoder-decoder's encoded source (`encode`).
   """
   return Transformer(cfg).apply({"params": params}, tokens, positions, cache,
