@@ -90,6 +90,11 @@ _DIFFUSION_ORDER = flags.DEFINE_enum(
     "decode --method=block_diffusion: which masked positions a denoising "
     "call decides: any at or above --threshold (confidence), or only those "
     "that extend the decided prefix (left_to_right).")
+_SUB_BLOCK_SIZE = flags.DEFINE_integer(
+    "sub_block_size", 0, "decode --method=block_diffusion: the sub-block "
+    "cache's granularity (decided sub-blocks at the start of the block "
+    "attend causally and are cached, not recomputed); 0 = off.",
+    lower_bound=0)
 _DRAFT_CHECKPOINT = flags.DEFINE_string(
     "draft_checkpoint", None, "decode --method=draft_model: the draft "
     "model's checkpoint folder (e.g. a configs/draft_model.py run).")
@@ -202,7 +207,8 @@ def _method(cfg):
         block_size=k or 8, threshold=_THRESHOLD.value,
         acceptance=blockdec.Exact() if _SELF_SPECULATIVE.value else None,
         next_block_guesses=_NEXT_BLOCK_GUESSES.value,
-        order=_DIFFUSION_ORDER.value)
+        order=_DIFFUSION_ORDER.value,
+        sub_block_size=_SUB_BLOCK_SIZE.value or None)
   if _TREE_NODES.value:
     return blockdec.Blockwise(k or cfg.num_prediction_heads,
                               tree=blockdec.DynamicTree(nodes=_TREE_NODES.value))

@@ -639,6 +639,15 @@ class BlockDiffusion(Method):
       order the autoregressive head reads it (as semi-autoregressive
       block decoders do); threshold 1.0 then decides one token per call,
       left to right.
+    sub_block_size: s in [1, block_size], or None (default: off). The
+      sub-block cache (as Fast-dLLM v2's, but exact): once a row's decided
+      tokens cover whole sub-blocks of s at the start of the block, those
+      positions attend causally, like committed text, and their keys and
+      values are cached instead of recomputed; a denoising call then feeds
+      only the rest of the block (ceil(b / s) compiled widths). Reading the
+      cache equals recomputing (tested); the causal rule for decided
+      sub-blocks is what changes the output against s = None
+      (experiments/results/block_diffusion.md). s = block_size: off.
 
   Calls counted in `DecodeOutput.num_calls`: the denoising calls and the
   causal call.
@@ -650,9 +659,13 @@ class BlockDiffusion(Method):
   stop_token: int | None = None
   next_block_guesses: int | tuple[int, ...] = 0
   order: str = "confidence"
+  sub_block_size: int | None = None
 
   def __post_init__(self):
     _check_positive(self, "block_size")
+    object.__setattr__(self, "sub_block_size", validation.check_int(
+        "BlockDiffusion sub_block_size", self.sub_block_size, low=1,
+        high=self.block_size, optional=True))
     if self.order not in BlockDiffusionDrafter.ORDERS:
       raise ValueError(f"BlockDiffusion order={self.order!r}; allowed: "
                        f"{BlockDiffusionDrafter.ORDERS}.")
@@ -732,4 +745,5 @@ class BlockDiffusion(Method):
   def drafter(self, cfg, block_size, arrays, **kw):
     return BlockDiffusionDrafter(self.block_size, self.threshold,
                                  self._mask_id(cfg), self.stop_token,
-                                 self._guesses_per_length(), self.order)
+                                 self._guesses_per_length(), self.order,
+                                 self.sub_block_size)

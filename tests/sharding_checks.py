@@ -219,11 +219,12 @@ def check_decode_model_drafters():
   """Block diffusion, EAGLE and Hydra run sharded as on one device."""
   cfg, params, prompts, lengths, ref_greedy = _decode_setup()
   # Block diffusion: denoising calls through View.score on the sharded
-  # cache, then the self-speculative causal call, fused (the next block's
-  # guessed groups as extra nodes of that call).
+  # cache and, with the sub-block cache, View.write_score into it under a
+  # per-row pattern, then the self-speculative causal call, fused (the next
+  # block's guessed groups as extra nodes of that call).
   bd_cfg = cfg.replace(mask_token_id=cfg.vocab_size - 1)
   method = blockdec.BlockDiffusion(3, 0.5, acceptance=blockdec.Exact(),
-                                   next_block_guesses=1)
+                                   next_block_guesses=1, sub_block_size=1)
   ref = blockdec.decode(params, bd_cfg, prompts, lengths, 10, method=method)
   np.testing.assert_array_equal(ref.tokens, ref_greedy.tokens)
   mesh = blockdec.make_mesh((4, 2))

@@ -5,6 +5,8 @@
   forward equal a decoding call's on the committed prefix's cache, which
   equal a full forward under a dense reference pattern (cache reuse equals
   recomputing without it).
+* The sub-block cache (`sub_block_size`) equals recomputing the frozen
+  sub-blocks in every denoising step.
 * Self-speculative decoding (`acceptance=Exact()`) equals greedy decoding
   token for token over random models, ragged batches, block sizes,
   thresholds and EOS; with sampling it is lossless (chi-square against the
@@ -18,6 +20,7 @@
   resumes exactly; bad settings fail with clear errors.
 """
 
+import dataclasses
 import pathlib
 
 import jax
@@ -239,14 +242,17 @@ def test_self_speculative_equals_greedy(arch, batch, b, p, n, with_eos):
               else None)
     greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
                                     max_new_tokens=n, eos_id=eos_id)
-    # Model 1 drafts fused: the verification call denoises the next block.
+    # Model 1 drafts fused (the verification call denoises the next block)
+    # with the sub-block cache.
     guesses = 0 if model == 0 else 1 + arch % 2
+    sub_block = None if model == 0 else b // 2
     for threshold in ((0.3, 1.0) if model == 0 else (0.3,)):
       out = blockdec.decode(
           params, cfg, prompts, lengths, n, eos_id=eos_id,
           method=blockdec.BlockDiffusion(b, threshold,
                                          acceptance=blockdec.Exact(),
-                                         next_block_guesses=guesses))
+                                         next_block_guesses=guesses,
+                                         sub_block_size=sub_block))
       assert_same_or_near_tie(cfg, params, prompts, lengths, greedy, out)
       np.testing.assert_array_equal(out.lengths, greedy.lengths)
       hist, calls = np.asarray(out.accepted_hist), np.asarray(out.num_calls)
@@ -262,6 +268,44 @@ def test_self_speculative_equals_greedy(arch, batch, b, p, n, with_eos):
         np.testing.assert_array_equal(calls, (b + 1) * verifications)
       accepted += hist[:, 1:].sum()
   assert accepted > 0  # Diffusion drafts were accepted somewhere.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recomputed(blockdec.BlockDiffusion):
+  """BlockDiffusion whose denoising steps recompute the frozen sub-blocks."""
+
+  def drafter(self, cfg, block_size, arrays, **kw):
+    drafter = super().drafter(cfg, block_size, arrays, **kw)
+    drafter.reuse_cache = False
+    return drafter
+
+
+@pytest.mark.parametrize("arch,b,s,threshold,order,eos,differs", [
+    (2, 6, 2, 0.15, "left_to_right", False, True),
+    (1, 5, 2, 0.2, "confidence", True, False),
+    (3, 8, 3, 0.5, "left_to_right", True, False),
+    (2, 4, 1, 0.2, "left_to_right", False, True)])
+def test_sub_block_cache_equals_recomputing(arch, b, s, threshold, order,
+                                            eos, differs):
+  # Three layers and a small vocabulary: the frozen slots' keys and values
+  # (from layer 2 on) reach the other slots' logits, and confidences reach
+  # the thresholds. The cache is read at widths b - s, b - 2s, ..
+  cfg, params = _diffusion_model(arch, param_seed=7 + arch, n_layers=3,
+                                 vocab_size=12)
+  prompts, lengths = ragged_prompts(arch, 3, 5, cfg.vocab_size - 1)
+  n = 20
+  eos_id = mid_way_eos(cfg, params, prompts, lengths, n) if eos else None
+  run = lambda method: blockdec.decode(params, cfg, prompts, lengths, n,
+                                       eos_id=eos_id, method=method)
+  cached = run(blockdec.BlockDiffusion(b, threshold, order=order,
+                                       sub_block_size=s))
+  recomputed = run(_Recomputed(b, threshold, order=order, sub_block_size=s))
+  np.testing.assert_array_equal(cached.tokens, recomputed.tokens)
+  np.testing.assert_array_equal(cached.lengths, recomputed.lengths)
+  np.testing.assert_array_equal(cached.num_calls, recomputed.num_calls)
+  if differs:  # The causal frozen slots change the drafts: not a no-op.
+    plain = run(blockdec.BlockDiffusion(b, threshold, order=order))
+    assert np.any(np.asarray(plain.tokens) != np.asarray(cached.tokens))
 
 
 def test_block_size_one_is_autoregressive_and_thresholds_count_calls():
@@ -447,6 +491,10 @@ def test_block_diffusion_errors():
   with pytest.raises(ValueError, match="mask_token_id=99"):
     blockdec.ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2,
                          mask_token_id=99)
+  for bad in (0, 5):
+    with pytest.raises(ValueError, match=f"sub_block_size={bad} must be "
+                       "None or an integer in \\[1, 4\\]"):
+      blockdec.BlockDiffusion(4, sub_block_size=bad)
 
 
 # --------------------------------------------------------------- training
@@ -575,7 +623,8 @@ def test_block_diffusion_distill_learns_the_base_greedy_text(tmp_path):
 @pytest.mark.parametrize("extra,identical", [
     (["--self_speculative", "--next_block_guesses=1"], True),
     (["--threshold=0.0"], None),
-    (["--threshold=0.9", "--diffusion_order=left_to_right"], None)])
+    (["--threshold=0.9", "--diffusion_order=left_to_right"], None),
+    (["--self_speculative", "--sub_block_size=1"], True)])
 def test_cli_decodes_with_block_diffusion(tmp_path, capsys, extra, identical):
   from absl import flags
   from blockdec import cli

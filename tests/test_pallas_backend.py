@@ -26,15 +26,19 @@ def test_pallas_and_xla_backends_decode_fused_block_diffusion_identically():
   cfg, params = random_model(2, num_prediction_heads=1, vocab_size=12)
   cfg = cfg.replace(mask_token_id=11)
   prompts, lengths = ragged_prompts(2, 3, 6, 11)
-  method = blockdec.BlockDiffusion(3, 0.5, acceptance=blockdec.Exact(),
-                                   next_block_guesses=1)
-  want = blockdec.decode(params, cfg, prompts, lengths, 12, method=method)
-  got = blockdec.decode(params, cfg.replace(attention_backend="pallas"),
-                        prompts, lengths, 12, method=method)
-  np.testing.assert_array_equal(got.tokens, want.tokens)
-  np.testing.assert_array_equal(got.num_calls, want.num_calls)
-  np.testing.assert_array_equal(want.tokens, blockdec.greedy_decode(
-      params, cfg, prompts, lengths, max_new_tokens=12).tokens)
+  # With the sub-block cache: per-row runtime patterns over shorter blocks.
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=12)
+  for sub_block in (None, 1):
+    method = blockdec.BlockDiffusion(3, 0.5, acceptance=blockdec.Exact(),
+                                     next_block_guesses=1,
+                                     sub_block_size=sub_block)
+    want = blockdec.decode(params, cfg, prompts, lengths, 12, method=method)
+    got = blockdec.decode(params, cfg.replace(attention_backend="pallas"),
+                          prompts, lengths, 12, method=method)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.num_calls, want.num_calls)
+    np.testing.assert_array_equal(want.tokens, greedy.tokens)
 
 
 def test_pallas_prefill_logits_match_xla():

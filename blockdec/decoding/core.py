@@ -84,6 +84,11 @@ class Draft:
     tree: the rows' own trees (`lattice.RowTree`), required from a drafter
       whose `tree` is a `lattice.DynamicTree`; `tokens` then holds each
       chain's tokens along its path. None otherwise.
+    cache: the KV cache the verification call runs on, when the drafter
+      wrote into `View.cache` through `View.write_score` (block diffusion's
+      sub-block cache); its writes lie past the committed length only, in
+      slots the verification call overwrites or no query sees. None: the
+      loop's cache.
   """
 
   tokens: jax.Array
@@ -93,6 +98,7 @@ class Draft:
   extra: jax.Array | None = None
   calls: jax.Array | None = None
   tree: RowTree | None = None
+  cache: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +198,14 @@ class View:
       `blockdec.kernels` (None: causal). Nothing is written: the loop's
       cache is unchanged. A drafter that calls it reports the calls in
       `Draft.calls`.
+    cache: the loop's KV cache (in `propose`; None elsewhere).
+    write_score: `write_score(cache, tokens, positions, mask) -> (head-1
+      logits [B, T, V], cache)`: `score` against `cache` (`View.cache` or
+      what an earlier `write_score` returned), returning it with the
+      block's keys and values written at slots `positions`. Write only past
+      the committed length (`prompt_lengths + lengths`) and hand the cache
+      back in `Draft.cache`; a later block sees the written slots before
+      its first position (a sub-block cache).
   """
 
   heads: Callable[[int], jax.Array]
@@ -209,6 +223,8 @@ class View:
   score: Callable[..., jax.Array] | None = None
   features: jax.Array | None = None
   extra_tokens: jax.Array | None = None
+  cache: Any = None
+  write_score: Callable[..., tuple[jax.Array, Any]] | None = None
 
 
 class Drafter(abc.ABC):
@@ -321,14 +337,16 @@ class LoopState:
 
 def _view(state: LoopState, heads, committed, num_committed, offsets, keys,
           context, extra_logits=None, score=None, features=None,
-          extra_tokens=None) -> View:
+          extra_tokens=None, write_score=None) -> View:
   return View(heads=heads, next_token=state.next_token, lengths=state.lengths,
               committed=committed, num_committed=num_committed,
               offsets=offsets, prompts=state.prompts,
               prompt_lengths=state.prompt_lengths, generated=state.tokens,
               keys=keys, context=context, extra_logits=extra_logits,
               score=None if score is None else score(state.cache),
-              features=features, extra_tokens=extra_tokens)
+              features=features, extra_tokens=extra_tokens,
+              cache=None if write_score is None else state.cache,
+              write_score=write_score)
 
 
 def _features(head_fn, nodes):
@@ -411,6 +429,14 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
       return head_fn(nodes, 1)[:, :, 0]
     return score
 
+  def write_score(cache, tokens, positions, mask=None):
+    """View.write_score: head-1 logits and the cache with the block written."""
+    head_fn, cache = tree_call(score_fn, params, tokens, positions, cache,
+                               mask=mask)
+    nodes = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                             tokens.shape)
+    return head_fn(nodes, 1)[:, :, 0], cache
+
   # Prefill: the first token comes from head 1 at the last prompt token.
   positions = jnp.broadcast_to(
       jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
@@ -445,6 +471,8 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     rows = state.lengths.shape[0]  # Shrinks as rows are compacted.
     keys = keys_of(state)
     offsets = state.positions  # [B]
+    if draft.cache is not None:  # The drafter's sub-block cache writes.
+      state = state.replace(cache=draft.cache)
     drafts = draft.tokens[:, :, :t - 1]  # [B, C, t-1]
     chains = drafts.shape[1]
     q = None if draft.q is None else draft.q[:, :, :t - 1]
@@ -553,7 +581,7 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     # No heads here: a drafter reads them in update() and keeps what it needs.
     return drafter.propose(state.drafter, _view(
         state, None, None, jnp.zeros_like(state.lengths), state.positions,
-        keys_of(state), context, score=scorer))
+        keys_of(state), context, score=scorer, write_score=write_score))
 
   if adaptive is None:
     def body(state):

@@ -46,12 +46,32 @@ next block needs one denoising call fewer (none at threshold 0). Other
 rows (every draft accepted, or no guess right) denoise as before. A call
 then feeds (b + 1) + sum(r_a) * b nodes and commits only the chain's.
 
-Sub-block caching (Fast-dLLM v2 reuses the keys and values of a block's
-finished sub-blocks between denoising steps) is not done: every denoising
-step recomputes the whole block, which is exact with respect to the mask.
+Sub-block cache (`sub_block_size` = s < b; Fast-dLLM v2's idea, made
+exact). The fed block's slots 0 .. b-1 ([root, x_1 .. x_{b-1}]) fall into
+sub-blocks of s. Once a row's leading decided tokens x_1 .. x_D cover whole
+sub-blocks, the first F = s * floor(D / s) slots are frozen: their tokens
+are final and no logits there are needed (slot i predicts x_{i+1}, decided).
+A frozen slot attends causally, as committed text does (the verification
+call writes committed blocks causally, and training shows the denoiser
+clean text before its block), so its keys and values never change again;
+the other slots see the whole block both ways. A denoising step therefore
+feeds only slots [w, b), where w is the number of slots frozen in every row
+as of the previous step, and reads slots [0, w) from the KV cache: each
+step writes its block's keys and values past the committed length
+(`View.write_score`), where the next step finds them before its first
+position and the verification call overwrites them. The fed width is one
+of ceil(b / s) static sizes (a `lax.switch`); a row ahead of the others
+gets its extra frozen slots through a per-row pattern
+(`kernels.RuntimePatternMask`). Reading the cache equals recomputing the
+whole block under the same per-row pattern (`reuse_cache=False`, tested),
+so the cache changes nothing but the work; the frozen-causal rule itself
+changes the denoiser's view from plain block diffusion (s = b, no
+freezing), which is measured in experiments/results/block_diffusion.md.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,16 +96,25 @@ class BlockDiffusionDrafter(Drafter):
       (at most b entries, validated by `methods.BlockDiffusion`) whose next
       block the verification call denoises too (fused drafting; empty or
       all 0: off). Needs a verifier that rejects (`Exact()`).
+    sub_block_size: s, the sub-block cache's granularity (None or >= b:
+      off, every step feeds and recomputes the whole block).
+    reuse_cache: False recomputes the frozen slots in every step instead of
+      reading them from the cache (the reference the cache is tested
+      against; same output).
   """
 
   ORDERS = ("confidence", "left_to_right")
 
   def __init__(self, block_size: int, threshold: float, mask_id: int,
                stop_token: int | None = None, guesses: tuple[int, ...] = (),
-               order: str = "confidence"):
+               order: str = "confidence", sub_block_size: int | None = None,
+               reuse_cache: bool = True):
     if order not in self.ORDERS:
       raise ValueError(f"order={order!r}; allowed: {self.ORDERS}.")
     self.block_size, self.threshold, self.order = block_size, threshold, order
+    self.sub_block_size = (None if sub_block_size is None
+                           or sub_block_size >= block_size else sub_block_size)
+    self.reuse_cache = reuse_cache
     self.mask_id, self.stop_token = mask_id, stop_token
     # Group i guesses the next root after outcome[i] accepted drafts with
     # the denoiser's rank[i]-th runner-up there.
@@ -207,14 +236,32 @@ class BlockDiffusionDrafter(Drafter):
     mask = masks.BlockBidirectionalMask(b)
 
     start = self._empty(rows) if carry is None else carry
+    start = dict(start, calls=jnp.zeros((rows,), jnp.int32))
+    s = self.sub_block_size
+    if s is not None and self.reuse_cache:
+      start.update(cache=view.cache, written=jnp.zeros((), jnp.int32))
 
     def cond(c):
       return ~jnp.all(c["decided"])
 
-    def body(c):
+    def fed_block(c):
+      return jnp.concatenate([root[:, None], c["tokens"][:, :b - 1]], axis=1)
+
+    def frozen(c):
+      """[B] slots frozen per row: whole sub-blocks of decided x_1 .. x_D."""
+      lead = jnp.sum(jnp.cumprod(c["decided"].astype(jnp.int32), axis=-1),
+                     axis=-1)
+      return (lead // s) * s
+
+    def pattern(first, width, num_frozen):
+      """[B, width, width] fed slots first .. b-1: causal where frozen."""
+      slot = first + jnp.arange(width, dtype=jnp.int32)
+      causal = jnp.tri(width, dtype=bool)[None]
+      return masks.RuntimePatternMask(jnp.where(
+          (slot[None, :] < num_frozen[:, None])[..., None], causal, True))
+
+    def decide(c, logits):
       tokens, decided = c["tokens"], c["decided"]
-      fed = jnp.concatenate([root[:, None], tokens[:, :b - 1]], axis=1)
-      logits = view.score(fed, positions, mask)
       tokens, now, _ = self.denoise_step(logits, tokens, decided)
       c = dict(c, tokens=tokens, decided=now, calls=(
           c["calls"] + jnp.any(~decided, axis=-1)).astype(jnp.int32))
@@ -223,10 +270,37 @@ class BlockDiffusionDrafter(Drafter):
                                     self.runner_ups(logits), c["runner_ups"])
       return c
 
+    if s is None:
+      def body(c):
+        return decide(c, view.score(fed_block(c), positions, mask))
+    elif not self.reuse_cache:
+      def body(c):  # The reference: every slot fed, none read from cache.
+        return decide(c, view.score(fed_block(c), positions,
+                                    pattern(0, b, frozen(c))))
+    else:
+      def branch(first, c):
+        """A step feeding slots first .. b-1; slots < first are cached."""
+        num_frozen, width = frozen(c), b - first
+        logits, cache = view.write_score(
+            c["cache"], fed_block(c)[:, first:], positions[:, first:],
+            pattern(first, width, num_frozen))
+        # Slots < first predict decided tokens only: no logits needed.
+        logits = jnp.pad(logits, ((0, 0), (first, 0), (0, 0)))
+        # Slots < min(num_frozen) were causal in every row: cached now.
+        written = jnp.maximum(c["written"], jnp.min(num_frozen))
+        return decide(dict(c, cache=cache, written=written), logits)
+
+      # Slots cached in every row: a multiple of s below b while any row is
+      # undecided (its frozen slots precede its first undecided token).
+      branches = [functools.partial(branch, first)
+                  for first in range(0, b, s)]
+
+      def body(c):
+        return jax.lax.switch(c["written"] // s, branches, c)
+
     # Every step decides at least one position of every unfinished row, so
     # the loop ends after at most b steps.
-    out = jax.lax.while_loop(
-        cond, body, dict(start, calls=jnp.zeros((rows,), jnp.int32)))
+    out = jax.lax.while_loop(cond, body, start)
     extra = None
     if self.fused:  # Group i: [runner-up rank[i] at x_{outcome[i]+1}, MASK..].
       groups = len(self.outcome)
@@ -237,4 +311,4 @@ class BlockDiffusionDrafter(Drafter):
           jnp.full((rows, groups, b - 1), self.mask_id, jnp.int32)],
           axis=-1).reshape(rows, groups * b)
     return Draft(tokens=out["tokens"][:, None], calls=out["calls"],
-                 extra=extra)
+                 extra=extra, cache=out.get("cache"))
