@@ -13,11 +13,17 @@ held-out stdlib prompts (test split, 128-192 bytes, as blockdec/demo.py) at one 
   adaptive            a decided newline (AdaBlock-style)
   block-diffusion-    the same with order="left_to_right": a call decides
   left-to-right       only sure positions that extend the decided prefix
+  block-diffusion-    left-to-right with the sub-block cache
+  sub-block           (sub_block_size=s): decided sub-blocks at the start of
+                      the block attend causally and are cached, so later
+                      denoising calls feed fewer positions
   self-speculative    BlockDiffusion(b, threshold, acceptance=Exact()): the
                       adapted model verifies its own draft (= its greedy)
   self-speculative-   the same with next_block_guesses=r: the verification
   fused               call also denoises the next block for every accepted
                       length and r guessed next tokens (same output)
+  self-speculative-   self-speculative with the sub-block cache (same
+  sub-block           output, cheaper denoising calls)
   self-speculative-   fused, verified with Medusa's typical acceptance
   typical             (blockdec.Typical(threshold, alpha), lossy): block
                       diffusion whose drafts the model checks in AR mode but
@@ -27,7 +33,7 @@ held-out stdlib prompts (test split, 128-192 bytes, as blockdec/demo.py) at one 
   hydra-distill       configs/heads_frozen.py:demo and
                       configs/heads_hydra.py:demo_distill, when cached)
 
-Rows: {method, model, block_size, threshold, guesses, acceptance,
+Rows: {method, model, block_size, threshold, guesses, sub_block, acceptance,
 tokens_per_call, tokens_per_s, speedup, nll_nondegenerate, nll_all,
 degenerate_share, agreement_with_ar, agreement_with_base}. acceptance: the
 self-speculative rows' verifier ("exact" or "typical(threshold, alpha)").
@@ -117,6 +123,13 @@ def parse_args(argv=None):
   p.add_argument("--left_to_right", default="8:0.7,8:0.8,8:0.9,16:0.8,16:0.9",
                  help="b:threshold settings also run with "
                  "order='left_to_right' (blocks fill as a prefix)")
+  p.add_argument("--sub_block", default="8:0.7:2,8:0.7:4,8:0.9:2,16:0.8:4,"
+                 "16:0.9:4,16:0.9:8",
+                 help="b:threshold:s settings also run left to right with "
+                 "the sub-block cache (sub_block_size=s)")
+  p.add_argument("--self_speculative_sub_block", default="8:0.5:2,16:0.5:4",
+                 help="b:threshold:s self-speculative settings also run "
+                 "with the sub-block cache")
   p.add_argument("--adaptive", default="8:0.9,16:0.9",
                  help="b:threshold settings also run with stop_token=newline "
                  "(AdaBlock-style blocks that end after a line)")
@@ -139,6 +152,8 @@ def parse_args(argv=None):
     args.self_speculative_typical = "8:0.5:1:0.7:0.9"
     args.adaptive = "8:0.5"
     args.left_to_right = "8:0.5"
+    args.sub_block = "8:0.5:4"
+    args.self_speculative_sub_block = "8:0.5:4"
   ints = lambda s: [int(x) for x in s.split(",") if x]
   floats = lambda s: [float(x) for x in s.split(",") if x]
   args.block_sizes = ints(args.block_sizes)
@@ -157,6 +172,10 @@ def parse_args(argv=None):
                                args.self_speculative_typical.split(",") if x)]
   pairs = lambda s: [(int(x.split(":")[0]), float(x.split(":")[1]))
                      for x in s.split(",") if x]
+  triples = lambda s: [(int(b), float(th), int(sb)) for b, th, sb in
+                       (x.split(":") for x in s.split(",") if x)]
+  args.sub_block = triples(args.sub_block)
+  args.self_speculative_sub_block = triples(args.self_speculative_sub_block)
   args.adaptive = pairs(args.adaptive)
   args.left_to_right = pairs(args.left_to_right)
   if args.num_prompts % args.batch:
@@ -209,6 +228,7 @@ def main(argv=None):
   print(f"[block_diffusion] {len(prompts)} prompts, batch {batch}, {n} new "
         f"tokens, {args.repeats} repeats; load {load_before:.1f}")
 
+  # (method, model, run, decoding method, b, threshold, r[, s]).
   plans = [("ar-greedy", "base", base, blockdec.Autoregressive(), None, None,
             None),
            ("ar-greedy-adapted", "adapted", adapted,
@@ -226,6 +246,11 @@ def main(argv=None):
     plans.append(("block-diffusion-left-to-right", "adapted", adapted,
                   blockdec.BlockDiffusion(b, th, order="left_to_right"), b,
                   th, None))
+  for b, th, sb in args.sub_block:
+    plans.append(("block-diffusion-sub-block", "adapted", adapted,
+                  blockdec.BlockDiffusion(b, th, order="left_to_right",
+                                          sub_block_size=sb), b, th, None,
+                  sb))
   spec = [(b, th, 0) for b in args.self_speculative_block_sizes
           for th in args.self_speculative_thresholds]
   for b, th, r in spec + args.self_speculative_fused:
@@ -233,6 +258,11 @@ def main(argv=None):
         "self-speculative-fused" if r else "self-speculative", "adapted",
         adapted, blockdec.BlockDiffusion(b, th, acceptance=blockdec.Exact(),
                                          next_block_guesses=r), b, th, r))
+  for b, th, sb in args.self_speculative_sub_block:
+    plans.append((
+        "self-speculative-sub-block", "adapted", adapted,
+        blockdec.BlockDiffusion(b, th, acceptance=blockdec.Exact(),
+                                sub_block_size=sb), b, th, 0, sb))
   for b, th, r, (pt, pa) in args.self_speculative_typical:
     plans.append((
         "self-speculative-typical", "adapted", adapted,
@@ -244,27 +274,30 @@ def main(argv=None):
                     make(run), 8, None, None))
 
   outputs = {}
-  for name, model, run, method, b, th, r in plans:
+  for name, model, run, method, b, th, r, *sb in plans:
+    sb = sb[0] if sb else None
     out, seconds, warmup = run_method(
         run.params, run.cfg, prompts, lengths, n, method, batch, args.repeats)
     tokens, lens, calls = out.tokens, out.lengths, out.num_calls
     verifier = _verifier(method)
-    outputs[(name, b, th, r, verifier)] = (model, out, seconds, warmup)
+    outputs[(name, b, th, r, sb, verifier)] = (model, out, seconds, warmup)
     print(f"  {name:22s} b={b} th={th} r={r}"
+          + (f" s={sb}" if sb else "")
           + (f" {verifier}" if verifier else "") + ": "
           f"{lens.sum() / calls.sum():.2f} "
           f"tokens/call, {lens.sum() / seconds:.0f} tokens/s "
           f"(warm-up {warmup:.0f} s)")
   load_after = os.getloadavg()[0]
 
-  _, base_out, base_seconds, _ = outputs[("ar-greedy", None, None, None, None)]
+  _, base_out, base_seconds, _ = outputs[("ar-greedy", None, None, None, None,
+                                           None)]
   base_tokens, base_lens = base_out.tokens, base_out.lengths
-  ad_tokens = outputs[("ar-greedy-adapted", None, None, None,
-                                None)][1].tokens
+  ad_tokens = outputs[("ar-greedy-adapted", None, None, None, None,
+                       None)][1].tokens
   base_tps = base_lens.sum() / base_seconds
   rows = []
-  for (name, b, th, r, verifier), (model, out, seconds,
-                                   warmup) in outputs.items():
+  for (name, b, th, r, sb, verifier), (model, out, seconds,
+                                       warmup) in outputs.items():
     tokens, lens, calls = out.tokens, out.lengths, out.num_calls
     degenerate = np.array([metrics.is_degenerate(t)
                            for t in texts(tokens, lens)])
@@ -274,7 +307,7 @@ def main(argv=None):
     kept = [x for x, k in zip(per_row, keep) if k]
     rows.append({
         "method": name, "model": model, "block_size": b, "threshold": th,
-        "guesses": r, "acceptance": verifier,
+        "guesses": r, "sub_block": sb, "acceptance": verifier,
         "tokens_per_call": float(lens.sum() / calls.sum()),
         "tokens_per_s": float(lens.sum() / seconds),
         "speedup": float(lens.sum() / seconds / base_tps),
@@ -358,12 +391,15 @@ def markdown(result) -> str:
       "denoised in calls of its own; r > 0: fused, the verification call "
       "also denoises the next block for r guessed next tokens per accepted "
       "length; r_0-r_1-..: r_a guesses after a accepted drafts). Fed nodes "
-      "per call: b + 1 + b * (number of guesses).",
+      "per call: b + 1 + b * (number of guesses). s: `sub_block_size`, the "
+      "sub-block cache (decided sub-blocks of s at the start of the block "
+      "attend causally and are read from the cache; later denoising calls "
+      "feed b - s, b - 2s, .. positions).",
       "",
-      "| method | model | b | threshold | r | tokens/call | tokens/s | "
+      "| method | model | b | threshold | r | s | tokens/call | tokens/s | "
       "speedup | NLL under base (non-degenerate rows) | all rows | "
       "degenerate | agreement with adapted AR | with base |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lossy = r.get("acceptance") not in (None, "exact")
@@ -371,7 +407,7 @@ def markdown(result) -> str:
         f"| {r['method']}{', ' + r['acceptance'] if lossy else ''} | "
         f"{r['model']} | {_fmt(r['block_size'], '{}')} | "
         f"{_fmt(r['threshold'])} | {_guesses(r.get('guesses'))} | "
-        f"{r['tokens_per_call']:.2f} | "
+        f"{_fmt(r.get('sub_block'), '{}')} | {r['tokens_per_call']:.2f} | "
         f"{r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
         f"{_fmt(r['nll_nondegenerate'], '{:.3f}')} "
         f"({r['nondegenerate_rows']}) | {_fmt(r.get('nll_all'), '{:.3f}')} | "
@@ -398,12 +434,14 @@ def markdown(result) -> str:
     return (f"best {best['tokens_per_call']:.2f} ({variant}"
             f"b={best['block_size']}, "
             f"threshold {best['threshold']}"
+            + (f", s={best['sub_block']}" if best.get("sub_block") else "")
             + (f", r={_guesses(best['guesses'])}, {best['acceptance']}"
                if best.get("guesses") else "") + ", NLL "
             f"{best['nll_nondegenerate']:.3f})" if best else
             "no setting within the bound")
   spec = [r for r in rows
-          if r["method"] in ("self-speculative", "self-speculative-fused")]
+          if r["method"] in ("self-speculative", "self-speculative-fused",
+                             "self-speculative-sub-block")]
   best_spec = max(spec, key=lambda r: r["tokens_per_call"]) if spec else None
   gap = (None if None in (h["base"], h["adapted"])
          else h["adapted"] - h["base"])
@@ -428,7 +466,9 @@ def markdown(result) -> str:
       " tokens per call: " + (
           f"best {best_spec['tokens_per_call']:.2f} (b="
           f"{best_spec['block_size']}, threshold {best_spec['threshold']}, "
-          f"r={_guesses(best_spec.get('guesses'))}; "
+          f"r={_guesses(best_spec.get('guesses'))}"
+          + (f", s={best_spec['sub_block']}" if best_spec.get("sub_block")
+             else "") + "; "
           f"agreement with adapted AR "
           f"{best_spec['agreement_with_ar']:.2f})" if best_spec else "-")
       + ".",
@@ -443,7 +483,9 @@ def plot(result, path):
   ar = next(r for r in rows if r["method"] == "ar-greedy")
   markers = {"block-diffusion": "o", "block-diffusion-adaptive": "D",
              "block-diffusion-left-to-right": ">",
+             "block-diffusion-sub-block": "d",
              "self-speculative": "s", "self-speculative-fused": "X",
+             "self-speculative-sub-block": "p",
              "self-speculative-typical": "h",
              "draft-model": "^", "heads-frozen": "v", "hydra-distill": "<",
              "ar-greedy": "*", "ar-greedy-adapted": "P"}
@@ -459,7 +501,8 @@ def plot(result, path):
       if r["block_size"] is not None:
         label = f"b{r['block_size']}" + (
             "" if r["threshold"] is None else f"/{r['threshold']:g}") + (
-            f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "")
+            f"/r{_guesses(r['guesses'])}" if r.get("guesses") else "") + (
+            f"/s{r['sub_block']}" if r.get("sub_block") else "")
         lossy = method == "self-speculative-typical"
         if lossy:
           label += "/" + r["acceptance"].replace(" ", "")
