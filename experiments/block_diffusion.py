@@ -278,6 +278,10 @@ def main(argv=None):
     sb = sb[0] if sb else None
     out, seconds, warmup = run_method(
         run.params, run.cfg, prompts, lengths, n, method, batch, args.repeats)
+    # Each method compiles its own decode loops; dropping them keeps the
+    # process under vm.max_map_count (65530 here: the sub-block rows pushed
+    # one run past it, "LLVM compilation error: Cannot allocate memory").
+    jax.clear_caches()
     tokens, lens, calls = out.tokens, out.lengths, out.num_calls
     verifier = _verifier(method)
     outputs[(name, b, th, r, sb, verifier)] = (model, out, seconds, warmup)
