@@ -18,6 +18,19 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                              + FAST_COMPILE_FLAGS).strip()
 
+# The same programs compile again and again across the suite (the same
+# random architectures decode in many modules, caches are cleared between
+# modules, below, and subprocesses start empty): XLA's persistent
+# compilation cache, shared by the xdist workers and the subprocesses (they
+# inherit the environment), serves the repeats from disk. Keyed by the
+# program, jax version and flags, so a stale entry is never used; kept
+# between runs under .pytest_cache (ignored by git).
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    _REPO, ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # `make test` runs the JAX tests in pytest-xdist workers that must never load
 # torch (it adds thousands of memory mappings, see below, and nothing in
 # them needs it). The torch tests (marker `torch`, file tests/test_hf.py) run
