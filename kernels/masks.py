@@ -328,16 +328,26 @@ class OrMask(BlockMask):
 class RuntimeMask:
   """A block mask whose pattern is runtime data (``[T, T]`` or ``[B, T, T]``).
 
-  Subclasses are pytrees with one leaf, ``leaf``; ``block_len`` (T) and
-  ``slots_are_positions`` are static. Not a ``BlockMask``: no hashing, no
-  ``&`` / ``|``.
+  A pytree with one leaf (the attribute ``_LEAF``, shared by every row at
+  rank ``_SHARED_NDIM`` or per row with a leading B dim); ``block_len`` (T,
+  the leaf's last dim) and ``slots_are_positions`` are static. Not a
+  ``BlockMask``: no hashing, no ``&`` / ``|``. Subclasses set the class
+  attributes, validate in ``__init__``, define ``pattern()`` and register
+  with ``jax.tree_util.register_pytree_node_class``.
   """
 
+  _LEAF: str          # attribute holding the leaf
+  _NAME: str          # the leaf as messages and repr name it
+  _SHARED_NDIM: int   # rank of a leaf shared by every row
+  _SHAPES: str        # "[T] or [B, T]"-style text for messages
+
+  # Data, never a static argument: unhashable, so `jax.jit` refuses it in
+  # `static_argnames` instead of retracing for every new object.
   __hash__ = None
 
   @property
   def leaf(self) -> jax.Array:
-    raise NotImplementedError
+    return getattr(self, self._LEAF)
 
   @property
   def block_len(self) -> int:
@@ -346,13 +356,32 @@ class RuntimeMask:
   @property
   def batched(self) -> bool:
     """True when the pattern is per row (the leaf has a leading B dim)."""
-    raise NotImplementedError
+    return self.leaf.ndim == self._SHARED_NDIM + 1
 
   def check_batch(self, batch: int) -> None:
-    raise NotImplementedError
+    """Raises unless the leaf is shared or has a leading dim of `batch`."""
+    shape = self.leaf.shape
+    if (len(shape) not in (self._SHARED_NDIM, self._SHARED_NDIM + 1)
+        or (self.batched and shape[0] != batch)):
+      raise ValueError(f"{type(self).__name__} {self._NAME} must be "
+                       f"{self._SHAPES} with B={batch}, T={self.block_len}; "
+                       f"got shape {shape}.")
 
   def pattern(self) -> jax.Array:
     raise NotImplementedError
+
+  def tree_flatten(self):
+    return (self.leaf,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    obj = object.__new__(cls)  # Leaves may be tracers or placeholders.
+    setattr(obj, cls._LEAF, children[0])
+    return obj
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self._NAME}={self.leaf!r})"
 
 
 @jax.tree_util.register_pytree_node_class
@@ -381,30 +410,13 @@ class RuntimeTreeMask(RuntimeMask):
   """
 
   parents: jax.Array  # [T] or [B, T] int32
-
-  # Data, never a static argument: unhashable, so `jax.jit` refuses it in
-  # `static_argnames` instead of retracing for every new object.
-  __hash__ = None
+  _LEAF = _NAME = "parents"
+  _SHARED_NDIM, _SHAPES = 1, "[T] or [B, T]"
 
   def __init__(self, parents):
     if not isinstance(parents, jax.core.Tracer):
       _check_runtime_parents(np.asarray(parents))
     self.parents = jnp.asarray(parents, jnp.int32)
-
-  @property
-  def leaf(self) -> jax.Array:
-    return self.parents
-
-  @property
-  def batched(self) -> bool:
-    return self.parents.ndim == 2
-
-  def check_batch(self, batch: int) -> None:
-    """Raises unless the parents are [T] or [batch, T]."""
-    shape = self.parents.shape
-    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != batch):
-      raise ValueError(f"RuntimeTreeMask parents must be [T] or [B, T] with "
-                       f"B={batch}, T={self.block_len}; got shape {shape}.")
 
   @property
   def slots_are_positions(self) -> bool:
@@ -429,19 +441,6 @@ class RuntimeTreeMask(RuntimeMask):
       reach = jnp.einsum("...ij,...jk->...ik", r, r) > 0.5
     return reach
 
-  def tree_flatten(self):
-    return (self.parents,), None
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    del aux
-    obj = object.__new__(cls)  # Leaves may be tracers or placeholders.
-    obj.parents = children[0]
-    return obj
-
-  def __repr__(self) -> str:
-    return f"RuntimeTreeMask(parents={self.parents!r})"
-
 
 @jax.tree_util.register_pytree_node_class
 class RuntimePatternMask(RuntimeMask):
@@ -458,6 +457,8 @@ class RuntimePatternMask(RuntimeMask):
   """
 
   pattern_array: jax.Array  # [T, T] or [B, T, T] bool
+  _LEAF, _NAME = "pattern_array", "pattern"
+  _SHARED_NDIM, _SHAPES = 2, "[T, T] or [B, T, T]"
 
   def __init__(self, pattern):
     if not isinstance(pattern, jax.core.Tracer):
@@ -472,40 +473,11 @@ class RuntimePatternMask(RuntimeMask):
     self.pattern_array = jnp.asarray(pattern, bool)
 
   @property
-  def leaf(self) -> jax.Array:
-    return self.pattern_array
-
-  @property
-  def batched(self) -> bool:
-    return self.pattern_array.ndim == 3
-
-  @property
   def slots_are_positions(self) -> bool:
     return True
 
-  def check_batch(self, batch: int) -> None:
-    """Raises unless the pattern is [T, T] or [batch, T, T]."""
-    shape = self.pattern_array.shape
-    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != batch):
-      raise ValueError(f"RuntimePatternMask pattern must be [T, T] or "
-                       f"[B, T, T] with B={batch}, T={self.block_len}; got "
-                       f"shape {shape}.")
-
   def pattern(self) -> jax.Array:
     return self.pattern_array
-
-  def tree_flatten(self):
-    return (self.pattern_array,), None
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    del aux
-    obj = object.__new__(cls)
-    obj.pattern_array = children[0]
-    return obj
-
-  def __repr__(self) -> str:
-    return f"RuntimePatternMask(pattern={self.pattern_array!r})"
 
 
 def _check_runtime_parents(parents: np.ndarray) -> None:

@@ -283,6 +283,27 @@ def check_decode_pallas():
   assert "shard_map" in jaxpr and "P('data', None, 'model', None)" in jaxpr, (
       jaxpr[:2000])
   assert "shard_map" not in str(jax.make_jaxpr(f)(q, kv, kv, cache, pos))
+  # A per-row runtime pattern (block diffusion's sub-block cache) is split
+  # with the rows: each shard's rows keep their own patterns.
+  rng = np.random.RandomState(0)
+  q, k, v = (rng.randn(BATCH, 3, *heads, 8).astype(np.float32)
+             for heads in ((8,), (4,), (4,)))
+  cache = blockdec.KVCache.make(num_layers=1, batch=BATCH, length=16,
+                                num_kv_heads=4, head_dim=8)
+  cache = cache.replace(k=(jax.numpy.asarray(
+      rng.randn(BATCH, 4, 8, 16).astype(np.float32)),), v=(jax.numpy.asarray(
+          rng.randn(BATCH, 4, 16, 8).astype(np.float32)),))
+  pos = (rng.randint(0, 12, (BATCH, 1)) + np.arange(3)).astype(np.int32)
+  patterns = (rng.rand(BATCH, 3, 3) < 0.5) | np.eye(3, dtype=bool)
+  from blockdec import kernels  # pylint: disable=g-import-not-at-top
+  mask = kernels.RuntimePatternMask(patterns)
+  g = jax.jit(lambda q, k, v, c, p, m: attention.cached_attention(
+      q, k, v, c, 0, p, backend="pallas", mask=m)[0])
+  want = g(q, k, v, cache, pos, mask)
+  with jax.set_mesh(blockdec.make_mesh((2, 4))):
+    got = g(q, k, v, cache, pos, mask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6,
+                             rtol=1e-6)
 
 
 def check_cache_sharding():

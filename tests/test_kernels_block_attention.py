@@ -342,58 +342,46 @@ class TestBlockAttention:
   def test_matches_reference_bf16(self, case):
     self._check(case, CAUSAL, jnp.bfloat16)
 
+  def _check_runtime_mask(self, case, rng, mask, static_of_row):
+    """`mask` agrees with the reference, and row b with static_of_row(b)."""
+    _, batch, block_len, heads, kv_heads, head_dim, seq_len, bkv, rule = case
+    q, k, v = _random_inputs(rng, batch, block_len, heads, kv_heads, head_dim,
+                             seq_len, jnp.float32)
+    offsets = jnp.asarray(_offsets(rule, rng, batch, block_len, seq_len, bkv))
+    run = functools.partial(kernels.block_attention, q, k, v, offsets,
+                            block_sizes=kernels.BlockSizes(block_kv=bkv),
+                            interpret=self.INTERPRET)
+    got = run(mask)
+    np.testing.assert_allclose(
+        got, kernels.block_attention_reference(q, k, v, offsets, mask),
+        **TOLERANCES[jnp.float32])
+    for b in range(batch):
+      np.testing.assert_allclose(got[b], run(static_of_row(b))[b], atol=1e-6,
+                                 rtol=1e-6)
+
   @pytest.mark.parametrize("case", KERNEL_CASES[1:2], ids=[c[0] for c in
                                                            KERNEL_CASES[1:2]])
   @pytest.mark.parametrize("per_row", [False, True])
   def test_runtime_tree_matches_static_tree(self, case, per_row):
     """A RuntimeTreeMask gives each row the output of TreeMask(its parents)."""
-    _, batch, block_len, heads, kv_heads, head_dim, seq_len, bkv, rule = case
+    _, batch, block_len, heads, _, _, seq_len, _, _ = case
     rng = np.random.default_rng([batch, block_len, heads, seq_len])
     parents = _random_parents(rng, batch if per_row else 1, block_len)
-    q, k, v = _random_inputs(rng, batch, block_len, heads, kv_heads, head_dim,
-                             seq_len, jnp.float32)
-    offsets = jnp.asarray(_offsets(rule, rng, batch, block_len, seq_len, bkv))
-    block_sizes = kernels.BlockSizes(block_kv=bkv)
-    mask = kernels.RuntimeTreeMask(parents if per_row else parents[0])
-    got = kernels.block_attention(q, k, v, offsets, mask,
-                                  block_sizes=block_sizes,
-                                  interpret=self.INTERPRET)
-    np.testing.assert_allclose(
-        got, kernels.block_attention_reference(q, k, v, offsets, mask),
-        **TOLERANCES[jnp.float32])
-    for b in range(batch):
-      static = kernels.TreeMask(parents[b if per_row else 0])
-      want = kernels.block_attention(q, k, v, offsets, static,
-                                     block_sizes=block_sizes,
-                                     interpret=self.INTERPRET)
-      np.testing.assert_allclose(got[b], want[b], atol=1e-6, rtol=1e-6)
+    self._check_runtime_mask(
+        case, rng, kernels.RuntimeTreeMask(parents if per_row else parents[0]),
+        lambda b: kernels.TreeMask(parents[b if per_row else 0]))
 
   @pytest.mark.parametrize("case", KERNEL_CASES[1:2], ids=[c[0] for c in
                                                            KERNEL_CASES[1:2]])
   def test_runtime_pattern_matches_static_pattern(self, case):
     """A per-row RuntimePatternMask gives each row PatternMask(its pattern)."""
-    _, batch, block_len, heads, kv_heads, head_dim, seq_len, bkv, rule = case
+    _, batch, block_len, _, _, _, seq_len, _, _ = case
     rng = np.random.default_rng([batch, block_len, seq_len, 7])
     # Random patterns in which every query sees itself.
     patterns = (rng.random((batch, block_len, block_len)) < 0.5) | np.eye(
         block_len, dtype=bool)
-    q, k, v = _random_inputs(rng, batch, block_len, heads, kv_heads, head_dim,
-                             seq_len, jnp.float32)
-    offsets = jnp.asarray(_offsets(rule, rng, batch, block_len, seq_len, bkv))
-    block_sizes = kernels.BlockSizes(block_kv=bkv)
-    mask = kernels.RuntimePatternMask(patterns)
-    got = kernels.block_attention(q, k, v, offsets, mask,
-                                  block_sizes=block_sizes,
-                                  interpret=self.INTERPRET)
-    np.testing.assert_allclose(
-        got, kernels.block_attention_reference(q, k, v, offsets, mask),
-        **TOLERANCES[jnp.float32])
-    for b in range(batch):
-      want = kernels.block_attention(q, k, v, offsets,
-                                     kernels.PatternMask(patterns[b]),
-                                     block_sizes=block_sizes,
-                                     interpret=self.INTERPRET)
-      np.testing.assert_allclose(got[b], want[b], atol=1e-6, rtol=1e-6)
+    self._check_runtime_mask(case, rng, kernels.RuntimePatternMask(patterns),
+                             lambda b: kernels.PatternMask(patterns[b]))
 
   def test_tiles_past_the_block_are_skipped(self):
     # NaNs in tiles wholly after offset + T would poison the output if those

@@ -417,18 +417,6 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     return (None if sampling is None
             else sampling_lib.row_keys(key, state.row_ids))
 
-  def scorer(cache):
-    """View.score: head-1 logits of a block against `cache`; the updated
-    cache `tree_call` returns is discarded, so the loop's cache is as
-    before."""
-    def score(tokens, positions, mask=None):
-      head_fn, _ = tree_call(score_fn, params, tokens, positions, cache,
-                             mask=mask)
-      nodes = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
-                               tokens.shape)
-      return head_fn(nodes, 1)[:, :, 0]
-    return score
-
   def write_score(cache, tokens, positions, mask=None):
     """View.write_score: head-1 logits and the cache with the block written."""
     head_fn, cache = tree_call(score_fn, params, tokens, positions, cache,
@@ -436,6 +424,13 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     nodes = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                              tokens.shape)
     return head_fn(nodes, 1)[:, :, 0], cache
+
+  def scorer(cache):
+    """View.score: write_score against `cache` with the updated cache
+    discarded (XLA drops the write), so the loop's cache is as before."""
+    def score(tokens, positions, mask=None):
+      return write_score(cache, tokens, positions, mask)[0]
+    return score
 
   # Prefill: the first token comes from head 1 at the last prompt token.
   positions = jnp.broadcast_to(

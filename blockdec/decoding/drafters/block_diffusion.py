@@ -60,8 +60,8 @@ as of the previous step, and reads slots [0, w) from the KV cache: each
 step writes its block's keys and values past the committed length
 (`View.write_score`), where the next step finds them before its first
 position and the verification call overwrites them. The fed width is one
-of ceil(b / s) static sizes (one while loop each, in order); a row ahead of the others
-gets its extra frozen slots through a per-row pattern
+of ceil(b / s) static sizes (one while loop each, in order); a row ahead
+of the others gets its extra frozen slots through a per-row pattern
 (`kernels.RuntimePatternMask`). Reading the cache equals recomputing the
 whole block under the same per-row pattern (`reuse_cache=False`, tested),
 so the cache changes nothing but the work; the frozen-causal rule itself
