@@ -15,6 +15,8 @@ from blockdec.api import (blockwise_decode, check_params, decode,
                           forward_logits, greedy_decode, init_params,
                           model_score_fn)
 from blockdec.checkpointing import load_checkpoint, save_checkpoint
+# Verification call costs on this machine (for AdaptiveBlockSize).
+from blockdec.calibration import measure_call_costs
 from blockdec.config import ModelConfig
 from blockdec.decoding import (AcceptAll, AcceptanceRule, AdaptiveBlockSize,
                                DecodeOutput, Distance, DraftTree,

@@ -10,10 +10,13 @@ architecture and larger ones (configs/base_lm.py:mid and a 149 MB one), at
 batch 1 and 8, for chains of T = 1..16 fed tokens and the token trees the
 drafters use. Costs depend on shapes only, so the weights are random.
 
-Each call is the decoding loop's target call: T tokens at positions
-P..P+T-1 against a KV cache of the loop's length (prompt P = 192, 128 new
-tokens), causal for a chain and through the tree mask for a tree, head 1's
+Each call is the decoding loop's target call (`blockdec.calibration`): T
+tokens at positions P..P+T-1 against a KV cache of the loop's length
+(prompt P = 192, 128 new tokens), donated and written in place as in the
+loop, causal for a chain and through the tree mask for a tree, head 1's
 logits at every fed node. Medians of --repeats timed calls after a warm-up.
+`blockdec.measure_call_costs` measures the same ratios for any model, as
+the adaptive rule's `call_costs`.
 
 Rows: {model, params_mb, batch, nodes, shape, ms_per_call, ratio} with
 ratio = ms_per_call / the same model's and batch's one-token call.
@@ -27,16 +30,13 @@ Launch (from the repository root):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import pathlib
 import shlex
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
@@ -44,10 +44,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import blockdec  # noqa: E402
+from blockdec import calibration  # noqa: E402
 from blockdec import metrics  # noqa: E402
 from blockdec.decoding.lattice import DraftTree  # noqa: E402
 from blockdec.kernels import masks  # noqa: E402
-from blockdec.models import transformer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -75,28 +75,12 @@ def parse_args(argv=None):
   return args
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mask"))
-def _call(params, tokens, positions, cache, cfg, mask):
-  logits, cache = transformer.apply(params, cfg, tokens, positions, cache,
-                                    num_heads=1, mask=mask)
-  return logits, cache
-
-
 def time_call(params, cfg, batch, depths, mask, repeats) -> float:
-  """Median milliseconds of one call feeding len(depths) nodes."""
-  cache = transformer.make_cache(cfg, batch, PROMPT + NEW + 32)
-  cache = cache.set_end_index(jnp.full((batch,), PROMPT, jnp.int32))
-  nodes = len(depths)
-  tokens = jnp.ones((batch, nodes), jnp.int32)
-  positions = PROMPT + jnp.broadcast_to(jnp.asarray(depths, jnp.int32),
-                                        (batch, nodes))
-  jax.block_until_ready(_call(params, tokens, positions, cache, cfg, mask))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(_call(params, tokens, positions, cache, cfg, mask))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
+  """Median milliseconds of one call feeding len(depths) nodes (the cache
+  donated and written in place, as in the decoding loop)."""
+  return calibration.time_call(params, cfg, batch, depths, mask,
+                               prompt_len=PROMPT, cache_len=PROMPT + NEW + 32,
+                               repeats=repeats)
 
 
 def main(argv=None):

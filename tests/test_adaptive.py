@@ -36,6 +36,72 @@ def test_rule_on_the_worked_example():
   assert int(AdaptiveBlockSize(100.0).choose(q, active, 4)) == 0  # T = 1.
 
 
+def test_rule_with_measured_call_costs():
+  q = jnp.array([[1.0, 0.9, 0.5, 0.1]])
+  active = jnp.array([True])
+  # The linear model's own costs as a table: the same choice (T = 2).
+  linear = AdaptiveBlockSize(call_costs=((1, 1.0), (2, 1.3), (4, 1.9)))
+  assert int(linear.choose(q, active, 4)) == 1
+  # Nearly free extra tokens: 2.40 / 1.1 beats 1.90 / 1.05, so T = 4.
+  flat = AdaptiveBlockSize(call_costs={4: 1.1, 1: 1.0, 2: 1.05})
+  assert flat.call_costs == ((1, 1.0), (2, 1.05), (4, 1.1))
+  assert int(flat.choose(q, active, 4)) == 2
+  # Costs not monotonic in T (seen on CPUs): 8 certain drafts at 2.0 beat
+  # 4 at 3.0; the sizes are the table's up to the block size.
+  bumpy = AdaptiveBlockSize(call_costs=((1, 1.0), (4, 3.0), (8, 2.0)))
+  assert bumpy.candidate_sizes(8) == (1, 4, 8)
+  assert bumpy.candidate_sizes(6) == (1, 4)
+  assert int(bumpy.choose(jnp.ones((1, 8)), active, 8)) == 2
+  assert bumpy.call_cost(4) == 3.0
+  assert AdaptiveBlockSize(0.5).call_cost(3) == 2.0
+
+
+def test_call_costs_errors():
+  allowed = "allowed: \\(\\(T, cost\\), ...\\)"
+  for bad in [((0, 1.0),), ((1, 0.0),), ((1, 1.0), (1, 2.0)), "cheap",
+              ((1, float("nan")),), (), ((2.5, 1.0),), ((1, True),)]:
+    with pytest.raises(ValueError, match=f"call_costs=.*; {allowed}"):
+      AdaptiveBlockSize(call_costs=bad)
+  with pytest.raises(ValueError, match=r"sizes \[8\] have no entry in "
+                     r"call_costs"):
+    AdaptiveBlockSize(sizes=(2, 8), call_costs=((1, 1.0), (2, 1.1)))
+  with pytest.raises(ValueError, match="no size <= block_size=2"):
+    AdaptiveBlockSize(call_costs=((4, 1.5),)).validate(2)
+  with pytest.raises(ValueError, match="no entry for a call of 3 tokens"):
+    AdaptiveBlockSize(call_costs=((4, 1.5),)).call_cost(3)
+
+
+def test_measured_call_costs_drive_an_exact_decode():
+  """measure_call_costs times real calls (values depend on the machine, so
+  only their form is checked) and its table runs the adaptive rule; the
+  output stays greedy's."""
+  cfg, params = random_model(3)
+  costs = blockdec.measure_call_costs(params, cfg, batch=2, sizes=(4, 1, 2),
+                                      prompt_len=6, repeats=2)
+  assert [t for t, _ in costs] == [1, 2, 4]
+  assert costs[0][1] == 1.0
+  assert all(np.isfinite(c) and c > 0 for _, c in costs)
+  rule = AdaptiveBlockSize(call_costs=costs)
+  prompts, lengths = ragged_prompts(4, 3, 5, cfg.vocab_size)
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=12)
+  out = blockdec.blockwise_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=12, block_size=4,
+                                  adaptive=rule)
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+  with pytest.raises(ValueError, match="sizes=\\(0, 2\\) must be"):
+    blockdec.measure_call_costs(params, cfg, sizes=(0, 2))
+  with pytest.raises(ValueError, match="max_seq_len"):
+    blockdec.measure_call_costs(params, cfg, prompt_len=cfg.max_seq_len)
+
+
+def test_measure_call_costs_of_an_encoder_decoder():
+  cfg, params = random_model(1, encoder_layers=1)
+  costs = blockdec.measure_call_costs(params, cfg, sizes=(1, 3),
+                                      prompt_len=2, repeats=1)
+  assert [t for t, _ in costs] == [1, 3] and costs[1][1] > 0
+
+
 def test_rule_counts_only_active_rows():
   rule = AdaptiveBlockSize(token_cost=0.3)
   q = jnp.array([[1.0, 0.05, 0.05, 0.05], [1.0, 1.0, 1.0, 1.0]])
@@ -119,6 +185,8 @@ CASES = [  # (arch_seed, batch, block_size, max_prompt, max_new_tokens, rule)
                                        estimate="confidence")),
     (5, 5, 6, 9, 19, AdaptiveBlockSize(0.3)),
     (7, 8, 8, 5, 25, AdaptiveBlockSize(0.1, sizes=(1, 3, 8))),
+    (9, 2, 8, 6, 18, AdaptiveBlockSize(call_costs=((1, 1.0), (3, 1.2),
+                                                   (8, 1.5)))),
 ]
 
 

@@ -37,8 +37,12 @@ the most expected tokens per unit of cost over the rows still decoding:
 a call relative to a one-token call: ~0.3 for the demo model on 2 CPU
 cores at batch 8, near 0 on an accelerator that is memory-bound at the
 batch (where always verifying all k tokens is right: `token_cost=0` gives
-plain blockwise decoding). Every size in `sizes` is one compiled branch of
-the loop body (`lax.switch`).
+plain blockwise decoding). Real costs are seldom linear in T (on one CPU
+here a demo-model call of 4 tokens cost more than one of 8), so
+`call_costs` can give the cost of each size instead, as measured on the
+machine by `blockdec.measure_call_costs`; the candidate sizes are then the
+table's. Every size is one compiled branch of the loop body
+(`lax.switch`).
 
 Worked example, k = 4, one row, q = [1, 0.9, 0.5, 0.1], token_cost = 0.3:
 
@@ -53,6 +57,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from blockdec import validation
 
@@ -66,14 +71,21 @@ class AdaptiveBlockSize:
   Attributes:
     token_cost: marginal cost of one more verified token per row, in
       one-token calls (>= 0; 0 always verifies the largest size).
-    sizes: the candidate lengths T, each in [1, block_size]; None: 1, 2, 4,
+    sizes: the candidate lengths T, each in [1, block_size]; None: the
+      sizes of `call_costs` up to the block size, or without it 1, 2, 4,
       ... up to the block size, and the block size itself.
     estimate: how q is estimated: "history" or "confidence" (module doc).
+    call_costs: None (the linear model of `token_cost`) or ((T, cost),
+      ...) (or a dict T -> cost; stored as the sorted tuple): a call
+      verifying T tokens costs `cost` one-token calls (> 0),
+      e.g. `blockdec.measure_call_costs(params, cfg, batch=...)`. Every
+      candidate size needs an entry; `token_cost` is then unused.
   """
 
   token_cost: float = 0.3
   sizes: tuple[int, ...] | None = None
   estimate: str = "history"
+  call_costs: tuple[tuple[int, float], ...] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "token_cost", validation.check_number(
@@ -87,6 +99,27 @@ class AdaptiveBlockSize:
         raise ValueError(f"AdaptiveBlockSize sizes={self.sizes!r} must be a "
                          "non-empty tuple of positive ints.")
       object.__setattr__(self, "sizes", tuple(int(t) for t in self.sizes))
+    if self.call_costs is not None:
+      object.__setattr__(self, "call_costs", _check_costs(self.call_costs))
+      missing = sorted(set(self.sizes or ()) - set(self._cost_table))
+      if missing:
+        raise ValueError(f"AdaptiveBlockSize sizes {missing} have no entry "
+                         f"in call_costs={self.call_costs!r}; give every "
+                         "candidate size a cost.")
+
+  @property
+  def _cost_table(self) -> dict[int, float]:
+    return dict(self.call_costs or ())
+
+  def call_cost(self, t: int) -> float:
+    """What a call verifying t tokens costs, in one-token calls."""
+    if self.call_costs is None:
+      return 1.0 + self.token_cost * (t - 1)
+    table = self._cost_table
+    if t not in table:
+      raise ValueError(f"AdaptiveBlockSize call_costs={self.call_costs!r} "
+                       f"has no entry for a call of {t} tokens.")
+    return table[t]
 
   def init(self, batch: int, block_size: int):
     """The rule's carry: per-row counts of verified and surviving drafts.
@@ -128,6 +161,8 @@ class AdaptiveBlockSize:
 
   def candidate_sizes(self, block_size: int) -> tuple[int, ...]:
     """The sorted candidate lengths for `block_size` drafted tokens."""
+    if self.sizes is None and self.call_costs is not None:
+      return tuple(t for t in sorted(self._cost_table) if t <= block_size)
     if self.sizes is None:
       sizes = {block_size}
       t = 1
@@ -148,6 +183,9 @@ class AdaptiveBlockSize:
     if too_big:
       raise ValueError(f"AdaptiveBlockSize sizes {too_big} exceed "
                        f"block_size={block_size}; allowed: 1..{block_size}.")
+    if not self.candidate_sizes(block_size):
+      raise ValueError(f"AdaptiveBlockSize call_costs={self.call_costs!r} "
+                       f"has no size <= block_size={block_size}.")
 
   def choose(self, survival: jax.Array, active: jax.Array,
              block_size: int) -> jax.Array:
@@ -169,8 +207,28 @@ class AdaptiveBlockSize:
         [jnp.zeros_like(survive[:, :1]), jnp.cumsum(survive, axis=-1)], axis=-1)
     total = jnp.sum(jnp.where(active[:, None], expected, 0.0), axis=0)  # [k]
     picked = jnp.stack([total[t - 1] for t in sizes])
-    cost = jnp.asarray([1.0 + self.token_cost * (t - 1) for t in sizes])
+    cost = jnp.asarray([self.call_cost(t) for t in sizes], jnp.float32)
     return jnp.argmax(picked / cost).astype(jnp.int32)
+
+
+def _check_costs(costs) -> tuple[tuple[int, float], ...]:
+  """call_costs as sorted ((T, cost), ...), or a ValueError naming it."""
+  allowed = ("((T, cost), ...) with distinct positive int sizes T and "
+             "finite costs > 0")
+  if isinstance(costs, dict):
+    costs = tuple(costs.items())
+  try:
+    pairs = [(t, c) for t, c in costs]
+  except (TypeError, ValueError):
+    raise ValueError(f"AdaptiveBlockSize call_costs={costs!r}; allowed: "
+                     f"{allowed}.") from None
+  if (not pairs or any(not validation.is_int(t) or t < 1
+                       or not validation.is_number(c)
+                       or not np.isfinite(c) or c <= 0 for t, c in pairs)
+      or len({t for t, _ in pairs}) != len(pairs)):
+    raise ValueError(f"AdaptiveBlockSize call_costs={costs!r}; allowed: "
+                     f"{allowed}.")
+  return tuple(sorted((int(t), float(c)) for t, c in pairs))
 
 
 def proposal_confidence(logits: jax.Array) -> jax.Array:

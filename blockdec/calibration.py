@@ -1,0 +1,128 @@
+"""What a verification call costs on this machine, measured.
+
+Blockwise decoding gains wall-clock only where the tokens a call commits
+outgrow what the call costs beside a one-token call, and that cost depends
+on the hardware, the model and the batch: on the 2-core CPU this project
+runs on, a k = 8 call of the `make demo` model costs 1.6x to 3x a greedy
+step depending on the processor and the batch; on an accelerator that is
+memory-bound at the batch it costs about 1x. `AdaptiveBlockSize` chooses
+how many drafts each call verifies from such a cost model, so the costs
+are worth measuring rather than guessing:
+
+    costs = blockdec.measure_call_costs(params, cfg, batch=1,
+                                        sizes=(1, 2, 4, 8))
+    # e.g. ((1, 1.0), (2, 1.05), (4, 1.2), (8, 1.6))
+    rule = blockdec.AdaptiveBlockSize(call_costs=costs)
+
+Each timed call is the decoding loop's target call: T tokens at positions
+P..P+T-1 against a KV cache with P committed slots, written in place (the
+cache is donated, as in the loop), head 1's logits at every fed token;
+`experiments/step_costs.py` times the same call for its tables. Costs
+depend on shapes, not on the weights' values, and timings on a shared
+machine move: the median of `repeats` calls after a warm-up is taken, and
+measuring with nothing else running gives the steadiest table.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blockdec import validation
+from blockdec.config import ModelConfig
+from blockdec.models import transformer
+
+
+# The cache is donated, as in the decoding loop: a call writes the fed
+# tokens' keys and values into it in place instead of copying it.
+@functools.partial(jax.jit, static_argnames=("cfg", "mask"),
+                   donate_argnames=("cache",))
+def _call(params, tokens, positions, cache, memory, cfg, mask):
+  logits, cache = transformer.apply(params, cfg, tokens, positions, cache,
+                                    num_heads=1, mask=mask, memory=memory)
+  return logits, cache
+
+
+def time_call(params, cfg: ModelConfig, batch: int, depths, mask=None, *,
+              prompt_len: int = 128, cache_len: int | None = None,
+              source_len: int = 32, repeats: int = 20) -> float:
+  """Median milliseconds of one target call feeding len(depths) tokens.
+
+  Args:
+    params, cfg: the model (any weights of its shapes).
+    batch: rows per call.
+    depths: each fed token's position offset from the first: range(T) for
+      a chain of T, a tree's node depths for a tree.
+    mask: None (a causal chain) or the call's block mask (e.g.
+      `kernels.TreeMask(parents)` for a tree).
+    prompt_len: committed slots P before the fed tokens.
+    cache_len: the cache's slots (default P + 128 + T).
+    source_len: an encoder-decoder's source length (encoded once, outside
+      the timed calls).
+    repeats: timed calls after one warm-up call (compilation).
+  """
+  batch = validation.check_int("batch", batch, low=1)
+  repeats = validation.check_int("repeats", repeats, low=1)
+  prompt_len = validation.check_int("prompt_len", prompt_len, low=0)
+  depths = tuple(int(x) for x in depths)
+  if not depths or min(depths) < 0:
+    raise ValueError(f"depths={depths!r} must be non-empty offsets >= 0.")
+  t = len(depths)
+  length = prompt_len + 128 + t if cache_len is None else int(cache_len)
+  if length < prompt_len + t or prompt_len + max(depths) >= cfg.max_seq_len:
+    raise ValueError(
+        f"prompt_len={prompt_len} with {t} fed tokens needs cache_len >= "
+        f"{prompt_len + t} (got {length}) and positions below the model's "
+        f"max_seq_len={cfg.max_seq_len}.")
+  memory = None
+  if cfg.encoder_layers:
+    source = jnp.ones((batch, source_len), jnp.int32)
+    memory = transformer.encode(params, cfg, source,
+                                jnp.full((batch,), source_len, jnp.int32))
+  cache = transformer.make_cache(cfg, batch, length)
+  cache = cache.set_end_index(jnp.full((batch,), prompt_len, jnp.int32))
+  tokens = jnp.ones((batch, t), jnp.int32)
+  positions = prompt_len + jnp.broadcast_to(jnp.asarray(depths, jnp.int32),
+                                            (batch, t))
+  # Every call writes the same slots, so each returned cache is the next
+  # call's input.
+  logits, cache = _call(params, tokens, positions, cache, memory, cfg, mask)
+  jax.block_until_ready(logits)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    logits, cache = _call(params, tokens, positions, cache, memory, cfg, mask)
+    jax.block_until_ready(logits)
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def measure_call_costs(params, cfg: ModelConfig, *, batch: int = 1,
+                       sizes=(1, 2, 4, 8), prompt_len: int = 128,
+                       repeats: int = 20) -> tuple[tuple[int, float], ...]:
+  """Each chain size's call cost in one-token calls, measured here.
+
+  Returns ((T, cost), ...) for T in `sizes` (sorted), cost = the median
+  time of a call verifying T tokens over that of a one-token call at the
+  same batch (so T = 1 costs 1.0): the `call_costs` of
+  `AdaptiveBlockSize`.
+  """
+  sizes = tuple(sorted(set(sizes))) if isinstance(sizes, (tuple, list)) \
+      else sizes
+  if (not isinstance(sizes, tuple) or not sizes
+      or any(not validation.is_int(t) or t < 1 for t in sizes)):
+    raise ValueError(f"sizes={sizes!r} must be a non-empty sequence of "
+                     "positive ints.")
+  one = time_call(params, cfg, batch, (0,), prompt_len=prompt_len,
+                  cache_len=prompt_len + max(sizes) + 128, repeats=repeats)
+  costs = []
+  for t in sizes:
+    ms = one if t == 1 else time_call(
+        params, cfg, batch, range(t), prompt_len=prompt_len,
+        cache_len=prompt_len + max(sizes) + 128, repeats=repeats)
+    costs.append((int(t), round(ms / one, 4)))
+  return tuple(costs)
