@@ -25,11 +25,16 @@ the weights are bit-identical; so are the draft models. Systems (`--systems`):
                       (`--block-sizes=MODEL=K,...` verifies K <= k instead)
   blockdec-adaptive   ... with adaptive=blockdec.AdaptiveBlockSize() (each
                       call verifies as many of the k drafts as the row's
-                      history says pay; default token_cost, not tuned here)
+                      history says pay; with --call-costs=measured, the
+                      default, the rule's cost of each size is measured for
+                      the model and batch in this run by
+                      blockdec.measure_call_costs; =linear: the default
+                      token_cost, not tuned here)
   blockdec-draft-model   blockdec.DraftModel(<the same draft>, block_size=8)
   blockdec-prompt-lookup blockdec.PromptLookup(ngram=3, block_size=11,
-                      adaptive=AdaptiveBlockSize()): transformers' 10 drafts
-                      and longest n-gram; rows without a match verify none
+                      adaptive=AdaptiveBlockSize(...)): transformers' 10
+                      drafts and longest n-gram; rows without a match verify
+                      none (the rule's costs as for blockdec-adaptive)
   blockdec-lookahead  blockdec.Lookahead(window=5, ngram=4, guesses=5)
 
 Greedy rows (temperature 0) record whether their tokens equal transformers'
@@ -104,6 +109,7 @@ numbers are noisy; medians and same-process ratios are what to read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -149,6 +155,9 @@ SITE_PACKAGES = ("numpy", "jax", "flax", "optax", "chex", "torch",
                  "transformers", "matplotlib")
 TEMPERATURE = 0.6
 ADAPTIVE = blockdec.AdaptiveBlockSize()  # The default rule, untuned.
+# Sizes whose call costs --call-costs=measured measures: the adaptive rule's
+# default candidates for k = 8 heads and for prompt lookup's 11.
+COST_SIZES = (1, 2, 4, 8, 11)
 # Prompt lookup on both sides: transformers' 10 drafts per call after the
 # longest match of the last 3..1 tokens; blockdec verifies them only where a
 # match was found (the adaptive rule), which ran ~3x faster on the 2-core CPU
@@ -419,9 +428,10 @@ def degenerate_rows(tokens: np.ndarray, byte_level: bool) -> np.ndarray:
 
 
 def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
-                new_tokens, temperature, block_size=None):
+                new_tokens, temperature, block_size=None, adaptive=ADAPTIVE):
   """(fn, settings) timing `system` once on `prompts` [B, P], or None where
-  it does not apply (no heads, no draft, greedy-only at temperature > 0)."""
+  it does not apply (no heads, no draft, greedy-only at temperature > 0).
+  `adaptive`: the rule of blockdec-adaptive and blockdec-prompt-lookup."""
   batch = prompts.shape[0]
   lengths = np.full((batch,), prompts.shape[1], np.int32)
   k = block_size or cfg.num_prediction_heads
@@ -450,7 +460,7 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
     if k < 2:
       return None
     method = blockdec.Blockwise(
-        block_size=k, adaptive=ADAPTIVE if system == "blockdec-adaptive"
+        block_size=k, adaptive=adaptive if system == "blockdec-adaptive"
         else None)
   elif system == "blockdec-sample":
     method = blockdec.Autoregressive()
@@ -459,7 +469,7 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
       return None
     method = draft
   elif system == "blockdec-prompt-lookup":
-    method = PROMPT_LOOKUP
+    method = dataclasses.replace(PROMPT_LOOKUP, adaptive=adaptive)
   elif system == "blockdec-lookahead":
     method = LOOKAHEAD
   else:
@@ -471,7 +481,9 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
               f"block_size={method.resolve_block_size(cfg)}" if not
               isinstance(method, blockdec.Lookahead) else repr(method))
   if getattr(method, "adaptive", None) is not None:
-    settings += ", adaptive=AdaptiveBlockSize()"
+    settings += (", adaptive=AdaptiveBlockSize()" if adaptive.call_costs is
+                 None else f", adaptive=AdaptiveBlockSize(call_costs="
+                 f"{adaptive.call_costs})")
   return lambda: jax.block_until_ready(blockdec.decode(
       params, cfg, prompts, lengths, new_tokens, method=method,
       sampling=sampling, key=key)), settings
@@ -479,10 +491,12 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
 
 def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
                 repeats, extra, *, temperatures=(0.0,), draft_note="",
-                block_size=None):
+                block_size=None, call_costs="measured"):
   """Rows for one model: every system at every prompt set, temperature and
   batch size. prompts: {prompt_set: {batch: [batch, P] int32}};
-  block_size: the heads' systems' block (None: all the model's heads)."""
+  block_size: the heads' systems' block (None: all the model's heads);
+  call_costs: "measured" (the adaptive rule's costs measured here per
+  batch) or "linear" (its default token_cost)."""
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       folder, dtype=torch.float32).eval()
   counter = CallCounter(hf_model)
@@ -502,6 +516,20 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
   threads = pick_torch_threads(hf_model, first)
   extra = dict(extra, torch_threads=threads)
   rows = []
+  rules = {}  # batch -> the adaptive rule
+
+  def rule_for(batch, prompt_len):
+    if call_costs == "linear" or not {"blockdec-adaptive",
+                                      "blockdec-prompt-lookup"} & set(systems):
+      return ADAPTIVE
+    if batch not in rules:
+      costs = blockdec.measure_call_costs(params, cfg, batch=batch,
+                                          sizes=COST_SIZES,
+                                          prompt_len=prompt_len)
+      print(f"  {name} b={batch}: measured call costs {costs}", flush=True)
+      rules[batch] = blockdec.AdaptiveBlockSize(call_costs=costs)
+    return rules[batch]
+
   for prompt_set, by_batch in prompts.items():
     for temperature in temperatures:
       for batch, batch_prompts in by_batch.items():
@@ -510,7 +538,8 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
           call = system_call(system, hf_model=hf_model, hf_draft=hf_draft,
                              cfg=cfg, params=params, draft=draft,
                              prompts=batch_prompts, new_tokens=new_tokens,
-                             temperature=temperature, block_size=block_size)
+                             temperature=temperature, block_size=block_size,
+                             adaptive=rule_for(batch, batch_prompts.shape[1]))
           if call is None:
             continue
           fn, settings = call
@@ -805,6 +834,12 @@ def main():
                       help="MODEL=K,...: blockdec-blockwise/-adaptive verify "
                            "K tokens per call on MODEL (default: all its "
                            "heads)")
+  parser.add_argument("--call-costs", choices=("measured", "linear"),
+                      default="measured",
+                      help="the adaptive rule's cost of a k-token call: "
+                           "measured here per model and batch "
+                           "(blockdec.measure_call_costs), or its default "
+                           "linear token_cost")
   parser.add_argument("--cache-dir", default="cache")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
@@ -838,7 +873,8 @@ def main():
     out = bench_model(name, folder, draft_folder, prompts, new_tokens,
                       [s for s in systems if s in model_systems], repeats,
                       kw.pop("extra"), temperatures=temperatures,
-                      block_size=args.block_sizes.get(name), **kw)
+                      block_size=args.block_sizes.get(name),
+                      call_costs=args.call_costs, **kw)
     print(f"  {name}: {len(out)} rows in {time.perf_counter() - t0:.0f} s",
           flush=True)
     return out
