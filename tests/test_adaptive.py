@@ -102,6 +102,36 @@ def test_measure_call_costs_of_an_encoder_decoder():
   assert [t for t, _ in costs] == [1, 3] and costs[1][1] > 0
 
 
+def test_forget_lets_an_early_failure_fade():
+  """One early failure at depth 8 then only 8-token calls that pass: with
+  every call counted alike the rule never verifies 11 again (depth 8 stays
+  at survival 1/2 and E(11) / cost(11) = 9.5 / 2.05 < 8 / 1.7); keeping
+  70% of the history per call, depth 8 drifts back towards certain and 11
+  is tried again."""
+  costs = ((8, 1.7), (11, 2.05))
+  active = jnp.array([True])
+  chosen = {}
+  for forget in (1.0, 0.7):
+    rule = AdaptiveBlockSize(call_costs=costs, forget=forget)
+    carry = rule.init(1, 11)
+    carry = rule.update(carry, jnp.array([7]), 11, active)  # Fails at 8.
+    sizes = []
+    for _ in range(6):
+      q = rule.survival(carry, decoding.Draft(tokens=jnp.zeros((1, 1, 10))))
+      t = rule.candidate_sizes(11)[int(rule.choose(q, active, 11))]
+      sizes.append(t)
+      carry = rule.update(carry, jnp.array([t - 1]), t, active)  # All pass.
+    chosen[forget] = sizes
+  assert chosen[1.0] == [8] * 6
+  assert chosen[0.7][0] == 8 and 11 in chosen[0.7]
+  # Inactive rows keep their counts.
+  rule = AdaptiveBlockSize(forget=0.5)
+  carry = rule.update(rule.init(2, 4), jnp.array([3, 3]), 4,
+                      jnp.array([True, True]))
+  carry = rule.update(carry, jnp.array([0, 0]), 1, jnp.array([True, False]))
+  np.testing.assert_allclose(carry["tested"], [[0, .5, .5, .5], [0, 1, 1, 1]])
+
+
 def test_rule_counts_only_active_rows():
   rule = AdaptiveBlockSize(token_cost=0.3)
   q = jnp.array([[1.0, 0.05, 0.05, 0.05], [1.0, 1.0, 1.0, 1.0]])
@@ -186,7 +216,7 @@ CASES = [  # (arch_seed, batch, block_size, max_prompt, max_new_tokens, rule)
     (5, 5, 6, 9, 19, AdaptiveBlockSize(0.3)),
     (7, 8, 8, 5, 25, AdaptiveBlockSize(0.1, sizes=(1, 3, 8))),
     (9, 2, 8, 6, 18, AdaptiveBlockSize(call_costs=((1, 1.0), (3, 1.2),
-                                                   (8, 1.5)))),
+                                                   (8, 1.5)), forget=0.8)),
 ]
 
 
@@ -234,5 +264,8 @@ def test_adaptive_errors():
     AdaptiveBlockSize(token_cost=-1)
   with pytest.raises(ValueError, match="sizes=\\(0,\\)"):
     AdaptiveBlockSize(sizes=(0,))
+  for bad in (0, 1.5):
+    with pytest.raises(ValueError, match=f"forget={bad}"):
+      AdaptiveBlockSize(forget=bad)
   with pytest.raises(ValueError, match="estimate='oracle'"):
     AdaptiveBlockSize(estimate="oracle")

@@ -18,7 +18,12 @@ argmax, always right). Two estimates (`estimate`):
   "history"     (default) the rate at which depth j survived in this row's
                 calls so far, (passed + 1) / (tested + 1): a depth never
                 verified counts as certain, so every depth gets tried, and
-                a row settles on the length its heads sustain;
+                a row settles on the length its heads sustain. With
+                `forget` < 1 each call first scales the counts by it, so
+                old evidence fades: a depth that failed early but is no
+                longer verified drifts back towards certain and is tried
+                again (prompt lookup's drafts are as good as each call's
+                match, so one early failure should not pin its length);
   "confidence"  head j+1's softmax probability of its drafted token, which
                 reacts call by call but is only as calibrated as the heads
                 (on weak models it underrates how often drafts survive).
@@ -75,6 +80,8 @@ class AdaptiveBlockSize:
       sizes of `call_costs` up to the block size, or without it 1, 2, 4,
       ... up to the block size, and the block size itself.
     estimate: how q is estimated: "history" or "confidence" (module doc).
+    forget: in (0, 1], how much of the history each call keeps
+      ("history"; 1: every call counts alike).
     call_costs: None (the linear model of `token_cost`) or ((T, cost),
       ...) (or a dict T -> cost; stored as the sorted tuple): a call
       verifying T tokens costs `cost` one-token calls (> 0),
@@ -86,10 +93,14 @@ class AdaptiveBlockSize:
   sizes: tuple[int, ...] | None = None
   estimate: str = "history"
   call_costs: tuple[tuple[int, float], ...] | None = None
+  forget: float = 1.0
 
   def __post_init__(self):
     object.__setattr__(self, "token_cost", validation.check_number(
         "AdaptiveBlockSize token_cost", self.token_cost, low=0))
+    object.__setattr__(self, "forget", validation.check_number(
+        "AdaptiveBlockSize forget", self.forget, low=0, high=1,
+        low_open=True))
     if self.estimate not in ESTIMATES:
       raise ValueError(f"AdaptiveBlockSize estimate={self.estimate!r}; "
                        f"allowed: {ESTIMATES}.")
@@ -136,8 +147,10 @@ class AdaptiveBlockSize:
     depth = jnp.arange(carry["tested"].shape[1])[None, :]
     verified = accepted[:, None] + 1  # Root included.
     reached = active[:, None] & (depth >= 1) & (depth < t)
-    return {"tested": carry["tested"] + (reached & (depth <= verified)),
-            "passed": carry["passed"] + (reached & (depth < verified))}
+    # Active rows keep `forget` of their history before counting this call.
+    keep = jnp.where(active[:, None], jnp.float32(self.forget), 1.0)
+    return {"tested": carry["tested"] * keep + (reached & (depth <= verified)),
+            "passed": carry["passed"] * keep + (reached & (depth < verified))}
 
   def survival(self, carry, draft) -> jax.Array:
     """q [B, k] of the module docstring from the carry and the next draft
