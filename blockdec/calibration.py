@@ -111,12 +111,11 @@ def measure_call_costs(params, cfg: ModelConfig, *, batch: int = 1,
   same batch (so T = 1 costs 1.0): the `call_costs` of
   `AdaptiveBlockSize`.
   """
-  sizes = tuple(sorted(set(sizes))) if isinstance(sizes, (tuple, list)) \
-      else sizes
-  if (not isinstance(sizes, tuple) or not sizes
+  if (not isinstance(sizes, (tuple, list)) or not sizes
       or any(not validation.is_int(t) or t < 1 for t in sizes)):
     raise ValueError(f"sizes={sizes!r} must be a non-empty sequence of "
                      "positive ints.")
+  sizes = tuple(sorted(set(int(t) for t in sizes)))
   one = time_call(params, cfg, batch, (0,), prompt_len=prompt_len,
                   cache_len=prompt_len + max(sizes) + 128, repeats=repeats)
   costs = []

@@ -163,9 +163,9 @@ COST_SIZES = (1, 2, 4, 8, 11)
 # match was found (the adaptive rule), which ran ~3x faster on the 2-core CPU
 # than always verifying 10 filler drafts.
 LOOKUP_DRAFTS, LOOKUP_NGRAM = 10, 3
-# AdaptiveBlockSize(forget=0.8) raised prompt lookup's tokens per call
-# here (1.56 -> 1.68 stdlib, 8.00 -> 9.14 site-packages, batch 1) but not
-# its tokens/s (0.83x vs 0.97x blockdec greedy on stdlib, ~equal on
+# AdaptiveBlockSize(forget=0.8) raised prompt lookup's tokens per call in
+# a second run (1.56 -> 1.68 stdlib, 8.00 -> 9.14 site-packages, batch 1)
+# but not its tokens/s (0.83x vs 0.97x blockdec greedy on stdlib, ~equal on
 # site-packages): the rule keeps every call's history (forget=1).
 PROMPT_LOOKUP = blockdec.PromptLookup(ngram=LOOKUP_NGRAM,
                                       block_size=LOOKUP_DRAFTS + 1,
@@ -485,11 +485,9 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
               f"block_size={method.resolve_block_size(cfg)}" if not
               isinstance(method, blockdec.Lookahead) else repr(method))
   if getattr(method, "adaptive", None) is not None:
-    rule = method.adaptive
-    settings += (", adaptive=AdaptiveBlockSize()" if rule.call_costs is
+    settings += (", adaptive=AdaptiveBlockSize()" if adaptive.call_costs is
                  None else f", adaptive=AdaptiveBlockSize(call_costs="
-                 f"{rule.call_costs}" + (f", forget={rule.forget}" if
-                                         rule.forget != 1 else "") + ")")
+                 f"{adaptive.call_costs})")
   return lambda: jax.block_until_ready(blockdec.decode(
       params, cfg, prompts, lengths, new_tokens, method=method,
       sampling=sampling, key=key)), settings

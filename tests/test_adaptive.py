@@ -46,7 +46,7 @@ def test_rule_with_measured_call_costs():
   flat = AdaptiveBlockSize(call_costs={4: 1.1, 1: 1.0, 2: 1.05})
   assert flat.call_costs == ((1, 1.0), (2, 1.05), (4, 1.1))
   assert int(flat.choose(q, active, 4)) == 2
-  # Costs not monotonic in T (seen on CPUs): 8 certain drafts at 2.0 beat
+  # A table need not be monotonic in T: 8 certain drafts at 2.0 beat
   # 4 at 3.0; the sizes are the table's up to the block size.
   bumpy = AdaptiveBlockSize(call_costs=((1, 1.0), (4, 3.0), (8, 2.0)))
   assert bumpy.candidate_sizes(8) == (1, 4, 8)

@@ -42,9 +42,11 @@ the most expected tokens per unit of cost over the rows still decoding:
 a call relative to a one-token call: ~0.3 for the demo model on 2 CPU
 cores at batch 8, near 0 on an accelerator that is memory-bound at the
 batch (where always verifying all k tokens is right: `token_cost=0` gives
-plain blockwise decoding). Real costs are seldom linear in T (on one CPU
-here a demo-model call of 4 tokens cost more than one of 8), so
-`call_costs` can give the cost of each size instead, as measured on the
+plain blockwise decoding). Real costs are seldom linear in T (demo model,
+batch 1, one CPU here: 1.19x, 1.31x and 1.73x a one-token call for 2, 4
+and 8 tokens, where token_cost = 0.3 says 1.3x, 1.9x and 3.1x;
+`experiments/results/step_costs.md`), so `call_costs` can give the cost
+of each size instead, as measured on the
 machine by `blockdec.measure_call_costs`; the candidate sizes are then the
 table's. Every size is one compiled branch of the loop body
 (`lax.switch`).
