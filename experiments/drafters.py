@@ -43,7 +43,10 @@ tokens_per_s, speedup}. tokens_per_call = generated tokens / target calls;
 flag (looping text is easy to draft); tokens_per_s = generated tokens of one
 pass over all prompts / the median of --repeats timed passes after a
 warm-up (compilation); speedup = tokens_per_s over the same model's greedy
-(or ancestral sampling, at the same temperature and batch) in the same run.
+(or ancestral sampling, at the same temperature and batch), timed pass for
+pass in alternation with each method: the median of the --repeats per-pair
+ratios (this machine's speed drifts within a run; alternating passes keeps
+the drift out of the ratio).
 
 Launch (from the repository root):
 
@@ -62,6 +65,7 @@ import os
 import pathlib
 import shlex
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -218,9 +222,9 @@ def load_models(args):
   return base, drafters
 
 
-def run_method(params, cfg, prompts, lengths, n, method, batch, repeats,
-               sampling):
-  """(DecodeOutput of all prompts, median pass seconds)."""
+def make_pass(params, cfg, prompts, lengths, n, method, batch, sampling):
+  """A function decoding every prompt once with `method` (batches of
+  `batch`) -> the DecodeOutput of all prompts, ready."""
   calls = [(jnp.asarray(prompts[i:i + batch]), jnp.asarray(lengths[i:i + batch]),
             i) for i in range(0, len(prompts), batch)]
 
@@ -231,14 +235,42 @@ def run_method(params, cfg, prompts, lengths, n, method, batch, repeats,
                             key=None if sampling is None
                             else jax.random.key(i))
             for p, l, i in calls]
-    return jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs)
+    out = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs)
+    return jax.block_until_ready(out)
 
-  out, _, seconds = evaluation.timed(one_pass, repeats)
+  return one_pass
+
+
+def _seconds(fn):
+  t = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - t
+
+
+def run_paired(ref_pass, method_pass, repeats):
+  """Times `method_pass` pass for pass in alternation with the reference
+  (the base's greedy or ancestral pass), after a warm-up of each.
+
+  This machine's speed drifts within minutes, so a reference timed once
+  at the start of a long run and a method timed many minutes later give a
+  ratio that measures the drift as much as the method; alternating passes
+  puts both under the same conditions. Returns (method's DecodeOutput,
+  its median pass seconds, the reference's median pass seconds, the median
+  over pairs of reference seconds / method seconds).
+  """
+  out = method_pass()  # Warm-up: compiles.
+  ref_pass()  # The caches were cleared after the last method: recompiles.
+  ref_s, method_s = [], []
+  for _ in range(repeats):
+    ref_s.append(_seconds(ref_pass)[1])
+    out, seconds = _seconds(method_pass)
+    method_s.append(seconds)
+  ratio = float(np.median(np.array(ref_s) / np.array(method_s)))
   out = jax.device_get(out)
   # Every method compiles its own loops; kept, the ~60 programs of a full run
   # exhaust the process's memory mappings (vm.max_map_count) and XLA aborts.
   jax.clear_caches()
-  return out, seconds
+  return out, float(np.median(method_s)), float(np.median(ref_s)), ratio
 
 
 def main(argv=None):
@@ -274,10 +306,9 @@ def main(argv=None):
     sampling = (None if temperature == 0 else
                 blockdec.Sampling(temperature=temperature))
     for batch in sorted({1, args.batch}):
-      ref, ref_s = run_method(base.params, base.cfg, prompts, lengths, n,
-                              blockdec.Autoregressive(), batch, args.repeats,
-                              sampling)
-      ref_tps = ref.lengths.sum() / ref_s
+      ref_pass = make_pass(base.params, base.cfg, prompts, lengths, n,
+                           blockdec.Autoregressive(), batch, sampling)
+      ref, _, ref_s, _ = run_paired(ref_pass, ref_pass, args.repeats)
       plans = [("autoregressive", None, base.params, base.cfg,
                 blockdec.Autoregressive(), "chain")]
       for name, (run, make, params_of) in drafters.items():
@@ -300,10 +331,11 @@ def main(argv=None):
                           f"static, {args.tree_chains} chains"))
       for name, k, params, cfg, method, tree in plans:
         if name == "autoregressive":
-          out, seconds = ref, ref_s
+          out, seconds, pair_ref_s, ratio = ref, ref_s, ref_s, 1.0
         else:
-          out, seconds = run_method(params, cfg, prompts, lengths, n, method,
-                                    batch, args.repeats, sampling)
+          out, seconds, pair_ref_s, ratio = run_paired(
+              ref_pass, make_pass(params, cfg, prompts, lengths, n, method,
+                                  batch, sampling), args.repeats)
           if sampling is None:  # Exact: the base's greedy text.
             np.testing.assert_array_equal(out.tokens, ref.tokens,
                                           err_msg=f"{name} k={k}")
@@ -319,8 +351,11 @@ def main(argv=None):
                 if (~degenerate).any() else None),
             "degenerate_share": float(degenerate.mean()),
             "tokens_per_s": float(lens.sum() / seconds),
-            "speedup": float(lens.sum() / seconds / ref_tps),
+            # Tokens/s over the reference's, pass for pass (sampled passes
+            # may end at EOS after different numbers of tokens).
+            "speedup": ratio * float(lens.sum() / ref.lengths.sum()),
             "median_pass_s": seconds,
+            "reference_median_pass_s": pair_ref_s,
         }
         rows.append(row)
         print(f"  T={temperature:g} batch {batch:2d} {name:15s} k={k} "
@@ -337,6 +372,7 @@ def main(argv=None):
       "model": args.model, "base": MODELS[args.model],
       "prompt_bytes": list(args.prompt_bytes),
       "prompts": int(len(prompts)), "new_tokens": n, "repeats": args.repeats,
+      "paired": True,
       "base_heldout_nats_per_byte": base.summary["valid"].get(
           "nats_per_byte"),
       "base_heldout_loss": base.summary["valid"]["loss"],
@@ -392,7 +428,11 @@ def markdown(result) -> str:
       "rows are lossless. tokens/s are medians of "
       f"{result['repeats']} passes after a warm-up; speedups are ratios to "
       "the base's greedy decoding (ancestral sampling at the same "
-      f"temperature) at the same batch in the same run. Base held-out loss "
+      "temperature) at the same batch"
+      + (", timed pass for pass in alternation with each method (the median "
+         "of the per-pair ratios), so the machine's drift during the run "
+         "cancels" if result.get("paired") else " in the same run")
+      + f". Base held-out loss "
       f"{loss}.",
       "",
       "| temperature | batch | drafter | k | tree | tokens/call | "

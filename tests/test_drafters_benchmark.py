@@ -71,3 +71,32 @@ def test_bad_arguments_name_the_value():
     script.parse_args(["--prompt_bytes=64,32"])
   with pytest.raises(SystemExit):
     script.parse_args(["--model=huge"])
+
+
+def test_run_paired_alternates_and_takes_the_median_pair_ratio(monkeypatch):
+  """The reference and the method are timed pass for pass after a warm-up
+  of each, and the speedup is the median of the per-pair ratios: a drift
+  that slows both passes of a pair cancels. A fake clock makes the pass
+  durations exact."""
+  script = _load_script()
+  log, clock = [], [0.0]
+  # Per timed pass: (reference seconds, method seconds); the machine
+  # slows down 3x in the middle pair.
+  durations = iter([4.0, 2.0, 12.0, 3.0, 5.0, 1.0])
+
+  def make(name):
+    def one_pass():
+      log.append(name)
+      if len(log) > 2:  # The first two are the warm-ups, not timed.
+        clock[0] += next(durations)
+      return {"tokens": [len(log)]}
+    return one_pass
+
+  monkeypatch.setattr(script.time, "perf_counter", lambda: clock[0])
+  out, method_s, ref_s, ratio = script.run_paired(make("ref"),
+                                                  make("method"), 3)
+  assert log == ["method", "ref"] + ["ref", "method"] * 3
+  assert out == {"tokens": [8]}  # The last timed method pass.
+  assert method_s == 2.0 and ref_s == 5.0  # Medians of each side.
+  # Pairs 4/2, 12/3, 5/1: the median ratio 4, not the ratio of medians 2.5.
+  assert ratio == 4.0
