@@ -229,14 +229,17 @@ def make_pass(params, cfg, prompts, lengths, n, method, batch, sampling):
             i) for i in range(0, len(prompts), batch)]
 
   def one_pass():
-    # A fixed key per call: every pass draws the same samples.
-    outs = [blockdec.decode(params, cfg, p, l, n, method=method,
-                            sampling=sampling,
-                            key=None if sampling is None
-                            else jax.random.key(i))
+    # A fixed key per call: every pass draws the same samples. Each call is
+    # waited for, as an interactive caller waits for its text: dispatched
+    # ahead, the next call's host work (argument checks that wait for the
+    # running decode) competes with it for the 2 cores (measured on the mid
+    # base at batch 1: a draft-model pass 6-10% slower, greedy unchanged).
+    outs = [jax.block_until_ready(
+        blockdec.decode(params, cfg, p, l, n, method=method,
+                        sampling=sampling,
+                        key=None if sampling is None else jax.random.key(i)))
             for p, l, i in calls]
-    out = jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs)
-    return jax.block_until_ready(out)
+    return jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs)
 
   return one_pass
 
