@@ -154,9 +154,49 @@ def _sharded_decoder(cfg: ModelConfig, options: DecodeOptions,
   return fn, param_sh, prompt_sh, row_sh
 
 
+# Hydra slot tables already built: (cfg, block size, ids of the arrays they
+# derive from) -> (weak refs to those arrays, tables). A model decoded many
+# times builds them once; a freed array's reused id is not mistaken for it.
+_HYDRA_TABLES: dict = {}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "block_size"))
+def _build_hydra_tables(params, cfg, block_size):
+  return transformer.hydra_slot_tables(params, cfg, block_size)
+
+
+def _hydra_tables(params, cfg: ModelConfig, block_size: int):
+  """`transformer.hydra_slot_tables` for these weights, built once per set
+  of arrays (inline when the weights are traced, e.g. under a caller's
+  jit)."""
+  if not transformer.hydra_tables_fit(cfg, block_size):
+    return None
+  leaves = [params["embed"]["embedding"]] + [
+      params["proposal_heads"][f"head_{j}"]["fc_in"]["kernel"]
+      for j in range(2, block_size + 1)]
+  if not all(_is_concrete(x) for x in leaves):
+    return transformer.hydra_slot_tables(params, cfg, block_size)
+  key = (cfg, block_size, tuple(id(x) for x in leaves))
+  hit = _HYDRA_TABLES.get(key)
+  if hit is not None and all(r() is x for r, x in zip(hit[0], leaves)):
+    return hit[1]
+  tables = _build_hydra_tables(params, cfg, block_size)
+  try:
+    refs = tuple(weakref.ref(x) for x in leaves)
+  except TypeError:  # Not weak-referenceable: build again next time.
+    return tables
+  if len(_HYDRA_TABLES) >= 4:
+    _HYDRA_TABLES.pop(next(iter(_HYDRA_TABLES)))
+  _HYDRA_TABLES[key] = (refs, tables)
+  return tables
+
+
 def _run_decode(params, prompts, prompt_lengths, cfg, options, method, mesh,
                 rules, key, source=None) -> DecodeOutput:
   arrays = method.arrays()
+  if isinstance(method, methods.Blockwise) and cfg.head_type == "hydra":
+    # Blockwise has no arrays of its own; Hydra's drafter reads the tables.
+    arrays = _hydra_tables(params, cfg, options.block_size)
   method = method.without_arrays()
   if mesh is None:
     return _decode(params, prompts, prompt_lengths, key, arrays, source,
@@ -175,6 +215,10 @@ def _run_decode(params, prompts, prompt_lengths, cfg, options, method, mesh,
   params = jax.device_put(params, param_sh)
   prompts = jax.device_put(prompts, prompt_sh)
   prompt_lengths = jax.device_put(prompt_lengths, row_sh)
+  # The method's arrays are replicated (Hydra's tables, built from sharded
+  # weights, come out sharded).
+  arrays = jax.device_put(arrays, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
   # The mesh in context lets the Pallas attention wrap itself in shard_map.
   with jax.set_mesh(mesh):
     return fn(params, prompts, prompt_lengths, key, arrays)

@@ -178,8 +178,12 @@ class Blockwise(Method):
     if cfg.head_type != "hydra":
       return HeadsDrafter(block_size, self.tree)
     model = transformer.Transformer(cfg)
+    tables = arrays  # `hydra_slot_tables`, built once per weights by the API.
 
     def head(h, tokens, j):
+      if tables is not None:
+        return transformer.hydra_head_from_slots(
+            params, cfg, h, tables[f"head_{j}"], tokens, j)
       return model.apply({"params": params}, h, tokens, j,
                          method=transformer.Transformer.hydra_head)
 

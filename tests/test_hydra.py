@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import blockdec
+from blockdec import api
+from blockdec.models import transformer
 from blockdec.training import train
 from tests.helpers import ragged_prompts, random_model, tiny_config
 from tests.test_exactness import check_against_greedy
@@ -202,3 +204,64 @@ def test_hf_export_keeps_hydra_heads(tmp_path):
   assert cfg2.head_type == "hydra" and cfg2.num_prediction_heads == 3
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          params2["proposal_heads"], params["proposal_heads"])
+
+
+def _with_biases(params, seed):
+  """`params` with every bias non-zero (initialised at zero)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(treedef, [
+      x + 0.1 * jax.random.normal(key, x.shape)
+      if "bias" in jax.tree_util.keystr(path) else x
+      for (path, x), key in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_slot_tables_give_the_heads_own_logits(seed):
+  """Decoding reads each token slot's share of fc_in from a table row
+  (`hydra_slot_tables`); the logits equal the head's own join of [h,
+  embeddings] up to float rounding, biases included, tied or not."""
+  cfg, params = random_model(seed, head_type="hydra")
+  params = _with_biases(params, seed)
+  k, d, v = cfg.num_prediction_heads, cfg.d_model, cfg.vocab_size
+  tables = transformer.hydra_slot_tables(params, cfg, k)
+  assert {name: t.shape for name, t in tables.items()} == {
+      f"head_{j}": (j - 1, v, d) for j in range(2, k + 1)}
+  h = jax.random.normal(jax.random.key(seed), (5, d))
+  model = transformer.Transformer(cfg)
+  for j in range(2, k + 1):
+    tokens = jax.random.randint(jax.random.key(j), (5, j - 1), 0, v)
+    want = model.apply({"params": params}, h, tokens, j,
+                       method=transformer.Transformer.hydra_head)
+    got = transformer.hydra_head_from_slots(params, cfg, h,
+                                            tables[f"head_{j}"], tokens, j)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_builds_the_tables_once_per_weights(monkeypatch):
+  """Built once per set of weights and reused by later decodes; new
+  weights get their own; past the size budget none are built and the heads
+  join as in training. Every decode equals greedy."""
+  cfg, params = random_model(2, head_type="hydra")
+  prompts, lengths = ragged_prompts(2, 3, 6, cfg.vocab_size)
+  builds, real = [], api._build_hydra_tables
+  monkeypatch.setattr(api, "_build_hydra_tables",
+                      lambda *a, **kw: builds.append(1) or real(*a, **kw))
+
+  def decode(params):
+    greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                    max_new_tokens=20)
+    out = blockdec.decode(params, cfg, prompts, lengths, 20,
+                          method=blockdec.Blockwise(block_size=5))
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+  decode(params)
+  decode(params)
+  assert len(builds) == 1
+  other = jax.tree_util.tree_map(lambda x: x * 1.5, params)
+  decode(other)
+  assert len(builds) == 2
+  monkeypatch.setattr(transformer, "HYDRA_TABLE_BYTES", 0)
+  assert api._hydra_tables(params, cfg, 5) is None
+  decode(jax.tree_util.tree_map(lambda x: x * 0.5, params))
+  assert len(builds) == 2

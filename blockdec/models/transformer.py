@@ -524,6 +524,63 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
                                method=Transformer.init_all)["params"]
 
 
+# Hydra slot tables above this size are not built (`hydra_slot_tables`):
+# with a large vocabulary they would outgrow the weights they replace.
+HYDRA_TABLE_BYTES = 64 << 20
+
+
+def hydra_tables_fit(cfg: ModelConfig, block_size: int) -> bool:
+  """Whether `hydra_slot_tables` builds tables for heads 2..block_size."""
+  if cfg.head_type != "hydra" or block_size < 2:
+    return False
+  slots = (block_size - 1) * block_size // 2
+  itemsize = jnp.dtype(_dtype(cfg.dtype)).itemsize
+  return slots * cfg.vocab_size * cfg.d_model * itemsize <= HYDRA_TABLE_BYTES
+
+
+def hydra_slot_tables(params, cfg: ModelConfig, block_size: int):
+  """{"head_j": [j - 1, V, d]} for Hydra heads 2..block_size, or None.
+
+  Hydra head j joins h and the embeddings of the j - 1 tokens before its
+  target with one linear map, `fc_in([h, e_1, .., e_{j-1}])`, so each token
+  slot s contributes `e_s @ W_s` (W_s the kernel's rows for that slot). A
+  token comes from a vocabulary of V, so that product is one row of the
+  table `E @ W_s` [V, d]. Drafting then gathers j - 1 rows where it read
+  (j - 1) d x d weights: for the mid model's 7 heads the per-call read of
+  fc_in falls from 20.6 MB to its h part, 4.1 MB (`hydra_head_from_slots`).
+  Building the tables costs 2 V d^2 flops per slot (2.1 GFLOP for the mid
+  model's 28 slots), so `blockdec.decode` builds them once per set of
+  weights. None when they would exceed `HYDRA_TABLE_BYTES` (a large
+  vocabulary), or for other head types.
+  """
+  if not hydra_tables_fit(cfg, block_size):
+    return None
+  d, dt = cfg.d_model, _dtype(cfg.dtype)
+  embedding = params["embed"]["embedding"].astype(dt)  # As nn.Embed reads it.
+  heads = params["proposal_heads"]
+  return {f"head_{j}": jnp.einsum(
+      "vd,sde->sve", embedding,
+      heads[f"head_{j}"]["fc_in"]["kernel"][d:].reshape(j - 1, d, d).astype(dt))
+          for j in range(2, block_size + 1)}
+
+
+def hydra_head_from_slots(params, cfg: ModelConfig, h, table, tokens, j: int):
+  """Hydra head j's logits [B, V] at h [B, d] after tokens [B, j - 1], the
+  tokens' share of fc_in read from `table` [j - 1, V, d] (head j's entry of
+  `hydra_slot_tables`); equals `Transformer.hydra_head` up to float
+  rounding (the sum runs in another order)."""
+  p = params["proposal_heads"][f"head_{j}"]
+  d, dt = cfg.d_model, _dtype(cfg.dtype)
+  rows = table[jnp.arange(j - 1), tokens]  # [B, j - 1, d]
+  z = (h.astype(dt) @ p["fc_in"]["kernel"][:d].astype(dt)
+       + p["fc_in"]["bias"].astype(dt) + rows.sum(axis=-2))
+  hidden = nn.relu(z @ p["fc1"]["kernel"].astype(dt)
+                   + p["fc1"]["bias"].astype(dt))
+  z = z + hidden @ p["fc2"]["kernel"].astype(dt) + p["fc2"]["bias"].astype(dt)
+  return Transformer(cfg).apply({"params": params}, z,
+                                method=Transformer.vocab_logits)
+
+
 def make_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   return KVCache.make(num_layers=cfg.n_layers, batch=batch, length=length,
                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.dim_per_head,
