@@ -239,7 +239,8 @@ def make_pass(params, cfg, prompts, lengths, n, method, batch, sampling):
                         sampling=sampling,
                         key=None if sampling is None else jax.random.key(i)))
             for p, l, i in calls]
-    return jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs)
+    return jax.block_until_ready(
+        jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), *outs))
 
   return one_pass
 

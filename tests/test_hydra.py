@@ -240,8 +240,9 @@ def test_slot_tables_give_the_heads_own_logits(seed):
 
 def test_decode_builds_the_tables_once_per_weights(monkeypatch):
   """Built once per set of weights and reused by later decodes; new
-  weights get their own; past the size budget none are built and the heads
-  join as in training. Every decode equals greedy."""
+  weights get their own; traced weights (under a caller's jit) build them
+  inline; past the size budget none are built and the heads join as in
+  training. Every decode equals greedy."""
   cfg, params = random_model(2, head_type="hydra")
   prompts, lengths = ragged_prompts(2, 3, 6, cfg.vocab_size)
   builds, real = [], api._build_hydra_tables
@@ -261,7 +262,34 @@ def test_decode_builds_the_tables_once_per_weights(monkeypatch):
   other = jax.tree_util.tree_map(lambda x: x * 1.5, params)
   decode(other)
   assert len(builds) == 2
+  # Under a caller's jit the weights are traced: built inline, not cached.
+  traced = jax.jit(lambda params: blockdec.decode(
+      params, cfg, prompts, lengths, 20,
+      method=blockdec.Blockwise(block_size=5)).tokens)(other)
+  np.testing.assert_array_equal(traced, blockdec.greedy_decode(
+      other, cfg, prompts, lengths, max_new_tokens=20).tokens)
+  assert len(builds) == 2
   monkeypatch.setattr(transformer, "HYDRA_TABLE_BYTES", 0)
   assert api._hydra_tables(params, cfg, 5) is None
   decode(jax.tree_util.tree_map(lambda x: x * 0.5, params))
   assert len(builds) == 2
+
+
+def test_the_drafter_reads_the_tables(monkeypatch):
+  """Copy heads on the counting bigram target accept every draft through
+  the tables; with the tables zeroed the heads lose the drafted tokens,
+  calls multiply, and the output is still greedy's."""
+  cfg, params = random_model(3, head_type="hydra", max_seq_len=128,
+                             vocab_size=16, tie_embeddings=False)
+  params = bigram_with_copy_heads(cfg, cyclic_bigram(cfg, params))
+  prompts, lengths = ragged_prompts(3, 4, 10, cfg.vocab_size)
+  k, n = 8, 48
+  method = blockdec.Blockwise(block_size=k)
+  out = blockdec.decode(params, cfg, prompts, lengths, n, method=method)
+  np.testing.assert_array_equal(out.num_calls, np.full(4, n // k))
+  real = api._hydra_tables
+  monkeypatch.setattr(api, "_hydra_tables", lambda *a: jax.tree_util.tree_map(
+      jnp.zeros_like, real(*a)))
+  zeroed = blockdec.decode(params, cfg, prompts, lengths, n, method=method)
+  np.testing.assert_array_equal(zeroed.tokens, out.tokens)
+  assert (zeroed.num_calls > n // k).all(), zeroed.num_calls
