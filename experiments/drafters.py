@@ -230,10 +230,10 @@ def make_pass(params, cfg, prompts, lengths, n, method, batch, sampling):
 
   def one_pass():
     # A fixed key per call: every pass draws the same samples. Each call is
-    # waited for, as an interactive caller waits for its text: dispatched
-    # ahead, the next call's host work (argument checks that wait for the
-    # running decode) competes with it for the 2 cores (measured on the mid
-    # base at batch 1: a draft-model pass 6-10% slower, greedy unchanged).
+    # waited for, as an interactive caller waits for its text. Dispatched
+    # ahead, a draft-model pass on the mid base at batch 1 ran 6-10% slower
+    # and a greedy pass unchanged, presumably the next call's host work
+    # competing with the running decode for the 2 cores.
     outs = [jax.block_until_ready(
         blockdec.decode(params, cfg, p, l, n, method=method,
                         sampling=sampling,
