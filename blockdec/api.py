@@ -154,9 +154,7 @@ def _sharded_decoder(cfg: ModelConfig, options: DecodeOptions,
   return fn, param_sh, prompt_sh, row_sh
 
 
-# Hydra slot tables already built: (cfg, block size, ids of the arrays they
-# derive from) -> (weak refs to those arrays, tables). A model decoded many
-# times builds them once; a freed array's reused id is not mistaken for it.
+# Hydra slot tables already built, per set of weights (`_once_per_arrays`).
 _HYDRA_TABLES: dict = {}
 
 
@@ -176,27 +174,15 @@ def _hydra_tables(params, cfg: ModelConfig, block_size: int):
       for j in range(2, block_size + 1)]
   if not all(_is_concrete(x) for x in leaves):
     return transformer.hydra_slot_tables(params, cfg, block_size)
-  key = (cfg, block_size, tuple(id(x) for x in leaves))
-  hit = _HYDRA_TABLES.get(key)
-  if hit is not None and all(r() is x for r, x in zip(hit[0], leaves)):
-    return hit[1]
-  tables = _build_hydra_tables(params, cfg, block_size)
-  try:
-    refs = tuple(weakref.ref(x) for x in leaves)
-  except TypeError:  # Not weak-referenceable: build again next time.
-    return tables
-  if len(_HYDRA_TABLES) >= 4:
-    _HYDRA_TABLES.pop(next(iter(_HYDRA_TABLES)))
-  _HYDRA_TABLES[key] = (refs, tables)
-  return tables
+  return _once_per_arrays(
+      _HYDRA_TABLES, leaves,
+      lambda: _build_hydra_tables(params, cfg, block_size),
+      tag=(cfg, block_size), size=4)
 
 
 def _run_decode(params, prompts, prompt_lengths, cfg, options, method, mesh,
                 rules, key, source=None) -> DecodeOutput:
-  arrays = method.arrays()
-  if isinstance(method, methods.Blockwise) and cfg.head_type == "hydra":
-    # Blockwise has no arrays of its own; Hydra's drafter reads the tables.
-    arrays = _hydra_tables(params, cfg, options.block_size)
+  arrays = method.arrays_for(params, cfg, options.block_size)
   method = method.without_arrays()
   if mesh is None:
     return _decode(params, prompts, prompt_lengths, key, arrays, source,
@@ -564,9 +550,29 @@ def check_params(params, cfg: ModelConfig, *, name: str = "params") -> None:
   _check_finite(got, name)
 
 
-# Sets of parameter arrays already found finite: id(leaves) -> weak refs, so
-# a model decoded many times is scanned once, and a freed array's reused id
-# is not mistaken for it.
+def _once_per_arrays(store: dict, leaves, build, *, tag=None, size: int = 16):
+  """`build()`, run once per set of concrete arrays `leaves` and kept in
+  `store` under (tag, their ids); weak references guard the entry, so a
+  freed array's reused id is not mistaken for it. Not kept when `build`
+  raises or an array cannot be weakly referenced; the oldest of `size`
+  entries makes room."""
+  key = (tag, tuple(id(x) for x in leaves))
+  hit = store.get(key)
+  if hit is not None and all(r() is x for r, x in zip(hit[0], leaves)):
+    return hit[1]
+  value = build()
+  try:
+    refs = tuple(weakref.ref(x) for x in leaves)
+  except TypeError:
+    return value
+  if len(store) >= size:
+    store.pop(next(iter(store)))
+  store[key] = (refs, value)
+  return value
+
+
+# Sets of parameter arrays already found finite, so a model decoded many
+# times is scanned once (`_once_per_arrays`).
 _FINITE_CHECKED: dict = {}
 
 
@@ -582,27 +588,20 @@ def _check_finite(flat, name: str) -> None:
   leaves = [leaf for _, leaf in flat]
   if not leaves or not all(_is_concrete(x) for x in leaves):
     return
-  key = tuple(id(x) for x in leaves)
-  refs = _FINITE_CHECKED.get(key)
-  if refs is not None and all(r() is x for r, x in zip(refs, leaves)):
-    return
-  counts = np.asarray(_non_finite_counts(leaves))
-  if counts.any():
-    i = int(np.flatnonzero(counts)[0])
-    path, leaf = flat[i]
-    raise ValueError(
-        f"{name}{jax.tree_util.keystr(path)} holds {int(counts[i])} NaN or "
-        f"infinite values of {np.size(leaf)} ({int((counts > 0).sum())} of "
-        f"{len(leaves)} arrays are affected); non-finite weights make every "
-        "logit NaN. Load the checkpoint again or check the training run's "
-        "loss.")
-  try:
-    refs = tuple(weakref.ref(x) for x in leaves)
-  except TypeError:  # Not weak-referenceable: check again next time.
-    return
-  if len(_FINITE_CHECKED) >= 16:
-    _FINITE_CHECKED.pop(next(iter(_FINITE_CHECKED)))
-  _FINITE_CHECKED[key] = refs
+
+  def check():
+    counts = np.asarray(_non_finite_counts(leaves))
+    if counts.any():
+      i = int(np.flatnonzero(counts)[0])
+      path, leaf = flat[i]
+      raise ValueError(
+          f"{name}{jax.tree_util.keystr(path)} holds {int(counts[i])} NaN or "
+          f"infinite values of {np.size(leaf)} ({int((counts > 0).sum())} of "
+          f"{len(leaves)} arrays are affected); non-finite weights make every "
+          "logit NaN. Load the checkpoint again or check the training run's "
+          "loss.")
+
+  _once_per_arrays(_FINITE_CHECKED, leaves, check)
 
 
 def _is_concrete(x) -> bool:

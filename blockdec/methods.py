@@ -87,6 +87,12 @@ class Method:
     """The spec with its arrays removed (a static argument)."""
     return self
 
+  def arrays_for(self, params, cfg: ModelConfig, block_size: int) -> Any:
+    """The traced arguments the drafter gets as `arrays` when decoding
+    these weights: `arrays()`, or arrays derived from the weights."""
+    del params, cfg, block_size
+    return self.arrays()
+
   def drafter(self, cfg: ModelConfig, block_size: int, arrays: Any, *,
               batch: int, cache_length: int, make_cache, score_fn,
               params) -> Drafter:
@@ -174,11 +180,19 @@ class Blockwise(Method):
     _check_tree_vocab(self.tree, cfg)
     _check_dynamic_tree(self.tree, self.resolve_block_size(cfg))
 
+  def arrays_for(self, params, cfg, block_size):
+    """Hydra's slot tables (`transformer.hydra_slot_tables`), built once per
+    set of weights; None for Stern's heads or tables past the budget."""
+    if cfg.head_type != "hydra":
+      return None
+    from blockdec import api  # pylint: disable=g-import-not-at-top
+    return api._hydra_tables(params, cfg, block_size)  # pylint: disable=protected-access
+
   def drafter(self, cfg, block_size, arrays, *, params, **kw):
     if cfg.head_type != "hydra":
       return HeadsDrafter(block_size, self.tree)
     model = transformer.Transformer(cfg)
-    tables = arrays  # `hydra_slot_tables`, built once per weights by the API.
+    tables = arrays  # From `arrays_for`: the slot tables, or None.
 
     def head(h, tokens, j):
       if tables is not None:
