@@ -100,3 +100,41 @@ def test_run_paired_alternates_and_takes_the_median_pair_ratio(monkeypatch):
   assert method_s == 2.0 and ref_s == 5.0  # Medians of each side.
   # Pairs 4/2, 12/3, 5/1: the median ratio 4, not the ratio of medians 2.5.
   assert ratio == 4.0
+
+
+def test_batches_are_cut_to_their_longest_prompt(monkeypatch):
+  """A batch decodes with its longest prompt's columns (rounded up to the
+  bucket), not the whole set's: one short prompt is not padded to a long
+  one. The outputs of all batches still join into one DecodeOutput."""
+  script = _load_script()
+  assert script.batch_width([130], 16, 192) == 144
+  assert script.batch_width([128, 100], 16, 192) == 128
+  assert script.batch_width([190], 16, 192) == 192  # Never past the array.
+  assert script.batch_width([37], 1, 192) == 37
+  with pytest.raises(ValueError, match="--prompt_bucket"):
+    script.parse_args(["--prompt_bucket=0"])
+
+  import blockdec
+  import numpy as np
+  widths = []
+
+  def fake_decode(params, cfg, prompts, lengths, n, **kw):
+    del params, cfg, kw
+    widths.append(prompts.shape[1])
+    b = prompts.shape[0]
+    return blockdec.DecodeOutput(
+        tokens=np.zeros((b, n), np.int32), lengths=np.asarray(lengths),
+        num_calls=np.ones((b,), np.int32),
+        accepted_hist=np.zeros((b, 1), np.int32))
+
+  monkeypatch.setattr(script.blockdec, "decode", fake_decode)
+  prompts = np.ones((3, 40), np.int32)
+  lengths = np.array([10, 40, 17], np.int32)
+  out = script.make_pass(None, None, prompts, lengths, 5,
+                         blockdec.Autoregressive(), 1, None, 8)()
+  assert widths == [16, 40, 24]
+  assert out.tokens.shape == (3, 5) and list(out.lengths) == [10, 40, 17]
+  widths.clear()
+  script.make_pass(None, None, prompts, lengths, 5,
+                   blockdec.Autoregressive(), 2, None, 8)()
+  assert widths == [40, 24]
