@@ -46,7 +46,9 @@ warm-up (compilation); speedup = tokens_per_s over the same model's greedy
 (or ancestral sampling, at the same temperature and batch), timed pass for
 pass in alternation with each method: the median of the --repeats per-pair
 ratios (this machine's speed drifts within a run; alternating passes keeps
-the drift out of the ratio).
+the drift out of the ratio). Each batch decodes with its own longest
+prompt's columns, rounded up to --prompt_bucket (a batch-1 prompt is not
+padded to the longest prompt of the set).
 
 Launch (from the repository root):
 
