@@ -630,8 +630,9 @@ def _check_token_arg(name, value, cfg, optional=False):
 def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
                   block_size):
   check_params(params, cfg)
-  prompts = jnp.asarray(prompts)
-  prompt_lengths = jnp.asarray(prompt_lengths)
+  # Host inputs are checked and masked on the host and sent once; a jax
+  # array is kept (a tracer under the caller's jit, or an array on device).
+  prompts, prompt_lengths = _as_array(prompts), _as_array(prompt_lengths)
   if prompts.ndim != 2 or prompts.shape[1] == 0 or prompts.shape[0] == 0:
     raise ValueError(
         f"prompts must be a non-empty int array [B, P], got shape {prompts.shape}.")
@@ -658,11 +659,18 @@ def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
     valid = np.arange(p)[None, :] < lengths[:, None]
     _check_token_ids("prompts", prompts, cfg.vocab_size, valid)
     # Padding may hold anything; feed zeros so every gather is in range.
-    prompts = jnp.where(jnp.asarray(valid), prompts, 0)
+    prompts = (np.where(valid, prompts, 0) if isinstance(prompts, np.ndarray)
+               else jnp.where(jnp.asarray(valid), prompts, 0))
   else:
     longest = p
   if longest + max_new_tokens > cfg.max_seq_len:
     raise ValueError(
         f"prompt length {longest} + max_new_tokens={max_new_tokens} = "
         f"{longest + max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}.")
-  return prompts.astype(jnp.int32), prompt_lengths.astype(jnp.int32)
+  return (jnp.asarray(prompts, dtype=jnp.int32),
+          jnp.asarray(prompt_lengths, dtype=jnp.int32))
+
+
+def _as_array(x):
+  """`x` itself if a jax array (or tracer), else a numpy array."""
+  return x if isinstance(x, jax.Array) else np.asarray(x)

@@ -59,6 +59,19 @@ def test_padding_garbage_is_ignored(model):
   a = _call(model, prompts=np.array([[1, 2, 3, 0]]), prompt_lengths=np.array([3]))
   b = _call(model, prompts=np.array([[1, 2, 3, 12345]]), prompt_lengths=np.array([3]))
   np.testing.assert_array_equal(a.tokens, b.tokens)
+  # Host inputs are masked on the host, jax arrays on device, lists too.
+  c = _call(model, prompts=jax.numpy.asarray([[1, 2, 3, 12345]]),
+            prompt_lengths=jax.numpy.asarray([3]))
+  d = _call(model, prompts=[[1, 2, 3, 12345]], prompt_lengths=[3])
+  np.testing.assert_array_equal(a.tokens, c.tokens)
+  np.testing.assert_array_equal(a.tokens, d.tokens)
+
+
+def test_non_integer_prompts_name_the_argument(model):
+  with pytest.raises(TypeError, match="prompts must be an integer array"):
+    _call(model, prompts=[[1.5, 2.0, 3.0]])
+  with pytest.raises(TypeError, match="prompt_lengths must be an integer"):
+    _call(model, prompt_lengths=np.array([3.0]))
 
 
 def test_mismatched_params_and_config(model):
