@@ -11,8 +11,8 @@
                               key=jax.random.key(0))
 """
 
-from blockdec.api import (blockwise_decode, check_params, decode,
-                          forward_logits, greedy_decode, init_params,
+from blockdec.api import (HostArraysWarning, blockwise_decode, check_params,
+                          decode, forward_logits, greedy_decode, init_params,
                           model_score_fn)
 from blockdec.checkpointing import load_checkpoint, save_checkpoint
 # Verification call costs on this machine (for AdaptiveBlockSize).

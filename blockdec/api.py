@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
+import warnings
 import weakref
 
 import jax
@@ -180,9 +183,44 @@ def _hydra_tables(params, cfg: ModelConfig, block_size: int):
       tag=(cfg, block_size), size=4)
 
 
+class HostArraysWarning(UserWarning):
+  """Weights passed to a decode as numpy (host) arrays: every call copies
+  them to the device again."""
+
+
+def _warn_host_arrays(tree, name: str) -> None:
+  """Warns (once per call site, Python's default filter) when `tree` holds
+  numpy arrays: a jitted call copies them to the device on every call,
+  which for the demo base costs more than a decoding step."""
+  host = [x for x in jax.tree_util.tree_leaves(tree)
+          if isinstance(x, np.ndarray)]
+  if host:
+    mib = sum(x.nbytes for x in host) / 2**20
+    warnings.warn(
+        f"{name}: {len(host)} arrays ({mib:.1f} MiB) are numpy arrays on the "
+        "host, so every decode call copies them to the device again; place "
+        "them on the device once with jax.device_put (e.g. `params = "
+        "jax.device_put(params)`).", HostArraysWarning,
+        stacklevel=_caller_stacklevel())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+  """`warnings.warn`'s stacklevel of the first frame outside blockdec."""
+  level, frame = 2, sys._getframe(2)  # pylint: disable=protected-access
+  while frame is not None and frame.f_code.co_filename.startswith(
+      _PACKAGE_DIR):
+    frame, level = frame.f_back, level + 1
+  return level
+
+
 def _run_decode(params, prompts, prompt_lengths, cfg, options, method, mesh,
                 rules, key, source=None) -> DecodeOutput:
   arrays = method.arrays_for(params, cfg, options.block_size)
+  _warn_host_arrays(params, "params")
+  _warn_host_arrays(arrays, f"{type(method).__name__}'s weights")
   method = method.without_arrays()
   if mesh is None:
     return _decode(params, prompts, prompt_lengths, key, arrays, source,

@@ -1,6 +1,7 @@
 """Bad input raises clear errors; repeated calls do not retrace."""
 
 import re
+import warnings
 
 import jax
 import numpy as np
@@ -96,3 +97,27 @@ def test_no_retrace_on_same_shapes(model):
     params2 = jax.tree_util.tree_map(lambda x: x * (1 + seed), params)
     blockdec.blockwise_decode(params2, cfg, p, lengths, **kw)
   assert api._decode._cache_size() == before
+
+
+def test_host_weights_warn_once_placed_weights_do_not(model, tmp_path):
+  cfg, params = model
+  host = jax.tree.map(np.asarray, params)
+  prompts, lengths = np.array([[1, 2, 3]]), np.array([3])
+  with pytest.warns(blockdec.HostArraysWarning,
+                    match=r"params: \d+ arrays .* jax.device_put") as caught:
+    blockdec.greedy_decode(host, cfg, prompts, lengths, max_new_tokens=3)
+  # The warning names the caller's line, not blockdec's internals.
+  assert caught[0].filename == __file__
+  with pytest.warns(blockdec.HostArraysWarning, match="DraftModel's weights"):
+    blockdec.decode(params, cfg, prompts, lengths, 3,
+                    method=blockdec.DraftModel(cfg, host, block_size=2))
+  # A checkpoint loads onto the device: decoding it copies nothing per call.
+  blockdec.save_checkpoint(tmp_path, cfg, host)
+  _, loaded, _ = blockdec.load_checkpoint(tmp_path, with_tokenizer=False)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", blockdec.HostArraysWarning)
+    out = blockdec.decode(loaded, cfg, prompts, lengths, 3,
+                          method=blockdec.DraftModel(cfg, loaded, block_size=2))
+  ref = blockdec.greedy_decode(params, cfg, prompts, lengths, max_new_tokens=3)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)

@@ -281,7 +281,8 @@ def heads_model(base_cfg: ModelConfig, base_params, overrides, seed: int):
           "head_type, eagle_layers).")
     return np.asarray(old)
 
-  return cfg, merge(fresh, base_params, "")
+  # On the device: the distillation data and diagnostics decode with them.
+  return cfg, jax.device_put(merge(fresh, base_params, ""))
 
 
 def greedy_teacher(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
@@ -353,7 +354,7 @@ class Trainer:
         self.cfg, params = diffusion.adapt_model(base_cfg, base_params, c.seed)
       else:
         self.cfg, params = heads_model(base_cfg, base_params, c.model, c.seed)
-      self.teacher = greedy_teacher(base_cfg, base_params)
+      self.teacher = greedy_teacher(base_cfg, jax.device_put(base_params))
     if translating and self.task is None:
       self.task = translation.TranslationTask(c.data, self.tokenizer)
     if self.tokenizer.vocab_size > self.cfg.vocab_size:
@@ -584,6 +585,7 @@ class Trainer:
   def _finish(self, state) -> dict:
     params = sharding.to_host(state.params)
     checkpointing.save_checkpoint(self.workdir, self.cfg, params, self.tokenizer)
+    params = jax.device_put(params)  # One device, placed once for the decodes.
     rows = read_metrics(self.workdir / "metrics.jsonl")
     valid = [r for r in rows if r["split"] == "valid"]
     summary = {"name": self.config.name, "regime": self.regime,
