@@ -101,7 +101,10 @@ faster (on a shared CPU torch's OpenMP threads can stall each other; rows
 record torch_threads); per system one warm-up call (its time,
 minus the steady-state median, is reported as compile_s: XLA compilation for
 blockdec, first-call overhead for transformers), then the median of
-`--repeats` timed calls. tokens_per_s = batch * new_tokens / median seconds.
+`--repeats` timed calls. Batch 1 rows decode `--batch1-prompts` prompts
+(default 8) one after another within each timed call, so a row is not the
+luck of one prompt; batch 8 rows decode the 8 prompts at once.
+tokens_per_s = prompts * new_tokens / median seconds.
 The machine is shared with other engineers' jobs while this runs, so absolute
 numbers are noisy; medians and same-process ratios are what to read.
 """
@@ -431,22 +434,36 @@ def degenerate_rows(tokens: np.ndarray, byte_level: bool) -> np.ndarray:
                    for row in tokens])
 
 
+def one_by_one(decode_row, prompts):
+  """A `blockdec.DecodeOutput` of `decode_row` ([1, P] -> output) run on
+  each row of `prompts` [R, P] in turn, the rows' outputs stacked."""
+  outs = [jax.block_until_ready(decode_row(prompts[i:i + 1]))
+          for i in range(prompts.shape[0])]
+  return blockdec.DecodeOutput(*[
+      np.concatenate([np.asarray(getattr(o, f.name)) for o in outs])
+      for f in dataclasses.fields(blockdec.DecodeOutput)])
+
+
 def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
-                new_tokens, temperature, block_size=None, adaptive=ADAPTIVE):
-  """(fn, settings) timing `system` once on `prompts` [B, P], or None where
+                new_tokens, temperature, block_size=None, adaptive=ADAPTIVE,
+                rows_one_by_one=False):
+  """(fn, settings) timing `system` once on `prompts` [R, P], or None where
   it does not apply (no heads, no draft, greedy-only at temperature > 0).
-  `adaptive`: the rule of blockdec-adaptive and blockdec-prompt-lookup."""
-  batch = prompts.shape[0]
+  `adaptive`: the rule of blockdec-adaptive and blockdec-prompt-lookup.
+  `rows_one_by_one`: decode the R rows one after another at batch 1 (else
+  as one batch of R; transformers' prompt lookup and assisted generation
+  always go one by one)."""
+  batch = 1 if rows_one_by_one else prompts.shape[0]
   lengths = np.full((batch,), prompts.shape[1], np.int32)
   k = block_size or cfg.num_prediction_heads
   if (system in SAMPLE_ONLY) if not temperature else (system not in SAMPLED):
     return None
   if system in ("hf-greedy", "hf-sample"):
     return lambda: hf_generate(hf_model, prompts, new_tokens,
-                               temperature=temperature), ""
+                               rows_one_by_one, temperature), ""
   if system == "hf-prompt-lookup":
     return lambda: hf_generate(
-        hf_model, prompts, new_tokens, batch > 1, temperature,
+        hf_model, prompts, new_tokens, prompts.shape[0] > 1, temperature,
         prompt_lookup_num_tokens=LOOKUP_DRAFTS,
         max_matching_ngram_size=LOOKUP_NGRAM), (
             f"prompt_lookup_num_tokens={LOOKUP_DRAFTS}, "
@@ -454,12 +471,15 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
   if system == "hf-assisted":
     if hf_draft is None:
       return None
-    return lambda: hf_generate(hf_model, prompts, new_tokens, batch > 1,
-                               temperature, assistant_model=hf_draft), \
+    return lambda: hf_generate(hf_model, prompts, new_tokens,
+                               prompts.shape[0] > 1, temperature,
+                               assistant_model=hf_draft), \
         assistant_settings()
   if system == "blockdec-greedy":
-    return lambda: jax.block_until_ready(blockdec.greedy_decode(
-        params, cfg, prompts, lengths, max_new_tokens=new_tokens)), ""
+    run = lambda p: blockdec.greedy_decode(params, cfg, p, lengths,
+                                           max_new_tokens=new_tokens)
+    return ((lambda: one_by_one(run, prompts)) if rows_one_by_one else
+            (lambda: jax.block_until_ready(run(prompts)))), ""
   if system in ("blockdec-blockwise", "blockdec-adaptive"):
     if k < 2:
       return None
@@ -488,16 +508,19 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
     settings += (", adaptive=AdaptiveBlockSize()" if adaptive.call_costs is
                  None else f", adaptive=AdaptiveBlockSize(call_costs="
                  f"{adaptive.call_costs})")
-  return lambda: jax.block_until_ready(blockdec.decode(
-      params, cfg, prompts, lengths, new_tokens, method=method,
-      sampling=sampling, key=key)), settings
+  run = lambda p: blockdec.decode(params, cfg, p, lengths, new_tokens,
+                                  method=method, sampling=sampling, key=key)
+  return ((lambda: one_by_one(run, prompts)) if rows_one_by_one else
+          (lambda: jax.block_until_ready(run(prompts)))), settings
 
 
 def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
                 repeats, extra, *, temperatures=(0.0,), draft_note="",
-                block_size=None, call_costs="measured"):
+                block_size=None, call_costs="measured",
+                draft_block_size=DRAFT_BLOCK_SIZE):
   """Rows for one model: every system at every prompt set, temperature and
-  batch size. prompts: {prompt_set: {batch: [batch, P] int32}};
+  batch size. prompts: {prompt_set: {batch: [R, P] int32}}, R = batch, or
+  at batch 1 any R prompts decoded one after another;
   block_size: the heads' systems' block (None: all the model's heads);
   call_costs: "measured" (the adaptive rule's costs measured here per
   batch) or "linear" (its default token_cost)."""
@@ -510,7 +533,7 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
     hf_draft = transformers.AutoModelForCausalLM.from_pretrained(
         draft_folder, dtype=torch.float32).eval()
     draft = blockdec.DraftModel(*blockdec.load_hf_checkpoint(draft_folder),
-                                block_size=DRAFT_BLOCK_SIZE)
+                                block_size=draft_block_size)
   cfg, params = blockdec.load_hf_checkpoint(folder)
   if block_size is not None and not 2 <= block_size <= \
       cfg.num_prediction_heads:
@@ -537,13 +560,18 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
   for prompt_set, by_batch in prompts.items():
     for temperature in temperatures:
       for batch, batch_prompts in by_batch.items():
+        num_rows = batch_prompts.shape[0]
+        if batch not in (1, num_rows):
+          raise ValueError(f"batch {batch} given {num_rows} prompts; only "
+                           "batch 1 decodes several one by one.")
         reference = None
         for system in systems:
           call = system_call(system, hf_model=hf_model, hf_draft=hf_draft,
                              cfg=cfg, params=params, draft=draft,
                              prompts=batch_prompts, new_tokens=new_tokens,
                              temperature=temperature, block_size=block_size,
-                             adaptive=rule_for(batch, batch_prompts.shape[1]))
+                             adaptive=rule_for(batch, batch_prompts.shape[1]),
+                             rows_one_by_one=batch == 1 and num_rows > 1)
           if call is None:
             continue
           fn, settings = call
@@ -555,24 +583,24 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
           first_s, median, times, result = timed(fn, repeats)
           row = dict(system=system, model=name, prompt_set=prompt_set,
                      temperature=temperature, batch=batch,
-                     new_tokens=new_tokens,
+                     prompts=num_rows, new_tokens=new_tokens,
                      prompt_len=int(batch_prompts.shape[1]),
-                     tokens_per_s=batch * new_tokens / median,
+                     tokens_per_s=num_rows * new_tokens / median,
                      median_s=median, times_s=times,
                      compile_s=max(first_s - median, 0.0), **extra)
           if hf:
             tokens = result
-            one_by_one = batch > 1 and system in ("hf-prompt-lookup",
-                                                  "hf-assisted")
+            rows_apart = num_rows > 1 and (batch == 1 or system in (
+                "hf-prompt-lookup", "hf-assisted"))
             # Calls the clock waited for, and calls each row took part in.
             sequential = counter.calls
-            per_row = np.full((batch,), counter.calls / batch if one_by_one
-                              else counter.calls)
-            lengths = np.full((batch,), new_tokens)
+            per_row = np.full((num_rows,), counter.calls / num_rows
+                              if rows_apart else counter.calls)
+            lengths = np.full((num_rows,), new_tokens)
           else:
             tokens = np.asarray(result.tokens)
             per_row = np.asarray(result.num_calls)
-            sequential = int(per_row.max())
+            sequential = int(per_row.sum() if batch == 1 else per_row.max())
             lengths = np.asarray(result.lengths)
           degenerate = degenerate_rows(tokens, cfg.vocab_size == 256)
           row["degenerate_share"] = float(degenerate.mean())
@@ -718,7 +746,10 @@ def write_markdown(path, machine, rows, notes, command):
            f"Command: `{command}`. Medians of "
            f"{len(rows[0]['times_s'])} timed calls after one warm-up; "
            "compile_s is the warm-up's extra time (XLA compilation for "
-           "blockdec). Timings on this machine move by up to +-15% between "
+           "blockdec). Batch 1 rows decode "
+           f"{max((r.get('prompts', 1) for r in rows if r['batch'] == 1), default=1)}"
+           " prompts one after another in each timed call; batch 8 rows the "
+           "8 at once. Timings on this machine move by up to +-15% between "
            "runs; ratios within one run are what to read. x hf and x "
            "blockdec: tokens/s over hf-greedy and blockdec-greedy of the "
            "same rows (hf-sample and blockdec-sample at temperature > 0). "
@@ -834,6 +865,13 @@ def main():
                       default=PROMPT_SETS,
                       help=f"comma-separated subset of {PROMPT_SETS}")
   parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--draft-block-size", type=int,
+                      default=DRAFT_BLOCK_SIZE,
+                      help="blockdec-draft-model's block: the decided token "
+                           "plus this many - 1 drafts per call")
+  parser.add_argument("--batch1-prompts", type=int, default=8,
+                      help="prompts each batch-1 row decodes one after "
+                           "another (1 .. 8)")
   parser.add_argument("--block-sizes", type=block_sizes_flag, default={},
                       help="MODEL=K,...: blockdec-blockwise/-adaptive verify "
                            "K tokens per call on MODEL (default: all its "
@@ -847,6 +885,10 @@ def main():
   parser.add_argument("--cache-dir", default="cache")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
+  if args.draft_block_size < 1:
+    parser.error(f"--draft-block-size={args.draft_block_size}; must be >= 1.")
+  if not 1 <= args.batch1_prompts <= 8:
+    parser.error(f"--batch1-prompts={args.batch1_prompts}; allowed: 1 .. 8.")
   if any(t < 0 for t in args.temperatures):
     parser.error(f"--temperatures={args.temperatures}: each must be >= 0.")
   repeats = 1 if args.quick else args.repeats
@@ -867,9 +909,14 @@ def main():
     """{prompt_set: {batch: prompts}} from make(prompt_set) -> [8, P]."""
     out = {}
     for prompt_set in args.prompt_sets:
-      prompts = make(prompt_set)
-      out[prompt_set] = {b: prompts[:b] for b in args.batches}
+      out[prompt_set] = batches_of(make(prompt_set))
     return out
+
+  def batches_of(prompts):
+    """{batch: prompts}: batch 1 decodes the first --batch1-prompts one by
+    one, batch 8 the 8 at once."""
+    return {b: prompts[:args.batch1_prompts if b == 1 else b]
+            for b in args.batches}
 
   def bench(name, folder, draft_folder, prompts, model_systems=systems,
             **kw):
@@ -878,7 +925,8 @@ def main():
                       [s for s in systems if s in model_systems], repeats,
                       kw.pop("extra"), temperatures=temperatures,
                       block_size=args.block_sizes.get(name),
-                      call_costs=args.call_costs, **kw)
+                      call_costs=args.call_costs,
+                      draft_block_size=args.draft_block_size, **kw)
     print(f"  {name}: {len(out)} rows in {time.perf_counter() - t0:.0f} s",
           flush=True)
     return out
@@ -973,7 +1021,7 @@ def main():
     blockdec.export_hf_checkpoint(cfg, params, tmp / "gpt2_124m")
     rows += bench_model(
         "gpt2-124m", tmp / "gpt2_124m", None,
-        {"random": {b: gpt2_prompts[:b] for b in args.batches}},
+        {"random": batches_of(gpt2_prompts)},
         min(new_tokens, 32),
         [s for s in systems if s in ("hf-greedy", "blockdec-greedy")],
         repeats, dict(trained=False),

@@ -454,3 +454,30 @@ def test_import_transformers_binds_hf_kernels_not_the_checkout_folder():
     assert hasattr(loaded, "CUDAProperties")
   # The import that failed under transformers 5.25 before the fix.
   assert hf.import_transformers().GPT2LMHeadModel.__name__ == "GPT2LMHeadModel"
+
+
+def test_hf_peers_batch_one_rows_decode_one_by_one():
+  """experiments/hf_peers.py at batch 1 decodes its prompts one after
+  another: the stacked output equals each row decoded alone, and calls add
+  up per row."""
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                         / "experiments"))
+  import hf_peers
+  from tests.helpers import random_model
+  cfg, params = random_model(3)
+  prompts = np.random.RandomState(0).randint(
+      1, cfg.vocab_size, (3, 5)).astype(np.int32)
+  fn, _ = hf_peers.system_call(
+      "blockdec-blockwise", hf_model=None, hf_draft=None, cfg=cfg,
+      params=params, draft=None, prompts=prompts, new_tokens=6,
+      temperature=0.0, block_size=4, rows_one_by_one=True)
+  out = fn()
+  assert out.tokens.shape == (3, 6) and out.num_calls.shape == (3,)
+  for i in range(3):
+    alone = blockdec.blockwise_decode(params, cfg, prompts[i:i + 1],
+                                      np.array([5]), max_new_tokens=6,
+                                      block_size=4)
+    np.testing.assert_array_equal(out.tokens[i], np.asarray(alone.tokens)[0])
+    assert out.num_calls[i] == int(np.asarray(alone.num_calls)[0])
