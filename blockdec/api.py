@@ -564,11 +564,28 @@ def _check_cfg(cfg) -> None:
     raise TypeError(f"cfg must be a blockdec.ModelConfig, got {type(cfg).__name__}.")
 
 
+# Sets of device arrays already found to fit a config (`_once_per_arrays`):
+# a model decoded many times is walked once per config, not once per call.
+_PARAMS_CHECKED: dict = {}
+
+
 def check_params(params, cfg: ModelConfig, *, name: str = "params") -> None:
   """Raises ValueError if `params` do not have the structure `cfg` implies,
-  or if a weight is NaN or infinite (checked once per set of arrays; skipped
-  for tracers, e.g. under a caller's `jax.jit`)."""
+  or if a weight is NaN or infinite (checked once per set of device arrays
+  and config; the finite check is skipped for tracers, e.g. under a
+  caller's `jax.jit`)."""
   _check_cfg(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  if leaves and all(isinstance(x, jax.Array) and _is_concrete(x)
+                    for x in leaves):
+    _once_per_arrays(_PARAMS_CHECKED, leaves,
+                     lambda: _check_params(params, cfg, name),
+                     tag=(cfg, treedef))
+  else:
+    _check_params(params, cfg, name)
+
+
+def _check_params(params, cfg: ModelConfig, name: str) -> None:
   expected, expected_def = _expected_shapes(cfg)
   got, got_def = jax.tree_util.tree_flatten_with_path(params)
   if got_def != expected_def:
@@ -705,8 +722,13 @@ def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
     raise ValueError(
         f"prompt length {longest} + max_new_tokens={max_new_tokens} = "
         f"{longest + max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}.")
-  return (jnp.asarray(prompts, dtype=jnp.int32),
-          jnp.asarray(prompt_lengths, dtype=jnp.int32))
+  # Host arrays stay numpy: the compiled call sends them in its own (C++)
+  # dispatch, cheaper than a jax.device_put from Python first.
+  if isinstance(prompts, jax.Array) or isinstance(prompt_lengths, jax.Array):
+    return (jnp.asarray(prompts, dtype=jnp.int32),
+            jnp.asarray(prompt_lengths, dtype=jnp.int32))
+  return (np.asarray(prompts, dtype=np.int32),
+          np.asarray(prompt_lengths, dtype=np.int32))
 
 
 def _as_array(x):
