@@ -724,13 +724,12 @@ def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
         f"{longest + max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}.")
   # Host arrays stay numpy: the compiled call sends them in its own (C++)
   # dispatch, cheaper than a jax.device_put from Python first.
-  if isinstance(prompts, jax.Array) or isinstance(prompt_lengths, jax.Array):
-    return (jnp.asarray(prompts, dtype=jnp.int32),
-            jnp.asarray(prompt_lengths, dtype=jnp.int32))
-  return (np.asarray(prompts, dtype=np.int32),
-          np.asarray(prompt_lengths, dtype=np.int32))
+  return _as_array(prompts, np.int32), _as_array(prompt_lengths, np.int32)
 
 
-def _as_array(x):
-  """`x` itself if a jax array (or tracer), else a numpy array."""
-  return x if isinstance(x, jax.Array) else np.asarray(x)
+def _as_array(x, dtype=None):
+  """`x` itself if a jax array (or tracer), else a numpy array; cast to
+  `dtype` if given."""
+  if isinstance(x, jax.Array):
+    return x if dtype is None else x.astype(dtype)
+  return np.asarray(x, dtype=dtype)
