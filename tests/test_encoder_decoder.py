@@ -135,6 +135,37 @@ def test_decoder_equals_the_uncached_forward_pass_and_reads_the_source():
   assert (np.asarray(other.tokens) != np.asarray(out.tokens)).any()
 
 
+def test_head_predictions_of_a_translation_follow_its_greedy_output():
+  from blockdec.analysis import draft_statistics, head_predictions
+  cfg, params = _model(0)
+  sources, source_lengths = _sources(0, 4, 9, cfg.vocab_size)
+  prompts = np.full((4, 1), BOS, np.int32)
+  lengths = np.ones(4, np.int32)
+  kw = dict(source=sources, source_lengths=source_lengths)
+  free = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                max_new_tokens=12, **kw)
+  eos = int(np.asarray(free.tokens)[2, 4])  # Ends row 2 (at least) early.
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=12, eos_id=eos, **kw)
+  log_probs, targets, valid = head_predictions(
+      params, cfg, prompts, lengths, max_new_tokens=12, num_heads=3,
+      eos_id=eos, **kw)
+  gen_lengths = np.asarray(greedy.lengths)
+  assert gen_lengths.min() < 12  # EOS ended a row early ...
+  # ... and the positions are each row's own: one per generated token.
+  assert log_probs.shape == (gen_lengths.sum(), 3, cfg.vocab_size)
+  np.testing.assert_array_equal(
+      targets[:gen_lengths[0], 0], np.asarray(greedy.tokens)[0, :gen_lengths[0]])
+  assert not valid[gen_lengths[0] - 1, 1]  # Nothing follows the row's end.
+  stats = draft_statistics(log_probs, targets, valid)
+  assert stats["accuracy"][0] == pytest.approx(1.0)  # Head 1 is greedy.
+  # The heads read the source: another source, other predictions.
+  other, _, _ = head_predictions(
+      params, cfg, prompts, lengths, max_new_tokens=12, num_heads=3,
+      source=(sources + 1) % cfg.vocab_size, source_lengths=source_lengths)
+  assert other.shape != log_probs.shape or not np.allclose(other, log_probs)
+
+
 def test_a_row_does_not_depend_on_its_neighbours():
   cfg, params = _model(1)
   sources, source_lengths = _sources(1, 6, 10, cfg.vocab_size)

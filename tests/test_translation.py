@@ -168,9 +168,18 @@ def test_benchmark_rows(trained, tmp_path):
     assert tr["steps"] == 2 and len(tr["valid_head_losses"]) == 4, regime
     assert (tr["trunk_lr_scale"] is None) == (regime in ("regular",
                                                          "distillation"))
+  # Head agreement along each regime's own greedy translations: head 1 is
+  # that greedy output; top-5 contains top-1; a block spans 1..k tokens.
+  for regime, h in report["head_agreement"].items():
+    assert h["positions"] > 0 and len(h["top1"]) == 4, regime
+    assert h["top1"][0] == pytest.approx(1.0), regime
+    assert all(a <= b for a, b in zip(h["top1"], h["top5"])), regime
+    assert 1.0 <= h["block_from_any_position"] <= 4.0, regime
+  assert set(report["head_agreement"]) == set(module.REGIMES)
   saved = json.loads((tmp_path / "st.json").read_text())
   assert saved["rows"] == json.loads(json.dumps(rows))
-  assert (tmp_path / "st.md").read_text().startswith("# Stern et al.")
+  md = (tmp_path / "st.md").read_text()
+  assert md.startswith("# Stern et al.") and "## Why blocks end" in md
   assert (tmp_path / "st.png").stat().st_size > 0
 
 

@@ -35,17 +35,26 @@ from blockdec.models import transformer
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_heads"))
-def _all_heads(params, tokens, cfg: ModelConfig, num_heads: int):
+def _all_heads(params, tokens, source, source_lengths, cfg: ModelConfig,
+               num_heads: int):
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                tokens.shape)
+  memory = None if source is None else transformer.encode(
+      params, cfg, source, source_lengths)
   logits, _ = transformer.apply(params, cfg, tokens, positions, None,
-                                num_heads=num_heads)
+                                num_heads=num_heads, memory=memory)
   return jax.nn.log_softmax(logits, axis=-1)  # [B, T, k, V]
 
 
 def head_predictions(params, cfg: ModelConfig, prompts, prompt_lengths, *,
-                     max_new_tokens: int = 64, num_heads: int | None = None):
+                     max_new_tokens: int = 64, num_heads: int | None = None,
+                     eos_id: int | None = None, source=None,
+                     source_lengths=None):
   """Heads' log-probs along each row's greedy continuation.
+
+  `eos_id` ends a continuation at its EOS (kept: the heads must draft it
+  too); `source` [B, S] and `source_lengths` [B] are an encoder-decoder's
+  inputs (`blockdec.decode`'s), the prompts then being the decoder's (BOS).
 
   Returns:
     log_probs [N, k, V] float32 at the N positions t from each row's last
@@ -57,16 +66,21 @@ def head_predictions(params, cfg: ModelConfig, prompts, prompt_lengths, *,
   prompts = np.asarray(prompts)
   prompt_lengths = np.asarray(prompt_lengths)
   out = api.greedy_decode(params, cfg, prompts, prompt_lengths,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, eos_id=eos_id,
+                          source=source, source_lengths=source_lengths)
   gen, gen_len = np.asarray(out.tokens), np.asarray(out.lengths)
   batch = prompts.shape[0]
   total = prompt_lengths + gen_len
-  seq = np.zeros((batch, int(total.max())), np.int32)
+  # One width for every call of these shapes (one compile).
+  seq = np.zeros((batch, prompts.shape[1] + max_new_tokens), np.int32)
   for b in range(batch):
     seq[b, :prompt_lengths[b]] = prompts[b, :prompt_lengths[b]]
     seq[b, prompt_lengths[b]:total[b]] = gen[b, :gen_len[b]]
-  log_probs = np.asarray(_all_heads(params, jnp.asarray(seq), cfg=cfg,
-                                    num_heads=k))
+  log_probs = np.asarray(_all_heads(
+      params, jnp.asarray(seq),
+      None if source is None else jnp.asarray(source, jnp.int32),
+      None if source is None else jnp.asarray(source_lengths, jnp.int32),
+      cfg=cfg, num_heads=k))
   rows, tgts, valid = [], [], []
   for b in range(batch):
     for t in range(prompt_lengths[b] - 1, total[b] - 1):
