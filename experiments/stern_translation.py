@@ -100,6 +100,10 @@ def _define_flags():
       flags.DEFINE_integer("repeats", 3, "Timed repeats (median)."),
       flags.DEFINE_integer("batch_size", 64, "Rows per decoding call (BLEU)."),
       flags.DEFINE_string("cache_dir", "cache", "Cached training runs."),
+      flags.DEFINE_list("regime_steps", [],
+                        "Budget study: <regime>:<steps> entries (e.g. "
+                        "both:2400) training those regimes for that many "
+                        "steps instead of the preset's."),
       flags.DEFINE_string(
           "out", str(ROOT / "experiments" / "results" / "stern_translation"),
           "Output prefix: writes <out>.json, <out>.md, <out>.png."))
@@ -120,12 +124,33 @@ def load_config(arg: str, locale_dir: str = ""):
   return c
 
 
-def train_all(preset: str, cache_dir: str, locale_dir: str = ""):
-  """{regime: Run} and the base Run, trained now or reused."""
+def regime_steps_flag(items) -> dict:
+  """--regime_steps ["both:2400", ...] -> {"both": 2400}, or ValueError."""
+  steps = {}
+  for item in items or ():
+    regime, _, n = str(item).partition(":")
+    if regime not in REGIMES or not n.isdigit() or int(n) < 1:
+      raise ValueError(f"--regime_steps entry {item!r} must be "
+                       f"<regime>:<steps> with a regime of {REGIMES} and "
+                       "steps >= 1.")
+    steps[regime] = int(n)
+  return steps
+
+
+def train_all(preset: str, cache_dir: str, locale_dir: str = "",
+              regime_steps: dict | None = None):
+  """{regime: Run} and the base Run, trained now or reused.
+
+  `regime_steps` {regime: steps} trains those regimes for that many steps
+  instead of the preset's (a budget study; the others keep theirs).
+  """
   base = pipeline.train_or_load(load_config(preset, locale_dir), cache_dir)
-  runs = {r: pipeline.train_or_load(load_config(f"{preset},{r}", locale_dir),
-                                    cache_dir)
-          for r in REGIMES}
+  runs = {}
+  for r in REGIMES:
+    c = load_config(f"{preset},{r}", locale_dir)
+    if r in (regime_steps or {}):
+      c.steps = regime_steps[r]
+    runs[r] = pipeline.train_or_load(c, cache_dir)
   return base, runs
 
 
@@ -227,14 +252,14 @@ def time_method(translator: Translator, run, method, rows, batch: int,
 def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
                   timed=("regular", "both"), timing_sentences=16, repeats=3,
                   batch_size=64, only="all", approximate=tuple(APPROXIMATE),
-                  locale_dir="") -> dict:
+                  locale_dir="", regime_steps=None) -> dict:
   """Trains or reuses the models, measures, writes <out>.json|md|png.
 
   `approximate`: the lossy rules measured at the largest k (names of
   APPROXIMATE). `locale_dir`: read the catalogs there (tests build their
   own). Returns the report (the JSON's content).
   """
-  base, runs = train_all(preset, cache_dir, locale_dir)
+  base, runs = train_all(preset, cache_dir, locale_dir, regime_steps)
   if only == "train":
     return {}
   cfg0 = load_config(preset, locale_dir)
@@ -294,6 +319,7 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
       "machine": metrics.machine_description(),
       "load_1min": {"before": load_before, "after": load_after},
       "preset": preset, "command": " ".join(sys.argv),
+      "regime_steps": dict(regime_steps or {}),
       "test_pairs": int(len(rows)), "test_domains": task.splits.domains["test"],
       "corpus": task.splits.summary(),
       "base": {"bleu": base_bleu, "valid_loss": base_valid["loss"],
@@ -382,7 +408,11 @@ def markdown(report) -> str:
       f"Machine: {report['machine']}. Load average (1-minute): "
       f"{report['load_1min']['before']:.1f} before, "
       f"{report['load_1min']['after']:.1f} after. Written by "
-      f"`experiments/stern_translation.py --preset={report['preset']}`.", "",
+      f"`experiments/stern_translation.py --preset={report['preset']}"
+      + (" --regime_steps=" + ",".join(
+          f"{r}:{n}" for r, n in report["regime_steps"].items())
+         if report.get("regime_steps") else "")
+      + "`.", "",
       f"Corpus: {report['corpus'].splitlines()[0]}; "
       f"{report['test_pairs']} test pairs from the held-out catalogs "
       f"({', '.join(report['test_domains'])}), unseen in training.", "",
@@ -549,9 +579,13 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--approximate {unknown} unknown; allowed: "
                          f"{sorted(APPROXIMATE)}.")
+  try:
+    regime_steps = regime_steps_flag(f.regime_steps)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   run_benchmark(f.preset, f.cache_dir, f.out, f.num_test, tuple(f.timed),
                 f.timing_sentences, f.repeats, f.batch_size, f.only,
-                tuple(f.approximate))
+                tuple(f.approximate), regime_steps=regime_steps)
 
 
 if __name__ == "__main__":

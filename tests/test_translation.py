@@ -200,3 +200,18 @@ def test_config_errors(tmp_path):
   c.data.kind = "speech"
   with pytest.raises(ValueError, match="data.kind='speech'"):
     Trainer(c, tmp_path / "run3")
+
+
+def test_regime_steps_train_only_the_named_regimes_longer(trained):
+  module, locale, cache, _, runs = trained
+  _, longer = module.train_all("tiny", str(cache), str(locale),
+                               regime_steps={"both": 3})
+  assert int(longer["both"].summary["steps"]) == 3  # The preset's: 2.
+  assert longer["both"].workdir != runs["both"].workdir
+  for regime in ("regular", "distillation", "fine-tuning"):
+    assert longer[regime].workdir == runs[regime].workdir  # Reused.
+  assert module.regime_steps_flag(["both:3", "regular:5"]) == {
+      "both": 3, "regular": 5}
+  for bad in ("both", "both:0", "neither:3", "both:x"):
+    with pytest.raises(ValueError, match="--regime_steps entry"):
+      module.regime_steps_flag([bad])
