@@ -505,16 +505,21 @@ def markdown(report) -> str:
       lines.append(f"| {regime} | {name} | {r['mean_block_size']:.2f} | "
                    f"{r['bleu']:.2f} | {r['bleu'] - exact['bleu']:+.2f} | "
                    f"{r['identical_to_own_greedy']:.0%} |")
-  lines += ["", "## Wall clock (exact acceptance)", "",
-            f"Speedup over greedy decoding of the same model on "
-            f"{report['timing_sentences']} test sentences, median of "
-            f"{report['repeats']}; batch 1 = sentences one after another. "
-            "Stern (both, one GPU): " + ", ".join(
-                f"k={k} {s:.2f}x" for k, s in zip(K_VALUES, STERN_SPEEDUP))
-            + ".", "",
-            "| regime | batch | " + " | ".join(f"k={k}" for k in ks[1:])
-            + " |", "|---|---|" + "---|" * len(ks[1:])]
-  for regime in sorted({r["regime"] for r in rows if r["speedup_b1"]}):
+  timed = sorted({r["regime"] for r in rows if r["speedup_b1"]})
+  lines += ["", "## Wall clock (exact acceptance)", ""]
+  if not timed:
+    lines.append("Not timed in this run (`--timed=` named no regime).")
+  else:
+    lines += [
+        f"Speedup over greedy decoding of the same model on "
+        f"{report['timing_sentences']} test sentences, median of "
+        f"{report['repeats']}; batch 1 = sentences one after another. "
+        "Stern (both, one GPU): " + ", ".join(
+            f"k={k} {s:.2f}x" for k, s in zip(K_VALUES, STERN_SPEEDUP))
+        + ".", "",
+        "| regime | batch | " + " | ".join(f"k={k}" for k in ks[1:])
+        + " |", "|---|---|" + "---|" * len(ks[1:])]
+  for regime in timed:
     for batch in (1, 8):
       lines.append(f"| {regime} | {batch} | " + " | ".join(
           _fmt(get(regime, k)[f"speedup_b{batch}"]) + "x" for k in ks[1:])
