@@ -33,6 +33,7 @@ and `<out>.png` (default experiments/results/stern_translation).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -100,10 +101,12 @@ def _define_flags():
       flags.DEFINE_integer("repeats", 3, "Timed repeats (median)."),
       flags.DEFINE_integer("batch_size", 64, "Rows per decoding call (BLEU)."),
       flags.DEFINE_string("cache_dir", "cache", "Cached training runs."),
-      flags.DEFINE_list("regime_steps", [],
-                        "Budget study: <regime>:<steps> entries (e.g. "
-                        "both:2400) training those regimes for that many "
-                        "steps instead of the preset's."),
+      flags.DEFINE_list("override", [],
+                        "Studies: <regime>:<config key>=<value> entries "
+                        "(e.g. both:steps=2400, or both:model.head_hidden="
+                        "1024 with both:base.model.head_hidden=1024 for its "
+                        "starting run) changing those regimes' training "
+                        "configs; the others keep the preset's."),
       flags.DEFINE_string(
           "out", str(ROOT / "experiments" / "results" / "stern_translation"),
           "Output prefix: writes <out>.json, <out>.md, <out>.png."))
@@ -124,32 +127,55 @@ def load_config(arg: str, locale_dir: str = ""):
   return c
 
 
-def regime_steps_flag(items) -> dict:
-  """--regime_steps ["both:2400", ...] -> {"both": 2400}, or ValueError."""
-  steps = {}
+def overrides_flag(items) -> dict:
+  """--override ["both:steps=2400", ...] -> {"both": {"steps": 2400}}
+  (values read as Python literals, else kept as text), or ValueError."""
+  overrides = {}
   for item in items or ():
-    regime, _, n = str(item).partition(":")
-    if regime not in REGIMES or not n.isdigit() or int(n) < 1:
-      raise ValueError(f"--regime_steps entry {item!r} must be "
-                       f"<regime>:<steps> with a regime of {REGIMES} and "
-                       "steps >= 1.")
-    steps[regime] = int(n)
-  return steps
+    regime, _, assignment = str(item).partition(":")
+    key, eq, text = assignment.partition("=")
+    if regime not in REGIMES or not key or not eq:
+      raise ValueError(f"--override entry {item!r} must be "
+                       f"<regime>:<config key>=<value> with a regime of "
+                       f"{REGIMES}.")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    overrides.setdefault(regime, {})[key] = value
+  return overrides
+
+
+def apply_overrides(config, regime: str, changes: dict):
+  """Sets each dotted key of `changes` in `config` (a regime's training
+  config); a key it lacks or a value of the wrong type is a ValueError."""
+  for key, value in changes.items():
+    *path, last = key.split(".")
+    node = config
+    for name in path:
+      node = node.get(name) if hasattr(node, "get") else None
+    if not hasattr(node, "get") or last not in node:
+      raise ValueError(f"--override {regime}:{key}: the {regime} config has "
+                       f"no field {key!r}.")
+    try:
+      node[last] = value
+    except TypeError as e:
+      raise ValueError(f"--override {regime}:{key}={value!r}: {e}") from None
+  return config
 
 
 def train_all(preset: str, cache_dir: str, locale_dir: str = "",
-              regime_steps: dict | None = None):
+              overrides: dict | None = None):
   """{regime: Run} and the base Run, trained now or reused.
 
-  `regime_steps` {regime: steps} trains those regimes for that many steps
-  instead of the preset's (a budget study; the others keep theirs).
+  `overrides` {regime: {dotted config key: value}} changes those regimes'
+  training configs (a study; the other regimes keep the preset's).
   """
   base = pipeline.train_or_load(load_config(preset, locale_dir), cache_dir)
   runs = {}
   for r in REGIMES:
-    c = load_config(f"{preset},{r}", locale_dir)
-    if r in (regime_steps or {}):
-      c.steps = regime_steps[r]
+    c = apply_overrides(load_config(f"{preset},{r}", locale_dir), r,
+                        (overrides or {}).get(r, {}))
     runs[r] = pipeline.train_or_load(c, cache_dir)
   return base, runs
 
@@ -252,14 +278,14 @@ def time_method(translator: Translator, run, method, rows, batch: int,
 def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
                   timed=("regular", "both"), timing_sentences=16, repeats=3,
                   batch_size=64, only="all", approximate=tuple(APPROXIMATE),
-                  locale_dir="", regime_steps=None) -> dict:
+                  locale_dir="", overrides=None) -> dict:
   """Trains or reuses the models, measures, writes <out>.json|md|png.
 
   `approximate`: the lossy rules measured at the largest k (names of
   APPROXIMATE). `locale_dir`: read the catalogs there (tests build their
   own). Returns the report (the JSON's content).
   """
-  base, runs = train_all(preset, cache_dir, locale_dir, regime_steps)
+  base, runs = train_all(preset, cache_dir, locale_dir, overrides)
   if only == "train":
     return {}
   cfg0 = load_config(preset, locale_dir)
@@ -319,7 +345,7 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
       "machine": metrics.machine_description(),
       "load_1min": {"before": load_before, "after": load_after},
       "preset": preset, "command": " ".join(sys.argv),
-      "regime_steps": dict(regime_steps or {}),
+      "overrides": dict(overrides or {}),
       "test_pairs": int(len(rows)), "test_domains": task.splits.domains["test"],
       "corpus": task.splits.summary(),
       "base": {"bleu": base_bleu, "valid_loss": base_valid["loss"],
@@ -409,9 +435,10 @@ def markdown(report) -> str:
       f"{report['load_1min']['before']:.1f} before, "
       f"{report['load_1min']['after']:.1f} after. Written by "
       f"`experiments/stern_translation.py --preset={report['preset']}"
-      + (" --regime_steps=" + ",".join(
-          f"{r}:{n}" for r, n in report["regime_steps"].items())
-         if report.get("regime_steps") else "")
+      + (" --override=" + ",".join(
+          f"{r}:{k}={v}" for r, changes in report["overrides"].items()
+          for k, v in changes.items())
+         if report.get("overrides") else "")
       + "`.", "",
       f"Corpus: {report['corpus'].splitlines()[0]}; "
       f"{report['test_pairs']} test pairs from the held-out catalogs "
@@ -585,12 +612,12 @@ def main(argv):
     raise app.UsageError(f"--approximate {unknown} unknown; allowed: "
                          f"{sorted(APPROXIMATE)}.")
   try:
-    regime_steps = regime_steps_flag(f.regime_steps)
+    overrides = overrides_flag(f.override)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   run_benchmark(f.preset, f.cache_dir, f.out, f.num_test, tuple(f.timed),
                 f.timing_sentences, f.repeats, f.batch_size, f.only,
-                tuple(f.approximate), regime_steps=regime_steps)
+                tuple(f.approximate), overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -206,16 +206,27 @@ def test_config_errors(tmp_path):
     Trainer(c, tmp_path / "run3")
 
 
-def test_regime_steps_train_only_the_named_regimes_longer(trained):
+def test_overrides_change_only_the_named_regimes(trained):
   module, locale, cache, _, runs = trained
-  _, longer = module.train_all("tiny", str(cache), str(locale),
-                               regime_steps={"both": 3})
-  assert int(longer["both"].summary["steps"]) == 3  # The preset's: 2.
-  assert longer["both"].workdir != runs["both"].workdir
+  _, changed = module.train_all("tiny", str(cache), str(locale),
+                                overrides={"both": {"steps": 3}})
+  assert int(changed["both"].summary["steps"]) == 3  # The preset's: 2.
+  assert changed["both"].workdir != runs["both"].workdir
   for regime in ("regular", "distillation", "fine-tuning"):
-    assert longer[regime].workdir == runs[regime].workdir  # Reused.
-  assert module.regime_steps_flag(["both:3", "regular:5"]) == {
-      "both": 3, "regular": 5}
-  for bad in ("both", "both:0", "neither:3", "both:x"):
-    with pytest.raises(ValueError, match="--regime_steps entry"):
-      module.regime_steps_flag([bad])
+    assert changed[regime].workdir == runs[regime].workdir  # Reused.
+  assert module.overrides_flag(
+      ["both:steps=3", "both:model.head_hidden=64", "regular:name=x"]) == {
+          "both": {"steps": 3, "model.head_hidden": 64},
+          "regular": {"name": "x"}}
+  for bad in ("both", "both:steps", "neither:steps=3", "both:=3"):
+    with pytest.raises(ValueError, match="--override entry"):
+      module.overrides_flag([bad])
+  c = module.load_config("tiny,both", str(locale))
+  with pytest.raises(ValueError, match="no field 'model.nothing'"):
+    module.apply_overrides(c, "both", {"model.nothing": 1})
+  with pytest.raises(ValueError, match="no field 'steps.x'"):
+    module.apply_overrides(c, "both", {"steps.x": 1})
+  with pytest.raises(ValueError, match="both:steps='many'"):
+    module.apply_overrides(c, "both", {"steps": "many"})
+  module.apply_overrides(c, "both", {"base.model.head_hidden": 64})
+  assert c.base.model.head_hidden == 64
