@@ -64,6 +64,8 @@ APPROXIMATE = {"top2": blockdec.TopK(2), "top3": blockdec.TopK(3),
                "minblock2": blockdec.MinBlock(2),
                "minblock3": blockdec.MinBlock(3)}
 K_VALUES = (2, 4, 6, 8, 10)  # As Stern's table (STERN_BLOCK).
+# Training sources the head-agreement table also reads (a random sample).
+AGREEMENT_TRAIN_SOURCES = 256
 
 
 def _sibling(name: str):
@@ -303,7 +305,15 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
   greedy_out = translator.measure(base, blockdec.Autoregressive(), rows)
   base_bleu = greedy_out["bleu"]
   print(f"[base] greedy BLEU {base_bleu:.2f} on {len(rows)} test pairs")
-  heads = {}  # regime -> head_agreement
+  heads = {}  # regime -> head_agreement on the test sources
+  # ... and on training sources: do the heads fit the text they trained on?
+  heads_train = {}
+  train = task.encoded["train"]
+  train_rows = np.random.RandomState(0).choice(
+      len(train), min(len(rows), AGREEMENT_TRAIN_SOURCES, len(train)),
+      replace=False)
+  train_translator = Translator(train, [""] * len(train), base.tokenizer,
+                                cfg0.data.max_target_len, batch_size)
   for regime in REGIMES:
     run = runs[regime]
     greedy = translator.measure(run, blockdec.Autoregressive(), rows)
@@ -321,8 +331,12 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
       result_rows.append(_row(regime, k_values[-1], name, got, greedy,
                               greedy_out))
     heads[regime] = head_agreement(translator, run, rows, k_values[-1])
+    heads_train[regime] = head_agreement(train_translator, run, train_rows,
+                                         k_values[-1])
     print(f"[{regime}] heads agree with own greedy (top-1): " + ", ".join(
-        f"{x:.2f}" for x in heads[regime]["top1"]))
+        f"{x:.2f}" for x in heads[regime]["top1"]) + "; on training "
+          "sources: " + ", ".join(
+              f"{x:.2f}" for x in heads_train[regime]["top1"]))
   # Wall clock, with nothing else decoding: regimes x k against greedy.
   t_rows = rows[:timing_sentences]
   for regime in timed:
@@ -355,6 +369,8 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
       "training": {r: _training(run) for r, run in runs.items()},
       "rows": result_rows,
       "head_agreement": heads,
+      "head_agreement_train": heads_train,
+      "agreement_train_sources": int(len(train_rows)),
       "examples": _examples(translator, rows, greedy_out, 5),
   }
   report["target"] = target(report)
@@ -500,17 +516,25 @@ def markdown(report) -> str:
               "later (head 1: 1.00 by construction), top-5 in brackets; "
               "from any position = 1 + the run of leading heads that "
               "agree there, averaged over positions (the block a "
-              f"k = {k} call starting there would accept).", "",
+              f"k = {k} call starting there would accept). Training "
+              "sources: the same on a sample of the regime's training "
+              "sources (the text its heads learned from), to tell "
+              "underfitting from the held-out programs' novelty.", "",
               "| regime | " + " | ".join(f"head {j}" for j in shown)
-              + " | from any position |",
-              "|---|" + "---|" * (len(shown) + 1)]
+              + " | from any position | training sources: head 2, from "
+              "any position |",
+              "|---|" + "---|" * (len(shown) + 2)]
     for regime in REGIMES:
       h = heads.get(regime)
       if h is None:
         continue
+      t = report.get("head_agreement_train", {}).get(regime)
       lines.append(f"| {regime} | " + " | ".join(
           f"{h['top1'][j - 1]:.2f} ({h['top5'][j - 1]:.2f})" for j in shown)
-                   + f" | {h['block_from_any_position']:.2f} |")
+                   + f" | {h['block_from_any_position']:.2f} | "
+                   + ("–" if t is None else
+                      f"{t['top1'][1]:.2f}, "
+                      f"{t['block_from_any_position']:.2f}") + " |")
   lines += ["", "## Approximate acceptance at the largest k (lossy)", "",
             "BLEU cost against the regime's exact decoding; identical = share "
             "of sentences equal to the regime model's greedy translation. "

@@ -176,6 +176,9 @@ def test_benchmark_rows(trained, tmp_path):
     assert all(a <= b for a, b in zip(h["top1"], h["top5"])), regime
     assert 1.0 <= h["block_from_any_position"] <= 4.0, regime
   assert set(report["head_agreement"]) == set(module.REGIMES)
+  assert set(report["head_agreement_train"]) == set(module.REGIMES)
+  assert all(h["top1"][0] == pytest.approx(1.0)
+             for h in report["head_agreement_train"].values())
   saved = json.loads((tmp_path / "st.json").read_text())
   assert saved["rows"] == json.loads(json.dumps(rows))
   md = (tmp_path / "st.md").read_text()
