@@ -242,7 +242,10 @@ def head_agreement(translator: Translator, run, rows, k: int,
   leading heads 2..k that agree, averaged over positions (what a call
   starting there would accept)}.
   """
-  ranks, valid = [], []
+  # `drafts.draft_statistics` per chunk, its means weighted back together
+  # by how many positions each chunk gave each head (0 where it had none).
+  top1, top5, block = np.zeros(k), np.zeros(k), 0.0
+  per_head, positions = np.zeros(k), 0
   for start in range(0, len(rows), chunk):
     idx = np.asarray(rows[start:start + chunk])
     log_probs, targets, ok = drafts.head_predictions(
@@ -251,17 +254,16 @@ def head_agreement(translator: Translator, run, rows, k: int,
         num_heads=k, eos_id=translation.EOS_ID,
         source=translator.sources[idx],
         source_lengths=translator.source_lengths[idx])
-    target_lp = np.take_along_axis(log_probs,
-                                   np.maximum(targets, 0)[..., None], axis=-1)
-    ranks.append((log_probs > target_lp).sum(-1))
-    valid.append(ok)
-  rank, valid = np.concatenate(ranks), np.concatenate(valid)
-  share = lambda hit: [float(hit[:, j][valid[:, j]].mean()) for j in range(k)]
-  # A head past the sentence's end cannot extend a block there.
-  lead = np.cumprod((rank[:, 1:] == 0) & valid[:, 1:], axis=1).sum(axis=1)
-  return {"positions": int(len(rank)), "top1": share(rank == 0),
-          "top5": share(rank < 5),
-          "block_from_any_position": float(1 + lead.mean())}
+    st = drafts.draft_statistics(log_probs, targets, ok, widths=(1, 5))
+    counts = ok.sum(axis=0)
+    top1 += np.nan_to_num(st["accuracy"]) * counts
+    top5 += np.nan_to_num(st["coverage"][5]) * counts
+    block += st["oracle_block"][1] * st["num_positions"]
+    per_head += counts
+    positions += st["num_positions"]
+  return {"positions": positions, "top1": (top1 / per_head).tolist(),
+          "top5": (top5 / per_head).tolist(),
+          "block_from_any_position": block / positions}
 
 
 def time_method(translator: Translator, run, method, rows, batch: int,
@@ -506,8 +508,7 @@ def markdown(report) -> str:
   heads = report.get("head_agreement")
   if heads:
     k = len(next(iter(heads.values()))["top1"])
-    shown = [j for j in (2, 3, 4, 6, 8, k) if j <= k]
-    shown = sorted(set(shown))
+    shown = sorted({j for j in (2, 3, 4, 6, 8, k) if j <= k})
     lines += ["", "## Why blocks end: the heads against the model's own "
               "greedy translation", "",
               "Teacher-forced along each regime model's greedy translation "
