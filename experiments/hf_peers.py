@@ -30,7 +30,8 @@ the weights are bit-identical; so are the draft models. Systems (`--systems`):
                       the model and batch in this run by
                       blockdec.measure_call_costs; =linear: the default
                       token_cost, not tuned here)
-  blockdec-draft-model   blockdec.DraftModel(<the same draft>, block_size=8)
+  blockdec-draft-model   blockdec.DraftModel(<the same draft>, block_size=16
+                      greedy at batch 1, else 8; `--draft-block-size`)
   blockdec-prompt-lookup blockdec.PromptLookup(ngram=3, block_size=11,
                       adaptive=AdaptiveBlockSize(...)): transformers' 10
                       drafts and longest n-gram; rows without a match verify
@@ -47,7 +48,7 @@ call (target-model calls; for transformers counted by a forward hook, its
 prefill included) and ms per call (the step-cost profile: tokens/s = rows x
 tokens per call / ms per call), and the share of degenerate (looping) rows.
 blockdec's block sizes and adaptive rules were picked for speed on the
-2-core CPU (DRAFT_BLOCK_SIZE and PROMPT_LOOKUP below say how).
+2-core CPU (draft_block_size and PROMPT_LOOKUP below say how).
 
 transformers runs prompt lookup and assisted generation only at batch 1; at
 batch 8 those rows run the 8 prompts one after another (what a user would
@@ -173,10 +174,26 @@ LOOKUP_DRAFTS, LOOKUP_NGRAM = 10, 3
 PROMPT_LOOKUP = blockdec.PromptLookup(ngram=LOOKUP_NGRAM,
                                       block_size=LOOKUP_DRAFTS + 1,
                                       adaptive=ADAPTIVE)
-# The draft model's block (decided token + 7 drafts): with the distilled
-# demo draft (~7 tokens per call at 8) it beat 4 and 6 at batch 1 on the
-# 2-core CPU and was within noise of 6 at batch 8.
-DRAFT_BLOCK_SIZE = 8
+# The draft model's block (the decided token + k - 1 drafts). With the
+# distilled demo draft on the 2-core Intel Xeon, batch 1, greedy, 64 tokens,
+# passes alternating in one process (median of 3 per prompt): k = 16 ran
+# 2.19x blockdec greedy on the stdlib prompts against 2.06x at k = 8 (12.2
+# vs 7.2 tokens per call), and 2.09x vs 2.11x on site-packages, where fewer
+# drafts survive; k = 20 and the adaptive rule (estimate="history",
+# measured costs) gained nothing more. At batch 8 a k-token call feeds 8k
+# rows and is compute-bound, and sampled drafts survive ~2.5 tokens per
+# call: 8 (which beat 4 and 6 in earlier runs) stays there.
+DRAFT_BLOCK_SIZE_B1_GREEDY, DRAFT_BLOCK_SIZE = 16, 8
+
+
+def draft_block_size(batch: int, temperature: float,
+                     fixed: int | None = None) -> int:
+  """blockdec-draft-model's block: `fixed` (--draft-block-size) when set,
+  else 16 for greedy batch-1 rows and 8 for the rest."""
+  if fixed:
+    return fixed
+  return (DRAFT_BLOCK_SIZE_B1_GREEDY if batch == 1 and not temperature
+          else DRAFT_BLOCK_SIZE)
 LOOKAHEAD = blockdec.Lookahead(window=5, ngram=4, guesses=5)
 
 
@@ -446,13 +463,14 @@ def one_by_one(decode_row, prompts):
 
 def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
                 new_tokens, temperature, block_size=None, adaptive=ADAPTIVE,
-                rows_one_by_one=False):
+                rows_one_by_one=False, draft_block=None):
   """(fn, settings) timing `system` once on `prompts` [R, P], or None where
   it does not apply (no heads, no draft, greedy-only at temperature > 0).
   `adaptive`: the rule of blockdec-adaptive and blockdec-prompt-lookup.
   `rows_one_by_one`: decode the R rows one after another at batch 1 (else
   as one batch of R; transformers' prompt lookup and assisted generation
-  always go one by one)."""
+  always go one by one). `draft_block`: blockdec-draft-model's block for
+  every row (None: `draft_block_size`'s default for the batch)."""
   batch = 1 if rows_one_by_one else prompts.shape[0]
   lengths = np.full((batch,), prompts.shape[1], np.int32)
   k = block_size or cfg.num_prediction_heads
@@ -491,7 +509,8 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
   elif system == "blockdec-draft-model":
     if draft is None:
       return None
-    method = draft
+    method = dataclasses.replace(draft, block_size=draft_block_size(
+        batch, temperature, draft_block))
   elif system == "blockdec-prompt-lookup":
     method = dataclasses.replace(PROMPT_LOOKUP, adaptive=adaptive)
   elif system == "blockdec-lookahead":
@@ -517,13 +536,14 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
 def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
                 repeats, extra, *, temperatures=(0.0,), draft_note="",
                 block_size=None, call_costs="measured",
-                draft_block_size=DRAFT_BLOCK_SIZE):
+                draft_block=None):
   """Rows for one model: every system at every prompt set, temperature and
   batch size. prompts: {prompt_set: {batch: [R, P] int32}}, R = batch, or
   at batch 1 any R prompts decoded one after another;
   block_size: the heads' systems' block (None: all the model's heads);
   call_costs: "measured" (the adaptive rule's costs measured here per
-  batch) or "linear" (its default token_cost)."""
+  batch) or "linear" (its default token_cost); draft_block: the draft
+  model's block in every row (None: `draft_block_size` per row)."""
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       folder, dtype=torch.float32).eval()
   counter = CallCounter(hf_model)
@@ -533,7 +553,7 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
     hf_draft = transformers.AutoModelForCausalLM.from_pretrained(
         draft_folder, dtype=torch.float32).eval()
     draft = blockdec.DraftModel(*blockdec.load_hf_checkpoint(draft_folder),
-                                block_size=draft_block_size)
+                                block_size=DRAFT_BLOCK_SIZE)
   cfg, params = blockdec.load_hf_checkpoint(folder)
   if block_size is not None and not 2 <= block_size <= \
       cfg.num_prediction_heads:
@@ -571,7 +591,8 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
                              prompts=batch_prompts, new_tokens=new_tokens,
                              temperature=temperature, block_size=block_size,
                              adaptive=rule_for(batch, batch_prompts.shape[1]),
-                             rows_one_by_one=batch == 1 and num_rows > 1)
+                             rows_one_by_one=batch == 1 and num_rows > 1,
+                             draft_block=draft_block)
           if call is None:
             continue
           fn, settings = call
@@ -865,10 +886,10 @@ def main():
                       default=PROMPT_SETS,
                       help=f"comma-separated subset of {PROMPT_SETS}")
   parser.add_argument("--new-tokens", type=int, default=64)
-  parser.add_argument("--draft-block-size", type=int,
-                      default=DRAFT_BLOCK_SIZE,
+  parser.add_argument("--draft-block-size", type=int, default=0,
                       help="blockdec-draft-model's block: the decided token "
-                           "plus this many - 1 drafts per call")
+                           "plus this many - 1 drafts per call (0: 16 for "
+                           "greedy batch-1 rows, 8 for the rest)")
   parser.add_argument("--batch1-prompts", type=int, default=8,
                       help="prompts each batch-1 row decodes one after "
                            "another (1 .. 8)")
@@ -885,8 +906,9 @@ def main():
   parser.add_argument("--cache-dir", default="cache")
   parser.add_argument("--out", default=str(RESULTS))
   args = parser.parse_args()
-  if args.draft_block_size < 1:
-    parser.error(f"--draft-block-size={args.draft_block_size}; must be >= 1.")
+  if args.draft_block_size < 0:
+    parser.error(f"--draft-block-size={args.draft_block_size}; must be >= 1 "
+                 "(0: the default per row).")
   if not 1 <= args.batch1_prompts <= 8:
     parser.error(f"--batch1-prompts={args.batch1_prompts}; allowed: 1 .. 8.")
   if any(t < 0 for t in args.temperatures):
@@ -926,7 +948,7 @@ def main():
                       kw.pop("extra"), temperatures=temperatures,
                       block_size=args.block_sizes.get(name),
                       call_costs=args.call_costs,
-                      draft_block_size=args.draft_block_size, **kw)
+                      draft_block=args.draft_block_size or None, **kw)
     print(f"  {name}: {len(out)} rows in {time.perf_counter() - t0:.0f} s",
           flush=True)
     return out

@@ -6,6 +6,7 @@ and compared logit for logit and token for token with transformers' own
 forward pass and `generate(do_sample=False)`.
 """
 
+import dataclasses
 import json
 import os
 
@@ -481,3 +482,36 @@ def test_hf_peers_batch_one_rows_decode_one_by_one():
                                       block_size=4)
     np.testing.assert_array_equal(out.tokens[i], np.asarray(alone.tokens)[0])
     assert out.num_calls[i] == int(np.asarray(alone.num_calls)[0])
+
+
+def test_hf_peers_draft_model_block_per_row():
+  """experiments/hf_peers.py: blockdec-draft-model verifies 16 tokens per
+  call in greedy batch-1 rows and 8 in the others, or --draft-block-size's
+  block in every row; the row decodes what that DraftModel decodes."""
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                         / "experiments"))
+  import hf_peers
+  from tests.helpers import random_model
+  cfg, params = random_model(3)
+  draft = blockdec.DraftModel(cfg, params, block_size=hf_peers.DRAFT_BLOCK_SIZE)
+  prompts = np.random.RandomState(1).randint(
+      1, cfg.vocab_size, (2, 5)).astype(np.int32)
+  common = dict(hf_model=None, hf_draft=None, cfg=cfg, params=params,
+                draft=draft, new_tokens=6)
+  cases = [(prompts[:1], 0.0, None, 16), (prompts[:1], 0.6, None, 8),
+           (prompts, 0.0, None, 8), (prompts[:1], 0.0, 4, 4)]
+  for rows, temperature, fixed, want in cases:
+    fn, settings = hf_peers.system_call(
+        "blockdec-draft-model", prompts=rows, temperature=temperature,
+        draft_block=fixed, **common)
+    assert settings == f"block_size={want}", (temperature, fixed, settings)
+    if not temperature:
+      alone = blockdec.decode(
+          params, cfg, rows, np.full((len(rows),), 5), 6,
+          method=dataclasses.replace(draft, block_size=want))
+      np.testing.assert_array_equal(np.asarray(fn().tokens),
+                                    np.asarray(alone.tokens))
+  assert hf_peers.draft_block_size(1, 0.0) == 16
+  assert hf_peers.draft_block_size(8, 0.0, fixed=12) == 12
