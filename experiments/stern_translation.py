@@ -316,10 +316,12 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
       replace=False)
   train_translator = Translator(train, [""] * len(train), base.tokenizer,
                                 cfg0.data.max_target_len, batch_size)
+  ceilings = {}  # regime -> the block sizes if every head were right
   for regime in REGIMES:
     run = runs[regime]
     greedy = translator.measure(run, blockdec.Autoregressive(), rows)
     result_rows.append(_row(regime, 1, "exact", greedy, greedy, greedy_out))
+    ceilings[regime] = ceiling(greedy["lengths"], k_values)
     for k in k_values:
       got = translator.measure(run, blockdec.Blockwise(block_size=k), rows)
       result_rows.append(_row(regime, k, "exact", got, greedy, greedy_out))
@@ -372,6 +374,7 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
       "rows": result_rows,
       "head_agreement": heads,
       "head_agreement_train": heads_train,
+      "ceiling": ceilings,
       "agreement_train_sources": int(len(train_rows)),
       "examples": _examples(translator, rows, greedy_out, 5),
   }
@@ -395,6 +398,26 @@ def _row(regime, k, acceptance, got, greedy, base_greedy) -> dict:
           "identical_to_own_greedy": float(same.mean()),
           "identical_to_base_greedy": float(same_base.mean()),
           "speedup_b1": None, "speedup_b8": None}
+
+
+def ceiling(lengths, k_values) -> dict:
+  """The mean accepted block size if every head were right, from greedy
+  output lengths [N] (EOS included): a call commits at most k tokens, so a
+  sentence of L tokens takes ceil(L / k) calls.
+  {"mean_length", "block_if_all_heads_right": {str(k): tokens per call}}."""
+  lengths = np.asarray(lengths, np.int64)
+  return {"mean_length": float(lengths.mean()),
+          "block_if_all_heads_right": {
+              str(k): float(lengths.sum() / np.ceil(lengths / k).sum())
+              for k in k_values}}
+
+
+def _ceiling_cell(c) -> str:
+  """'6.65 (14.5)' for the target k, or '–'."""
+  if not c or str(TARGET_K) not in c["block_if_all_heads_right"]:
+    return "–"
+  return (f"{c['block_if_all_heads_right'][str(TARGET_K)]:.2f} "
+          f"({c['mean_length']:.1f})")
 
 
 def find_row(rows, regime, k, acceptance="exact") -> dict | None:
@@ -520,11 +543,17 @@ def markdown(report) -> str:
               f"k = {k} call starting there would accept). Training "
               "sources: the same on a sample of the regime's training "
               "sources (the text its heads learned from), to tell "
-              "underfitting from the held-out programs' novelty.", "",
+              "underfitting from the held-out programs' novelty. Every "
+              f"head right, k = {TARGET_K}: the block size if all heads "
+              "agreed everywhere (a sentence of L tokens, EOS included, in "
+              f"ceil(L / {TARGET_K}) calls), beside the mean greedy length "
+              "it comes from: how much of the short messages' room the "
+              "heads use.", "",
               "| regime | " + " | ".join(f"head {j}" for j in shown)
               + " | from any position | training sources: head 2, from "
-              "any position |",
-              "|---|" + "---|" * (len(shown) + 2)]
+              f"any position | every head right, k = {TARGET_K} (mean "
+              "length) |",
+              "|---|" + "---|" * (len(shown) + 3)]
     for regime in REGIMES:
       h = heads.get(regime)
       if h is None:
@@ -535,7 +564,9 @@ def markdown(report) -> str:
                    + f" | {h['block_from_any_position']:.2f} | "
                    + ("–" if t is None else
                       f"{t['top1'][1]:.2f}, "
-                      f"{t['block_from_any_position']:.2f}") + " |")
+                      f"{t['block_from_any_position']:.2f}") + " | "
+                   + _ceiling_cell(report.get("ceiling", {}).get(regime))
+                   + " |")
   lines += ["", "## Approximate acceptance at the largest k (lossy)", "",
             "BLEU cost against the regime's exact decoding; identical = share "
             "of sentences equal to the regime model's greedy translation. "

@@ -179,6 +179,13 @@ def test_benchmark_rows(trained, tmp_path):
   assert set(report["head_agreement_train"]) == set(module.REGIMES)
   assert all(h["top1"][0] == pytest.approx(1.0)
              for h in report["head_agreement_train"].values())
+  # A call commits at most k tokens: no exact row beats the ceiling.
+  assert set(report["ceiling"]) == set(module.REGIMES)
+  for r in exact:
+    c = report["ceiling"][r["regime"]]
+    if r["k"] > 1:
+      top = c["block_if_all_heads_right"][str(r["k"])]
+      assert r["mean_block_size"] <= top + 1e-9 and top <= r["k"], r
   saved = json.loads((tmp_path / "st.json").read_text())
   assert saved["rows"] == json.loads(json.dumps(rows))
   md = (tmp_path / "st.md").read_text()
@@ -188,6 +195,16 @@ def test_benchmark_rows(trained, tmp_path):
                                for r in rows])
   assert "Not timed in this run" in module.markdown(untimed)
   assert (tmp_path / "st.png").stat().st_size > 0
+
+
+def test_ceiling_counts_the_calls_of_perfect_heads(tmp_path):
+  module, _ = _config("tiny", tmp_path)
+  # Sentences of 3 and 9 tokens at k = 4: 1 + 3 calls for 12 tokens.
+  c = module.ceiling([3, 9], [2, 4, 10])
+  assert c["mean_length"] == 6.0
+  assert c["block_if_all_heads_right"] == {"2": 12 / 7, "4": 3.0, "10": 6.0}
+  assert module._ceiling_cell(module.ceiling([3, 9], [8])) == "4.00 (6.0)"
+  assert module._ceiling_cell(None) == "–"
 
 
 def test_config_errors(tmp_path):
