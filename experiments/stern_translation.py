@@ -364,6 +364,7 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
       "load_1min": {"before": load_before, "after": load_after},
       "preset": preset, "command": " ".join(sys.argv),
       "overrides": dict(overrides or {}),
+      "num_test": int(num_test),
       "test_pairs": int(len(rows)), "test_domains": task.splits.domains["test"],
       "corpus": task.splits.summary(),
       "base": {"bleu": base_bleu, "valid_loss": base_valid["loss"],
@@ -476,6 +477,8 @@ def markdown(report) -> str:
       f"{report['load_1min']['before']:.1f} before, "
       f"{report['load_1min']['after']:.1f} after. Written by "
       f"`experiments/stern_translation.py --preset={report['preset']}"
+      + (f" --num_test={report['num_test']}" if report.get("num_test")
+         else "")
       + (" --override=" + ",".join(
           f"{r}:{k}={v}" for r, changes in report["overrides"].items()
           for k, v in changes.items())

@@ -190,6 +190,7 @@ def test_benchmark_rows(trained, tmp_path):
   assert saved["rows"] == json.loads(json.dumps(rows))
   md = (tmp_path / "st.md").read_text()
   assert md.startswith("# Stern et al.") and "## Why blocks end" in md
+  assert "stern_translation.py --preset=tiny --num_test=8`" in md
   assert "Not timed" not in md
   untimed = dict(report, rows=[dict(r, speedup_b1=None, speedup_b8=None)
                                for r in rows])
