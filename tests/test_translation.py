@@ -179,6 +179,12 @@ def test_benchmark_rows(trained, tmp_path):
   assert set(report["head_agreement_train"]) == set(module.REGIMES)
   assert all(h["top1"][0] == pytest.approx(1.0)
              for h in report["head_agreement_train"].values())
+  for r in rows:
+    assert 0.0 <= r["degenerate_share"] <= 1.0, r
+    nd = r["mean_block_size_non_degenerate"]
+    assert (nd is None) == (r["degenerate_share"] == 1.0), r
+    assert nd is None or 1.0 <= nd <= r["k"] or r["acceptance"] != "exact"
+  assert 0.0 <= report["reference_degenerate_share"] <= 1.0
   # A call commits at most k tokens: no exact row beats the ceiling.
   assert set(report["ceiling"]) == set(module.REGIMES)
   for r in exact:
@@ -191,6 +197,7 @@ def test_benchmark_rows(trained, tmp_path):
   md = (tmp_path / "st.md").read_text()
   assert md.startswith("# Stern et al.") and "## Why blocks end" in md
   assert "stern_translation.py --preset=tiny --num_test=8`" in md
+  assert "| degenerate |" in md
   assert "Not timed" not in md
   untimed = dict(report, rows=[dict(r, speedup_b1=None, speedup_b8=None)
                                for r in rows])
@@ -206,6 +213,12 @@ def test_ceiling_counts_the_calls_of_perfect_heads(tmp_path):
   assert c["block_if_all_heads_right"] == {"2": 12 / 7, "4": 3.0, "10": 6.0}
   assert module._ceiling_cell(module.ceiling([3, 9], [8])) == "4.00 (6.0)"
   assert module._ceiling_cell(None) == "–"
+  row = {"k": 8, "mean_block_size": 2.19, "bleu": 15.41,
+         "mean_block_size_non_degenerate": 1.9}
+  assert module._block_cell(row) == "2.19 (1.90) / 15.41"
+  assert module._block_cell(dict(row, k=1)) == "2.19 / 15.41"
+  assert module._block_cell(dict(row, mean_block_size_non_degenerate=None)) \
+      == "2.19 / 15.41"
 
 
 def test_config_errors(tmp_path):
