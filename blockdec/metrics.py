@@ -22,6 +22,8 @@ non-degenerate rows, with the degenerate share beside it.
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
 
 MIN_DISTINCT_4GRAM_RATIO = 0.5
@@ -99,3 +101,25 @@ def machine_description(extra: str = "") -> str:
   line = (f"{name}, {os.cpu_count()} cores, {platform.system()}, "
           f"jax {jax.__version__} backend={jax.default_backend()}")
   return f"{line}, {extra}" if extra else line
+
+
+def write_results(out, result: dict, markdown: str, *, script: str, argv,
+                  load_before: float) -> pathlib.Path:
+  """Writes `result` plus the machine (with the 1-minute load average before
+  and now) and the command (`script` and `argv`, sys.argv[1:] when None)
+  to <out>.json, and `markdown` (a function of that dict) to <out>.md;
+  returns the output prefix."""
+  import json
+  import os
+  import shlex
+  import sys
+  result.update(
+      machine=machine_description(f"load average {load_before:.1f} before, "
+                                  f"{os.getloadavg()[0]:.1f} after"),
+      command=f"python {script} " + shlex.join(
+          sys.argv[1:] if argv is None else argv))
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+  out.with_suffix(".md").write_text(markdown(result))
+  return out

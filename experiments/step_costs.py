@@ -30,11 +30,8 @@ Launch (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import shlex
-import sys
 
 import jax
 import matplotlib
@@ -111,19 +108,11 @@ def main(argv=None):
         rows.append(row)
         print(f"  {name:32s} {mb:6.1f} MB batch {batch:2d} {shape:12s} "
               f"{ms:8.2f} ms  {row['ratio']:.2f}x", flush=True)
-  result = {
-      "machine": metrics.machine_description(
-          f"load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after"),
-      "command": "python experiments/step_costs.py " + shlex.join(
-          sys.argv[1:] if argv is None else argv),
-      "prompt": PROMPT, "new_tokens": NEW, "repeats": args.repeats,
-      "rows": rows,
-  }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-  out.with_suffix(".md").write_text(markdown(result))
+  result = {"prompt": PROMPT, "new_tokens": NEW, "repeats": args.repeats,
+            "rows": rows}
+  out = metrics.write_results(args.out, result, markdown,
+                              script="experiments/step_costs.py", argv=argv,
+                              load_before=load_before)
   plot(result, out.with_suffix(".png"))
   print(f"[step_costs] wrote {out}.json|md|png")
   return result
