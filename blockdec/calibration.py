@@ -37,6 +37,17 @@ from blockdec.config import ModelConfig
 from blockdec.models import transformer
 
 
+def random_model(d_model: int, n_layers: int, n_heads: int, *,
+                 vocab_size: int = 256, max_seq_len: int = 512, seed: int = 0):
+  """(cfg, params): a one-head model of this shape with random weights, for
+  timings (a call's cost depends on the shapes, not on the values)."""
+  cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model,
+                    n_layers=n_layers, n_heads=n_heads,
+                    max_seq_len=max_seq_len, num_prediction_heads=1)
+  init = jax.jit(transformer.init_params, static_argnums=0)
+  return cfg, init(cfg, jax.random.key(seed))
+
+
 # The cache is donated, as in the decoding loop: a call writes the fed
 # tokens' keys and values into it in place instead of copying it.
 @functools.partial(jax.jit, static_argnames=("cfg", "mask"),

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import blockdec
-from blockdec import metrics
+from blockdec import calibration, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -114,11 +114,8 @@ def main(argv=None):
   load_before = os.getloadavg()[0]
   rows = []
   for name in args.models:
-    d, layers, heads = MODELS[name]
-    cfg = blockdec.ModelConfig(vocab_size=256, d_model=d, n_layers=layers,
-                               n_heads=heads, max_seq_len=512,
-                               num_prediction_heads=1)
-    params = jax.device_put(blockdec.init_params(cfg, jax.random.key(0)))
+    cfg, params = calibration.random_model(*MODELS[name])
+    params = jax.device_put(params)
     mats = weight_matrices(params)
     mb = sum(w.size * w.dtype.itemsize for w in mats) / 1e6
     floors = {m: floor_ms(mats, m, args.repeats) for m in ROWS}

@@ -86,10 +86,7 @@ def main(argv=None):
   rows = []
   for name in args.models:
     d, layers, heads = MODELS[name]
-    cfg = blockdec.ModelConfig(vocab_size=256, d_model=d, n_layers=layers,
-                               n_heads=heads, max_seq_len=512,
-                               num_prediction_heads=1)
-    params = blockdec.init_params(cfg, jax.random.key(0))
+    cfg, params = calibration.random_model(d, layers, heads)
     mb = sum(x.size * x.dtype.itemsize
              for x in jax.tree_util.tree_leaves(params)) / 2**20
     shapes = [(f"chain {t}", tuple(range(t)), None) for t in CHAINS]

@@ -7,7 +7,7 @@ import pathlib
 import jax
 import pytest
 
-import blockdec
+from blockdec import calibration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,11 +38,9 @@ def test_rows_files_and_the_weights_it_streams(tmp_path):
   md = (tmp_path / "gf.md").read_text()
   assert md.startswith("# blockdec's greedy step") and "greedy step" in md
   # The floor streams every weight array of two or more axes, whole.
-  d, layers, heads = module.MODELS[name]
-  cfg = blockdec.ModelConfig(vocab_size=256, d_model=d, n_layers=layers,
-                             n_heads=heads, max_seq_len=512,
-                             num_prediction_heads=1)
-  params = blockdec.init_params(cfg, jax.random.key(0))
+  layers = module.MODELS[name][1]
+  cfg, params = calibration.random_model(*module.MODELS[name])
+  assert cfg.num_prediction_heads == 1 and cfg.n_layers == layers
   leaves = [x for x in jax.tree_util.tree_leaves(params) if x.ndim >= 2]
   mats = module.weight_matrices(params)
   assert len(mats) == len(leaves) > 4 * layers
