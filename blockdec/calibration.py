@@ -44,8 +44,10 @@ def random_model(d_model: int, n_layers: int, n_heads: int, *,
   cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model,
                     n_layers=n_layers, n_heads=n_heads,
                     max_seq_len=max_seq_len, num_prediction_heads=1)
-  init = jax.jit(transformer.init_params, static_argnums=0)
-  return cfg, init(cfg, jax.random.key(seed))
+  return cfg, _init_params(cfg, jax.random.key(seed))
+
+
+_init_params = jax.jit(transformer.init_params, static_argnums=0)
 
 
 # The cache is donated, as in the decoding loop: a call writes the fed

@@ -22,7 +22,12 @@ non-degenerate rows, with the degenerate share beside it.
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
+import shlex
+import sys
+from typing import Callable
 
 import numpy as np
 
@@ -84,7 +89,6 @@ def block_efficiency(lengths, num_calls, rows=None) -> float:
 def machine_description(extra: str = "") -> str:
   """One line naming the machine for benchmark results: CPU model (from
   `lscpu` where available), core count, OS, jax version and backend."""
-  import os
   import platform
   import subprocess
 
@@ -103,16 +107,12 @@ def machine_description(extra: str = "") -> str:
   return f"{line}, {extra}" if extra else line
 
 
-def write_results(out, result: dict, markdown: str, *, script: str, argv,
-                  load_before: float) -> pathlib.Path:
+def write_results(out, result: dict, markdown: Callable[[dict], str], *,
+                  script: str, argv, load_before: float) -> pathlib.Path:
   """Writes `result` plus the machine (with the 1-minute load average before
   and now) and the command (`script` and `argv`, sys.argv[1:] when None)
   to <out>.json, and `markdown` (a function of that dict) to <out>.md;
   returns the output prefix."""
-  import json
-  import os
-  import shlex
-  import sys
   result.update(
       machine=machine_description(f"load average {load_before:.1f} before, "
                                   f"{os.getloadavg()[0]:.1f} after"),

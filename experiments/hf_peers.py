@@ -194,6 +194,8 @@ def draft_block_size(batch: int, temperature: float,
     return fixed
   return (DRAFT_BLOCK_SIZE_B1_GREEDY if batch == 1 and not temperature
           else DRAFT_BLOCK_SIZE)
+
+
 LOOKAHEAD = blockdec.Lookahead(window=5, ngram=4, guesses=5)
 
 

@@ -230,7 +230,7 @@ class Translator:
     ok = ~np.array([metrics.is_degenerate(h) for h in hyps], bool)
     return {"mean_block_size": float(lengths.sum() / max(calls.sum(), 1)),
             "mean_block_size_non_degenerate": (
-                float(lengths[ok].sum() / max(calls[ok].sum(), 1))
+                metrics.block_efficiency(lengths, calls, ok)
                 if ok.any() else None),
             "degenerate_share": float(1.0 - ok.mean()),
             "bleu": float(bleu.score), "tokens": tokens, "lengths": lengths}
