@@ -537,18 +537,28 @@ class PromptLookup(Method):
     block_size: k >= 1, the decided token plus k - 1 drafts per call.
     acceptance: as in `Blockwise`.
     adaptive: `AdaptiveBlockSize(...)` verifies drafts only where a match
-      was found and only as many as survive in the row's history; None
-      always verifies k - 1 (filler where nothing matched).
+      of at least `min_match` tokens was found and only as many as survive
+      in the row's history; None always verifies k - 1 (filler where
+      nothing matched).
+    min_match: in [1, ngram]; with `adaptive`, a match shorter than this
+      proposes nothing (the row takes a one-token step). One shared token
+      predicts little: on the demo model's byte-level code a 1-token match
+      kept 0.3 of its drafts per call, a 2-token match 1.7-2.3, a 3-token
+      one about 4 (experiments/results/prompt_lookup_policy.md).
   """
 
   ngram: int = 3
   block_size: int = 5
   acceptance: Verifier = Exact()
   adaptive: AdaptiveBlockSize | None = None
+  min_match: int = 1
 
   def __post_init__(self):
     _check_positive(self, "ngram")
     _check_positive(self, "block_size")
+    object.__setattr__(self, "min_match", validation.check_int(
+        "PromptLookup min_match", self.min_match, low=1, high=self.ngram,
+        hint=" (at most ngram, the longest match looked up)"))
 
   def resolve_block_size(self, cfg):
     return self.block_size
@@ -559,7 +569,7 @@ class PromptLookup(Method):
                        "AdaptiveBlockSize(estimate='history').")
 
   def drafter(self, cfg, block_size, arrays, **kw):
-    return PromptLookupDrafter(self.ngram, block_size)
+    return PromptLookupDrafter(self.ngram, block_size, self.min_match)
 
 
 @dataclasses.dataclass(frozen=True)

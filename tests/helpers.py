@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +122,16 @@ def oracle_greedy(prompt, n, vocab):
   for _ in range(n):
     seq.append(int(oracle_next(seq[-1], len(seq) - 1, vocab)))
   return seq[len(prompt):]
+
+
+def experiment_script(name: str, file: str | None = None):
+  """experiments/<file or name>.py as a module named `name`, loaded once per
+  process (sys.modules holds it: dataclasses defined there look it up)."""
+  if name not in sys.modules:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        name, root / "experiments" / f"{file or name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  return sys.modules[name]

@@ -21,7 +21,6 @@
 """
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +32,8 @@ from blockdec.decoding.drafters.block_diffusion import BlockDiffusionDrafter
 from blockdec.kernels import masks
 from blockdec.models import transformer
 from blockdec.training import diffusion, pipeline, train
-from tests.helpers import (assert_same_or_near_tie, mid_way_eos,
-                           ragged_prompts, random_model)
+from tests.helpers import (assert_same_or_near_tie, experiment_script,
+                           mid_way_eos, ragged_prompts, random_model)
 from tests.test_sampling import ALPHA, _MatchTopTwo, sampled_p_values
 from tests.test_training import tiny, train_killed_and_resumed
 from tests.test_training_data import write_corpus
@@ -644,17 +643,8 @@ def test_cli_decodes_with_block_diffusion(tmp_path, capsys, extra, identical):
 
 
 def _benchmark_script():
-  import importlib.util
-  import sys
-  if "block_diffusion_benchmark" not in sys.modules:
-    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / \
-        "block_diffusion.py"
-    spec = importlib.util.spec_from_file_location("block_diffusion_benchmark",
-                                                  path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["block_diffusion_benchmark"] = module
-    spec.loader.exec_module(module)
-  return sys.modules["block_diffusion_benchmark"]
+  return experiment_script("block_diffusion_benchmark",
+                                   "block_diffusion")
 
 
 def test_benchmark_report_checks_the_targets(tmp_path):

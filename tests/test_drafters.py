@@ -11,7 +11,10 @@ Lossless sampling: the chi-square test of tests/test_sampling.py against
 the enumerated distribution, with a biased verifier rejected.
 """
 
+import types
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -116,10 +119,33 @@ def test_adaptive_draft_length_stays_exact():
   _sweep(4, 3, k, 6, 24, True, {
       "prompt-lookup": lambda cfg, params, seed: blockdec.PromptLookup(
           ngram=2, block_size=k, adaptive=blockdec.AdaptiveBlockSize()),
+      "prompt-lookup-min-match": lambda cfg, params, seed: (
+          blockdec.PromptLookup(ngram=3, block_size=k, min_match=2,
+                                adaptive=blockdec.AdaptiveBlockSize())),
       "draft": lambda cfg, params, seed: blockdec.DraftModel(
           cfg, _noisy_copy(params, seed), block_size=k,
           adaptive=blockdec.AdaptiveBlockSize(token_cost=0.2)),
   }, compact=("prompt-lookup",))
+
+
+def test_prompt_lookup_min_match_proposes_only_long_matches():
+  # Row 0 ends in "... 5 6 | 7" after "5 6 7 8" earlier: a 3-token match.
+  # Row 1 ends in "... 9 | 7": only the 1-token match "7".
+  prompts = jnp.asarray([[5, 6, 7, 8, 1, 5, 6], [2, 7, 8, 3, 4, 1, 9]],
+                        jnp.int32)
+  lengths = jnp.asarray([7, 7], jnp.int32)
+  # The fields of `core.View` the drafter reads.
+  view = types.SimpleNamespace(prompts=prompts, prompt_lengths=lengths,
+                               generated=jnp.zeros((2, 4), jnp.int32),
+                               lengths=jnp.zeros(2, jnp.int32),
+                               next_token=jnp.asarray([7, 7], jnp.int32))
+  for min_match, expected in ((1, [3, 3]), (2, [3, 0]), (3, [3, 0])):
+    drafter = prompt_lookup.PromptLookupDrafter(3, 4, min_match)
+    carry = drafter.init(view)
+    draft = drafter.propose(carry, view)
+    assert np.asarray(draft.length).tolist() == expected, min_match
+    # The drafts are the continuations either way (fed without adaptive).
+    assert np.asarray(draft.tokens)[:, 0].tolist() == [[8, 1, 5], [8, 3, 4]]
 
 
 def _reference_lookup(text, ngram, num_drafts):
@@ -235,6 +261,10 @@ def test_drafter_errors():
       blockdec.DraftModel(small, block_size=bad)
     with pytest.raises(error, match="PromptLookup ngram"):
       blockdec.PromptLookup(ngram=bad)
+    with pytest.raises(error, match="PromptLookup min_match"):
+      blockdec.PromptLookup(min_match=bad)
+  with pytest.raises(ValueError, match=r"min_match=4 .*\[1, 3\] \(at most ngram"):
+    blockdec.PromptLookup(ngram=3, min_match=4)
   # NumPy integers are ints in every spec (equal, same hash: same compile).
   assert blockdec.PromptLookup(block_size=np.int64(3)).block_size == 3
   assert blockdec.Blockwise(np.int32(2)) == blockdec.Blockwise(2)

@@ -8,25 +8,20 @@ here the rows, targets and files are checked. No speed assertions: timing
 fields only have to be positive.
 """
 
-import importlib.util
 import json
 import pathlib
 import sys
 
 import pytest
 
+from tests.helpers import experiment_script
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_script():
-  if "drafters_benchmark" not in sys.modules:
-    sys.path.insert(0, str(ROOT / "experiments"))  # Its gpt2_tiny helper.
-    spec = importlib.util.spec_from_file_location(
-        "drafters_benchmark", ROOT / "experiments" / "drafters.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["drafters_benchmark"] = module
-    spec.loader.exec_module(module)
-  return sys.modules["drafters_benchmark"]
+  sys.path.insert(0, str(ROOT / "experiments"))  # Its gpt2_tiny helper.
+  return experiment_script("drafters_benchmark", "drafters")
 
 
 def test_tiny_run_produces_every_row_and_file(tmp_path):

@@ -1,23 +1,16 @@
 """experiments/greedy_floor.py: the greedy step beside the weight floor."""
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import pytest
 
 from blockdec import calibration
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import experiment_script
 
 
 def _module():
-  spec = importlib.util.spec_from_file_location(
-      "greedy_floor", ROOT / "experiments" / "greedy_floor.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return experiment_script("greedy_floor")
 
 
 def test_rows_files_and_the_weights_it_streams(tmp_path):

@@ -5,13 +5,12 @@ corpus and checks the result files. No speed assertions: timing fields only
 have to exist and be positive.
 """
 
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 from blockdec.training import pipeline
+from tests.helpers import experiment_script
 from tests.test_training_data import write_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,13 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _load_script():
   """The script as a module (loaded once per process)."""
-  if "stern_table" not in sys.modules:
-    spec = importlib.util.spec_from_file_location(
-        "stern_table", ROOT / "experiments" / "stern_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stern_table"] = module  # Its dataclasses look it up.
-    spec.loader.exec_module(module)
-  return sys.modules["stern_table"]
+  return experiment_script("stern_table")
 
 
 def _quick_config(corpus):

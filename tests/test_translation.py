@@ -2,7 +2,6 @@
 of note): the trainer's translation task, Stern's four regimes on an
 encoder-decoder, resume after an interruption, and the benchmark's rows."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -14,6 +13,7 @@ import blockdec
 from blockdec.training import gettext_corpus as gc
 from blockdec.training import pipeline, translation
 from blockdec.training.train import Trainer
+from tests.helpers import experiment_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "translation.py"
@@ -41,11 +41,7 @@ def _catalogs(root: pathlib.Path) -> pathlib.Path:
 
 
 def _config(arg, locale_dir):
-  spec = importlib.util.spec_from_file_location("stern_translation",
-                                                ROOT / "experiments" /
-                                                "stern_translation.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = experiment_script("stern_translation")
   return module, module.load_config(arg, str(locale_dir))
 
 

@@ -12,8 +12,10 @@ drafts the tokens that followed there. Here, batched in jax inside the loop:
   - the continuation of a match ending at position e, with period
     p = (current end) - e, is the text after e, continued periodically
     past the current end: a row caught in a loop gets full blocks;
-  - a row with no match drafts filler and says so (`Draft.length` = 0), so
-    the adaptive draft length verifies nothing there.
+  - a row with no match, or one shorter than `min_match` tokens, says so
+    (`Draft.length` = 0), so the adaptive draft length verifies nothing
+    there (its drafts, filler or the short match's continuation, are fed
+    only without the adaptive rule).
 
 Drafts are deterministic, so with sampling they count as one-hot q and the
 speculative-sampling verifier stays lossless.
@@ -97,11 +99,12 @@ class PromptLookupDrafter(Drafter):
   """Drafts `block_size - 1` tokens by n-gram lookup in the row's own text.
 
   Carry: tokens [B, D] the next drafts; length [B] how many are real
-  (D after a match, 0 without one).
+  (D after a match of at least `min_match` tokens, else 0).
   """
 
   ngram: int
   block_size: int
+  min_match: int = 1
 
   @property
   def num_drafts(self) -> int:
@@ -116,7 +119,8 @@ class PromptLookupDrafter(Drafter):
                               view.generated, view.lengths, view.next_token)
     tokens, matched = lookup(seq, end, self.ngram, self.num_drafts)
     return {"tokens": tokens,
-            "length": jnp.where(matched > 0, self.num_drafts, 0)}
+            "length": jnp.where(matched >= max(self.min_match, 1),
+                                self.num_drafts, 0)}
 
   def propose(self, carry, view: View) -> Draft:
     return Draft(tokens=carry["tokens"][:, None], length=carry["length"])

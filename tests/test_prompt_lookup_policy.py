@@ -1,0 +1,47 @@
+"""experiments/prompt_lookup_policy.py: the replay is the decode's own calls."""
+
+import jax.numpy as jnp
+import numpy as np
+
+import blockdec
+from tests.helpers import experiment_script, random_model
+
+
+def _module():
+  return experiment_script("prompt_lookup_policy")
+
+
+def test_replay_counts_the_calls_of_prompt_lookup_without_the_rule():
+  module = _module()
+  k, n, p = 5, 24, 6
+  cfg, params = random_model(2)
+  rng = np.random.RandomState(0)
+  prompts = rng.randint(0, cfg.vocab_size, size=(4, p)).astype(np.int32)
+  lengths = jnp.full((4,), p, jnp.int32)
+  greedy = blockdec.decode(params, cfg, jnp.asarray(prompts), lengths, n,
+                           method=blockdec.Autoregressive())
+  out = blockdec.decode(params, cfg, jnp.asarray(prompts), lengths, n,
+                        method=blockdec.PromptLookup(ngram=3, block_size=k),
+                        compact_rows=False)
+  matched, accepted, calls = module.replay(prompts, np.asarray(greedy.tokens),
+                                           ngram=3, num_drafts=k - 1)
+  np.testing.assert_array_equal(calls, out.num_calls)
+  hist = np.bincount(accepted, minlength=k)
+  np.testing.assert_array_equal(hist, np.asarray(out.accepted_hist).sum(0))
+  assert hist[1:].sum() > 0  # Random models loop: some drafts survive.
+  assert matched.min() >= 0 and matched.max() <= 3
+  # Modeled speedups: verifying everything everywhere is the replay itself;
+  # with costs rising in T nothing beats the oracle; one-token steps only
+  # are greedy (1.0).
+  costs = {t: 1.0 + 0.3 * (t - 1) for t in range(1, k + 1)}
+  everything = module.modeled_speedup(matched, accepted, costs, 0, k)
+  assert np.isclose(everything,
+                    (1 + accepted).sum() / (accepted.size * costs[k]))
+  oracle = module.oracle_speedup(accepted, costs)
+  for m in range(4):
+    for t in range(1, k + 1):
+      assert module.modeled_speedup(matched, accepted, costs, m, t) <= (
+          oracle + 1e-9)
+  assert module.modeled_speedup(matched, accepted, costs, 1, 1) == 1.0
+  table = module.by_match_length(matched, accepted)
+  assert sum(b["calls"] for b in table) == accepted.size
