@@ -16,11 +16,13 @@ are worth measuring rather than guessing:
 
 Each timed call is the decoding loop's target call: T tokens at positions
 P..P+T-1 against a KV cache with P committed slots, written in place (the
-cache is donated, as in the loop), head 1's logits at every fed token;
+cache is donated, as in the loop), head 1's logits at every fed token,
+several calls per compiled loop as in decoding (a call dispatched alone
+from Python would add its dispatch to every size);
 `experiments/step_costs.py` times the same call for its tables. Costs
 depend on shapes, not on the weights' values, and timings on a shared
-machine move: the median of `repeats` calls after a warm-up is taken, and
-measuring with nothing else running gives the steadiest table.
+machine move: the median of `repeats` timed loops after a warm-up is
+taken, and measuring with nothing else running gives the steadiest table.
 """
 
 from __future__ import annotations
@@ -50,20 +52,33 @@ def random_model(d_model: int, n_layers: int, n_heads: int, *,
 _init_params = jax.jit(transformer.init_params, static_argnums=0)
 
 
-# The cache is donated, as in the decoding loop: a call writes the fed
-# tokens' keys and values into it in place instead of copying it.
-@functools.partial(jax.jit, static_argnames=("cfg", "mask"),
+# Calls per dispatch: the decoding loop runs its calls inside one compiled
+# while loop, so a timing that dispatched every call from Python would add
+# the dispatch (~0.3 ms on the 2-core CPUs, a third of the demo model's
+# one-token call) to every size and understate the ratios.
+CALLS_PER_DISPATCH = 8
+
+
+# `calls` target calls in a `lax.fori_loop`, each writing the same slots of
+# the carried cache (donated, as in the decoding loop: written in place
+# instead of copied); the logits' maximum is summed so no call is dead code.
+@functools.partial(jax.jit, static_argnames=("cfg", "mask", "calls"),
                    donate_argnames=("cache",))
-def _call(params, tokens, positions, cache, memory, cfg, mask):
-  logits, cache = transformer.apply(params, cfg, tokens, positions, cache,
-                                    num_heads=1, mask=mask, memory=memory)
-  return logits, cache
+def _calls(params, tokens, positions, cache, memory, cfg, mask, calls):
+  def body(_, carry):
+    total, cache = carry
+    logits, cache = transformer.apply(params, cfg, tokens, positions, cache,
+                                      num_heads=1, mask=mask, memory=memory)
+    return total + jnp.max(logits), cache
+
+  return jax.lax.fori_loop(0, calls, body, (jnp.float32(0), cache))
 
 
 def time_call(params, cfg: ModelConfig, batch: int, depths, mask=None, *,
               prompt_len: int = 128, cache_len: int | None = None,
               source_len: int = 32, repeats: int = 20) -> float:
-  """Median milliseconds of one target call feeding len(depths) tokens.
+  """Median milliseconds of one target call feeding len(depths) tokens,
+  inside a compiled loop of `CALLS_PER_DISPATCH` calls as in decoding.
 
   Args:
     params, cfg: the model (any weights of its shapes).
@@ -76,7 +91,7 @@ def time_call(params, cfg: ModelConfig, batch: int, depths, mask=None, *,
     cache_len: the cache's slots (default P + 128 + T).
     source_len: an encoder-decoder's source length (encoded once, outside
       the timed calls).
-    repeats: timed calls after one warm-up call (compilation).
+    repeats: timed dispatches after one warm-up (compilation).
   """
   batch = validation.check_int("batch", batch, low=1)
   repeats = validation.check_int("repeats", repeats, low=1)
@@ -102,15 +117,17 @@ def time_call(params, cfg: ModelConfig, batch: int, depths, mask=None, *,
   positions = prompt_len + jnp.broadcast_to(jnp.asarray(depths, jnp.int32),
                                             (batch, t))
   # Every call writes the same slots, so each returned cache is the next
-  # call's input.
-  logits, cache = _call(params, tokens, positions, cache, memory, cfg, mask)
-  jax.block_until_ready(logits)
+  # dispatch's input.
+  run = functools.partial(_calls, cfg=cfg, mask=mask,
+                          calls=CALLS_PER_DISPATCH)
+  total, cache = run(params, tokens, positions, cache, memory)
+  jax.block_until_ready(total)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    logits, cache = _call(params, tokens, positions, cache, memory, cfg, mask)
-    jax.block_until_ready(logits)
-    times.append(time.perf_counter() - start)
+    total, cache = run(params, tokens, positions, cache, memory)
+    jax.block_until_ready(total)
+    times.append((time.perf_counter() - start) / CALLS_PER_DISPATCH)
   return 1e3 * float(np.median(times))
 
 

@@ -374,8 +374,9 @@ class DraftModel(Method):
     draft_params: its parameters (passed to the compiled decode as an
       argument: new weights of the same shape do not recompile).
     block_size: k >= 1, the decided token plus k - 1 drafts per call.
-    acceptance, adaptive: as in `Blockwise` (the adaptive rule uses the
-      "history" estimate).
+    acceptance, adaptive: as in `Blockwise`. The "confidence" estimate
+      reads the draft model's probability of each drafted token (greedy:
+      its softmax maximum; sampling: q of the drawn token).
   """
 
   draft_cfg: ModelConfig | None = None
@@ -415,9 +416,6 @@ class DraftModel(Method):
       raise ValueError(f"prompt width + max_new_tokens = {positions} exceeds "
                        f"the draft model's max_seq_len="
                        f"{self.draft_cfg.max_seq_len}.")
-    if self.adaptive is not None and self.adaptive.estimate != "history":
-      raise ValueError("DraftModel reports no confidence; use "
-                       "AdaptiveBlockSize(estimate='history').")
 
   def drafter(self, cfg, block_size, arrays, *, batch, cache_length,
               make_cache, score_fn, **kw):

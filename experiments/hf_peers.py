@@ -164,15 +164,19 @@ ADAPTIVE = blockdec.AdaptiveBlockSize()  # The default rule, untuned.
 COST_SIZES = (1, 2, 4, 8, 11)
 # Prompt lookup on both sides: transformers' 10 drafts per call after the
 # longest match of the last 3..1 tokens; blockdec verifies them only where a
-# match was found (the adaptive rule), which ran ~3x faster on the 2-core CPU
-# than always verifying 10 filler drafts.
-LOOKUP_DRAFTS, LOOKUP_NGRAM = 10, 3
+# match of all 3 tokens was found (the adaptive rule, min_match=3), which ran
+# ~3x faster on the 2-core CPU than always verifying 10 filler drafts. On
+# the demo model's bytes a 1-token match (~60% of calls) keeps 0.3 drafts,
+# a 3-token one 6-9 (experiments/results/prompt_lookup_policy.md): min_match
+# 1 and 2 ran 0.87-0.94x blockdec greedy there, 3 1.03-1.05x.
+LOOKUP_DRAFTS, LOOKUP_NGRAM, LOOKUP_MIN_MATCH = 10, 3, 3
 # AdaptiveBlockSize(forget=0.8) raised prompt lookup's tokens per call in
 # a second run (1.56 -> 1.68 stdlib, 8.00 -> 9.14 site-packages, batch 1)
 # but not its tokens/s (0.83x vs 0.97x blockdec greedy on stdlib, ~equal on
 # site-packages): the rule keeps every call's history (forget=1).
 PROMPT_LOOKUP = blockdec.PromptLookup(ngram=LOOKUP_NGRAM,
                                       block_size=LOOKUP_DRAFTS + 1,
+                                      min_match=LOOKUP_MIN_MATCH,
                                       adaptive=ADAPTIVE)
 # The draft model's block (the decided token + k - 1 drafts). With the
 # distilled demo draft on the 2-core Intel Xeon, batch 1, greedy, 64 tokens,
@@ -525,6 +529,8 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
   settings = ("" if isinstance(method, blockdec.Autoregressive) else
               f"block_size={method.resolve_block_size(cfg)}" if not
               isinstance(method, blockdec.Lookahead) else repr(method))
+  if isinstance(method, blockdec.PromptLookup):
+    settings += f", ngram={method.ngram}, min_match={method.min_match}"
   if getattr(method, "adaptive", None) is not None:
     settings += (", adaptive=AdaptiveBlockSize()" if adaptive.call_costs is
                  None else f", adaptive=AdaptiveBlockSize(call_costs="

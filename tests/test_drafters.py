@@ -11,6 +11,7 @@ Lossless sampling: the chi-square test of tests/test_sampling.py against
 the enumerated distribution, with a biased verifier rejected.
 """
 
+import dataclasses
 import types
 
 import jax
@@ -125,6 +126,10 @@ def test_adaptive_draft_length_stays_exact():
       "draft": lambda cfg, params, seed: blockdec.DraftModel(
           cfg, _noisy_copy(params, seed), block_size=k,
           adaptive=blockdec.AdaptiveBlockSize(token_cost=0.2)),
+      "draft-confidence": lambda cfg, params, seed: blockdec.DraftModel(
+          cfg, _noisy_copy(params, seed), block_size=k,
+          adaptive=blockdec.AdaptiveBlockSize(estimate="confidence",
+                                              token_cost=0.2)),
   }, compact=("prompt-lookup",))
 
 
@@ -216,6 +221,25 @@ def test_draft_model_sampling_matches_enumerated_distribution(sampling, n, k,
   dcfg, dparams = _draft_for(cfg)
   assert_lossless(cfg, params, n, sampling,
                   blockdec.DraftModel(dcfg, dparams, block_size=k), eos_id)
+
+
+def test_draft_model_confidence_rule_sampling_is_lossless():
+  # The adaptive rule reading the draft's own probabilities picks how many
+  # drafts each call verifies: a choice made before the target is consulted,
+  # so the output stays distributed as the target's samples.
+  cfg, params = _model()
+  dcfg, dparams = _draft_for(cfg)
+  sampling = blockdec.Sampling(temperature=1.0)
+  method = blockdec.DraftModel(dcfg, dparams, block_size=4,
+                               adaptive=blockdec.AdaptiveBlockSize(
+                                   estimate="confidence", token_cost=0.1))
+  assert_lossless(cfg, params, 4, sampling, method)
+  # The rule verified fewer than all 3 drafts in some calls: with the same
+  # key, the rows' call counts differ from verifying every draft.
+  _, ruled = sampled_p_values(cfg, params, 4, sampling, method)
+  _, plain = sampled_p_values(cfg, params, 4, sampling, dataclasses.replace(
+      method, adaptive=None))
+  assert not np.array_equal(ruled.num_calls, plain.num_calls)
 
 
 def test_prompt_lookup_sampling_matches_enumerated_distribution():

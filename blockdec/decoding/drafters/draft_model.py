@@ -39,8 +39,10 @@ class DraftModelDrafter(Drafter):
   """Drafts `block_size - 1` tokens with a small model's own loop.
 
   Built inside the jitted decode (it holds the draft model's parameters,
-  which are traced). Carry: cache (the draft model's), tokens [B, D], and
-  q [B, D, V] with sampling.
+  which are traced). Carry: cache (the draft model's), tokens [B, D],
+  q [B, D, V] with sampling, and confidence [B, D] (the draft model's
+  probability of each drafted token) for the adaptive rule's "confidence"
+  estimate.
 
   Args:
     block_size: k, the root plus D = k - 1 drafts per call.
@@ -60,9 +62,18 @@ class DraftModelDrafter(Drafter):
 
   def _choose(self, logits, view: View, depth):
     """Draft at `depth` (1-based; generated index lengths + depth, the root
-    being `lengths`) from logits [B, V] -> (tokens [B], q or None)."""
-    return sampling_lib.draft(logits, view.context.sampling, view.keys,
-                              view.lengths + depth)
+    being `lengths`) from logits [B, V] -> (tokens [B], q or None,
+    confidence [B] or None): the draft model's probability of its token,
+    when the adaptive rule asks for it (`Context.want_confidence`)."""
+    token, q = sampling_lib.draft(logits, view.context.sampling, view.keys,
+                                  view.lengths + depth)
+    if not view.context.want_confidence:
+      return token, q, None
+    if q is None:
+      logits = logits.astype(jnp.float32)
+      return token, q, 1.0 / jnp.sum(
+          jnp.exp(logits - logits.max(-1, keepdims=True)), -1)
+    return token, q, jnp.take_along_axis(q, token[:, None], -1)[:, 0]
 
   def _draft(self, cache, view: View):
     d = self.num_drafts
@@ -77,23 +88,26 @@ class DraftModelDrafter(Drafter):
     head_fn, cache = tree_call(self.score_fn, self.params, fed, positions,
                                cache)
     logits = head_fn(jnp.ones((batch, 1), jnp.int32), 1)[:, 0, 0]
-    token, q = self._choose(logits, view, 1)
+    token, q, conf = self._choose(logits, view, 1)
 
     def step(carry, depth):
       cache, token = carry
       head_fn, cache = tree_call(self.score_fn, self.params, token[:, None],
                                  (pos + depth - 1)[:, None], cache)
       logits = head_fn(jnp.zeros((batch, 1), jnp.int32), 1)[:, 0, 0]
-      token, q = self._choose(logits, view, depth)
-      return (cache, token), (token, q)
+      token, q, conf = self._choose(logits, view, depth)
+      return (cache, token), (token, q, conf)
 
-    (cache, _), (rest, rest_q) = jax.lax.scan(
+    (cache, _), (rest, rest_q, rest_conf) = jax.lax.scan(
         step, (cache, token), jnp.arange(2, d + 1, dtype=jnp.int32))
     tokens = jnp.concatenate([token[:, None], rest.T], axis=1)  # [B, D]
     out = {"cache": cache, "tokens": tokens}
     if q is not None:
       out["q"] = jnp.concatenate([q[:, None], jnp.moveaxis(rest_q, 0, 1)],
                                  axis=1)  # [B, D, V]
+    if conf is not None:
+      out["confidence"] = jnp.concatenate([conf[:, None], rest_conf.T],
+                                          axis=1)  # [B, D]
     return out
 
   def init(self, view: View):
@@ -109,4 +123,5 @@ class DraftModelDrafter(Drafter):
   def propose(self, carry, view: View) -> Draft:
     q = carry.get("q")
     return Draft(tokens=carry["tokens"][:, None],
-                 q=None if q is None else q[:, None])
+                 q=None if q is None else q[:, None],
+                 confidence=carry.get("confidence"))
