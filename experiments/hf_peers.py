@@ -33,9 +33,10 @@ the weights are bit-identical; so are the draft models. Systems (`--systems`):
   blockdec-draft-model   blockdec.DraftModel(<the same draft>, block_size=16
                       greedy at batch 1, else 8; `--draft-block-size`)
   blockdec-prompt-lookup blockdec.PromptLookup(ngram=3, block_size=11,
-                      adaptive=AdaptiveBlockSize(...)): transformers' 10
-                      drafts and longest n-gram; rows without a match verify
-                      none (the rule's costs as for blockdec-adaptive)
+                      min_match=3, adaptive=AdaptiveBlockSize(...)):
+                      transformers' 10 drafts and longest n-gram; rows
+                      without a match of all 3 tokens verify none (the
+                      rule's costs as for blockdec-adaptive)
   blockdec-lookahead  blockdec.Lookahead(window=5, ngram=4, guesses=5)
 
 Greedy rows (temperature 0) record whether their tokens equal transformers'
@@ -102,7 +103,9 @@ faster (on a shared CPU torch's OpenMP threads can stall each other; rows
 record torch_threads); per system one warm-up call (its time,
 minus the steady-state median, is reported as compile_s: XLA compilation for
 blockdec, first-call overhead for transformers), then the median of
-`--repeats` timed calls. Batch 1 rows decode `--batch1-prompts` prompts
+`--repeats` timed calls, interleaved: each round runs every system of the
+row group (model, prompt set, temperature, batch) once, so a drift of the
+machine's speed reaches all of them alike. Batch 1 rows decode `--batch1-prompts` prompts
 (default 8) one after another within each timed call, so a row is not the
 luck of one prompt; batch 8 rows decode the 8 prompts at once.
 tokens_per_s = prompts * new_tokens / median seconds.
@@ -368,17 +371,26 @@ def byte_prompts(prompt_set: str, batch: int, length: int) -> np.ndarray:
 # ------------------------------------------------------------------ timing
 
 
-def timed(fn, repeats: int):
-  """(first-call seconds, median seconds of `repeats` more calls, result)."""
-  t0 = time.perf_counter()
-  result = fn()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
+def interleaved(fns: dict, repeats: int) -> dict:
+  """{name: timed(fn)} with the timed calls of all `fns` interleaved: one
+  warm-up each, then `repeats` rounds calling every fn once, so a drift of
+  the machine's speed during the run (up to 3x between hours on the shared
+  2-core CPUs) reaches every system alike instead of whichever ran during
+  it. Returns {name: (first-call seconds, median seconds, times, the last
+  call's result)}."""
+  first, results = {}, {}
+  for name, fn in fns.items():
     t0 = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times), times, result
+    results[name] = fn()
+    first[name] = time.perf_counter() - t0
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      results[name] = fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: (first[name], statistics.median(times[name]), times[name],
+                 results[name]) for name in fns}
 
 
 def pick_torch_threads(model, prompts, candidates=(2, 1)) -> int:
@@ -593,6 +605,7 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
           raise ValueError(f"batch {batch} given {num_rows} prompts; only "
                            "batch 1 decodes several one by one.")
         reference = None
+        calls = {}
         for system in systems:
           call = system_call(system, hf_model=hf_model, hf_draft=hf_draft,
                              cfg=cfg, params=params, draft=draft,
@@ -604,12 +617,17 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
           if call is None:
             continue
           fn, settings = call
-          hf = system.startswith("hf")
-          if hf:
-            def fn(fn=fn):
+          if system.startswith("hf"):
+            def fn(fn=fn):  # (tokens, the model calls this run made)
               counter.calls = 0
-              return fn()
-          first_s, median, times, result = timed(fn, repeats)
+              tokens = fn()
+              return tokens, counter.calls
+          calls[system] = (fn, settings)
+        timings = interleaved({s: fn for s, (fn, _) in calls.items()},
+                              repeats)
+        for system, (_, settings) in calls.items():
+          hf = system.startswith("hf")
+          first_s, median, times, result = timings[system]
           row = dict(system=system, model=name, prompt_set=prompt_set,
                      temperature=temperature, batch=batch,
                      prompts=num_rows, new_tokens=new_tokens,
@@ -618,13 +636,13 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
                      median_s=median, times_s=times,
                      compile_s=max(first_s - median, 0.0), **extra)
           if hf:
-            tokens = result
+            tokens, hf_calls = result
             rows_apart = num_rows > 1 and (batch == 1 or system in (
                 "hf-prompt-lookup", "hf-assisted"))
             # Calls the clock waited for, and calls each row took part in.
-            sequential = counter.calls
-            per_row = np.full((num_rows,), counter.calls / num_rows
-                              if rows_apart else counter.calls)
+            sequential = hf_calls
+            per_row = np.full((num_rows,), hf_calls / num_rows
+                              if rows_apart else hf_calls)
             lengths = np.full((num_rows,), new_tokens)
           else:
             tokens = np.asarray(result.tokens)
@@ -773,7 +791,8 @@ def write_markdown(path, machine, rows, notes, command):
   lines = ["# blockdec vs HF transformers, identical weights (CPU)", "",
            f"Machine: {machine}.", "",
            f"Command: `{command}`. Medians of "
-           f"{len(rows[0]['times_s'])} timed calls after one warm-up; "
+           f"{len(rows[0]['times_s'])} timed calls after one warm-up, "
+           "interleaved across the systems of each row group; "
            "compile_s is the warm-up's extra time (XLA compilation for "
            "blockdec). Batch 1 rows decode "
            f"{max((r.get('prompts', 1) for r in rows if r['batch'] == 1), default=1)}"

@@ -445,6 +445,30 @@ def test_hf_peers_block_sizes_flag():
       hf_peers.block_sizes_flag(bad)
 
 
+def test_hf_peers_times_the_systems_of_a_group_interleaved():
+  """Each round calls every system once, so a drift of the machine's speed
+  during the run reaches all of them alike."""
+  import pathlib
+  import statistics
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                         / "experiments"))
+  import hf_peers
+  log = []
+
+  def make(name):
+    def fn():
+      log.append(name)
+      return f"{name}{len(log)}"
+    return fn
+
+  out = hf_peers.interleaved({"a": make("a"), "b": make("b")}, repeats=2)
+  assert log == ["a", "b", "a", "b", "a", "b"]  # Warm-ups, then 2 rounds.
+  assert out["a"][3] == "a5" and out["b"][3] == "b6"  # The last results.
+  assert len(out["a"][2]) == 2
+  assert out["b"][1] == statistics.median(out["b"][2])
+
+
 def test_import_transformers_binds_hf_kernels_not_the_checkout_folder():
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
