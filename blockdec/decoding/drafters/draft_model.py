@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdec.decoding import sampling as sampling_lib
+from blockdec.decoding.adaptive import proposal_confidence
 from blockdec.decoding.core import Draft, Drafter, View
 from blockdec.decoding.drafters.refined import history_tokens
 from blockdec.decoding.rescoring import tree_call
@@ -70,9 +71,7 @@ class DraftModelDrafter(Drafter):
     if not view.context.want_confidence:
       return token, q, None
     if q is None:
-      logits = logits.astype(jnp.float32)
-      return token, q, 1.0 / jnp.sum(
-          jnp.exp(logits - logits.max(-1, keepdims=True)), -1)
+      return token, q, proposal_confidence(logits[:, None])[:, 0]
     return token, q, jnp.take_along_axis(q, token[:, None], -1)[:, 0]
 
   def _draft(self, cache, view: View):
