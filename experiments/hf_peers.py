@@ -170,8 +170,9 @@ COST_SIZES = (1, 2, 4, 8, 11)
 # match of all 3 tokens was found (the adaptive rule, min_match=3), which ran
 # ~3x faster on the 2-core CPU than always verifying 10 filler drafts. On
 # the demo model's bytes a 1-token match (~60% of calls) keeps 0.3 drafts,
-# a 3-token one 6-9 (experiments/results/prompt_lookup_policy.md): min_match
-# 1 and 2 ran 0.87-0.94x blockdec greedy there, 3 1.03-1.05x.
+# a 3-token one 6-9 (experiments/results/prompt_lookup_policy.md): there
+# min_match 1 ran 0.94x / 1.05x blockdec greedy (stdlib / site-packages),
+# 2 1.00x / 1.08x, 3 1.12x / 1.14x.
 LOOKUP_DRAFTS, LOOKUP_NGRAM, LOOKUP_MIN_MATCH = 10, 3, 3
 # AdaptiveBlockSize(forget=0.8) raised prompt lookup's tokens per call in
 # a second run (1.56 -> 1.68 stdlib, 8.00 -> 9.14 site-packages, batch 1)
