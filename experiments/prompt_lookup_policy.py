@@ -30,7 +30,7 @@ Three parts, all at batch 1 on the 128-byte prompts of
 Launch (from the repository root; trains the demo base first when the cache
 lacks it, as `make demo` does):
 
-  python experiments/prompt_lookup_policy.py   # -> experiments/results/prompt_lookup_policy.{json,md}
+  python experiments/prompt_lookup_policy.py   # -> experiments/results/prompt_lookup_policy.{json,md,png}
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def main(argv=None):
   sizes = (2, 4, 8, 11, 16)
   costs = dict(blockdec.measure_call_costs(
       params, cfg, batch=1, sizes=tuple(range(1, DRAFTS + 2)), repeats=50))
-  result = {"model": workdir, "call_costs": {str(t): c for t, c in costs.items()},
+  result = {"model": os.path.relpath(workdir, ROOT), "call_costs": {str(t): c for t, c in costs.items()},
             "repeats": args.repeats, "sets": []}
   for prompt_set in _hf_peers().PROMPT_SETS:
     prompts = byte_prompts(prompt_set, args.num_prompts)
@@ -259,7 +259,40 @@ def main(argv=None):
   out = metrics.write_results(args.out, result, markdown,
                               script="experiments/prompt_lookup_policy.py",
                               argv=argv, load_before=load)
-  print(f"wrote {out}.json and .md")
+  plot(result, out.with_suffix(".png"))
+  print(f"wrote {out}.json, .md and .png")
+
+
+def plot(r: dict, path) -> None:
+  """Left: drafts that survive per match length; right: the measured
+  variants' speed over greedy, per prompt set."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  width = 0.8 / len(r["sets"])
+  for i, s in enumerate(r["sets"]):
+    lengths = [b["match_length"] for b in s["by_match"]]
+    left.bar(np.asarray(lengths) + i * width,
+             [b["mean_surviving_drafts"] for b in s["by_match"]], width,
+             label=s["prompt_set"])
+    names = [m["system"].replace("prompt-lookup ", "") for m in s["measured"]]
+    right.bar(np.arange(len(names)) + i * width,
+              [m["x_greedy"] for m in s["measured"]], width,
+              label=s["prompt_set"])
+  left.set_xticks(np.asarray(lengths) + width / 2, [str(m) for m in lengths])
+  left.set_xlabel("match length (tokens; 0 = none)")
+  left.set_ylabel("mean drafts that survive")
+  left.set_title(f"{DRAFTS} drafts after the longest match")
+  right.axhline(1.0, color="gray", lw=0.8)
+  right.set_xticks(np.arange(len(names)) + width / 2, names, rotation=20,
+                   ha="right", fontsize=8)
+  right.set_ylabel("tokens/s over greedy")
+  right.set_title("measured, batch 1")
+  left.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def reading(r: dict) -> str:

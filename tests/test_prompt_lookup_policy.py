@@ -11,7 +11,7 @@ def _module():
   return experiment_script("prompt_lookup_policy")
 
 
-def test_replay_counts_the_calls_of_prompt_lookup_without_the_rule():
+def test_replay_counts_the_calls_of_prompt_lookup_without_the_rule(tmp_path):
   module = _module()
   k, n, p = 5, 24, 6
   cfg, params = random_model(2)
@@ -45,3 +45,9 @@ def test_replay_counts_the_calls_of_prompt_lookup_without_the_rule():
   assert module.modeled_speedup(matched, accepted, costs, 1, 1) == 1.0
   table = module.by_match_length(matched, accepted)
   assert sum(b["calls"] for b in table) == accepted.size
+  # The figure draws from the result's tables.
+  measured = [{"system": name, "x_greedy": x} for name, x in
+              (("greedy", 1.0), ("prompt-lookup min_match=3 block=5", 1.1))]
+  module.plot({"sets": [{"prompt_set": "random", "by_match": table,
+                         "measured": measured}]}, tmp_path / "p.png")
+  assert (tmp_path / "p.png").stat().st_size > 0
