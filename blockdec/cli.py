@@ -66,7 +66,9 @@ _METHOD = flags.DEFINE_enum(
     "decode: how tokens are drafted (the output is greedy's either way, "
     "except unverified block diffusion): the model's heads, a draft model "
     "(--draft_checkpoint), the model's EAGLE drafter (a configs/eagle.py "
-    "run), n-gram lookup in the text, lookahead decoding, or "
+    "run), n-gram lookup in the text (drafts verified only after a 3-token "
+    "match, as many as the adaptive rule expects to survive), lookahead "
+    "decoding, or "
     "block diffusion (a configs/block_diffusion.py model; --threshold, "
     "--self_speculative).")
 _TREE_NODES = flags.DEFINE_integer(
@@ -196,7 +198,12 @@ def _method(cfg):
   if name == "eagle":
     return blockdec.Eagle(block_size=k or 6)
   if name == "prompt_lookup":
-    return blockdec.PromptLookup(block_size=k or 5)
+    # Shorter matches rarely pay for a wider call on a CPU
+    # (experiments/results/prompt_lookup_policy.md).
+    if k == 1:
+      return blockdec.PromptLookup(block_size=1)
+    return blockdec.PromptLookup(block_size=k or 11, min_match=3,
+                                 adaptive=blockdec.AdaptiveBlockSize())
   if name == "lookahead":
     if k is not None:
       raise app.UsageError("--method=lookahead takes no --block_size "

@@ -329,6 +329,21 @@ def test_pool_keeps_distinct_ngrams_and_returns_the_most_recent():
   assert np.asarray(grams)[0].tolist() == [[2, 2], [2, 2]]
 
 
+def test_cli_prompt_lookup_verifies_only_after_long_matches():
+  from absl import flags
+  from blockdec import cli
+  cfg, _ = random_model(0)
+  for extra, want in (([], (11, 3, True)), (["--block_size=4"], (4, 3, True)),
+                      (["--block_size=1"], (1, 1, False))):
+    try:
+      flags.FLAGS(["blockdec", "decode", "--method=prompt_lookup"] + extra)
+      spec = cli._method(cfg)  # pylint: disable=protected-access
+    finally:
+      flags.FLAGS.unparse_flags()
+    assert (spec.block_size, spec.min_match,
+            spec.adaptive is not None) == want, extra
+
+
 def test_lookahead_errors():
   cfg, params = random_model(1)
   prompts, lengths = ragged_prompts(1, 2, 4, cfg.vocab_size)
