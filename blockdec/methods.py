@@ -542,7 +542,7 @@ class PromptLookup(Method):
       proposes nothing (the row takes a one-token step). One shared token
       predicts little: on the demo model's byte-level code a 1-token match
       kept 0.3 of its drafts per call, a 2-token match 1.7-2.3, a 3-token
-      one about 4 (experiments/results/prompt_lookup_policy.md).
+      one 6-9 (experiments/results/prompt_lookup_policy.md).
   """
 
   ngram: int = 3

@@ -36,10 +36,9 @@ lacks it, as `make demo` does):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +58,15 @@ PROMPT, NEW = 128, 64
 VARIANTS = ((1, 11), (2, 11), (3, 11), (3, 16))
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _lookup_at(prompts, greedy, lengths, next_token, ngram, num_drafts):
+  """`prompt_lookup.lookup` for rows `lengths` tokens into `greedy`."""
+  seq, end = prompt_lookup.context_tokens(
+      prompts, jnp.full(prompts.shape[:1], prompts.shape[1], jnp.int32),
+      greedy, lengths, next_token)
+  return prompt_lookup.lookup(seq, end, ngram, num_drafts)
+
+
 def replay(prompts: np.ndarray, greedy: np.ndarray, ngram: int = NGRAM,
            num_drafts: int = DRAFTS):
   """Each call of prompt lookup verifying all its drafts, read off the greedy
@@ -75,18 +83,15 @@ def replay(prompts: np.ndarray, greedy: np.ndarray, ngram: int = NGRAM,
     calls per row.
   """
   batch, n = greedy.shape
-  lookup = jax.jit(prompt_lookup.lookup, static_argnums=(2, 3))
   t = np.zeros(batch, np.int64)
   matched_all, accepted_all, calls = [], [], np.zeros(batch, np.int64)
   padded = np.concatenate([greedy, np.full((batch, num_drafts + 1), -1)], 1)
   rows = np.arange(batch)
   while (t < n).any():
     active = t < n
-    seq, end = prompt_lookup.context_tokens(
-        jnp.asarray(prompts), jnp.full((batch,), prompts.shape[1], jnp.int32),
-        jnp.asarray(greedy), jnp.asarray(np.minimum(t, n - 1), jnp.int32),
-        jnp.asarray(greedy[rows, np.minimum(t, n - 1)], jnp.int32))
-    drafts, matched = lookup(seq, end, ngram, num_drafts)
+    at = np.minimum(t, n - 1).astype(np.int32)
+    drafts, matched = _lookup_at(prompts, greedy, at, greedy[rows, at],
+                                 ngram, num_drafts)
     drafts, matched = np.asarray(drafts), np.asarray(matched)
     truth = padded[rows[:, None], t[:, None] + 1 + np.arange(num_drafts)]
     # No match drafts the next token repeated (filler); it survives where
@@ -143,12 +148,6 @@ def _hf_peers():
   return hf_peers
 
 
-def byte_prompts(prompt_set: str, num: int) -> np.ndarray:
-  texts = _hf_peers().prompt_texts(prompt_set, num, PROMPT, 2 * PROMPT)
-  return np.stack([np.frombuffer(t.encode("utf-8")[-PROMPT:], np.uint8)
-                   for t in texts]).astype(np.int32)
-
-
 def measure(cfg, params, prompts, costs, repeats: int) -> list[dict]:
   """Greedy and the prompt lookup VARIANTS on `prompts` one row at a time,
   passes interleaved; tokens/s medians and their ratio to greedy."""
@@ -161,22 +160,20 @@ def measure(cfg, params, prompts, costs, repeats: int) -> list[dict]:
         ngram=NGRAM, block_size=k, min_match=m, adaptive=rule)
   lengths = jnp.full((1,), prompts.shape[1], jnp.int32)
 
+  hf_peers = _hf_peers()
+
   def run(method):
-    return _hf_peers().one_by_one(lambda row: blockdec.decode(
+    return lambda: hf_peers.one_by_one(lambda row: blockdec.decode(
         params, cfg, jnp.asarray(row), lengths, NEW, method=method), prompts)
 
-  outs = {name: run(method) for name, method in methods.items()}  # Compile.
-  times = {name: [] for name in methods}
-  for _ in range(repeats):
-    for name, method in methods.items():
-      t0 = time.perf_counter()
-      run(method)
-      times[name].append(time.perf_counter() - t0)
+  timings = hf_peers.interleaved(
+      {name: run(method) for name, method in methods.items()}, repeats)
+  outs = {name: timing[3] for name, timing in timings.items()}
   rows = []
   base = None
   for name, out in outs.items():
     tokens = int(np.asarray(out.lengths).sum())
-    tps = tokens / statistics.median(times[name])
+    tps = tokens / timings[name][1]
     base = tps if base is None else base
     rows.append({"system": name, "tokens_per_s": tps,
                  "x_greedy": tps / base,
@@ -235,10 +232,11 @@ def main(argv=None):
   sizes = (2, 4, 8, 11, 16)
   costs = dict(blockdec.measure_call_costs(
       params, cfg, batch=1, sizes=tuple(range(1, DRAFTS + 2)), repeats=50))
-  result = {"model": os.path.relpath(workdir, ROOT), "call_costs": {str(t): c for t, c in costs.items()},
+  result = {"model": os.path.relpath(workdir, ROOT),
+            "call_costs": {str(t): c for t, c in costs.items()},
             "repeats": args.repeats, "sets": []}
   for prompt_set in _hf_peers().PROMPT_SETS:
-    prompts = byte_prompts(prompt_set, args.num_prompts)
+    prompts = _hf_peers().byte_prompts(prompt_set, args.num_prompts, PROMPT)
     greedy = np.asarray(blockdec.decode(
         params, cfg, jnp.asarray(prompts),
         jnp.full((len(prompts),), PROMPT, jnp.int32), NEW,

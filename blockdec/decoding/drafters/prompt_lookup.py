@@ -119,7 +119,7 @@ class PromptLookupDrafter(Drafter):
                               view.generated, view.lengths, view.next_token)
     tokens, matched = lookup(seq, end, self.ngram, self.num_drafts)
     return {"tokens": tokens,
-            "length": jnp.where(matched >= max(self.min_match, 1),
+            "length": jnp.where(matched >= self.min_match,
                                 self.num_drafts, 0)}
 
   def propose(self, carry, view: View) -> Draft:
