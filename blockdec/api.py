@@ -58,9 +58,9 @@ def model_score_fn(cfg: ModelConfig,
     return model.apply({"params": params}, tokens, positions, cache, mask,
                        method=transformer.Transformer.trunk)
 
-  def prefill(params, tokens, positions, cache):
+  def prefill(params, tokens, positions, cache, keep=None):
     return model.apply({"params": params}, tokens, positions, cache, None,
-                       True, method=transformer.Transformer.trunk)
+                       True, keep=keep, method=transformer.Transformer.trunk)
 
   def heads(params, hidden, n):
     return model.apply({"params": params}, hidden, n,

@@ -160,6 +160,19 @@ def test_greedy_loop_does_not_copy_the_cache():
   assert len(copies) <= 2 * cfg.n_layers, "\n".join(copies)
 
 
+def _prefill_then_decode(cfg, params, seq, *, empty_cache, keep=None):
+  """The trunk on seq[:, :9] (a fresh cache), then 3 more tokens through
+  the cache: (the trunk's hidden states, its cache, the later logits)."""
+  batch = seq.shape[0]
+  cache = transformer.make_cache(cfg, batch, 24)
+  hidden, cache = transformer.Transformer(cfg).apply(
+      {"params": params}, seq[:, :9], _positions(0, 9, batch), cache, None,
+      empty_cache, keep=keep, method=transformer.Transformer.trunk)
+  logits, _ = transformer.apply(params, cfg, seq[:, 9:],
+                                _positions(9, 3, batch), cache)
+  return hidden, cache, logits
+
+
 @pytest.mark.parametrize("arch,overrides", [
     (0, {}), (3, {}), (5, dict(position="learned", norm="layernorm",
                                mlp="gelu", qkv_bias=True, proj_bias=True))])
@@ -171,18 +184,54 @@ def test_empty_cache_prefill_equals_reading_the_cache(arch, overrides):
   rng = np.random.RandomState(arch)
   batch = 3
   seq = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, 12)), jnp.int32)
-  model = transformer.Transformer(cfg)
-  outs = {}
-  for empty in (False, True):
-    cache = transformer.make_cache(cfg, batch, 24)
-    hidden, cache = model.apply({"params": params}, seq[:, :9],
-                                _positions(0, 9, batch), cache, None, empty,
-                                method=transformer.Transformer.trunk)
-    logits, _ = transformer.apply(params, cfg, seq[:, 9:],
-                                  _positions(9, 3, batch), cache)
-    outs[empty] = (hidden, cache, logits)
-  (h0, c0, l0), (h1, c1, l1) = outs[False], outs[True]
+  (h0, c0, l0), (h1, c1, l1) = (
+      _prefill_then_decode(cfg, params, seq, empty_cache=empty)
+      for empty in (False, True))
   np.testing.assert_allclose(h1, h0, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(c1), jax.tree_util.tree_leaves(c0)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(l1, l0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    (0, {}), (3, {}), (5, dict(position="learned", norm="layernorm",
+                               mlp="gelu", qkv_bias=True, proj_bias=True))])
+def test_prefill_keep_returns_the_kept_states_and_the_same_cache(arch,
+                                                                 overrides):
+  """`Transformer.trunk(keep=...)` (the prefill's outputs at chosen tokens
+  only, e.g. each ragged row's last prompt token) returns the full call's
+  hidden states at those tokens, writes the same cache, and decoding after
+  it continues as after the full call."""
+  cfg, params = random_model(arch, **overrides)
+  rng = np.random.RandomState(arch)
+  batch = 3
+  seq = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, 12)), jnp.int32)
+  keep = jnp.asarray([[8, 2], [4, 4], [0, 7]], jnp.int32)  # [B, M]
+  (full, c0, l0), (part, c1, l1) = (
+      _prefill_then_decode(cfg, params, seq, empty_cache=True, keep=kept)
+      for kept in (None, keep))
+  assert part.shape == (batch, 2, cfg.d_model)
+  np.testing.assert_allclose(part, transformer.take_rows(full, keep),
+                             atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(c1), jax.tree_util.tree_leaves(c0)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(l1, l0, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_keep_skips_the_last_layers_work_elsewhere():
+  """With keep, the last layer's feed-forward runs on the kept rows only:
+  the compiled prefill has no [B, P, d_ff] value in that layer."""
+  cfg, params = random_model(0, n_layers=2, mlp="swiglu")
+  model = transformer.Transformer(cfg)
+  batch, p = 2, 9
+  seq = jnp.zeros((batch, p), jnp.int32)
+
+  def ff_rows(keep):
+    fn = jax.jit(lambda params, cache: model.apply(
+        {"params": params}, seq, _positions(0, p, batch), cache, None, True,
+        keep=keep, method=transformer.Transformer.trunk))
+    hlo = fn.lower(params, transformer.make_cache(cfg, batch, 16)).as_text()
+    return hlo.count(f"tensor<{batch}x{p}x{cfg.ff_dim}xf32>")
+
+  full, kept = ff_rows(None), ff_rows(jnp.zeros((batch, 1), jnp.int32))
+  assert 0 < kept < full, (kept, full)

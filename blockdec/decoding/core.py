@@ -259,6 +259,15 @@ class Drafter(abc.ABC):
       return 1 + self.num_drafts
     return self.tree.size + (0 if self.extra is None else self.extra.size)
 
+  @property
+  def prompt_features(self) -> bool:
+    """Whether `init` reads the trunk's hidden states (`View.features`) at
+    prompt positions before the last (EAGLE does). False: `init`'s view
+    holds them at the last prompt token only ([B, 1, d]), and the prefill
+    skips the last layer's work at the other prompt tokens (a drafter
+    that never reads features should say False)."""
+    return True
+
   @abc.abstractmethod
   def init(self, view: View) -> Any:
     """The carry after prefill."""
@@ -284,6 +293,10 @@ class NoDrafter(Drafter):
   @property
   def num_drafts(self):
     return 0
+
+  @property
+  def prompt_features(self):
+    return False
 
   def init(self, view):
     return None
@@ -435,10 +448,16 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
   # Prefill: the first token comes from head 1 at the last prompt token.
   positions = jnp.broadcast_to(
       jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
-  head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
-                             prefill=True)
   last = (prompt_lengths - 1)[:, None]
   zeros = jnp.zeros((batch,), jnp.int32)
+  if drafter.prompt_features:
+    head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
+                               prefill=True)
+    prompt_nodes = positions
+  else:  # Outputs at the last prompt token only; node 0 is that token.
+    head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
+                               prefill=True, keep=last)
+    last = prompt_nodes = zeros[:, None]
   state = LoopState(
       step=jnp.zeros((), jnp.int32), row_ids=row_ids.astype(jnp.int32),
       prompts=prompts, prompt_lengths=prompt_lengths.astype(jnp.int32),
@@ -456,7 +475,7 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
   heads_at_last = lambda m: head_fn(last, m)[:, 0]
   state = state.replace(drafter=drafter.init(
       _view(state, heads_at_last, None, zeros, prompt_lengths, keys, context,
-            score=scorer, features=_features(head_fn, positions))))
+            score=scorer, features=_features(head_fn, prompt_nodes))))
 
   def cond(state: LoopState):
     return ~jnp.all(state.done) & (state.step < n)

@@ -137,7 +137,7 @@ def ngram_scorer(ngram: NGramLM, history: jax.Array, lattice: Lattice,
 
 
 def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
-              prefill: bool = False):
+              prefill: bool = False, keep: jax.Array | None = None):
   """Runs `score_fn` on a block; returns (head_fn, cache).
 
   `head_fn(nodes [B, M], num_heads) -> logits [B, M, num_heads, V]` gives the
@@ -153,14 +153,29 @@ def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
   node at `positions[:, i]` that attends to the committed cache and its
   ancestors only. None is the ordinary causal block. `prefill=True` (a
   causal call on a cache that holds nothing committed, e.g. the prompts)
-  uses the split scorer's `prefill` trunk where it has one.
+  uses the split scorer's `prefill` trunk where it has one. `keep` (with
+  `prefill=True` only; [B, M] block positions): the call's outputs are
+  wanted at those positions only, and `head_fn`'s nodes then index them
+  (node m is block position keep[:, m]); a prefill trunk skips the work
+  at the rest (`state.SplitScoreFn.prefill`).
   """
   kw = {} if mask is None else {"mask": mask}
+  if keep is not None and (not prefill or mask is not None):
+    raise ValueError("tree_call: keep= is for a causal prefill call "
+                     "(prefill=True, mask=None).")
   if hasattr(score_fn, "trunk") and hasattr(score_fn, "heads"):
     trunk = score_fn.trunk
-    if prefill and mask is None and getattr(score_fn, "prefill", None):
-      trunk = score_fn.prefill
-    hidden, cache = trunk(params, tokens, positions, cache, **kw)
+    prefill_trunk = getattr(score_fn, "prefill", None)
+    if prefill and mask is None and prefill_trunk:
+      trunk = prefill_trunk
+    if keep is not None and prefill_trunk:
+      hidden, cache = trunk(params, tokens, positions, cache, keep=keep)
+    else:
+      hidden, cache = trunk(params, tokens, positions, cache, **kw)
+      if keep is not None:
+        hidden = jnp.take_along_axis(
+            hidden, keep.reshape(keep.shape + (1,) * (hidden.ndim - 2)),
+            axis=1)
 
     def hidden_at(nodes):
       return jnp.take_along_axis(
@@ -172,6 +187,8 @@ def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
     head_fn.hidden = hidden_at
   else:
     logits, cache = score_fn(params, tokens, positions, cache, **kw)
+    if keep is not None:
+      logits = jnp.take_along_axis(logits, keep[:, :, None, None], axis=1)
 
     def head_fn(nodes, num_heads):
       return jnp.take_along_axis(logits, nodes[:, :, None, None],

@@ -37,15 +37,16 @@ class SplitScoreFn:
     heads: (params, hidden [B, T', ...], num_heads) -> logits [B, T', num_heads, V].
     num_heads: heads returned by a plain call.
     prefill: optional `trunk` for a cache that holds nothing committed yet
-      (the prompt's call): it may write the cache without reading it.
-      None: `trunk`.
+      (the prompt's call): it may write the cache without reading it, and
+      it takes `keep=` (None, or [B, M] block indices): with it, it returns
+      the hidden states at those tokens only ([B, M, ...]), which lets it
+      skip work at the others (see `Transformer.trunk`). None: `trunk`.
   """
 
   trunk: Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
   heads: Callable[[Any, jax.Array, int], jax.Array]
   num_heads: int
-  prefill: Callable[[Any, jax.Array, jax.Array, Any],
-                    tuple[jax.Array, Any]] | None = None
+  prefill: Callable[..., tuple[jax.Array, Any]] | None = None
 
   def __call__(self, params, tokens, positions, cache):
     hidden, cache = self.trunk(params, tokens, positions, cache)
@@ -169,9 +170,13 @@ def prefill_logits(score_fn: ScoreFn, params, prompts, prompt_lengths, cache,
   batch, p = prompts.shape
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
   if isinstance(score_fn, SplitScoreFn):
-    trunk = score_fn.prefill or score_fn.trunk
-    hidden, cache = trunk(params, prompts, positions, cache)
-    last_hidden = take_positions(hidden, prompt_lengths - 1)[:, None]
+    last = (prompt_lengths - 1)[:, None]
+    if score_fn.prefill is not None:
+      last_hidden, cache = score_fn.prefill(params, prompts, positions, cache,
+                                            keep=last)
+    else:
+      hidden, cache = score_fn.trunk(params, prompts, positions, cache)
+      last_hidden = take_positions(hidden, last[:, 0])[:, None]
     return score_fn.heads(params, last_hidden, num_heads)[:, 0], cache
   logits, cache = score_fn(params, prompts, positions, cache)  # [B, P, k, V]
   return take_positions(logits, prompt_lengths - 1)[:, :num_heads], cache

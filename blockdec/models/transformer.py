@@ -115,6 +115,12 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]):
   return out.astype(x.dtype)
 
 
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x [B, T, ...], index [B, M] -> x at those block positions, [B, M, ...]."""
+  return jnp.take_along_axis(
+      x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def _dense(cfg: ModelConfig, features: int, name: str, bias: bool) -> nn.Dense:
   return nn.Dense(features, use_bias=bias, dtype=_dtype(cfg.dtype),
                   param_dtype=_dtype(cfg.param_dtype), name=name)
@@ -137,7 +143,7 @@ class Attention(nn.Module):
   def __call__(self, x, positions, cache: KVCache | None = None,
                layer: int = 0, mask=None,
                rope: tuple[jax.Array, jax.Array] | None = None,
-               empty_cache: bool = False):
+               empty_cache: bool = False, keep: jax.Array | None = None):
     """x [B, T, d]; cache: None (self-attention) or the stacked KV cache.
 
     With a cache, this layer's keys/values for the block are written at slots
@@ -153,7 +159,9 @@ class Attention(nn.Module):
     `rope`: `rope_angles` of `positions` (position="rope"), computed once
     per call by the trunk for all layers. `empty_cache` (static): nothing is
     committed before the block (prefill), so the cache is only written.
-    Returns (out [B, T, d], updated cache or None).
+    `keep` (optional [B, M] block indices): every token's keys and values
+    are written, but only the kept queries' outputs are projected.
+    Returns (out [B, T or M, d], updated cache or None).
     """
     cfg = self.cfg
     dense = lambda n, bias, name: _dense(cfg, n, name, bias)
@@ -192,8 +200,10 @@ class Attention(nn.Module):
       out, cache = attention.cached_attention(
           q, k, v, cache, layer, positions, backend=cfg.attention_backend,
           mask=mask, empty=empty_cache)
-    out = dense(cfg.d_model, cfg.proj_bias, "o")(out.reshape(b, t, h * d))
-    return out, cache
+    out = out.reshape(b, t, h * d)
+    if keep is not None:
+      out = take_rows(out, keep)
+    return dense(cfg.d_model, cfg.proj_bias, "o")(out), cache
 
 
 class Mlp(nn.Module):
@@ -215,12 +225,17 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, cache=None, layer=0, mask=None,
-               rope=None, empty_cache=False, cross=None):
+               rope=None, empty_cache=False, cross=None, keep=None):
     """`cross`: an encoder-decoder's cross-attention sublayer for this layer
-    (x -> update), applied between self-attention and the MLP."""
+    (x -> update), applied between self-attention and the MLP. `keep`
+    (optional [B, M] block indices): all T tokens write their keys and
+    values, but the layer's output is computed at the kept ones only
+    ([B, M, d]): the rest of the layer costs M / T."""
     attn_out, cache = Attention(self.cfg, name="attn")(
         _norm(self.cfg, "attn_norm")(x), positions, cache, layer, mask,
-        rope, empty_cache)
+        rope, empty_cache, keep)
+    if keep is not None:
+      x = take_rows(x, keep)
     x = x + attn_out
     if cross is not None:
       x = x + cross(x)
@@ -378,7 +393,7 @@ class Transformer(nn.Module):
 
   def trunk(self, tokens, positions, cache: KVCache | None = None,
             mask=None, empty_cache: bool = False,
-            memory: Memory | None = None):
+            memory: Memory | None = None, keep: jax.Array | None = None):
     """tokens, positions [B, T] -> (normalised hidden [B, T, d], cache).
 
     With a cache, the block is written at slots `positions[:, 0] ...` and the
@@ -390,6 +405,11 @@ class Transformer(nn.Module):
     `empty_cache` (static): the cache holds nothing committed yet (prefill),
     so it is not read. `memory` (an encoder-decoder; `encode`): the source,
     by default the one the cache holds (`KVCache.memory`).
+    `keep` (optional [B, M] block indices): return the hidden states at those
+    tokens only, [B, M, d]. Every token still writes its keys and values,
+    but the last layer's attention output, feed-forward and the final norm
+    run at the kept tokens only: a prompt's call that needs the last
+    token's state (prefill) skips ~1/L of its work for an L-layer model.
     """
     x = self._embed(tokens, positions)
     rope = None
@@ -408,7 +428,11 @@ class Transformer(nn.Module):
       if self.cfg.encoder_layers:
         cross = functools.partial(self.cross[i], k=memory.k[i], v=memory.v[i],
                                   valid=memory.valid)
-      x, cache = layer(x, positions, cache, i, mask, rope, empty_cache, cross)
+      last = i == len(self.layers) - 1
+      x, cache = layer(x, positions, cache, i, mask, rope, empty_cache, cross,
+                       keep if last else None)
+    if keep is not None and not self.layers:
+      x = take_rows(x, keep)
     if cache is not None:
       cache = cache.set_end_index(positions[:, 0] + tokens.shape[1])
     return self.final_norm(x), cache

@@ -155,6 +155,10 @@ class BlockDiffusionDrafter(Drafter):
                 decided=jnp.zeros((rows, b), bool),
                 runner_ups=jnp.zeros((rows, b, r), jnp.int32))
 
+  @property
+  def prompt_features(self):
+    return False  # init reads no hidden states.
+
   def init(self, view: View):
     return self._empty(view.lengths.shape[0]) if self.fused else None
 

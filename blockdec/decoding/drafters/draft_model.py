@@ -109,11 +109,17 @@ class DraftModelDrafter(Drafter):
                                           axis=1)  # [B, D]
     return out
 
+  @property
+  def prompt_features(self):
+    return False  # init reads no hidden states.
+
   def init(self, view: View):
     batch, p = view.prompts.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
+    # Only the cache is read: outputs at the last prompt token suffice.
     _, cache = tree_call(self.score_fn, self.params, view.prompts, positions,
-                         self.cache, prefill=True)
+                         self.cache, prefill=True,
+                         keep=(view.prompt_lengths - 1)[:, None])
     return self._draft(cache, view)
 
   def update(self, carry, view: View):

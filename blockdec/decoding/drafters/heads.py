@@ -52,6 +52,10 @@ class HeadsDrafter(Drafter):
   def num_drafts(self) -> int:
     return self.block_size - 1
 
+  @property
+  def prompt_features(self):
+    return False  # init reads no hidden states.
+
   def init(self, view: View):
     return self.update(None, view)
 

@@ -130,9 +130,15 @@ class HydraDrafter(Drafter):
                        "(api.model_score_fn).")
     return jnp.take_along_axis(features, index[:, None, None], axis=1)[:, 0]
 
+  @property
+  def prompt_features(self):
+    return False  # init reads the last prompt token's state only.
+
   def init(self, view: View):
-    return self._draft(self._state_at(view.features, view.prompt_lengths - 1),
-                       view)
+    # The view holds the last prompt token's state only (node 0).
+    return self._draft(
+        self._state_at(view.features, jnp.zeros_like(view.prompt_lengths)),
+        view)
 
   def update(self, carry, view: View):
     del carry

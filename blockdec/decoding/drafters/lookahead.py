@@ -128,6 +128,10 @@ class LookaheadDrafter(Drafter):
   def extra(self) -> ExtraNodes:
     return window_nodes(self.tree.size, self.window, self.ngram)
 
+  @property
+  def prompt_features(self):
+    return False  # init reads no hidden states.
+
   def init(self, view: View):
     batch = view.prompts.shape[0]
     # The first guesses: prompt tokens, cycled.

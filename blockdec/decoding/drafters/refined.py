@@ -219,6 +219,10 @@ class RefinedDrafter(Drafter):
       rescorer_cache = carry[-1]
     return out, rescorer_cache
 
+  @property
+  def prompt_features(self):
+    return False  # init reads no hidden states.
+
   def init(self, view: View):
     lattice, heads = self._lattice(view)
     rescorer_cache = path_log_probs = None
