@@ -115,6 +115,39 @@ def test_draft_model_equal_to_target_accepts_every_draft():
   np.testing.assert_array_equal(out.num_calls, np.full(4, -(-n // k)))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_no_drafting_round_after_the_last_call(monkeypatch, batch):
+  """The drafter's update (a draft model's k draft steps) runs after every
+  call but the last: once every row is done, its drafts would be thrown
+  away. Output unchanged."""
+  from blockdec.decoding.drafters import draft_model
+  cfg, params = random_model(4)
+  dcfg, dparams = _draft_for(cfg, seed=5)
+  prompts, lengths = ragged_prompts(4, batch, 5, cfg.vocab_size)
+  n = 11  # Shapes no other test compiles, so the patched update is traced.
+  updates = []
+  update = draft_model.DraftModelDrafter.update
+
+  def counting_update(self, carry, view):
+    jax.debug.callback(lambda: updates.append(1))
+    return update(self, carry, view)
+
+  monkeypatch.setattr(draft_model.DraftModelDrafter, "update",
+                      counting_update)
+  jax.clear_caches()
+  out = blockdec.decode(params, cfg, prompts, lengths, n,
+                        method=blockdec.DraftModel(dcfg, dparams,
+                                                   block_size=3),
+                        compact_rows=False)
+  jax.block_until_ready(out.tokens)
+  jax.effects_barrier()
+  calls = int(np.max(out.num_calls))
+  assert calls > 1 and len(updates) == calls - 1, (calls, len(updates))
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=n)
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
 def test_adaptive_draft_length_stays_exact():
   k = 4
   _sweep(4, 3, k, 6, 24, True, {

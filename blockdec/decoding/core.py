@@ -589,7 +589,11 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
                  keys, context, extra_logits, score=scorer,
                  features=_features(head_fn, path),
                  extra_tokens=None if extra is None else draft.extra)
-    return new.replace(drafter=drafter.update(state.drafter, view))
+    # No drafting round after the last call: once every row is done the
+    # loop ends, and a draft model's k draft steps would be thrown away.
+    carry = jax.lax.cond(jnp.all(done), lambda c: c,
+                         lambda c: drafter.update(c, view), state.drafter)
+    return new.replace(drafter=carry)
 
   def propose(state: LoopState) -> Draft:
     # No heads here: a drafter reads them in update() and keeps what it needs.
