@@ -377,6 +377,13 @@ class DraftModel(Method):
     acceptance, adaptive: as in `Blockwise`. The "confidence" estimate
       reads the draft model's probability of each drafted token (greedy:
       its softmax maximum; sampling: q of the drawn token).
+    stop_below: None (draft all k - 1 tokens), or a probability in (0, 1):
+      a row's draft ends at its first token the draft model gives less
+      than this (that token included), and drafting stops once every row
+      has ended (transformers' `assistant_confidence_threshold`). The
+      draft steps after the end are saved; with `adaptive` the call also
+      verifies no token past a row's end. Exact (greedy) and lossless
+      (sampling) either way.
   """
 
   draft_cfg: ModelConfig | None = None
@@ -385,12 +392,19 @@ class DraftModel(Method):
   block_size: int = 4
   acceptance: Verifier = Exact()
   adaptive: AdaptiveBlockSize | None = None
+  stop_below: float | None = None
 
   def __post_init__(self):
     if not isinstance(self.draft_cfg, ModelConfig):
       raise TypeError("DraftModel(draft_cfg=...) must be a blockdec."
                       f"ModelConfig, got {type(self.draft_cfg).__name__}.")
     _check_positive(self, "block_size")
+    if self.stop_below is not None and not (
+        isinstance(self.stop_below, (int, float))
+        and not isinstance(self.stop_below, bool)
+        and 0.0 < self.stop_below < 1.0):
+      raise ValueError(f"DraftModel(stop_below={self.stop_below!r}): allowed "
+                       "None or a probability strictly between 0 and 1.")
 
   def resolve_block_size(self, cfg):
     return self.block_size
@@ -421,7 +435,9 @@ class DraftModel(Method):
               make_cache, score_fn, **kw):
     return DraftModelDrafter(
         block_size, score_fn(self.draft_cfg, 1), arrays,
-        make_cache(self.draft_cfg, batch, cache_length + block_size + 1))
+        make_cache(self.draft_cfg, batch, cache_length + block_size + 1),
+        stop_below=None if self.stop_below is None else float(
+            self.stop_below))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -163,7 +163,13 @@ def test_adaptive_draft_length_stays_exact():
           cfg, _noisy_copy(params, seed), block_size=k,
           adaptive=blockdec.AdaptiveBlockSize(estimate="confidence",
                                               token_cost=0.2)),
-  }, compact=("prompt-lookup",))
+      "draft-stop-below": lambda cfg, params, seed: blockdec.DraftModel(
+          cfg, _noisy_copy(params, seed), block_size=k, stop_below=0.5,
+          adaptive=blockdec.AdaptiveBlockSize(token_cost=0.2)),
+      "draft-stop-below-no-rule": lambda cfg, params, seed: (
+          blockdec.DraftModel(cfg, _noisy_copy(params, seed), block_size=k,
+                              stop_below=0.5)),
+  }, compact=("prompt-lookup", "draft-stop-below"))
 
 
 def test_prompt_lookup_min_match_proposes_only_long_matches():
@@ -275,6 +281,59 @@ def test_draft_model_confidence_rule_sampling_is_lossless():
   assert not np.array_equal(ruled.num_calls, plain.num_calls)
 
 
+@pytest.mark.parametrize("adaptive", [None, blockdec.AdaptiveBlockSize(
+    estimate="confidence", token_cost=0.1)])
+def test_draft_model_early_exit_sampling_is_lossless(adaptive):
+  # A row's draft ends at its first token below stop_below; the slots no
+  # draft step reached hold token 0 with q = one-hot(0) (verified without
+  # the rule), a deterministic draft the verifier handles losslessly.
+  cfg, params = _model()
+  dcfg, dparams = _draft_for(cfg)
+  sampling = blockdec.Sampling(temperature=1.0)
+  method = blockdec.DraftModel(dcfg, dparams, block_size=4, stop_below=0.4,
+                               adaptive=adaptive)
+  assert_lossless(cfg, params, 4, sampling, method)
+
+
+def test_draft_model_early_exit_drafts_fewer_steps(monkeypatch):
+  """With stop_below the draft steps end once every row's draft has hit a
+  token below it: fewer draft-model calls than k - 1 per round, same
+  output as greedy."""
+  from blockdec.decoding.drafters import draft_model
+  cfg, params = random_model(4)
+  dcfg, dparams = _draft_for(cfg, seed=5, scale=0.3)  # A flat, unsure draft.
+  prompts, lengths = ragged_prompts(4, 2, 5, cfg.vocab_size)
+  n, k = 10, 6
+  steps = []
+  choose = draft_model.DraftModelDrafter._choose
+
+  def counting_choose(self, logits, view, depth):
+    jax.debug.callback(lambda: steps.append(1))
+    return choose(self, logits, view, depth)
+
+  monkeypatch.setattr(draft_model.DraftModelDrafter, "_choose",
+                      counting_choose)
+  outs = {}
+  for stop in (None, 0.9):
+    jax.clear_caches()
+    steps.clear()
+    outs[stop] = blockdec.decode(
+        params, cfg, prompts, lengths, n, compact_rows=False,
+        method=blockdec.DraftModel(dcfg, dparams, block_size=k,
+                                   stop_below=stop))
+    jax.block_until_ready(outs[stop].tokens)
+    jax.effects_barrier()
+    rounds = int(np.max(outs[stop].num_calls))  # init + updates but the last
+    if stop is None:
+      assert len(steps) == rounds * (k - 1)
+    else:
+      assert rounds <= len(steps) < rounds * (k - 1), (rounds, len(steps))
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=n)
+  for out in outs.values():
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+
+
 def test_prompt_lookup_sampling_matches_enumerated_distribution():
   cfg, params = _model(seed=4)
   assert_lossless(cfg, params, 4, blockdec.Sampling(temperature=0.8),
@@ -294,6 +353,9 @@ def test_biased_verifier_is_caught_with_a_draft_model():
 def test_drafter_errors():
   cfg, params = random_model(1)
   prompts, lengths = ragged_prompts(1, 2, 4, cfg.vocab_size)
+  for bad in (0.0, 1.0, -0.5, True, "0.5"):
+    with pytest.raises(ValueError, match="stop_below.*strictly between 0 and 1"):
+      blockdec.DraftModel(cfg, params, stop_below=bad)
   dcfg, dparams = random_model(2, vocab_size=cfg.vocab_size + 1,
                                num_prediction_heads=1)
   with pytest.raises(ValueError, match="vocab_size"):

@@ -20,6 +20,16 @@ D draft-model calls in all, the last D - 1 in a `lax.scan`. Greedy drafts
 are argmaxes; with sampling each draft is drawn from the draft model's
 filtered distribution q (the run's `Sampling`), which the
 speculative-sampling verifier needs to stay lossless.
+
+Early exit (`stop_below`): a row's draft ends at the first token the draft
+model gives less than that probability (the token itself included), as
+transformers' `assistant_confidence_threshold` does; the draft steps run
+in a `lax.while_loop` that ends once every row has ended (or at D), and
+`Draft.length` says how many tokens of each row are real, so the adaptive
+rule verifies no more. Slots no step reached hold token 0, drawn from
+q = one-hot(0): a deterministic draft, which the speculative-sampling
+verifier accepts with probability p(0) and otherwise resamples from p
+without 0, so verifying it is still lossless.
 """
 
 from __future__ import annotations
@@ -50,12 +60,15 @@ class DraftModelDrafter(Drafter):
     score_fn: the draft model's scoring callable (`api.model_score_fn`).
     params: its parameters.
     cache: its empty cache, with room for P + N + k positions.
+    stop_below: None, or end a row's draft at its first token the draft
+      model gives less than this probability (module doc: early exit).
   """
 
   def __init__(self, block_size: int, score_fn: Callable, params: Any,
-               cache: Any):
+               cache: Any, stop_below: float | None = None):
     self.block_size, self.score_fn = block_size, score_fn
     self.params, self.cache = params, cache
+    self.stop_below = stop_below
 
   @property
   def num_drafts(self) -> int:
@@ -65,10 +78,11 @@ class DraftModelDrafter(Drafter):
     """Draft at `depth` (1-based; generated index lengths + depth, the root
     being `lengths`) from logits [B, V] -> (tokens [B], q or None,
     confidence [B] or None): the draft model's probability of its token,
-    when the adaptive rule asks for it (`Context.want_confidence`)."""
+    when the adaptive rule asks for it (`Context.want_confidence`) or the
+    early exit reads it."""
     token, q = sampling_lib.draft(logits, view.context.sampling, view.keys,
                                   view.lengths + depth)
-    if not view.context.want_confidence:
+    if not view.context.want_confidence and self.stop_below is None:
       return token, q, None
     if q is None:
       return token, q, proposal_confidence(logits[:, None])[:, 0]
@@ -88,6 +102,8 @@ class DraftModelDrafter(Drafter):
                                cache)
     logits = head_fn(jnp.ones((batch, 1), jnp.int32), 1)[:, 0, 0]
     token, q, conf = self._choose(logits, view, 1)
+    if self.stop_below is not None:
+      return self._draft_until_unsure(cache, view, pos, token, q, conf)
 
     def step(carry, depth):
       cache, token = carry
@@ -107,6 +123,49 @@ class DraftModelDrafter(Drafter):
     if conf is not None:
       out["confidence"] = jnp.concatenate([conf[:, None], rest_conf.T],
                                           axis=1)  # [B, D]
+    return out
+
+  def _draft_until_unsure(self, cache, view: View, pos, token, q, conf):
+    """Drafts 2 .. D after draft 1 (token, q, conf), each row until its
+    first token below `stop_below` (module doc: early exit)."""
+    d = self.num_drafts
+    batch = token.shape[0]
+    tokens = jnp.zeros((batch, d), jnp.int32).at[:, 0].set(token)
+    confs = jnp.zeros((batch, d), jnp.float32).at[:, 0].set(conf)
+    qs = None
+    if q is not None:  # Unreached slots: token 0 drawn from one-hot(0).
+      qs = jnp.zeros((batch, d) + q.shape[1:], q.dtype)
+      qs = qs.at[:, :, 0].set(1).at[:, 0].set(q)
+    going = conf >= self.stop_below  # [B] rows still drafting
+    length = jnp.ones((batch,), jnp.int32)
+
+    def cond(carry):
+      depth, going = carry[0], carry[3]
+      return (depth <= d) & jnp.any(going)
+
+    def step(carry):
+      depth, cache, token, going, length, tokens, confs, qs = carry
+      head_fn, cache = tree_call(self.score_fn, self.params, token[:, None],
+                                 (pos + depth - 1)[:, None], cache)
+      logits = head_fn(jnp.zeros((batch, 1), jnp.int32), 1)[:, 0, 0]
+      token, q, conf = self._choose(logits, view, depth)
+      # Rows that ended keep drafting beside the others (their tokens are
+      # real draws, only not counted in `length`).
+      tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, depth - 1, 1)
+      confs = jax.lax.dynamic_update_index_in_dim(confs, conf, depth - 1, 1)
+      if qs is not None:
+        qs = jax.lax.dynamic_update_index_in_dim(qs, q, depth - 1, 1)
+      length = length + going
+      going = going & (conf >= self.stop_below)
+      return depth + 1, cache, token, going, length, tokens, confs, qs
+
+    _, cache, _, _, length, tokens, confs, qs = jax.lax.while_loop(
+        cond, step, (jnp.asarray(2, jnp.int32), cache, token, going, length,
+                     tokens, confs, qs))
+    out = {"cache": cache, "tokens": tokens, "length": length,
+           "confidence": confs}
+    if qs is not None:
+      out["q"] = qs
     return out
 
   @property
@@ -129,4 +188,5 @@ class DraftModelDrafter(Drafter):
     q = carry.get("q")
     return Draft(tokens=carry["tokens"][:, None],
                  q=None if q is None else q[:, None],
-                 confidence=carry.get("confidence"))
+                 confidence=carry.get("confidence"),
+                 length=carry.get("length"))
