@@ -31,12 +31,7 @@ the weights are bit-identical; so are the draft models. Systems (`--systems`):
                       blockdec.measure_call_costs; =linear: the default
                       token_cost, not tuned here)
   blockdec-draft-model   blockdec.DraftModel(<the same draft>, block_size=16
-                      greedy at batch 1, else 8; `--draft-block-size`);
-                      greedy batch-1 rows add stop_below=0.4 (each row's
-                      draft ends at its first token below that probability,
-                      as transformers' assistant_confidence_threshold) and
-                      AdaptiveBlockSize(estimate="confidence", measured
-                      call costs)
+                      greedy at batch 1, else 8; `--draft-block-size`)
   blockdec-prompt-lookup blockdec.PromptLookup(ngram=3, block_size=11,
                       min_match=3, adaptive=AdaptiveBlockSize(...)):
                       transformers' 10 drafts and longest n-gram; rows
@@ -169,7 +164,7 @@ TEMPERATURE = 0.6
 ADAPTIVE = blockdec.AdaptiveBlockSize()  # The default rule, untuned.
 # Sizes whose call costs --call-costs=measured measures: the adaptive rule's
 # default candidates for k = 8 heads and for prompt lookup's 11.
-COST_SIZES = (1, 2, 4, 8, 11, 16)
+COST_SIZES = (1, 2, 4, 8, 11)
 # Prompt lookup on both sides: transformers' 10 drafts per call after the
 # longest match of the last 3..1 tokens; blockdec verifies them only where a
 # match of all 3 tokens was found (the adaptive rule, min_match=3), which ran
@@ -197,17 +192,12 @@ PROMPT_LOOKUP = blockdec.PromptLookup(ngram=LOOKUP_NGRAM,
 # rows and is compute-bound, and sampled drafts survive ~2.5 tokens per
 # call: 8 (which beat 4 and 6 in earlier runs) stays there.
 DRAFT_BLOCK_SIZE_B1_GREEDY, DRAFT_BLOCK_SIZE = 16, 8
-# Greedy batch-1 rows also end each row's draft at its first token the draft
-# gives less than 0.4 (DraftModel(stop_below=...), transformers' default
-# assistant_confidence_threshold) and verify as many drafts as the adaptive
-# rule's "confidence" estimate pays for with the measured call costs. On
-# the 2-core AMD EPYC, 8 prompts x 64 tokens, 7 interleaved passes, against
-# k = 16 without either: 0.97x on stdlib (11.1 vs 11.9 tokens per call: the
-# rule sometimes stops short of drafts that would survive) and 1.08x on
-# site-packages, where the draft is often unsure and a call that would keep
-# 1 of 16 drafts (12 of 55 calls) verifies few; thresholds 0.2 and 0.6 were
-# within noise of 0.4.
-DRAFT_STOP_BELOW = 0.4
+# The early exit (DraftModel(stop_below=0.4)) and the adaptive rule reading
+# the draft's confidence were measured beside k = 16 on the 2-core AMD EPYC
+# (experiments/results/draft_policy.md): the rule gained on site-packages
+# at 64 tokens (1.37x vs 1.27x greedy) but lost on stdlib (1.40x vs 1.48x;
+# at 128 tokens 1.62x vs 1.84x), and the early exit alone was within noise:
+# plain k = 16 stays.
 
 
 def draft_block_size(batch: int, temperature: float,
@@ -218,20 +208,6 @@ def draft_block_size(batch: int, temperature: float,
     return fixed
   return (DRAFT_BLOCK_SIZE_B1_GREEDY if batch == 1 and not temperature
           else DRAFT_BLOCK_SIZE)
-
-
-def draft_method(draft, batch: int, temperature: float, adaptive,
-                 fixed: int | None = None):
-  """blockdec-draft-model's `DraftModel`: `draft_block_size`'s block, and
-  for greedy batch-1 rows without a fixed block the early exit
-  (`DRAFT_STOP_BELOW`) with `adaptive` reading the draft's confidence."""
-  method = dataclasses.replace(
-      draft, block_size=draft_block_size(batch, temperature, fixed))
-  if fixed or batch != 1 or temperature:
-    return method
-  return dataclasses.replace(
-      method, stop_below=DRAFT_STOP_BELOW,
-      adaptive=dataclasses.replace(adaptive, estimate="confidence"))
 
 
 LOOKAHEAD = blockdec.Lookahead(window=5, ngram=4, guesses=5)
@@ -558,7 +534,8 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
   elif system == "blockdec-draft-model":
     if draft is None:
       return None
-    method = draft_method(draft, batch, temperature, adaptive, draft_block)
+    method = dataclasses.replace(draft, block_size=draft_block_size(
+        batch, temperature, draft_block))
   elif system == "blockdec-prompt-lookup":
     method = dataclasses.replace(PROMPT_LOOKUP, adaptive=adaptive)
   elif system == "blockdec-lookahead":
@@ -622,8 +599,7 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
 
   def rule_for(batch, prompt_len):
     if call_costs == "linear" or not {"blockdec-adaptive",
-                                      "blockdec-prompt-lookup",
-                                      "blockdec-draft-model"} & set(systems):
+                                      "blockdec-prompt-lookup"} & set(systems):
       return ADAPTIVE
     if batch not in rules:
       costs = blockdec.measure_call_costs(params, cfg, batch=batch,

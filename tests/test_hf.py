@@ -510,10 +510,8 @@ def test_hf_peers_batch_one_rows_decode_one_by_one():
 
 def test_hf_peers_draft_model_block_per_row():
   """experiments/hf_peers.py: blockdec-draft-model verifies 16 tokens per
-  call in greedy batch-1 rows (ending each draft at its first token below
-  0.4, with the adaptive rule reading the draft's confidence) and 8 in the
-  others, or --draft-block-size's block in every row; the row decodes
-  what that DraftModel decodes."""
+  call in greedy batch-1 rows and 8 in the others, or --draft-block-size's
+  block in every row; the row decodes what that DraftModel decodes."""
   import pathlib
   import sys
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
@@ -526,24 +524,17 @@ def test_hf_peers_draft_model_block_per_row():
       1, cfg.vocab_size, (2, 5)).astype(np.int32)
   common = dict(hf_model=None, hf_draft=None, cfg=cfg, params=params,
                 draft=draft, new_tokens=6)
-  early = (", stop_below=0.4, adaptive=AdaptiveBlockSize(estimate="
-           "'confidence')")
-  cases = [(prompts[:1], 0.0, None, 16, early), (prompts[:1], 0.6, None, 8, ""),
-           (prompts, 0.0, None, 8, ""), (prompts[:1], 0.0, 4, 4, "")]
-  for rows, temperature, fixed, want, more in cases:
+  cases = [(prompts[:1], 0.0, None, 16), (prompts[:1], 0.6, None, 8),
+           (prompts, 0.0, None, 8), (prompts[:1], 0.0, 4, 4)]
+  for rows, temperature, fixed, want in cases:
     fn, settings = hf_peers.system_call(
         "blockdec-draft-model", prompts=rows, temperature=temperature,
         draft_block=fixed, **common)
-    assert settings == f"block_size={want}{more}", (temperature, fixed,
-                                                     settings)
-    method = dataclasses.replace(draft, block_size=want)
-    if more:
-      method = dataclasses.replace(
-          method, stop_below=0.4,
-          adaptive=blockdec.AdaptiveBlockSize(estimate="confidence"))
+    assert settings == f"block_size={want}", (temperature, fixed, settings)
     if not temperature:
       alone = blockdec.decode(
-          params, cfg, rows, np.full((len(rows),), 5), 6, method=method)
+          params, cfg, rows, np.full((len(rows),), 5), 6,
+          method=dataclasses.replace(draft, block_size=want))
       np.testing.assert_array_equal(np.asarray(fn().tokens),
                                     np.asarray(alone.tokens))
   assert hf_peers.draft_block_size(1, 0.0) == 16

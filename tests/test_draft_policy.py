@@ -1,0 +1,43 @@
+"""experiments/draft_policy.py: every variant decodes greedy's tokens, and
+the tables and figure come from its rows."""
+
+import numpy as np
+import pytest
+
+import blockdec
+from tests.helpers import experiment_script, random_model
+
+pytestmark = pytest.mark.torch  # hf_peers' timing helpers import torch.
+
+
+def test_draft_policy_variants_measure_and_report(tmp_path):
+  module = experiment_script("draft_policy")
+  cfg, params = random_model(3)
+  dcfg, dparams = random_model(2, param_seed=7, n_layers=1,
+                               vocab_size=cfg.vocab_size,
+                               num_prediction_heads=1)
+  costs = ((1, 1.0), (2, 1.3), (4, 1.6), (8, 2.2), (16, 3.5))
+  methods = module.variants(blockdec.DraftModel(dcfg, dparams), costs)
+  assert list(methods)[0] == "greedy" and methods["greedy"] is None
+  assert methods["k=16 stop+conf"].stop_below == module.STOP_BELOW
+  assert methods["k=16 conf"].adaptive.estimate == "confidence"
+  prompts = np.random.RandomState(0).randint(
+      0, cfg.vocab_size, (2, 6)).astype(np.int32)
+  rows = module.measure(cfg, params, methods, prompts, 12, repeats=1)
+  assert [m["variant"] for m in rows] == list(methods)
+  assert all(m["same_tokens_as_greedy"] for m in rows)
+  assert rows[0]["x_greedy"] == 1.0 and rows[0]["tokens_per_call"] == 1.0
+  k16 = next(m for m in rows if m["variant"] == "k=16")
+  assert len(k16["committed_per_call"]) == 16
+  assert sum(k16["committed_per_call"]) > 0
+  result = {"machine": "test", "command": "python experiments/draft_policy.py",
+            "model": "base", "draft": "draft", "repeats": 1,
+            "call_costs": [list(c) for c in costs],
+            "sets": [{"prompt_set": "random", "new_tokens": 12,
+                      "rows": rows}]}
+  result["reading"] = module.reading(result)
+  assert "fastest" in result["reading"] and "k=16 stop" in result["reading"]
+  text = module.markdown(result)
+  assert "| k=16 stop+conf |" in text and "calls kept 1 token" in text
+  module.plot(result, tmp_path / "p.png")
+  assert (tmp_path / "p.png").stat().st_size > 0
