@@ -51,9 +51,10 @@ class DraftModelDrafter(Drafter):
 
   Built inside the jitted decode (it holds the draft model's parameters,
   which are traced). Carry: cache (the draft model's), tokens [B, D],
-  q [B, D, V] with sampling, and confidence [B, D] (the draft model's
+  q [B, D, V] with sampling, confidence [B, D] (the draft model's
   probability of each drafted token) for the adaptive rule's "confidence"
-  estimate.
+  estimate or the early exit, and with `stop_below` length [B] (how many
+  drafts are real, `Draft.length`).
 
   Args:
     block_size: k, the root plus D = k - 1 drafts per call.
