@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,8 @@ from blockdec import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
+sys.path.insert(0, str(ROOT / "experiments"))
+import hf_peers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PROMPT, NUM_PROMPTS = 128, 8
 STOP_BELOW = 0.4
@@ -67,22 +70,12 @@ def variants(draft: blockdec.DraftModel, costs) -> dict:
   }
 
 
-def _hf_peers():
-  """experiments/hf_peers.py (its prompt sets and timing helpers), imported
-  when needed: it loads torch."""
-  import sys
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import hf_peers
-  return hf_peers
-
-
 def measure(cfg, params, methods: dict, prompts: np.ndarray, new_tokens: int,
             repeats: int) -> list[dict]:
   """`methods` (name -> DraftModel or None for greedy) on `prompts` [R, P],
   one row at a time, passes interleaved: tokens/s medians, the ratio to
   the first (greedy) method, tokens per call, and the committed-tokens
   histogram of the calls."""
-  hf_peers = _hf_peers()
   lengths = jnp.full((1,), prompts.shape[1], jnp.int32)
 
   def run(method):
@@ -215,8 +208,8 @@ def main(argv=None):
             "call_costs": [list(c) for c in costs], "repeats": args.repeats,
             "stop_below": STOP_BELOW, "sets": []}
   for new_tokens in counts:
-    for prompt_set in _hf_peers().PROMPT_SETS:
-      prompts = _hf_peers().byte_prompts(prompt_set, NUM_PROMPTS, PROMPT)
+    for prompt_set in hf_peers.PROMPT_SETS:
+      prompts = hf_peers.byte_prompts(prompt_set, NUM_PROMPTS, PROMPT)
       rows = measure(cfg, params, methods, prompts, new_tokens, args.repeats)
       result["sets"].append({"prompt_set": prompt_set,
                              "new_tokens": new_tokens, "rows": rows})

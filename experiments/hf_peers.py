@@ -550,15 +550,10 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
               isinstance(method, blockdec.Lookahead) else repr(method))
   if isinstance(method, blockdec.PromptLookup):
     settings += f", ngram={method.ngram}, min_match={method.min_match}"
-  if getattr(method, "stop_below", None) is not None:
-    settings += f", stop_below={method.stop_below}"
-  rule = getattr(method, "adaptive", None)
-  if rule is not None:
-    fields = ([] if rule.estimate == "history" else
-              [f"estimate={rule.estimate!r}"]) + (
-                  [] if rule.call_costs is None else
-                  [f"call_costs={rule.call_costs}"])
-    settings += f", adaptive=AdaptiveBlockSize({', '.join(fields)})"
+  if getattr(method, "adaptive", None) is not None:
+    settings += (", adaptive=AdaptiveBlockSize()" if adaptive.call_costs is
+                 None else f", adaptive=AdaptiveBlockSize(call_costs="
+                 f"{adaptive.call_costs})")
   run = lambda p: blockdec.decode(params, cfg, p, lengths, new_tokens,
                                   method=method, sampling=sampling, key=key)
   return ((lambda: one_by_one(run, prompts)) if rows_one_by_one else

@@ -281,29 +281,11 @@ def test_draft_model_confidence_rule_sampling_is_lossless():
   assert not np.array_equal(ruled.num_calls, plain.num_calls)
 
 
-@pytest.mark.parametrize("adaptive", [None, blockdec.AdaptiveBlockSize(
-    estimate="confidence", token_cost=0.1)])
-def test_draft_model_early_exit_sampling_is_lossless(adaptive):
-  # A row's draft ends at its first token below stop_below; the slots no
-  # draft step reached hold token 0 with q = one-hot(0) (verified without
-  # the rule), a deterministic draft the verifier handles losslessly.
-  cfg, params = _model()
-  dcfg, dparams = _draft_for(cfg)
-  sampling = blockdec.Sampling(temperature=1.0)
-  method = blockdec.DraftModel(dcfg, dparams, block_size=4, stop_below=0.4,
-                               adaptive=adaptive)
-  assert_lossless(cfg, params, 4, sampling, method)
-
-
-def test_draft_model_early_exit_drafts_fewer_steps(monkeypatch):
-  """With stop_below the draft steps end once every row's draft has hit a
-  token below it: fewer draft-model calls than k - 1 per round, same
-  output as greedy."""
+def _draft_steps(monkeypatch, decode):
+  """(draft-model steps, one per drafted token, that `decode()` takes; its
+  output; its rounds of drafting: init and every update but the last).
+  Caches are cleared so the counting step is traced."""
   from blockdec.decoding.drafters import draft_model
-  cfg, params = random_model(4)
-  dcfg, dparams = _draft_for(cfg, seed=5, scale=0.3)  # A flat, unsure draft.
-  prompts, lengths = ragged_prompts(4, 2, 5, cfg.vocab_size)
-  n, k = 10, 6
   steps = []
   choose = draft_model.DraftModelDrafter._choose
 
@@ -313,24 +295,54 @@ def test_draft_model_early_exit_drafts_fewer_steps(monkeypatch):
 
   monkeypatch.setattr(draft_model.DraftModelDrafter, "_choose",
                       counting_choose)
-  outs = {}
-  for stop in (None, 0.9):
-    jax.clear_caches()
-    steps.clear()
-    outs[stop] = blockdec.decode(
-        params, cfg, prompts, lengths, n, compact_rows=False,
-        method=blockdec.DraftModel(dcfg, dparams, block_size=k,
-                                   stop_below=stop))
-    jax.block_until_ready(outs[stop].tokens)
-    jax.effects_barrier()
-    rounds = int(np.max(outs[stop].num_calls))  # init + updates but the last
-    if stop is None:
-      assert len(steps) == rounds * (k - 1)
-    else:
-      assert rounds <= len(steps) < rounds * (k - 1), (rounds, len(steps))
+  jax.clear_caches()
+  out = decode()
+  jax.block_until_ready(out.tokens)
+  jax.effects_barrier()
+  monkeypatch.undo()
+  return len(steps), out, int(np.max(out.num_calls))
+
+
+@pytest.mark.parametrize("adaptive", [None, blockdec.AdaptiveBlockSize(
+    estimate="confidence", token_cost=0.1)])
+def test_draft_model_early_exit_sampling_is_lossless(monkeypatch, adaptive):
+  # A row's draft ends at its first token below stop_below; the slots no
+  # draft step reached hold token 0 with q = one-hot(0) (verified without
+  # the rule), a deterministic draft the verifier handles losslessly.
+  cfg, params = _model()
+  dcfg, dparams = _draft_for(cfg)
+  sampling = blockdec.Sampling(temperature=1.0)
+  k = 4
+  method = blockdec.DraftModel(dcfg, dparams, block_size=k, stop_below=0.4,
+                               adaptive=adaptive)
+  assert_lossless(cfg, params, 4, sampling, method)
+  # Such slots exist here: some drafting rounds end before k - 1 steps.
+  prompts, lengths = ragged_prompts(1, 1, 3, cfg.vocab_size)
+  steps, _, rounds = _draft_steps(monkeypatch, lambda: blockdec.decode(
+      params, cfg, prompts, lengths, 9, method=method, sampling=sampling,
+      key=jax.random.key(3), compact_rows=False))
+  assert rounds <= steps < rounds * (k - 1), (rounds, steps)
+
+
+def test_draft_model_early_exit_drafts_fewer_steps(monkeypatch):
+  """With stop_below the draft steps end once every row's draft has hit a
+  token below it: fewer draft-model calls than k - 1 per round, same
+  output as greedy."""
+  cfg, params = random_model(4)
+  dcfg, dparams = _draft_for(cfg, seed=5, scale=0.3)  # A flat, unsure draft.
+  prompts, lengths = ragged_prompts(4, 2, 5, cfg.vocab_size)
+  n, k = 10, 6
   greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
                                   max_new_tokens=n)
-  for out in outs.values():
+  for stop in (None, 0.9):
+    steps, out, rounds = _draft_steps(monkeypatch, lambda: blockdec.decode(
+        params, cfg, prompts, lengths, n, compact_rows=False,
+        method=blockdec.DraftModel(dcfg, dparams, block_size=k,
+                                   stop_below=stop)))
+    if stop is None:
+      assert steps == rounds * (k - 1)
+    else:
+      assert rounds <= steps < rounds * (k - 1), (rounds, steps)
     np.testing.assert_array_equal(out.tokens, greedy.tokens)
 
 

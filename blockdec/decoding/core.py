@@ -450,13 +450,12 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
       jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
   last = (prompt_lengths - 1)[:, None]
   zeros = jnp.zeros((batch,), jnp.int32)
-  if drafter.prompt_features:
-    head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
-                               prefill=True)
-    prompt_nodes = positions
-  else:  # Outputs at the last prompt token only; node 0 is that token.
-    head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
-                               prefill=True, keep=last)
+  # Without prompt features, outputs at the last prompt token only: node 0.
+  keep = None if drafter.prompt_features else last
+  head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
+                             prefill=True, keep=keep)
+  prompt_nodes = positions
+  if keep is not None:
     last = prompt_nodes = zeros[:, None]
   state = LoopState(
       step=jnp.zeros((), jnp.int32), row_ids=row_ids.astype(jnp.int32),

@@ -136,6 +136,12 @@ def ngram_scorer(ngram: NGramLM, history: jax.Array, lattice: Lattice,
   return scorer
 
 
+def _at_nodes(x: jax.Array, nodes: jax.Array) -> jax.Array:
+  """x [B, T, ...] at block positions nodes [B, M] -> [B, M, ...]."""
+  return jnp.take_along_axis(
+      x, nodes.reshape(nodes.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
               prefill: bool = False, keep: jax.Array | None = None):
   """Runs `score_fn` on a block; returns (head_fn, cache).
@@ -173,13 +179,10 @@ def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
     else:
       hidden, cache = trunk(params, tokens, positions, cache, **kw)
       if keep is not None:
-        hidden = jnp.take_along_axis(
-            hidden, keep.reshape(keep.shape + (1,) * (hidden.ndim - 2)),
-            axis=1)
+        hidden = _at_nodes(hidden, keep)
 
     def hidden_at(nodes):
-      return jnp.take_along_axis(
-          hidden, nodes.reshape(nodes.shape + (1,) * (hidden.ndim - 2)), axis=1)
+      return _at_nodes(hidden, nodes)
 
     def head_fn(nodes, num_heads):
       return score_fn.heads(params, hidden_at(nodes), num_heads)
@@ -188,11 +191,10 @@ def tree_call(score_fn, params, tokens, positions, cache, mask=None, *,
   else:
     logits, cache = score_fn(params, tokens, positions, cache, **kw)
     if keep is not None:
-      logits = jnp.take_along_axis(logits, keep[:, :, None, None], axis=1)
+      logits = _at_nodes(logits, keep)
 
     def head_fn(nodes, num_heads):
-      return jnp.take_along_axis(logits, nodes[:, :, None, None],
-                                 axis=1)[:, :, :num_heads]
+      return _at_nodes(logits, nodes)[:, :, :num_heads]
   return head_fn, cache
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from blockdec.decoding.acceptance import Exact
+from blockdec.decoding.rescoring import tree_call
 from blockdec.decoding.sampling import Sampling
 from blockdec.decoding.verify import Verifier
 
@@ -51,12 +52,6 @@ class SplitScoreFn:
   def __call__(self, params, tokens, positions, cache):
     hidden, cache = self.trunk(params, tokens, positions, cache)
     return self.heads(params, hidden, self.num_heads), cache
-
-
-def take_positions(x: jax.Array, index: jax.Array) -> jax.Array:
-  """x [B, T, ...], index [B] -> x[b, index[b]] with shape [B, ...]."""
-  index = index.reshape((-1,) + (1,) * (x.ndim - 1))
-  return jnp.take_along_axis(x, index, axis=1)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,17 +164,10 @@ def prefill_logits(score_fn: ScoreFn, params, prompts, prompt_lengths, cache,
   """
   batch, p = prompts.shape
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
-  if isinstance(score_fn, SplitScoreFn):
-    last = (prompt_lengths - 1)[:, None]
-    if score_fn.prefill is not None:
-      last_hidden, cache = score_fn.prefill(params, prompts, positions, cache,
-                                            keep=last)
-    else:
-      hidden, cache = score_fn.trunk(params, prompts, positions, cache)
-      last_hidden = take_positions(hidden, last[:, 0])[:, None]
-    return score_fn.heads(params, last_hidden, num_heads)[:, 0], cache
-  logits, cache = score_fn(params, prompts, positions, cache)  # [B, P, k, V]
-  return take_positions(logits, prompt_lengths - 1)[:, :num_heads], cache
+  head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
+                             prefill=True,
+                             keep=(prompt_lengths - 1)[:, None])
+  return head_fn(jnp.zeros((batch, 1), jnp.int32), num_heads)[:, 0], cache
 
 
 def prefill(score_fn: ScoreFn, params, prompts, prompt_lengths, cache,
