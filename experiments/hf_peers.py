@@ -117,6 +117,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import pathlib
 import statistics
@@ -393,11 +394,25 @@ def interleaved(fns: dict, repeats: int) -> dict:
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      t0 = time.perf_counter()
-      results[name] = fn()
-      times[name].append(time.perf_counter() - t0)
+      results[name] = None
+      times[name].append(without_gc(fn, results, name))
   return {name: (first[name], statistics.median(times[name]), times[name],
                  results[name]) for name in fns}
+
+
+def without_gc(fn, results: dict, name: str) -> float:
+  """Seconds of one call of `fn` (its result stored as results[name]) with
+  Python's garbage collector collected before and paused during it, as
+  `timeit` does: a collection landing in one system's call (the run holds
+  two HF models and every result so far) would charge it to that system."""
+  gc.collect()
+  gc.disable()
+  try:
+    t0 = time.perf_counter()
+    results[name] = fn()
+    return time.perf_counter() - t0
+  finally:
+    gc.enable()
 
 
 def pick_torch_threads(model, prompts, candidates=(2, 1)) -> int:
@@ -709,6 +724,16 @@ def speedups(rows, side: str = "hf"):
           for r in rows if group(r) in base}
 
 
+def paired(mine, peer) -> str:
+  """The speedup of `mine` over `peer` round by round: the timed calls are
+  interleaved (`interleaved`), so round i's two times met the same machine
+  speed; their spread shows how far the medians' ratio can move between
+  runs."""
+  ratios = sorted(p / m for m, p in zip(mine["times_s"], peer["times_s"]))
+  return (f"round by round {statistics.median(ratios):.2f}x, "
+          f"{ratios[0]:.2f}-{ratios[-1]:.2f}x over {len(ratios)} rounds")
+
+
 def target_lines(rows) -> list[str]:
   """Issue 16's targets, at batch 1, greedy, on every model and prompt set
   that has the rows (the issue sets them on demo-llama, stdlib)."""
@@ -724,14 +749,16 @@ def target_lines(rows) -> list[str]:
       met = ratio >= 5 and mine["block_efficiency"] >= 3.0
       lines.append(
           f"- {label}: blockdec-draft-model {ratio:.2f}x hf-assisted "
-          f"(target >= 5x) at {mine['block_efficiency']:.2f} tokens per call "
+          f"(target >= 5x; {paired(mine, peer)}) at "
+          f"{mine['block_efficiency']:.2f} tokens per call "
           f"(target >= 3.0): {'met' if met else 'NOT met'}")
     mine, peer = at("blockdec-prompt-lookup"), at("hf-prompt-lookup")
     if mine and peer:
       ratio = mine["tokens_per_s"] / peer["tokens_per_s"]
       lines.append(
           f"- {label}: blockdec-prompt-lookup {ratio:.2f}x hf-prompt-lookup "
-          f"(target >= 5x; {mine['block_efficiency']:.2f} vs "
+          f"(target >= 5x; {paired(mine, peer)}; "
+          f"{mine['block_efficiency']:.2f} vs "
           f"{peer['block_efficiency']:.2f} tokens per call): "
           f"{'met' if ratio >= 5 else 'NOT met'}")
     mine = at("blockdec-lookahead")
@@ -799,13 +826,16 @@ def write_markdown(path, machine, rows, notes, command):
            f"Machine: {machine}.", "",
            f"Command: `{command}`. Medians of "
            f"{len(rows[0]['times_s'])} timed calls after one warm-up, "
-           "interleaved across the systems of each row group; "
+           "interleaved across the systems of each row group, Python's "
+           "garbage collector paused during each (as `timeit` does); "
            "compile_s is the warm-up's extra time (XLA compilation for "
            "blockdec). Batch 1 rows decode "
            f"{max((r.get('prompts', 1) for r in rows if r['batch'] == 1), default=1)}"
            " prompts one after another in each timed call; batch 8 rows the "
            "8 at once. Timings on this machine move by up to +-15% between "
-           "runs; ratios within one run are what to read. x hf and x "
+           "runs; ratios within one run are what to read (the targets also "
+           "give them round by round: each round's two times met the same "
+           "machine speed). x hf and x "
            "blockdec: tokens/s over hf-greedy and blockdec-greedy of the "
            "same rows (hf-sample and blockdec-sample at temperature > 0). "
            "tokens/call counts target-model calls (transformers' prefill "

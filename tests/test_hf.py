@@ -469,6 +469,21 @@ def test_hf_peers_times_the_systems_of_a_group_interleaved():
   assert out["b"][1] == statistics.median(out["b"][2])
 
 
+def test_hf_peers_paired_ratio_reads_rounds_side_by_side():
+  """The round-by-round speedup divides each round's two times (the same
+  machine speed), not one median by the other."""
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                         / "experiments"))
+  import hf_peers
+  # The machine slows 3x in round 2: each round's ratio stays 5x, 6x, 4x.
+  mine = {"times_s": [1.0, 3.0, 1.0]}
+  peer = {"times_s": [5.0, 18.0, 4.0]}
+  assert hf_peers.paired(mine, peer) == (
+      "round by round 5.00x, 4.00-6.00x over 3 rounds")
+
+
 def test_import_transformers_binds_hf_kernels_not_the_checkout_folder():
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
