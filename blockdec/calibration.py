@@ -21,14 +21,18 @@ several calls per compiled loop as in decoding (a call dispatched alone
 from Python would add its dispatch to every size);
 `experiments/step_costs.py` times the same call for its tables. Costs
 depend on shapes, not on the weights' values, and timings on a shared
-machine move: the median of `repeats` timed loops after a warm-up is
-taken, and measuring with nothing else running gives the steadiest table.
+machine move: every size is timed once per round, the rounds repeated,
+and each cost is the median over rounds of the size's time over the
+one-token call's in the same round (`interleaved_ratios`), so a drift of
+the machine's speed cancels; measuring with nothing else running still
+gives the steadiest table.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +97,18 @@ def time_call(params, cfg: ModelConfig, batch: int, depths, mask=None, *,
       the timed calls).
     repeats: timed dispatches after one warm-up (compilation).
   """
-  batch = validation.check_int("batch", batch, low=1)
   repeats = validation.check_int("repeats", repeats, low=1)
+  once = call_timer(params, cfg, batch, depths, mask, prompt_len=prompt_len,
+                    cache_len=cache_len, source_len=source_len)
+  return 1e3 * float(np.median([once() for _ in range(repeats)]))
+
+
+def call_timer(params, cfg: ModelConfig, batch: int, depths, mask=None, *,
+               prompt_len: int = 128, cache_len: int | None = None,
+               source_len: int = 32) -> Callable[[], float]:
+  """`once()` -> seconds per call of one timed dispatch of the call
+  `time_call` describes (same arguments), compiled and warmed up here."""
+  batch = validation.check_int("batch", batch, low=1)
   prompt_len = validation.check_int("prompt_len", prompt_len, low=0)
   depths = tuple(int(x) for x in depths)
   if not depths or min(depths) < 0:
@@ -117,18 +131,38 @@ def time_call(params, cfg: ModelConfig, batch: int, depths, mask=None, *,
   positions = prompt_len + jnp.broadcast_to(jnp.asarray(depths, jnp.int32),
                                             (batch, t))
   # Every call writes the same slots, so each returned cache is the next
-  # dispatch's input.
+  # dispatch's input (the donated one is gone).
   run = functools.partial(_calls, cfg=cfg, mask=mask,
                           calls=CALLS_PER_DISPATCH)
-  total, cache = run(params, tokens, positions, cache, memory)
-  jax.block_until_ready(total)
-  times = []
-  for _ in range(repeats):
+  carry = {"cache": cache}
+
+  def once() -> float:
     start = time.perf_counter()
-    total, cache = run(params, tokens, positions, cache, memory)
+    total, carry["cache"] = run(params, tokens, positions, carry["cache"],
+                                memory)
     jax.block_until_ready(total)
-    times.append((time.perf_counter() - start) / CALLS_PER_DISPATCH)
-  return 1e3 * float(np.median(times))
+    return (time.perf_counter() - start) / CALLS_PER_DISPATCH
+
+  once()  # Compiles.
+  return once
+
+
+def interleaved_ratios(timers: dict, base, repeats: int) -> dict:
+  """{name: median over rounds of timers[name]() / timers[base]()}: every
+  round times each timer once, in turn, so a drift of the machine's speed
+  (up to 3x between hours on a shared 2-core CPU, and 25% between minutes)
+  reaches every timer of the round alike; timing each size's repeats in a
+  block of its own let the drift between blocks into the ratios (a 2-token
+  call once came out at 2.4x a one-token call that way, against 1.7-2.0x)."""
+  times = {name: [] for name in timers}
+  for r in range(repeats):
+    # Alternate the order, so no timer always runs first in its round.
+    names = list(timers) if r % 2 == 0 else list(timers)[::-1]
+    for name in names:
+      times[name].append(timers[name]())
+  return {name: float(np.median([x / b for x, b in zip(times[name],
+                                                       times[base])]))
+          for name in timers}
 
 
 def measure_call_costs(params, cfg: ModelConfig, *, batch: int = 1,
@@ -137,21 +171,18 @@ def measure_call_costs(params, cfg: ModelConfig, *, batch: int = 1,
   """Each chain size's call cost in one-token calls, measured here.
 
   Returns ((T, cost), ...) for T in `sizes` (sorted), cost = the median
-  time of a call verifying T tokens over that of a one-token call at the
-  same batch (so T = 1 costs 1.0): the `call_costs` of
-  `AdaptiveBlockSize`.
+  over `repeats` rounds of the time of a call verifying T tokens over that
+  of a one-token call at the same batch in the same round (so T = 1 costs
+  1.0; `interleaved_ratios`): the `call_costs` of `AdaptiveBlockSize`.
   """
   if (not isinstance(sizes, (tuple, list)) or not sizes
       or any(not validation.is_int(t) or t < 1 for t in sizes)):
     raise ValueError(f"sizes={sizes!r} must be a non-empty sequence of "
                      "positive ints.")
+  repeats = validation.check_int("repeats", repeats, low=1)
   sizes = tuple(sorted(set(int(t) for t in sizes)))
-  one = time_call(params, cfg, batch, (0,), prompt_len=prompt_len,
-                  cache_len=prompt_len + max(sizes) + 128, repeats=repeats)
-  costs = []
-  for t in sizes:
-    ms = one if t == 1 else time_call(
-        params, cfg, batch, range(t), prompt_len=prompt_len,
-        cache_len=prompt_len + max(sizes) + 128, repeats=repeats)
-    costs.append((int(t), round(ms / one, 4)))
-  return tuple(costs)
+  timers = {t: call_timer(params, cfg, batch, range(t), prompt_len=prompt_len,
+                          cache_len=prompt_len + max(sizes) + 128)
+            for t in sorted(set(sizes) | {1})}
+  ratios = interleaved_ratios(timers, 1, repeats)
+  return tuple((t, round(ratios[t], 4)) for t in sizes)

@@ -95,6 +95,25 @@ def test_measured_call_costs_drive_an_exact_decode():
     blockdec.measure_call_costs(params, cfg, prompt_len=cfg.max_seq_len)
 
 
+def test_call_costs_are_ratios_within_rounds():
+  """A machine that slows 3x between rounds (or within one) leaves the
+  costs exact: each round's times are divided by the same round's
+  one-token time, and the order alternates between rounds."""
+  from blockdec import calibration
+  log, speed = [], iter([1, 1, 1, 3, 3, 3, 1, 1, 1])
+
+  def timer(name, cost):
+    def once():
+      log.append(name)
+      return cost * next(speed)
+    return once
+
+  timers = {1: timer(1, 1.0), 2: timer(2, 1.7), 8: timer(8, 3.4)}
+  ratios = calibration.interleaved_ratios(timers, 1, repeats=3)
+  assert log == [1, 2, 8, 8, 2, 1, 1, 2, 8]
+  assert ratios == pytest.approx({1: 1.0, 2: 1.7, 8: 3.4})
+
+
 def test_measure_call_costs_of_an_encoder_decoder():
   cfg, params = random_model(1, encoder_layers=1)
   costs = blockdec.measure_call_costs(params, cfg, sizes=(1, 3),
