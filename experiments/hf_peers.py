@@ -105,7 +105,9 @@ minus the steady-state median, is reported as compile_s: XLA compilation for
 blockdec, first-call overhead for transformers), then the median of
 `--repeats` timed calls, interleaved: each round runs every system of the
 row group (model, prompt set, temperature, batch) once, so a drift of the
-machine's speed reaches all of them alike. Batch 1 rows decode `--batch1-prompts` prompts
+machine's speed reaches all of them alike, with Python's garbage collector
+paused during each timed call (as `timeit` does); the target lines also give
+the speedup round by round (`paired`). Batch 1 rows decode `--batch1-prompts` prompts
 (default 8) one after another within each timed call, so a row is not the
 luck of one prompt; batch 8 rows decode the 8 prompts at once.
 tokens_per_s = prompts * new_tokens / median seconds.
