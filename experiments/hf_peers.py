@@ -197,10 +197,11 @@ PROMPT_LOOKUP = blockdec.PromptLookup(ngram=LOOKUP_NGRAM,
 DRAFT_BLOCK_SIZE_B1_GREEDY, DRAFT_BLOCK_SIZE = 16, 8
 # The early exit (DraftModel(stop_below=0.4)) and the adaptive rule reading
 # the draft's confidence were measured beside k = 16 on the 2-core AMD EPYC
-# (experiments/results/draft_policy.md): the rule gained on site-packages
-# at 64 tokens (1.37x vs 1.27x greedy) but lost on stdlib (1.40x vs 1.48x;
-# at 128 tokens 1.62x vs 1.84x), and the early exit alone was within noise:
-# plain k = 16 stays.
+# (experiments/results/draft_policy.md): with the call costs measured round
+# by round, each lies within -2% to +6% of plain k = 16 (the rule at 64
+# tokens 0.98x on stdlib and 1.06x on site-packages; the run before, whose
+# cost table overrated a 16-token call, had it at 0.95x and 1.08x), inside
+# the run-to-run spread: plain k = 16 stays.
 
 
 def draft_block_size(batch: int, temperature: float,
