@@ -397,23 +397,24 @@ def interleaved(fns: dict, repeats: int) -> dict:
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      results[name] = None
-      times[name].append(without_gc(fn, results, name))
+      results[name] = None  # Freed before the collection, not after.
+      seconds, results[name] = without_gc(fn)
+      times[name].append(seconds)
   return {name: (first[name], statistics.median(times[name]), times[name],
                  results[name]) for name in fns}
 
 
-def without_gc(fn, results: dict, name: str) -> float:
-  """Seconds of one call of `fn` (its result stored as results[name]) with
-  Python's garbage collector collected before and paused during it, as
-  `timeit` does: a collection landing in one system's call (the run holds
-  two HF models and every result so far) would charge it to that system."""
+def without_gc(fn):
+  """(seconds, result) of one call of `fn`, with Python's garbage collector
+  collected before and paused during it, as `timeit` does: a collection
+  landing in one system's call (the run holds two HF models and every
+  result so far) would charge it to that system."""
   gc.collect()
   gc.disable()
   try:
     t0 = time.perf_counter()
-    results[name] = fn()
-    return time.perf_counter() - t0
+    result = fn()
+    return time.perf_counter() - t0, result
   finally:
     gc.enable()
 
