@@ -98,9 +98,11 @@ Models (`--models`):
                memory-bound regime (every decode step streams all ~0.5 GB of
                float32 weights).
 
-Timing: torch.set_num_threads(2), or 1 where a quick probe finds 1 thread
-faster (on a shared CPU torch's OpenMP threads can stall each other; rows
-record torch_threads); per system one warm-up call (its time,
+Timing: each transformers system runs with 2 torch threads or 1, whichever
+ran its own calls faster in a probe after its warm-up (on a shared CPU
+torch's OpenMP threads can stall each other, while a quiet one speeds up the
+compute-bound prefill and verification with 2; rows record torch_threads);
+per system one warm-up call (its time,
 minus the steady-state median, is reported as compile_s: XLA compilation for
 blockdec, first-call overhead for transformers), then the median of
 `--repeats` timed calls, interleaved: each round runs every system of the
@@ -419,24 +421,33 @@ def without_gc(fn):
     gc.enable()
 
 
-def pick_torch_threads(model, prompts, candidates=(2, 1)) -> int:
-  """The torch thread count (of `candidates`) that generates fastest here.
+def pick_torch_threads(fn, candidates=(2, 1), rounds: int = 2) -> int:
+  """The torch thread count (of `candidates`) that runs `fn` fastest here.
 
   On a CPU shared with other jobs, torch's OpenMP workers wait on each other
   at every op, and 2 threads can run 10x slower than 1 (seen on this
-  machine: 11 vs 112 tokens/s). transformers gets whichever is faster now.
+  machine: 11 vs 112 tokens/s); where nothing stalls, 2 threads speed up
+  the compute-bound calls (a prefill, an assisted verification). Each
+  transformers system gets the count that is faster for its own calls:
+  `rounds` timed calls per count, the counts taking turns. The count is
+  left set.
   """
-  best, best_t = candidates[0], float("inf")
-  for n in candidates:
-    torch.set_num_threads(n)
-    hf_generate(model, prompts[:1], 4)
-    t0 = time.perf_counter()
-    for _ in range(2):
-      hf_generate(model, prompts[:1], 8)
-    if time.perf_counter() - t0 < best_t:
-      best, best_t = n, time.perf_counter() - t0
+  spent = {n: 0.0 for n in candidates}
+  for i in range(rounds):
+    for n in (candidates if i % 2 == 0 else candidates[::-1]):
+      torch.set_num_threads(n)
+      spent[n] += without_gc(fn)[0]
+  best = min(candidates, key=lambda n: spent[n])
   torch.set_num_threads(best)
   return best
+
+
+def with_torch_threads(fn, threads: int):
+  """`fn` run with `threads` torch threads (each system keeps its own)."""
+  def run():
+    torch.set_num_threads(threads)
+    return fn()
+  return run
 
 
 def hf_generate(model, prompts, new_tokens, one_row_at_a_time=False,
@@ -605,9 +616,6 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
       cfg.num_prediction_heads:
     raise ValueError(f"--block-sizes: {name}={block_size}; allowed: 2 .. "
                      f"{cfg.num_prediction_heads} (its heads).")
-  first = next(iter(next(iter(prompts.values())).values()))
-  threads = pick_torch_threads(hf_model, first)
-  extra = dict(extra, torch_threads=threads)
   rows = []
   rules = {}  # batch -> the adaptive rule
 
@@ -632,6 +640,7 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
                            "batch 1 decodes several one by one.")
         reference = None
         calls = {}
+        warm_up = {}  # transformers' first calls, made before the probe.
         for system in systems:
           call = system_call(system, hf_model=hf_model, hf_draft=hf_draft,
                              cfg=cfg, params=params, draft=draft,
@@ -643,17 +652,23 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
           if call is None:
             continue
           fn, settings = call
+          threads = None
           if system.startswith("hf"):
             def fn(fn=fn):  # (tokens, the model calls this run made)
               counter.calls = 0
               tokens = fn()
               return tokens, counter.calls
-          calls[system] = (fn, settings)
-        timings = interleaved({s: fn for s, (fn, _) in calls.items()},
-                              repeats)
-        for system, (_, settings) in calls.items():
+            t0 = time.perf_counter()
+            fn()  # Warm-up, then the faster thread count for this system.
+            warm_up[system] = time.perf_counter() - t0
+            threads = pick_torch_threads(fn)
+            fn = with_torch_threads(fn, threads)
+          calls[system] = (fn, settings, threads)
+        timings = interleaved({s: c[0] for s, c in calls.items()}, repeats)
+        for system, (_, settings, threads) in calls.items():
           hf = system.startswith("hf")
           first_s, median, times, result = timings[system]
+          first_s = warm_up.get(system, first_s)
           row = dict(system=system, model=name, prompt_set=prompt_set,
                      temperature=temperature, batch=batch,
                      prompts=num_rows, new_tokens=new_tokens,
@@ -661,6 +676,8 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
                      tokens_per_s=num_rows * new_tokens / median,
                      median_s=median, times_s=times,
                      compile_s=max(first_s - median, 0.0), **extra)
+          if threads is not None:
+            row["torch_threads"] = threads
           if hf:
             tokens, hf_calls = result
             rows_apart = num_rows > 1 and (batch == 1 or system in (
@@ -1160,8 +1177,8 @@ def main():
       "(4) Trained models loop: their degenerate share (table) inflates "
       "block efficiency and prompt lookup alike; the non-degenerate block "
       "efficiency is given beside it.",
-      "transformers runs with 1 torch thread where the probe found 1 faster "
-      "than 2 (torch_threads column).",
+      "Each transformers system runs with the torch thread count (2 or 1) "
+      "that ran its own calls faster in a probe (torch_threads column).",
   ]
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

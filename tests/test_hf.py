@@ -496,6 +496,36 @@ def test_import_transformers_binds_hf_kernels_not_the_checkout_folder():
   assert hf.import_transformers().GPT2LMHeadModel.__name__ == "GPT2LMHeadModel"
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("slow_count", [1, 2])
+def test_hf_peers_gives_each_system_its_faster_torch_thread_count(
+    monkeypatch, slow_count):
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                         / "experiments"))
+  import hf_peers
+  seen = []
+
+  def fake_timed(fn):  # A clock on which `slow_count` threads run 3x slower.
+    n = torch.get_num_threads()
+    seen.append(n)
+    return (3.0 if n == slow_count else 1.0), fn()
+
+  monkeypatch.setattr(hf_peers, "without_gc", fake_timed)
+  before = torch.get_num_threads()
+  try:
+    best = hf_peers.pick_torch_threads(lambda: None, rounds=2)
+    assert best == 3 - slow_count
+    assert seen == [2, 1, 1, 2]  # The counts take turns.
+    assert torch.get_num_threads() == best  # Left set for the system.
+    torch.set_num_threads(slow_count)
+    run = hf_peers.with_torch_threads(torch.get_num_threads, best)
+    assert run() == best  # Each system sets its own count when it runs.
+  finally:
+    torch.set_num_threads(before)
+
+
 def test_hf_peers_batch_one_rows_decode_one_by_one():
   """experiments/hf_peers.py at batch 1 decodes its prompts one after
   another: the stacked output equals each row decoded alone, and calls add
