@@ -134,7 +134,7 @@ import numpy as np
 import torch
 
 import blockdec
-from blockdec import metrics
+from blockdec import calibration, metrics
 from blockdec.models import hf as hf_lib
 
 # Not a plain import: HF's `kernels` (transformers >= 5.25) must not resolve
@@ -429,15 +429,18 @@ def pick_torch_threads(fn, candidates=(2, 1), rounds: int = 2) -> int:
   machine: 11 vs 112 tokens/s); where nothing stalls, 2 threads speed up
   the compute-bound calls (a prefill, an assisted verification). Each
   transformers system gets the count that is faster for its own calls:
-  `rounds` timed calls per count, the counts taking turns. The count is
-  left set.
+  `rounds` timed calls per count, the counts taking turns
+  (`calibration.interleaved_ratios`). The count is left set.
   """
-  spent = {n: 0.0 for n in candidates}
-  for i in range(rounds):
-    for n in (candidates if i % 2 == 0 else candidates[::-1]):
+  def timer(n):
+    def once():
       torch.set_num_threads(n)
-      spent[n] += without_gc(fn)[0]
-  best = min(candidates, key=lambda n: spent[n])
+      return without_gc(fn)[0]
+    return once
+
+  timers = {n: timer(n) for n in candidates}
+  ratios = calibration.interleaved_ratios(timers, candidates[0], rounds)
+  best = min(candidates, key=lambda n: ratios[n])
   torch.set_num_threads(best)
   return best
 
@@ -497,7 +500,7 @@ def assistant_settings() -> str:
 def degenerate_rows(tokens: np.ndarray, byte_level: bool) -> np.ndarray:
   """[B] bool: blockdec.metrics' rule on byte models; on other tokenizers
   (whose ids are not bytes) the distinct-4-gram rule on the token ids."""
-  from blockdec import metrics
+  from blockdec import calibration, metrics
   if byte_level:
     return np.array([metrics.is_degenerate(row) for row in tokens])
   ratio = lambda row: len({tuple(row[i:i + 4]) for i in range(len(row) - 3)}) \
