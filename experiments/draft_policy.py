@@ -18,6 +18,15 @@ decodes the base's own greedy text, checked token for token):
                   drafts as their probabilities say will pay
   k=16 stop+conf  both
 
+With `--temperature` > 0 the rows sample instead (the drafts verified by
+lossless speculative sampling, so every variant draws from the base's own
+distribution) and the reference is the base's one-token sampling loop:
+
+  sampling        `Autoregressive()` with the same `Sampling`
+  k=2 .. k=8      a fixed block
+  k=8 conf        the confidence rule over k = 8 (the draft's probability
+                  of each drafted token as its survival estimate)
+
 on the 128-byte prompts of `experiments/hf_peers.py` (held-out stdlib files
 and third-party packages, where the draft is less sure), 8 prompts one after
 another per pass, passes of all variants interleaved, medians of
@@ -29,6 +38,8 @@ Launch (from the repository root; trains the demo base and draft first when
 the cache lacks them, as `make demo` and configs/draft_model.py:demo do):
 
   python experiments/draft_policy.py   # -> experiments/results/draft_policy.{json,md,png}
+  python experiments/draft_policy.py --temperature=0.6 --new_tokens=64 \
+      --out=experiments/results/draft_policy_t06
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import os
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -53,11 +65,19 @@ import hf_peers  # pylint: disable=g-import-not-at-top,wrong-import-position
 PROMPT, NUM_PROMPTS = 128, 8
 STOP_BELOW = 0.4
 COST_SIZES = (1, 2, 4, 8, 16)
+SAMPLED_BLOCKS = (2, 3, 4, 6, 8)
 
 
-def variants(draft: blockdec.DraftModel, costs) -> dict:
-  """name -> method (None: the greedy loop) of the measured policies."""
+def variants(draft: blockdec.DraftModel, costs, sampled: bool = False) -> dict:
+  """name -> method (None: the one-token loop) of the measured policies;
+  `sampled`: the block sizes and rule compared when sampling."""
   rule = blockdec.AdaptiveBlockSize(call_costs=costs, estimate="confidence")
+  if sampled:
+    out = {"sampling": None}
+    out.update({f"k={k}": dataclasses.replace(draft, block_size=k)
+                for k in SAMPLED_BLOCKS})
+    out["k=8 conf"] = dataclasses.replace(draft, block_size=8, adaptive=rule)
+    return out
   k16 = dataclasses.replace(draft, block_size=16)
   return {
       "greedy": None,
@@ -71,20 +91,27 @@ def variants(draft: blockdec.DraftModel, costs) -> dict:
 
 
 def measure(cfg, params, methods: dict, prompts: np.ndarray, new_tokens: int,
-            repeats: int) -> list[dict]:
-  """`methods` (name -> DraftModel or None for greedy) on `prompts` [R, P],
-  one row at a time, passes interleaved: tokens/s medians, the ratio to
-  the first (greedy) method, tokens per call, and the committed-tokens
-  histogram of the calls."""
+            repeats: int, temperature: float = 0.0) -> list[dict]:
+  """`methods` (name -> DraftModel or None for the one-token loop) on
+  `prompts` [R, P], one row at a time, passes interleaved: tokens/s
+  medians, the ratio to the first (reference) method, tokens per call, and
+  the committed-tokens histogram of the calls. `temperature` > 0 samples
+  (key 0 for every method); greedy tokens are then not comparable, and
+  `same_tokens_as_greedy` is None."""
   lengths = jnp.full((1,), prompts.shape[1], jnp.int32)
+  sampling = (blockdec.Sampling(temperature=temperature) if temperature
+              else None)
+  key = jax.random.key(0) if temperature else None
 
   def run(method):
-    if method is None:
+    if method is None and sampling is None:
       decode = lambda row: blockdec.greedy_decode(
           params, cfg, jnp.asarray(row), lengths, max_new_tokens=new_tokens)
     else:
       decode = lambda row: blockdec.decode(
-          params, cfg, jnp.asarray(row), lengths, new_tokens, method=method)
+          params, cfg, jnp.asarray(row), lengths, new_tokens,
+          method=method or blockdec.Autoregressive(), sampling=sampling,
+          key=key)
     return lambda: hf_peers.one_by_one(decode, prompts)
 
   timings = hf_peers.interleaved(
@@ -100,16 +127,26 @@ def measure(cfg, params, methods: dict, prompts: np.ndarray, new_tokens: int,
         "x_greedy": tps / base, "times_s": times,
         "tokens_per_call": tokens / int(np.asarray(out.num_calls).sum()),
         "committed_per_call": np.asarray(out.accepted_hist).sum(0).tolist(),
-        "same_tokens_as_greedy": bool(np.array_equal(out.tokens,
-                                                     reference.tokens))})
+        "same_tokens_as_greedy": None if temperature else bool(
+            np.array_equal(out.tokens, reference.tokens))})
   return rows
 
 
+def _reference(r: dict) -> str:
+  """The reference row's name: the one-token loop the variants are read
+  against."""
+  return "sampling" if r.get("temperature") else "greedy"
+
+
 def markdown(r: dict) -> str:
+  ref = _reference(r)
+  mode = (f"sampling at temperature {r['temperature']} (drafts verified by "
+          "lossless speculative sampling, key 0 for every variant)"
+          if r.get("temperature") else "greedy")
   lines = ["# Draft model: how many drafts to verify", "",
            f"Machine: {r['machine']}.", "", f"Command: `{r['command']}`.", "",
            f"The `make demo` base ({r['model']}) and its distilled draft "
-           f"({r['draft']}), batch 1, greedy, {PROMPT}-byte prompts, "
+           f"({r['draft']}), batch 1, {mode}, {PROMPT}-byte prompts, "
            f"{NUM_PROMPTS} prompts one after another per pass, median of "
            f"{r['repeats']} passes interleaved across the variants. Call "
            "costs measured here, in one-token calls: "
@@ -117,33 +154,43 @@ def markdown(r: dict) -> str:
            ""]
   for s in r["sets"]:
     lines += [f"## {s['prompt_set']}, {s['new_tokens']} new tokens", "",
-              "| variant | tokens/s | x greedy | tokens/call | same tokens "
+              f"| variant | tokens/s | x {ref} | tokens/call | same tokens "
               "as greedy |", "|---|---|---|---|---|"]
+    same = lambda m: ("n/a" if m["same_tokens_as_greedy"] is None
+                      else m["same_tokens_as_greedy"])
     lines += [f"| {m['variant']} | {m['tokens_per_s']:.0f} | "
               f"{m['x_greedy']:.2f} | {m['tokens_per_call']:.2f} | "
-              f"{m['same_tokens_as_greedy']} |" for m in s["rows"]]
-    k16 = next(m for m in s["rows"] if m["variant"] == "k=16")
-    hist = k16["committed_per_call"]
-    lines += ["", f"k=16 calls by tokens committed (1..16): {hist}; "
-              f"{hist[0]} of {sum(hist)} calls kept 1 token.", ""]
+              f"{same(m)} |" for m in s["rows"]]
+    widest = max((m for m in s["rows"] if m["variant"] != ref),
+                 key=lambda m: len(m["committed_per_call"]))
+    hist = widest["committed_per_call"]
+    lines += ["", f"{widest['variant']} calls by tokens committed "
+              f"(1..{len(hist)}): {hist}; {hist[0]} of {sum(hist)} calls "
+              "kept 1 token.", ""]
   lines += ["## Reading", "", r["reading"], ""]
   return "\n".join(lines)
 
 
 def reading(r: dict) -> str:
-  """The fastest variant per set and length, and the early exit's and the
-  rule's effect against the fixed k = 16."""
+  """The fastest variant per set and length; greedy: the early exit's and
+  the rule's effect against the fixed k = 16; sampling: whether any block
+  beats the one-token loop."""
   out = []
   for s in r["sets"]:
     rows = {m["variant"]: m for m in s["rows"]}
     best = max(s["rows"][1:], key=lambda m: m["tokens_per_s"])
+    head = (f"- {s['prompt_set']}, {s['new_tokens']} tokens: fastest "
+            f"{best['variant']} ({best['x_greedy']:.2f}x {_reference(r)})")
+    if r.get("temperature"):
+      verdict = ("beats" if best["x_greedy"] > 1 else "does not beat")
+      out.append(f"{head}, {best['tokens_per_call']:.2f} tokens per call: "
+                 f"the best block {verdict} the one-token sampling loop.")
+      continue
     fixed = rows["k=16"]["tokens_per_s"]
     effects = ", ".join(f"{name} {rows[name]['tokens_per_s'] / fixed:.2f}x"
                         for name in ("k=16 stop", "k=16 conf",
                                      "k=16 stop+conf"))
-    out.append(f"- {s['prompt_set']}, {s['new_tokens']} tokens: fastest "
-               f"{best['variant']} ({best['x_greedy']:.2f}x greedy); "
-               f"against k=16: {effects}.")
+    out.append(f"{head}; against k=16: {effects}.")
   return "\n".join(out)
 
 
@@ -161,8 +208,11 @@ def plot(r: dict, path) -> None:
            label=f"{s['prompt_set']}, {s['new_tokens']} tokens")
   ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
   ax.axhline(1.0, color="grey", lw=0.8)
-  ax.set_ylabel("tokens/s over greedy")
-  ax.set_title("Draft model policies, batch 1, greedy (demo base)")
+  ref = _reference(r)
+  ax.set_ylabel(f"tokens/s over {ref}")
+  mode = (f"sampling, T = {r['temperature']}" if r.get("temperature")
+          else "greedy")
+  ax.set_title(f"Draft model policies, batch 1, {mode} (demo base)")
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -187,9 +237,15 @@ def main(argv=None):
                  help="comma-separated new-token counts")
   p.add_argument("--cache_dir", default=str(ROOT / "cache"))
   p.add_argument("--out", default=str(RESULTS / "draft_policy"))
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="0: greedy variants; > 0: sampled blocks "
+                      f"{', '.join(map(str, SAMPLED_BLOCKS))} against the "
+                      "one-token sampling loop")
   args = p.parse_args(argv)
   if args.repeats < 1:
     p.error(f"--repeats={args.repeats}; allowed: >= 1.")
+  if not args.temperature >= 0:
+    p.error(f"--temperature={args.temperature}; allowed: >= 0.")
   try:
     counts = [int(n) for n in args.new_tokens.split(",")]
   except ValueError:
@@ -202,15 +258,18 @@ def main(argv=None):
   cfg, params, workdir, dcfg, dparams, dworkdir = demo_models(args.cache_dir)
   costs = blockdec.measure_call_costs(params, cfg, batch=1, sizes=COST_SIZES,
                                       prompt_len=PROMPT)
-  methods = variants(blockdec.DraftModel(dcfg, dparams), costs)
+  methods = variants(blockdec.DraftModel(dcfg, dparams), costs,
+                     sampled=bool(args.temperature))
   result = {"model": os.path.relpath(workdir, ROOT),
             "draft": os.path.relpath(dworkdir, ROOT),
             "call_costs": [list(c) for c in costs], "repeats": args.repeats,
-            "stop_below": STOP_BELOW, "sets": []}
+            "stop_below": STOP_BELOW, "temperature": args.temperature,
+            "sets": []}
   for new_tokens in counts:
     for prompt_set in hf_peers.PROMPT_SETS:
       prompts = hf_peers.byte_prompts(prompt_set, NUM_PROMPTS, PROMPT)
-      rows = measure(cfg, params, methods, prompts, new_tokens, args.repeats)
+      rows = measure(cfg, params, methods, prompts, new_tokens, args.repeats,
+                     args.temperature)
       result["sets"].append({"prompt_set": prompt_set,
                              "new_tokens": new_tokens, "rows": rows})
       print(f"{prompt_set}, {new_tokens} tokens: " + ", ".join(

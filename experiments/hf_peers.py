@@ -31,7 +31,8 @@ the weights are bit-identical; so are the draft models. Systems (`--systems`):
                       blockdec.measure_call_costs; =linear: the default
                       token_cost, not tuned here)
   blockdec-draft-model   blockdec.DraftModel(<the same draft>, block_size=16
-                      greedy at batch 1, else 8; `--draft-block-size`)
+                      greedy at batch 1, 4 sampled at batch 1, else 8;
+                      `--draft-block-size`)
   blockdec-prompt-lookup blockdec.PromptLookup(ngram=3, block_size=11,
                       min_match=3, adaptive=AdaptiveBlockSize(...)):
                       transformers' 10 drafts and longest n-gram; rows
@@ -195,8 +196,13 @@ PROMPT_LOOKUP = blockdec.PromptLookup(ngram=LOOKUP_NGRAM,
 # drafts survive; k = 20 and the adaptive rule (estimate="history",
 # measured costs) gained nothing more. At batch 8 a k-token call feeds 8k
 # rows and is compute-bound, and sampled drafts survive ~2.5 tokens per
-# call: 8 (which beat 4 and 6 in earlier runs) stays there.
-DRAFT_BLOCK_SIZE_B1_GREEDY, DRAFT_BLOCK_SIZE = 16, 8
+# call: 8 (which beat 4 and 6 in earlier runs) stays there. Sampled rows at
+# batch 1 verify 4: at temperature 0.6 half of the k = 8 calls kept only
+# their first token, and k = 4 ran 1.10x / 1.24x k = 8 on the stdlib /
+# site-packages prompts (experiments/results/draft_policy_t06.md; k = 3
+# ran 1.16x / 1.21x), still 0.77x / 0.75x the one-token sampling loop.
+DRAFT_BLOCK_SIZE_B1_GREEDY, DRAFT_BLOCK_SIZE_B1_SAMPLED = 16, 4
+DRAFT_BLOCK_SIZE = 8
 # The early exit (DraftModel(stop_below=0.4)) and the adaptive rule reading
 # the draft's confidence were measured beside k = 16 on the 2-core AMD EPYC
 # (experiments/results/draft_policy.md): with the call costs measured round
@@ -209,11 +215,13 @@ DRAFT_BLOCK_SIZE_B1_GREEDY, DRAFT_BLOCK_SIZE = 16, 8
 def draft_block_size(batch: int, temperature: float,
                      fixed: int | None = None) -> int:
   """blockdec-draft-model's block: `fixed` (--draft-block-size) when set,
-  else 16 for greedy batch-1 rows and 8 for the rest."""
+  else 16 for greedy and 4 for sampled batch-1 rows, 8 at larger batches."""
   if fixed:
     return fixed
-  return (DRAFT_BLOCK_SIZE_B1_GREEDY if batch == 1 and not temperature
-          else DRAFT_BLOCK_SIZE)
+  if batch == 1:
+    return (DRAFT_BLOCK_SIZE_B1_SAMPLED if temperature
+            else DRAFT_BLOCK_SIZE_B1_GREEDY)
+  return DRAFT_BLOCK_SIZE
 
 
 LOOKAHEAD = blockdec.Lookahead(window=5, ngram=4, guesses=5)
@@ -977,7 +985,8 @@ def main():
   parser.add_argument("--draft-block-size", type=int, default=0,
                       help="blockdec-draft-model's block: the decided token "
                            "plus this many - 1 drafts per call (0: 16 for "
-                           "greedy batch-1 rows, 8 for the rest)")
+                           "greedy and 4 for sampled batch-1 rows, 8 for "
+                           "the rest)")
   parser.add_argument("--batch1-prompts", type=int, default=8,
                       help="prompts each batch-1 row decodes one after "
                            "another (1 .. 8)")

@@ -555,8 +555,9 @@ def test_hf_peers_batch_one_rows_decode_one_by_one():
 
 def test_hf_peers_draft_model_block_per_row():
   """experiments/hf_peers.py: blockdec-draft-model verifies 16 tokens per
-  call in greedy batch-1 rows and 8 in the others, or --draft-block-size's
-  block in every row; the row decodes what that DraftModel decodes."""
+  call in greedy batch-1 rows, 4 in sampled batch-1 rows and 8 at batch 8,
+  or --draft-block-size's block in every row; the row decodes what that
+  DraftModel decodes."""
   import pathlib
   import sys
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
@@ -569,8 +570,9 @@ def test_hf_peers_draft_model_block_per_row():
       1, cfg.vocab_size, (2, 5)).astype(np.int32)
   common = dict(hf_model=None, hf_draft=None, cfg=cfg, params=params,
                 draft=draft, new_tokens=6)
-  cases = [(prompts[:1], 0.0, None, 16), (prompts[:1], 0.6, None, 8),
-           (prompts, 0.0, None, 8), (prompts[:1], 0.0, 4, 4)]
+  cases = [(prompts[:1], 0.0, None, 16), (prompts[:1], 0.6, None, 4),
+           (prompts, 0.0, None, 8), (prompts, 0.6, None, 8),
+           (prompts[:1], 0.0, 4, 4), (prompts[:1], 0.6, 6, 6)]
   for rows, temperature, fixed, want in cases:
     fn, settings = hf_peers.system_call(
         "blockdec-draft-model", prompts=rows, temperature=temperature,
@@ -583,4 +585,6 @@ def test_hf_peers_draft_model_block_per_row():
       np.testing.assert_array_equal(np.asarray(fn().tokens),
                                     np.asarray(alone.tokens))
   assert hf_peers.draft_block_size(1, 0.0) == 16
+  assert hf_peers.draft_block_size(1, 0.6) == 4
+  assert hf_peers.draft_block_size(8, 0.6) == 8
   assert hf_peers.draft_block_size(8, 0.0, fixed=12) == 12
