@@ -94,9 +94,10 @@ def measure(cfg, params, methods: dict, prompts: np.ndarray, new_tokens: int,
             repeats: int, temperature: float = 0.0) -> list[dict]:
   """`methods` (name -> DraftModel or None for the one-token loop) on
   `prompts` [R, P], one row at a time, passes interleaved: tokens/s
-  medians, the ratio to the first (reference) method, tokens per call, and
-  the committed-tokens histogram of the calls. `temperature` > 0 samples
-  (key 0 for every method); greedy tokens are then not comparable, and
+  medians, the ratio to the first (reference) method (`x_greedy`, over
+  the one-token sampling loop when sampling), tokens per call, and the
+  committed-tokens histogram of the calls. `temperature` > 0 samples (key
+  0 for every method); greedy tokens are then not comparable, and
   `same_tokens_as_greedy` is None."""
   lengths = jnp.full((1,), prompts.shape[1], jnp.int32)
   sampling = (blockdec.Sampling(temperature=temperature) if temperature
