@@ -15,6 +15,12 @@ Launch (from the repository root):
   blockdec train --config configs/draft_model.py:demo
   blockdec train --config configs/draft_model.py:cpu --config.model.n_layers=2
   blockdec train --config configs/draft_model.py:demo --config.init_from=path/to/base_run
+  blockdec train --config configs/draft_model.py:demo --config.distill.temperature=0.6
+
+The last one distills the base's samples at temperature 0.6 instead of its
+greedy text: a draft for decoding with `Sampling(temperature=0.6)`, whose
+contexts are the base's samples (experiments/draft_policy.py
+--draft_temperature=0.6 measures it).
 
 With `init_from` empty, the base LM of the same preset is trained first or
 reused from the cache (the `demo` preset drafts for the `make demo` base).

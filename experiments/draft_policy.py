@@ -40,6 +40,11 @@ the cache lacks them, as `make demo` and configs/draft_model.py:demo do):
   python experiments/draft_policy.py   # -> experiments/results/draft_policy.{json,md,png}
   python experiments/draft_policy.py --temperature=0.6 --new_tokens=64 \
       --out=experiments/results/draft_policy_t06
+  python experiments/draft_policy.py --temperature=0.6 --new_tokens=64 \
+      --draft_temperature=0.6 --out=experiments/results/draft_policy_t06_sampled_draft
+
+`--draft_temperature` picks the draft distilled on the base's samples at that
+temperature instead of its greedy text (configs/draft_model.py).
 """
 
 from __future__ import annotations
@@ -139,6 +144,13 @@ def _reference(r: dict) -> str:
   return "sampling" if r.get("temperature") else "greedy"
 
 
+def _draft_data(r: dict) -> str:
+  """What the draft was distilled on."""
+  t = r.get("draft_temperature")
+  return (f"distilled on the base's samples at temperature {t}" if t
+          else "distilled on the base's greedy text")
+
+
 def markdown(r: dict) -> str:
   ref = _reference(r)
   mode = (f"sampling at temperature {r['temperature']} (drafts verified by "
@@ -147,7 +159,8 @@ def markdown(r: dict) -> str:
   lines = ["# Draft model: how many drafts to verify", "",
            f"Machine: {r['machine']}.", "", f"Command: `{r['command']}`.", "",
            f"The `make demo` base ({r['model']}) and its distilled draft "
-           f"({r['draft']}), batch 1, {mode}, {PROMPT}-byte prompts, "
+           f"({r['draft']}; {_draft_data(r)}), batch 1, {mode}, "
+           f"{PROMPT}-byte prompts, "
            f"{NUM_PROMPTS} prompts one after another per pass, median of "
            f"{r['repeats']} passes interleaved across the variants. Call "
            "costs measured here, in one-token calls: "
@@ -220,13 +233,17 @@ def plot(r: dict, path) -> None:
   plt.close(fig)
 
 
-def demo_models(cache_dir: str):
-  """(cfg, params, base workdir, draft cfg, draft params, draft workdir)."""
+def demo_models(cache_dir: str, draft_temperature: float = 0.0):
+  """(cfg, params, base workdir, draft cfg, draft params, draft workdir);
+  `draft_temperature` > 0: the draft distilled on the base's samples at
+  that temperature (configs/draft_model.py's distill.temperature)."""
   from blockdec.training import pipeline
   base = pipeline.train_or_load(pipeline.load_config(
       ROOT / "configs" / "base_lm.py", "demo"), cache_dir)
-  draft = pipeline.train_or_load(pipeline.load_config(
-      ROOT / "configs" / "draft_model.py", "demo"), cache_dir)
+  draft_config = pipeline.load_config(ROOT / "configs" / "draft_model.py",
+                                      "demo")
+  draft_config.distill.temperature = draft_temperature
+  draft = pipeline.train_or_load(draft_config, cache_dir)
   return (base.cfg, base.params, str(base.workdir), draft.cfg, draft.params,
           str(draft.workdir))
 
@@ -242,11 +259,18 @@ def main(argv=None):
                  help="0: greedy variants; > 0: sampled blocks "
                       f"{', '.join(map(str, SAMPLED_BLOCKS))} against the "
                       "one-token sampling loop")
+  p.add_argument("--draft_temperature", type=float, default=0.0,
+                 help="0: the draft distilled on the base's greedy text "
+                      "(configs/draft_model.py:demo); > 0: the one distilled "
+                      "on its samples at this temperature (trained first "
+                      "when the cache lacks it)")
   args = p.parse_args(argv)
   if args.repeats < 1:
     p.error(f"--repeats={args.repeats}; allowed: >= 1.")
   if not args.temperature >= 0:
     p.error(f"--temperature={args.temperature}; allowed: >= 0.")
+  if not args.draft_temperature >= 0:
+    p.error(f"--draft_temperature={args.draft_temperature}; allowed: >= 0.")
   try:
     counts = [int(n) for n in args.new_tokens.split(",")]
   except ValueError:
@@ -256,7 +280,8 @@ def main(argv=None):
     p.error(f"--new_tokens={args.new_tokens!r}; allowed: 1 .. "
             f"{512 - PROMPT} each (the demo model's 512 positions).")
   load = os.getloadavg()[0]
-  cfg, params, workdir, dcfg, dparams, dworkdir = demo_models(args.cache_dir)
+  cfg, params, workdir, dcfg, dparams, dworkdir = demo_models(
+      args.cache_dir, args.draft_temperature)
   costs = blockdec.measure_call_costs(params, cfg, batch=1, sizes=COST_SIZES,
                                       prompt_len=PROMPT)
   methods = variants(blockdec.DraftModel(dcfg, dparams), costs,
@@ -265,6 +290,7 @@ def main(argv=None):
             "draft": os.path.relpath(dworkdir, ROOT),
             "call_costs": [list(c) for c in costs], "repeats": args.repeats,
             "stop_below": STOP_BELOW, "temperature": args.temperature,
+            "draft_temperature": args.draft_temperature,
             "sets": []}
   for new_tokens in counts:
     for prompt_set in hf_peers.PROMPT_SETS:

@@ -48,6 +48,7 @@ def test_draft_policy_variants_measure_and_report(tmp_path):
   assert "fastest" in result["reading"] and "k=16 stop" in result["reading"]
   text = module.markdown(result)
   assert "| k=16 stop+conf |" in text and "calls kept 1 token" in text
+  assert "distilled on the base's greedy text" in text
   module.plot(result, tmp_path / "p.png")
   assert (tmp_path / "p.png").stat().st_size > 0
 
@@ -70,7 +71,8 @@ def test_draft_policy_sampled_variants_measure_and_report(tmp_path):
              for m in rows[1:])
   result = {"machine": "test", "command": "python experiments/draft_policy.py",
             "model": "base", "draft": "draft", "repeats": 1,
-            "temperature": 0.6, "call_costs": [list(c) for c in COSTS],
+            "temperature": 0.6, "draft_temperature": 0.6,
+            "call_costs": [list(c) for c in COSTS],
             "sets": [{"prompt_set": "random", "new_tokens": 12,
                       "rows": rows}]}
   result["reading"] = module.reading(result)
@@ -79,5 +81,6 @@ def test_draft_policy_sampled_variants_measure_and_report(tmp_path):
   text = module.markdown(result)
   assert "| k=8 conf |" in text and "| x sampling |" in text
   assert "temperature 0.6" in text and "| n/a |" in text
+  assert "distilled on the base's samples at temperature 0.6" in text
   module.plot(result, tmp_path / "p.png")
   assert (tmp_path / "p.png").stat().st_size > 0

@@ -197,6 +197,38 @@ def test_distillation_data_is_the_greedy_continuation(base, tmp_path):
   assert len(list(tmp_path.glob("distill-*.npz"))) == 1
 
 
+def test_sampled_distillation_data_is_the_teachers_samples(base, tmp_path):
+  """distill.temperature > 0: each batch of rows is the teacher's ancestral
+  sample with its own key, cached apart from the greedy data."""
+  cfg, params, _, _ = base
+  stream = np.arange(200, dtype=np.int32) % 97
+  kw = dict(num_sequences=5, prefix_len=6, new_tokens=10, batch_size=4, seed=1,
+            cache_dir=tmp_path)
+  greedy, _ = distill.generate(params, cfg, stream, **kw)
+  tokens, mask = distill.generate(params, cfg, stream, temperature=1.5, **kw)
+  assert tokens.shape == mask.shape == (5, 16)
+  np.testing.assert_array_equal(mask[:, :6], 0)
+  np.testing.assert_array_equal(mask[:, 6:], 1)
+  np.testing.assert_array_equal(tokens[:, :6], greedy[:, :6])  # Same prefixes.
+  assert (tokens[:, 6:] != greedy[:, 6:]).any()
+  sampling = blockdec.Sampling(temperature=1.5)
+  for i, rows in ((0, slice(0, 4)), (1, slice(4, 5))):
+    # The last batch is padded to 4 rows; its real row is row 0 of the call.
+    prefixes = np.zeros((4, 6), np.int32)
+    prefixes[:rows.stop - rows.start] = tokens[rows, :6]
+    want = blockdec.decode(params, cfg, prefixes, np.full(4, 6, np.int32), 10,
+                           method=blockdec.Autoregressive(), sampling=sampling,
+                           key=jax.random.fold_in(jax.random.key(1), i))
+    np.testing.assert_array_equal(
+        tokens[rows, 6:], np.asarray(want.tokens)[:rows.stop - rows.start])
+  assert len(list(tmp_path.glob("distill-*.npz"))) == 2
+  again, _ = distill.generate(params, cfg, stream, temperature=1.5, **kw)
+  np.testing.assert_array_equal(again, tokens)
+  assert len(list(tmp_path.glob("distill-*.npz"))) == 2
+  with pytest.raises(ValueError, match="temperature"):
+    distill.generate(params, cfg, stream, temperature=-1.0, **kw)
+
+
 def test_a_teacher_with_heads_distills_as_its_base(base, tmp_path):
   """A run that starts from a heads model (the "both" regime starts from the
   distillation run) gets its base's greedy outputs from the cache."""
@@ -289,6 +321,14 @@ def test_pipeline_reuses_the_cache(base, corpus, tmp_path):
   changed.progress = True  # Not part of the key.
   changed.optim.learning_rate = config.optim.learning_rate
   assert pipeline.config_key(changed) == pipeline.config_key(config)
+  # distill.temperature came after runs were cached: at its default (greedy
+  # data) a config keys as one without the field; sampled data keys apart.
+  older = config.copy_and_resolve_references()
+  with older.unlocked():
+    del older.distill["temperature"]
+  assert pipeline.config_key(older) == pipeline.config_key(config)
+  changed.distill.temperature = 0.6
+  assert pipeline.config_key(changed) != pipeline.config_key(config)
 
 
 def test_head_agreement_on_an_oracle():

@@ -98,6 +98,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.distill.new_tokens = 192  # Generated tokens per sequence (the targets).
   c.distill.batch_size = 64  # Rows per generation call.
   c.distill.cache_dir = ""   # "" = <workdir>/../distill.
+  # 0: the teacher's greedy continuations; > 0: continuations sampled at
+  # this temperature (a draft for sampled decoding then learns the contexts
+  # sampling reaches; decoder-only teachers).
+  c.distill.temperature = 0.0
 
   c.diagnostics = ml_collections.ConfigDict()
   c.diagnostics.num_prompts = 8  # Held-out prompts for per-head agreement; 0 = off.

@@ -7,7 +7,9 @@ prefix + continuation with the loss only on the continuation (mask 1 there).
 
 Generation uses `blockdec.blockwise_decode` with Exact acceptance: its output
 is the greedy output, and with the teacher's own heads (if it has any) it is
-faster than one token per call. Results are cached on disk keyed by a hash of
+faster than one token per call. With `temperature` > 0 the continuations are
+the teacher's samples instead (`blockdec.decode` with `Sampling`), e.g. for
+a draft model that will draft while the teacher samples. Results are cached on disk keyed by a hash of
 the teacher (config and parameter bytes), the stream and the settings, so a
 rerun reuses them.
 """
@@ -22,7 +24,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from blockdec import api
+from blockdec import api, methods
+from blockdec.decoding import sampling
 
 
 def params_digest(params) -> str:
@@ -37,8 +40,10 @@ def params_digest(params) -> str:
 
 def generate(params, cfg, stream: np.ndarray, *, num_sequences: int,
              prefix_len: int, new_tokens: int, batch_size: int = 64,
-             seed: int = 0, cache_dir=None, progress: bool = False):
-  """The teacher's greedy continuations of `num_sequences` corpus prefixes.
+             seed: int = 0, cache_dir=None, progress: bool = False,
+             temperature: float = 0.0):
+  """The teacher's continuations of `num_sequences` corpus prefixes: greedy,
+  or sampled at `temperature` > 0.
 
   Args:
     params, cfg: the teacher (the base model; its heads, if any, only speed up
@@ -49,6 +54,8 @@ def generate(params, cfg, stream: np.ndarray, *, num_sequences: int,
     batch_size: rows per decoding call (the last call is padded).
     seed: chooses the prefix start positions.
     cache_dir: folder for the cached `.npz`; None disables caching.
+    temperature: 0 for greedy continuations; > 0 samples them (batch i of
+      rows draws with `jax.random.fold_in(jax.random.key(seed), i)`).
 
   Returns:
     tokens int32 [N, prefix_len + new_tokens] and mask float32 [N, same]
@@ -58,6 +65,9 @@ def generate(params, cfg, stream: np.ndarray, *, num_sequences: int,
   if len(stream) < prefix_len + 1:
     raise ValueError(f"the stream has {len(stream)} tokens, too few for "
                      f"prefix_len={prefix_len}.")
+  if not temperature >= 0:
+    raise ValueError(f"distill temperature={temperature!r}; allowed: 0 "
+                     "(greedy) or > 0 (sampled continuations).")
   if prefix_len + new_tokens > cfg.max_seq_len:
     raise ValueError(f"distill prefix_len + new_tokens = "
                      f"{prefix_len + new_tokens} exceeds the teacher's "
@@ -69,6 +79,8 @@ def generate(params, cfg, stream: np.ndarray, *, num_sequences: int,
                   new_tokens=new_tokens, seed=seed, cfg=teacher,
                   params=params_digest(params),
                   stream=hashlib.sha256(stream.tobytes()).hexdigest())
+  if temperature:  # Greedy data keeps the key it was cached under.
+    settings["temperature"] = float(temperature)
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
   path = None
   if cache_dir is not None:
@@ -88,9 +100,16 @@ def generate(params, cfg, stream: np.ndarray, *, num_sequences: int,
     rows = prefixes[i:i + batch_size]
     pad = batch_size - rows.shape[0]
     rows = np.concatenate([rows, np.zeros((pad, prefix_len), np.int32)])
-    out = api.blockwise_decode(params, cfg, rows, lengths,
-                               max_new_tokens=new_tokens,
-                               block_size=cfg.num_prediction_heads)
+    if temperature:
+      out = api.decode(params, cfg, rows, lengths, new_tokens,
+                       method=methods.Autoregressive(),
+                       sampling=sampling.Sampling(temperature=temperature),
+                       key=jax.random.fold_in(jax.random.key(seed),
+                                              i // batch_size))
+    else:
+      out = api.blockwise_decode(params, cfg, rows, lengths,
+                                 max_new_tokens=new_tokens,
+                                 block_size=cfg.num_prediction_heads)
     continuations.append(np.asarray(out.tokens)[:batch_size - pad])
   tokens = np.concatenate([prefixes, np.concatenate(continuations)], axis=1)
   mask = np.zeros(tokens.shape, np.float32)

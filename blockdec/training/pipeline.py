@@ -33,6 +33,9 @@ from blockdec.config import ModelConfig
 # Fields that do not change what a run computes (left out of the cache key).
 _NOT_IN_KEY = ("progress", "workdir", "log_every", "checkpoint_every",
                "keep_checkpoints", "sharding")
+# Fields added after runs were cached, left out of the key at the default
+# that computes what those runs computed (so their caches stay valid).
+_KEY_IF_NOT = {("distill", "temperature"): 0.0}
 
 
 @dataclasses.dataclass
@@ -76,6 +79,9 @@ def _key_dict(config) -> dict:
   d = config.to_dict()
   for name in _NOT_IN_KEY:
     d.pop(name, None)
+  for (section, name), default in _KEY_IF_NOT.items():
+    if section in d and d[section].get(name, default) == default:
+      d[section].pop(name, None)
   if d.get("base") is not None:
     d["base"] = _key_dict(config.base)
   return d

@@ -441,6 +441,11 @@ class Trainer:
       distilling = losses.REGIMES[self.regime]["distill"]
       if self.task is not None:
         encoded = None
+        if distilling and d.get("temperature", 0.0):
+          raise ValueError(
+              f"distill.temperature={d.temperature}: sampled distillation "
+              "data is for decoder-only teachers; the translation task "
+              "distills greedy translations (set it to 0).")
         if distilling:
           t_cfg, t_params = self.teacher
           encoded = self.task.distill(
@@ -454,7 +459,7 @@ class Trainer:
             t_params, t_cfg, self.train_stream, num_sequences=d.num_sequences,
             prefix_len=d.prefix_len, new_tokens=d.new_tokens,
             batch_size=d.batch_size, seed=c.seed, cache_dir=cache,
-            progress=c.progress)
+            progress=c.progress, temperature=d.get("temperature", 0.0))
         self._batches = data_lib.ArrayBatches(tokens, mask, c.batch_size, c.seed)
         if losses.is_diffusion(self.regime):
           # The autoregressive loss stays on the corpus (diffusion.losses):
