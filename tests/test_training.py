@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import blockdec
-from blockdec.training import data, diagnostics, distill, pipeline, train
+from blockdec.training import (data, defaults, diagnostics, distill,
+                                pipeline, train)
 from tests.test_training_data import write_corpus
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -262,10 +263,15 @@ def test_bad_configs_and_corpora_fail_clearly(base, corpus, tmp_path):
            ({"data.corpus": str(tmp_path / "missing")}, "missing"),
            ({"data.corpus": str(tmp_path)}, "matches no files"),
            ({"model.d_model": 31}, "d_model"),
-           ({"data.seq_len": 1000}, "seq_len")]
+           ({"data.seq_len": 1000}, "seq_len"),
+           ({"distill.temperature": -0.5}, "temperature")]
   for changes, match in cases:
     with pytest.raises((ValueError, FileNotFoundError), match=match):
       train.Trainer(tiny("base_lm", corpus, **changes), tmp_path / "run")
+  translation = pipeline.load_config("configs/translation.py", "tiny")
+  translation.distill.temperature = 0.6
+  with pytest.raises(ValueError, match="decoder-only teachers"):
+    defaults.check_config(translation)
   frozen = tiny("heads_frozen", corpus)
   frozen.base = None
   with pytest.raises(ValueError, match="init_from"):

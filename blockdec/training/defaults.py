@@ -172,6 +172,15 @@ def check_config(c) -> None:
   if REGIMES[c.regime]["distill"]:
     for path in ("num_sequences", "prefix_len", "new_tokens", "batch_size"):
       _positive_int(f"distill.{path}", c.distill[path])
+  t = c.distill.get("temperature", 0.0)
+  if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
+    raise ValueError(f"config.distill.temperature={t!r} must be a number >= "
+                     "0 (0: greedy continuations).")
+  if t and kind == "translation":
+    raise ValueError(f"config.distill.temperature={t!r}: sampled "
+                     "distillation data is for decoder-only teachers; the "
+                     "translation task distills greedy translations (set it "
+                     "to 0).")
   if is_diffusion(c.regime):
     # Set by configs/block_diffusion.py (not a default: adding a field to
     # every config would change every cached run's hash).

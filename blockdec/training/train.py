@@ -441,11 +441,6 @@ class Trainer:
       distilling = losses.REGIMES[self.regime]["distill"]
       if self.task is not None:
         encoded = None
-        if distilling and d.get("temperature", 0.0):
-          raise ValueError(
-              f"distill.temperature={d.temperature}: sampled distillation "
-              "data is for decoder-only teachers; the translation task "
-              "distills greedy translations (set it to 0).")
         if distilling:
           t_cfg, t_params = self.teacher
           encoded = self.task.distill(
