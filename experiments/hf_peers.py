@@ -68,9 +68,11 @@ Models (`--models`):
                random weights (`trained: false` in its rows); exported to the
                Llama layout. Its draft (hf-assisted and blockdec-draft-model)
                is the distilled configs/draft_model.py:demo model (1 layer,
-               d=128), trained or reused from the cache; with random weights
-               the model's own first layer (embedding + layer 0 + final
-               norm).
+               d=128), trained or reused from the cache; in sampled rows
+               the same draft distilled on the base's samples at
+               temperature 0.6 (distill.temperature; both sides); with
+               random weights the model's own first layer (embedding +
+               layer 0 + final norm).
   demo-llama-distill  (when cache/ holds the configs/stern_table.py:demo
                distillation run) the same base weights with the first 8 of
                its 10 heads, trained by sequence-level distillation:
@@ -203,6 +205,13 @@ PROMPT_LOOKUP = blockdec.PromptLookup(ngram=LOOKUP_NGRAM,
 # ran 1.16x / 1.21x), still 0.77x / 0.75x the one-token sampling loop.
 DRAFT_BLOCK_SIZE_B1_GREEDY, DRAFT_BLOCK_SIZE_B1_SAMPLED = 16, 4
 DRAFT_BLOCK_SIZE = 8
+# The demo's sampled rows (both sides) draft with the draft distilled on the
+# base's samples at this temperature (configs/draft_model.py's
+# distill.temperature): on the base's T = 0.6 samples it agrees with the base
+# at 0.86 of positions against 0.75 for the greedy-text draft, and at k = 4
+# runs 0.96x / 1.00x the sampling loop against 0.77x / 0.75x
+# (experiments/results/draft_policy_t06_sampled_draft.md).
+SAMPLED_DRAFT_TEMPERATURE = 0.6
 # The early exit (DraftModel(stop_below=0.4)) and the adaptive rule reading
 # the draft's confidence were measured beside k = 16 on the 2-core AMD EPYC
 # (experiments/results/draft_policy.md): with the call costs measured round
@@ -296,12 +305,15 @@ def demo_model(cache_dir: str):
   return cfg, blockdec.init_params(cfg, jax.random.key(0)), False, None
 
 
-def distilled_draft(cache_dir: str, preset: str, train: bool = False):
+def distilled_draft(cache_dir: str, preset: str, train: bool = False,
+                    temperature: float = 0.0):
   """(cfg, params, workdir) of the configs/draft_model.py:`preset` draft
-  (distilled on the same preset's base), or None when the cache holds no
-  finished run and `train` is False."""
+  (distilled on the same preset's base: its greedy text, or with
+  `temperature` > 0 its samples), or None when the cache holds no finished
+  run and `train` is False."""
   from blockdec.training import pipeline
   config = pipeline.load_config(ROOT / "configs" / "draft_model.py", preset)
+  config.distill.temperature = temperature
   if not train:
     return finished_run(config, cache_dir)
   run = pipeline.train_or_load(config, cache_dir)
@@ -309,14 +321,18 @@ def distilled_draft(cache_dir: str, preset: str, train: bool = False):
 
 
 def draft_for(cfg, params, cache_dir: str, preset: str | None,
-              train: bool = False):
+              train: bool = False, temperature: float = 0.0):
   """(draft_cfg, draft_params, note): the distilled draft of `preset` when
-  there is one, else `cfg`'s own first layer."""
-  found = None if preset is None else distilled_draft(cache_dir, preset, train)
+  there is one (on the base's samples at `temperature` > 0), else `cfg`'s
+  own first layer."""
+  found = None if preset is None else distilled_draft(cache_dir, preset, train,
+                                                      temperature)
   if found is not None:
     draft_cfg, draft_params, workdir = found
+    data = (f"on the base's samples at temperature {temperature}"
+            if temperature else "on the base's greedy text")
     return draft_cfg, draft_params, (
-        f"draft: distilled configs/draft_model.py:{preset} ({workdir}; "
+        f"draft: distilled configs/draft_model.py:{preset} {data} ({workdir}; "
         f"{draft_cfg.n_layers} layer(s), d={draft_cfg.d_model})")
   return (*_first_layer(cfg, params),
           "draft: the model's own first layer (no distilled draft in the "
@@ -604,24 +620,32 @@ def system_call(system, *, hf_model, hf_draft, cfg, params, draft, prompts,
 def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
                 repeats, extra, *, temperatures=(0.0,), draft_note="",
                 block_size=None, call_costs="measured",
-                draft_block=None):
+                draft_block=None, sampled_draft=None):
   """Rows for one model: every system at every prompt set, temperature and
   batch size. prompts: {prompt_set: {batch: [R, P] int32}}, R = batch, or
   at batch 1 any R prompts decoded one after another;
   block_size: the heads' systems' block (None: all the model's heads);
   call_costs: "measured" (the adaptive rule's costs measured here per
   batch) or "linear" (its default token_cost); draft_block: the draft
-  model's block in every row (None: `draft_block_size` per row)."""
+  model's block in every row (None: `draft_block_size` per row);
+  sampled_draft: None, or (folder, note) of the draft both sides use in the
+  rows at temperature > 0 (one distilled on the base's samples)."""
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       folder, dtype=torch.float32).eval()
   counter = CallCounter(hf_model)
-  hf_draft = draft = None
-  if draft_folder and {"hf-assisted", "blockdec-draft-model"} & set(systems):
+  drafts = {}  # sampled? -> (transformers draft, DraftModel, note)
+
+  def load_draft(folder, note):
     # Both sides read the one exported draft folder: identical weights.
-    hf_draft = transformers.AutoModelForCausalLM.from_pretrained(
-        draft_folder, dtype=torch.float32).eval()
-    draft = blockdec.DraftModel(*blockdec.load_hf_checkpoint(draft_folder),
-                                block_size=DRAFT_BLOCK_SIZE)
+    return (transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32).eval(),
+            blockdec.DraftModel(*blockdec.load_hf_checkpoint(folder),
+                                block_size=DRAFT_BLOCK_SIZE), note)
+
+  if draft_folder and {"hf-assisted", "blockdec-draft-model"} & set(systems):
+    drafts[False] = drafts[True] = load_draft(draft_folder, draft_note)
+    if sampled_draft is not None:
+      drafts[True] = load_draft(*sampled_draft)
   cfg, params = blockdec.load_hf_checkpoint(folder)
   if block_size is not None and not 2 <= block_size <= \
       cfg.num_prediction_heads:
@@ -652,6 +676,8 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
         reference = None
         calls = {}
         warm_up = {}  # transformers' first calls, made before the probe.
+        hf_draft, draft, row_draft_note = drafts.get(bool(temperature),
+                                                     (None, None, ""))
         for system in systems:
           call = system_call(system, hf_model=hf_model, hf_draft=hf_draft,
                              cfg=cfg, params=params, draft=draft,
@@ -722,8 +748,9 @@ def bench_model(name, folder, draft_folder, prompts, new_tokens, systems,
           if system in ("hf-prompt-lookup", "hf-assisted") and batch > 1:
             notes.append("transformers supports this only at batch 1: rows "
                          "run one by one")
-          if system in ("hf-assisted", "blockdec-draft-model") and draft_note:
-            notes.append(draft_note)
+          if system in ("hf-assisted",
+                        "blockdec-draft-model") and row_draft_note:
+            notes.append(row_draft_note)
           if notes:
             row["note"] = "; ".join(notes)
           rows.append(row)
@@ -1067,8 +1094,19 @@ def main():
     blockdec.export_hf_checkpoint(cfg, params, tmp / "demo",
                                   tokenizer=hf_lib.byte_tokenizer())
     blockdec.export_hf_checkpoint(draft_cfg, draft_params, tmp / "demo_draft")
+    sampled_draft = None
+    if trained and any(temperatures):
+      # Sampled rows draft with the draft distilled on the base's samples.
+      s_cfg, s_params, s_note = draft_for(
+          cfg, params, args.cache_dir, "demo", train=True,
+          temperature=SAMPLED_DRAFT_TEMPERATURE)
+      blockdec.export_hf_checkpoint(s_cfg, s_params, tmp / "demo_draft_sampled")
+      sampled_draft = (tmp / "demo_draft_sampled", s_note)
+      notes.append(f"demo-llama at temperature > 0: {s_note}, exported and "
+                   "read back the same way.")
     rows += bench("demo-llama", tmp / "demo", tmp / "demo_draft", byte_sets,
-                  extra=dict(trained=trained), draft_note=draft_note)
+                  extra=dict(trained=trained), draft_note=draft_note,
+                  sampled_draft=sampled_draft)
 
   heads_only = {  # name -> (loader, note from (cfg, workdir))
       "demo-llama-distill": (distilled_heads_model, lambda cfg, workdir: (

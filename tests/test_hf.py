@@ -23,6 +23,7 @@ pytest.importorskip(
 pytestmark = pytest.mark.torch
 
 import blockdec  # noqa: E402
+from blockdec import metrics as metrics_lib  # noqa: E402
 from blockdec.models import hf  # noqa: E402
 
 # transformers >= 5.25 imports HF's `kernels`, which the checkout's kernels/
@@ -588,3 +589,50 @@ def test_hf_peers_draft_model_block_per_row():
   assert hf_peers.draft_block_size(1, 0.6) == 4
   assert hf_peers.draft_block_size(8, 0.6) == 8
   assert hf_peers.draft_block_size(8, 0.0, fixed=12) == 12
+
+
+def test_hf_peers_sampled_rows_draft_with_the_sampled_draft(tmp_path):
+  """experiments/hf_peers.bench_model: with `sampled_draft`, rows at
+  temperature > 0 give both sides that draft (and its note), greedy rows
+  the greedy-text one; a sampled blockdec row decodes what a DraftModel of
+  the sampled draft decodes."""
+  import pathlib
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                         / "experiments"))
+  import hf_peers
+  from tests.helpers import random_model
+  cfg, params = random_model(3, vocab_size=64, num_prediction_heads=2)
+  folders = {}
+  for name, seed in (("base", None), ("greedy", 5), ("sampled", 6)):
+    c, p = (cfg, params) if seed is None else random_model(
+        2, param_seed=seed, n_layers=1, vocab_size=cfg.vocab_size,
+        num_prediction_heads=1, max_seq_len=cfg.max_seq_len)
+    folders[name] = tmp_path / name
+    blockdec.export_hf_checkpoint(c, p, folders[name])
+  prompts = np.random.RandomState(0).randint(
+      1, cfg.vocab_size, (2, 5)).astype(np.int32)
+  rows = hf_peers.bench_model(
+      "tiny", folders["base"], folders["greedy"], {"random": {1: prompts}},
+      6, ["hf-assisted", "blockdec-draft-model"], 1, {},
+      temperatures=(0.0, 0.6), draft_note="greedy-text draft",
+      sampled_draft=(folders["sampled"], "sampled-text draft"))
+  notes = {(r["system"], r["temperature"]): r["note"] for r in rows}
+  assert notes == {
+      ("hf-assisted", 0.0): "greedy-text draft",
+      ("blockdec-draft-model", 0.0): "greedy-text draft",
+      ("hf-assisted", 0.6): "sampled-text draft",
+      ("blockdec-draft-model", 0.6): "sampled-text draft"}
+  dcfg, dparams = blockdec.load_hf_checkpoint(folders["sampled"])
+  hcfg, hparams = blockdec.load_hf_checkpoint(folders["base"])
+  fn, _ = hf_peers.system_call(
+      "blockdec-draft-model", hf_model=None, hf_draft=None, cfg=hcfg,
+      params=hparams, prompts=prompts, new_tokens=6, temperature=0.6,
+      rows_one_by_one=True,
+      draft=blockdec.DraftModel(dcfg, dparams, block_size=4))
+  alone = fn()
+  row = next(r for r in rows if r["system"] == "blockdec-draft-model"
+             and r["temperature"] == 0.6)
+  assert row["block_efficiency"] == pytest.approx(float(
+      metrics_lib.block_efficiency(np.asarray(alone.lengths),
+                                   np.asarray(alone.num_calls))))
