@@ -9,9 +9,9 @@ Generation uses `blockdec.blockwise_decode` with Exact acceptance: its output
 is the greedy output, and with the teacher's own heads (if it has any) it is
 faster than one token per call. With `temperature` > 0 the continuations are
 the teacher's samples instead (`blockdec.decode` with `Sampling`), e.g. for
-a draft model that will draft while the teacher samples. Results are cached on disk keyed by a hash of
-the teacher (config and parameter bytes), the stream and the settings, so a
-rerun reuses them.
+a draft model that will draft while the teacher samples. Results are cached
+on disk keyed by a hash of the teacher (config and parameter bytes), the
+stream and the settings, so a rerun reuses them.
 """
 
 from __future__ import annotations
