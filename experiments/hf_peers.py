@@ -1095,7 +1095,8 @@ def main():
                                   tokenizer=hf_lib.byte_tokenizer())
     blockdec.export_hf_checkpoint(draft_cfg, draft_params, tmp / "demo_draft")
     sampled_draft = None
-    if trained and any(temperatures):
+    if trained and any(temperatures) and {"hf-assisted",
+                                          "blockdec-draft-model"} & set(systems):
       # Sampled rows draft with the draft distilled on the base's samples.
       s_cfg, s_params, s_note = draft_for(
           cfg, params, args.cache_dir, "demo", train=True,
