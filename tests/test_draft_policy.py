@@ -61,6 +61,9 @@ def test_draft_policy_sampled_variants_measure_and_report(tmp_path):
                            + ["k=8 conf"])
   assert methods["sampling"] is None
   assert methods["k=8 conf"].adaptive.estimate == "confidence"
+  # Three of the variants (each compiles its own decode): the reference, a
+  # fixed block and the rule.
+  methods = {name: methods[name] for name in ("sampling", "k=3", "k=8 conf")}
   rows = module.measure(cfg, params, methods, prompts, 12, repeats=1,
                         temperature=0.6)
   assert [m["variant"] for m in rows] == list(methods)
