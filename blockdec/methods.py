@@ -384,6 +384,12 @@ class DraftModel(Method):
       draft steps after the end are saved; with `adaptive` the call also
       verifies no token past a row's end. Exact (greedy) and lossless
       (sampling) either way.
+    speculative_prefill: True (default): the draft model drafts the first
+      k - 1 tokens from the prompts alone, and the target's prompt call
+      verifies them beside the prompt (`decoding/core.py`), so the first
+      round costs k - 1 more tokens in the prefill instead of a call of its
+      own. It counts as a call in `num_calls`. False: the first drafts
+      follow the token the prefill decides.
   """
 
   draft_cfg: ModelConfig | None = None
@@ -393,8 +399,12 @@ class DraftModel(Method):
   acceptance: Verifier = Exact()
   adaptive: AdaptiveBlockSize | None = None
   stop_below: float | None = None
+  speculative_prefill: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.speculative_prefill, bool):
+      raise TypeError("DraftModel(speculative_prefill="
+                      f"{self.speculative_prefill!r}): allowed True or False.")
     if not isinstance(self.draft_cfg, ModelConfig):
       raise TypeError("DraftModel(draft_cfg=...) must be a blockdec."
                       f"ModelConfig, got {type(self.draft_cfg).__name__}.")
@@ -437,7 +447,7 @@ class DraftModel(Method):
         block_size, score_fn(self.draft_cfg, 1), arrays,
         make_cache(self.draft_cfg, batch, cache_length + block_size + 1),
         stop_below=None if self.stop_below is None else float(
-            self.stop_below))
+            self.stop_below), speculative_prefill=self.speculative_prefill)
 
 
 @dataclasses.dataclass(frozen=True)

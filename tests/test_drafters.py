@@ -115,16 +115,20 @@ def test_draft_model_equal_to_target_accepts_every_draft():
   np.testing.assert_array_equal(out.num_calls, np.full(4, -(-n // k)))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_no_drafting_round_after_the_last_call(monkeypatch, batch):
+@pytest.mark.parametrize("batch,speculative,n", [
+    (1, False, 11), (3, False, 11), (3, True, 11), (3, True, 3)])
+def test_no_drafting_round_after_the_last_call(monkeypatch, batch,
+                                               speculative, n):
   """The drafter's update (a draft model's k draft steps) runs after every
   call but the last: once every row is done, its drafts would be thrown
-  away. Output unchanged."""
+  away. Output unchanged. With a speculative prefill the draft is the
+  target itself, so the prefill commits k tokens (a call); with n <= k
+  every row is done there and no update runs at all."""
   from blockdec.decoding.drafters import draft_model
   cfg, params = random_model(4)
-  dcfg, dparams = _draft_for(cfg, seed=5)
+  dcfg, dparams = (cfg, params) if speculative else _draft_for(cfg, seed=5)
   prompts, lengths = ragged_prompts(4, batch, 5, cfg.vocab_size)
-  n = 11  # Shapes no other test compiles, so the patched update is traced.
+  # n: shapes no other test compiles, so the patched update is traced.
   updates = []
   update = draft_model.DraftModelDrafter.update
 
@@ -136,13 +140,15 @@ def test_no_drafting_round_after_the_last_call(monkeypatch, batch):
                       counting_update)
   jax.clear_caches()
   out = blockdec.decode(params, cfg, prompts, lengths, n,
-                        method=blockdec.DraftModel(dcfg, dparams,
-                                                   block_size=3),
+                        method=blockdec.DraftModel(
+                            dcfg, dparams, block_size=3,
+                            speculative_prefill=speculative),
                         compact_rows=False)
   jax.block_until_ready(out.tokens)
   jax.effects_barrier()
   calls = int(np.max(out.num_calls))
-  assert calls > 1 and len(updates) == calls - 1, (calls, len(updates))
+  assert calls >= 1 and len(updates) == calls - 1, (calls, len(updates))
+  assert n > 3 or calls == 1
   greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
                                   max_new_tokens=n)
   np.testing.assert_array_equal(out.tokens, greedy.tokens)
@@ -169,6 +175,9 @@ def test_adaptive_draft_length_stays_exact():
       "draft-stop-below-no-rule": lambda cfg, params, seed: (
           blockdec.DraftModel(cfg, _noisy_copy(params, seed), block_size=k,
                               stop_below=0.5)),
+      "draft-plain-prefill": lambda cfg, params, seed: blockdec.DraftModel(
+          cfg, _noisy_copy(params, seed), block_size=k,
+          speculative_prefill=False),
   }, compact=("prompt-lookup", "draft-stop-below"))
 
 
@@ -250,16 +259,65 @@ def _draft_for(cfg, seed=11, scale=0.7):
   return dcfg, jax.tree_util.tree_map(lambda x: x * scale, dparams)
 
 
-@pytest.mark.parametrize("sampling,n,k,eos_id", [
-    (blockdec.Sampling(temperature=1.0), 3, 4, None),
-    (blockdec.Sampling(temperature=0.7, top_k=4, top_p=0.9), 4, 3, 2),
+@pytest.mark.parametrize("sampling,n,k,eos_id,speculative", [
+    (blockdec.Sampling(temperature=1.0), 3, 4, None, True),
+    (blockdec.Sampling(temperature=0.7, top_k=4, top_p=0.9), 4, 3, 2, True),
+    (blockdec.Sampling(temperature=1.0), 4, 3, None, False),
 ])
-def test_draft_model_sampling_matches_enumerated_distribution(sampling, n, k,
-                                                              eos_id):
+def test_draft_model_sampling_matches_enumerated_distribution(
+    sampling, n, k, eos_id, speculative):
+  # n = 3 < k = 4: every draw but a rejection's is decided in the prefill.
   cfg, params = _model()
   dcfg, dparams = _draft_for(cfg)
   assert_lossless(cfg, params, n, sampling,
-                  blockdec.DraftModel(dcfg, dparams, block_size=k), eos_id)
+                  blockdec.DraftModel(dcfg, dparams, block_size=k,
+                                      speculative_prefill=speculative),
+                  eos_id)
+
+
+def test_speculative_prefill_verifies_the_first_drafts(monkeypatch):
+  """The prompts' call verifies k drafts: with the target as its own draft
+  every row commits k tokens there (a call); with first drafts that are
+  always wrong it is a plain prefill (no call), and the rest of the decode
+  is the one without a speculative prefill, call for call. Greedy tokens
+  throughout; the plain prefill path is swept against greedy too."""
+  from blockdec.decoding.drafters import draft_model
+  cfg, params = random_model(3)
+  prompts, lengths = ragged_prompts(5, 3, 6, cfg.vocab_size)
+  k, n = 4, 13
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=n)
+
+  def decode(dparams, speculative):
+    return blockdec.decode(params, cfg, prompts, lengths, n,
+                           method=blockdec.DraftModel(
+                               cfg, dparams, block_size=k,
+                               speculative_prefill=speculative),
+                           compact_rows=False)
+
+  own = decode(params, True)
+  np.testing.assert_array_equal(own.tokens, greedy.tokens)
+  np.testing.assert_array_equal(own.accepted_hist[:, -1], -(-n // k) - 1)
+  np.testing.assert_array_equal(own.num_calls, -(-n // k))
+  noisy = _noisy_copy(params, 1)
+  plain = decode(noisy, False)
+  np.testing.assert_array_equal(plain.tokens, greedy.tokens)
+
+  prefill_draft = draft_model.DraftModelDrafter.prefill_draft
+
+  def wrong_first_drafts(self, view):
+    carry, draft = prefill_draft(self, view)
+    first = view.prompts[:, :1] * 0 + jnp.asarray(greedy.tokens)[:, :1]
+    tokens = draft.tokens.at[:, 0, :1].set((first + 1) % cfg.vocab_size)
+    return carry, draft.replace(tokens=tokens)
+
+  monkeypatch.setattr(draft_model.DraftModelDrafter, "prefill_draft",
+                      wrong_first_drafts)
+  jax.clear_caches()
+  wrong = decode(noisy, True)
+  np.testing.assert_array_equal(wrong.tokens, greedy.tokens)
+  np.testing.assert_array_equal(wrong.num_calls, plain.num_calls)
+  np.testing.assert_array_equal(wrong.accepted_hist, plain.accepted_hist)
 
 
 def test_draft_model_confidence_rule_sampling_is_lossless():
@@ -327,7 +385,8 @@ def test_draft_model_early_exit_sampling_is_lossless(monkeypatch, adaptive):
 def test_draft_model_early_exit_drafts_fewer_steps(monkeypatch):
   """With stop_below the draft steps end once every row's draft has hit a
   token below it: fewer draft-model calls than k - 1 per round, same
-  output as greedy."""
+  output as greedy. (Without the speculative prefill, whose first round
+  drafts k tokens.)"""
   cfg, params = random_model(4)
   dcfg, dparams = _draft_for(cfg, seed=5, scale=0.3)  # A flat, unsure draft.
   prompts, lengths = ragged_prompts(4, 2, 5, cfg.vocab_size)
@@ -338,7 +397,8 @@ def test_draft_model_early_exit_drafts_fewer_steps(monkeypatch):
     steps, out, rounds = _draft_steps(monkeypatch, lambda: blockdec.decode(
         params, cfg, prompts, lengths, n, compact_rows=False,
         method=blockdec.DraftModel(dcfg, dparams, block_size=k,
-                                   stop_below=stop)))
+                                   stop_below=stop,
+                                   speculative_prefill=False)))
     if stop is None:
       assert steps == rounds * (k - 1)
     else:

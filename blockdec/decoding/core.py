@@ -21,6 +21,18 @@ how verification decides differ:
               committed node, what was committed).
   finalize  mask every row after its end, once.
 
+Speculative prefill (`Drafter.drafts_at_prefill`: a draft model, which
+needs no heads to draft): the drafter drafts the K = D + 1 tokens after
+each prompt before the target has seen it, and the prompts' call feeds
+them after the prompt and verifies them as a call verifies its drafts
+(the last prompt token, committed already, standing in for the root). It
+commits the accepted drafts, up to K as a call commits, and decides the
+next token, so the first round rides on the prefill (K more tokens in a
+compute-bound call) instead of costing a call of its own. Where it
+commits tokens it counts as a call (in `num_calls` and `accepted_hist`);
+where its first draft is rejected it is a plain prefill, which decided the
+first token and, like every prefill, counts as no call.
+
 Row compaction (`state.while_loop_compacting`), EOS, ragged prompts, the
 budget and the adaptive draft length (`adaptive.AdaptiveBlockSize`) belong
 to the loop, so every drafter has them. A drafter's state lives in its own
@@ -268,6 +280,24 @@ class Drafter(abc.ABC):
     that never reads features should say False)."""
     return True
 
+  @property
+  def drafts_at_prefill(self) -> bool:
+    """Whether the drafter drafts before the prefill (`prefill_draft`), so
+    the prompt's call verifies the first drafts (a chain drafter only)."""
+    return False
+
+  def prefill_draft(self, view: View) -> tuple[Any, Draft]:
+    """(carry, one chain of D + 1 drafts after each row's prompt), before
+    the target has seen the prompts: a speculative prefill (module doc).
+
+    `view` holds the prompts, `lengths` (zeros), `keys` and `context`; no
+    heads, and `next_token` is not decided yet. Draft j is generated token
+    j - 1 (sampling keys: index j - 1). The carry goes to `update` after
+    the prefill, as after a call (it need not have `update`'s structure).
+    """
+    raise NotImplementedError(f"{type(self).__name__} drafts no tokens "
+                              "before the prefill.")
+
   @abc.abstractmethod
   def init(self, view: View) -> Any:
     """The carry after prefill."""
@@ -368,6 +398,16 @@ def _features(head_fn, nodes):
   return None if hidden is None else hidden(nodes)
 
 
+def _cut(kept: jax.Array, count: jax.Array, eos_id: int | None):
+  """(count, ended): the first `count` [B] tokens of kept [B, t] cut after
+  the first EOS among them, and whether one was there."""
+  if eos_id is None:
+    return count, jnp.zeros(count.shape, bool)
+  is_eos = (kept == eos_id) & (jnp.arange(kept.shape[1]) < count[:, None])
+  ended = jnp.any(is_eos, axis=-1)
+  return jnp.where(ended, jnp.argmax(is_eos, axis=-1) + 1, count), ended
+
+
 def run(score_fn: ScoreFn, params, prompts: jax.Array,
         prompt_lengths: jax.Array, cache, options: DecodeOptions,
         drafter: Drafter, *, key: jax.Array | None = None,
@@ -445,18 +485,7 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
       return write_score(cache, tokens, positions, mask)[0]
     return score
 
-  # Prefill: the first token comes from head 1 at the last prompt token.
-  positions = jnp.broadcast_to(
-      jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
-  last = (prompt_lengths - 1)[:, None]
   zeros = jnp.zeros((batch,), jnp.int32)
-  # Without prompt features, outputs at the last prompt token only: node 0.
-  keep = None if drafter.prompt_features else last
-  head_fn, cache = tree_call(score_fn, params, prompts, positions, cache,
-                             prefill=True, keep=keep)
-  prompt_nodes = positions
-  if keep is not None:
-    last = prompt_nodes = zeros[:, None]
   state = LoopState(
       step=jnp.zeros((), jnp.int32), row_ids=row_ids.astype(jnp.int32),
       prompts=prompts, prompt_lengths=prompt_lengths.astype(jnp.int32),
@@ -465,16 +494,101 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
       num_calls=zeros, accepted_hist=jnp.zeros((batch, d + 1), jnp.int32),
       cache=cache, drafter=None,
       policy=None if adaptive is None else adaptive.init(batch, d + 1))
-  keys = keys_of(state)
-  first_logits = head_fn(last, 1)[:, 0, 0]  # [B, V]
-  first_keys = (None if keys is None else
-                sampling_lib.token_keys(keys, zeros, sampling_lib.NEXT))
-  state = state.replace(next_token=sampling_lib.choose(first_logits, sampling,
-                                                       first_keys))
-  heads_at_last = lambda m: head_fn(last, m)[:, 0]
-  state = state.replace(drafter=drafter.init(
-      _view(state, heads_at_last, None, zeros, prompt_lengths, keys, context,
-            score=scorer, features=_features(head_fn, prompt_nodes))))
+  speculative = drafter.drafts_at_prefill and d > 0
+  if speculative and (tree is not None or drafter.prompt_features):
+    raise ValueError("a speculative prefill (Drafter.drafts_at_prefill) is "
+                     "for chain drafters that read no prompt features.")
+
+  def prefill(state: LoopState) -> LoopState:
+    """The first token comes from head 1 at the last prompt token."""
+    positions = jnp.broadcast_to(
+        jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
+    last = (state.prompt_lengths - 1)[:, None]
+    # Without prompt features, outputs at the last prompt token only: node 0.
+    keep = None if drafter.prompt_features else last
+    head_fn, cache = tree_call(score_fn, params, prompts, positions,
+                               state.cache, prefill=True, keep=keep)
+    prompt_nodes = positions
+    if keep is not None:
+      last = prompt_nodes = zeros[:, None]
+    state = state.replace(cache=cache)
+    keys = keys_of(state)
+    first_logits = head_fn(last, 1)[:, 0, 0]  # [B, V]
+    first_keys = (None if keys is None else
+                  sampling_lib.token_keys(keys, zeros, sampling_lib.NEXT))
+    state = state.replace(next_token=sampling_lib.choose(
+        first_logits, sampling, first_keys))
+    heads_at_last = lambda m: head_fn(last, m)[:, 0]
+    return state.replace(drafter=drafter.init(
+        _view(state, heads_at_last, None, zeros, state.prompt_lengths, keys,
+              context, score=scorer,
+              features=_features(head_fn, prompt_nodes))))
+
+  def speculative_prefill(state: LoopState) -> LoopState:
+    """The prompts' call verifies the drafter's first K = D + 1 drafts
+    (module doc): row b feeds its prompt and then its drafts, at positions
+    0 .. P_b + K - 1; head 1 at the last prompt token and at each draft
+    verifies them."""
+    keys = keys_of(state)
+    k = d + 1
+    carry, draft = drafter.prefill_draft(
+        _view(state, None, None, zeros, zeros, keys, context))
+    drafts = draft.tokens[:, 0]  # [B, K]
+    width = prompts.shape[1] + k
+    after = (jnp.arange(width, dtype=jnp.int32)[None]
+             - state.prompt_lengths[:, None])  # [B, W]: index past the prompt
+    fed = jnp.where(after < 0, jnp.pad(prompts, ((0, 0), (0, k))),
+                    jnp.take_along_axis(drafts, jnp.clip(after, 0, k - 1),
+                                        axis=1))
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32),
+                                 fed.shape)
+    # Node 0: the last prompt token; node j: draft j (generated token j - 1).
+    nodes = jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32),
+                             (batch, k + 1))
+    head_fn, cache = tree_call(score_fn, params, fed, positions, state.cache,
+                               prefill=True,
+                               keep=(state.prompt_lengths - 1)[:, None]
+                               + nodes)
+    logits = head_fn(nodes, 1)[:, None, :, 0]  # [B, 1, K + 1, V]
+    verify_keys = None
+    if keys is not None:
+      verify_keys = VerifyKeys(
+          accept=sampling_lib.token_keys(keys, nodes[:, :k],
+                                         sampling_lib.ACCEPT),
+          next=sampling_lib.token_keys(keys, nodes, sampling_lib.NEXT))
+    verdict = verifier.verify(draft.tokens, logits, draft.q, sampling,
+                              verify_keys)
+    count, ended = _cut(drafts, verdict.accepted, options.eos_id)
+    count = jnp.minimum(count, n)
+    done = ended | (count >= n)
+    committed = count > 0  # A call; else a plain prefill (no call).
+    calls = committed + (0 if draft.calls is None else draft.calls)
+    policy = state.policy
+    if adaptive is not None:  # Drafts past D are not the rule's depths.
+      policy = adaptive.update(policy, jnp.minimum(verdict.accepted, d),
+                               d + 1, jnp.ones((batch,), bool))
+    new = state.replace(
+        tokens=write_rows(state.tokens, drafts, zeros), lengths=count,
+        next_token=verdict.next_token, done=done,
+        num_calls=calls.astype(jnp.int32),
+        accepted_hist=(state.accepted_hist + (
+            committed[:, None] & (nodes[:, :k] == count[:, None] - 1))
+                       ).astype(jnp.int32),
+        cache=cache, policy=policy)
+    last = count[:, None]  # The last committed node (0: the prompt's).
+    view = _view(new, lambda m: head_fn(last, m)[:, 0], drafts, count,
+                 state.prompt_lengths, keys, context, score=scorer,
+                 features=_features(head_fn, nodes[:, 1:]))
+    # When every row is done, the carry is never read: zeros of its shape
+    # stand in for the drafting round.
+    shapes = jax.eval_shape(lambda c: drafter.update(c, view), carry)
+    carry = jax.lax.cond(
+        jnp.all(done),
+        lambda c: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+        lambda c: drafter.update(c, view), carry)
+    return new.replace(drafter=carry)
+
+  state = speculative_prefill(state) if speculative else prefill(state)
 
   def cond(state: LoopState):
     return ~jnp.all(state.done) & (state.step < n)
@@ -548,12 +662,7 @@ def run(score_fn: ScoreFn, params, prompts: jax.Array,
     # Commit the root and the accepted drafts of the kept chain.
     kept = jnp.take_along_axis(full if tree is not None else fed[:, None],
                                verdict.chain[:, None, None], axis=1)[:, 0]
-    count = verdict.accepted + 1  # [B] in [1, t]
-    ended = jnp.zeros_like(state.done)
-    if options.eos_id is not None:
-      is_eos = (kept == options.eos_id) & (jnp.arange(t) < count[:, None])
-      ended = jnp.any(is_eos, axis=-1)
-      count = jnp.where(ended, jnp.argmax(is_eos, axis=-1) + 1, count)
+    count, ended = _cut(kept, verdict.accepted + 1, options.eos_id)
     count = jnp.minimum(count, n - state.lengths)
     active = ~state.done
     count = jnp.where(active, count, 0).astype(jnp.int32)

@@ -16,7 +16,12 @@ decided the root at `pos`:
              never fed; feeding it again writes the same keys and values)
     call j   feed draft j at pos + j -> draft j + 1   (j = 1 .. D - 1)
 
-D draft-model calls in all, the last D - 1 in a `lax.scan`. Greedy drafts
+D draft-model calls in all, the last D - 1 in a `lax.scan`.
+
+Speculative prefill (`speculative_prefill=True`, `core` module doc): the
+first round drafts D + 1 tokens before the target's prefill, from the
+draft model's own prompt call (its logits at the last prompt token give
+draft 1, then D steps), and the target's prompt call verifies them. Greedy drafts
 are argmaxes; with sampling each draft is drawn from the draft model's
 filtered distribution q (the run's `Sampling`), which the
 speculative-sampling verifier needs to stay lossless.
@@ -63,26 +68,29 @@ class DraftModelDrafter(Drafter):
     cache: its empty cache, with room for P + N + k positions.
     stop_below: None, or end a row's draft at its first token the draft
       model gives less than this probability (module doc: early exit).
+    speculative_prefill: draft the first round before the target's prefill,
+      which verifies it (module doc).
   """
 
   def __init__(self, block_size: int, score_fn: Callable, params: Any,
-               cache: Any, stop_below: float | None = None):
+               cache: Any, stop_below: float | None = None,
+               speculative_prefill: bool = False):
     self.block_size, self.score_fn = block_size, score_fn
     self.params, self.cache = params, cache
     self.stop_below = stop_below
+    self.speculative_prefill = speculative_prefill
 
   @property
   def num_drafts(self) -> int:
     return self.block_size - 1
 
-  def _choose(self, logits, view: View, depth):
-    """Draft at `depth` (1-based; generated index lengths + depth, the root
-    being `lengths`) from logits [B, V] -> (tokens [B], q or None,
-    confidence [B] or None): the draft model's probability of its token,
-    when the adaptive rule asks for it (`Context.want_confidence`) or the
-    early exit reads it."""
+  def _choose(self, logits, view: View, index):
+    """The draft that is generated token `index` [B] from logits [B, V] ->
+    (tokens [B], q or None, confidence [B] or None): the draft model's
+    probability of its token, when the adaptive rule asks for it
+    (`Context.want_confidence`) or the early exit reads it."""
     token, q = sampling_lib.draft(logits, view.context.sampling, view.keys,
-                                  view.lengths + depth)
+                                  index)
     if not view.context.want_confidence and self.stop_below is None:
       return token, q, None
     if q is None:
@@ -102,16 +110,24 @@ class DraftModelDrafter(Drafter):
     head_fn, cache = tree_call(self.score_fn, self.params, fed, positions,
                                cache)
     logits = head_fn(jnp.ones((batch, 1), jnp.int32), 1)[:, 0, 0]
-    token, q, conf = self._choose(logits, view, 1)
+    return self._drafts_from(cache, view, logits, pos, view.lengths, d)
+
+  def _drafts_from(self, cache, view: View, logits, pos, root_index, d):
+    """Drafts 1 .. d after a root at position `pos` [B] that is generated
+    token `root_index` [B] (draft j: position pos + j, index root_index +
+    j), draft 1 from `logits` [B, V] (the draft model at the root)."""
+    batch = pos.shape[0]
+    token, q, conf = self._choose(logits, view, root_index + 1)
     if self.stop_below is not None:
-      return self._draft_until_unsure(cache, view, pos, token, q, conf)
+      return self._draft_until_unsure(cache, view, pos, root_index, d,
+                                      token, q, conf)
 
     def step(carry, depth):
       cache, token = carry
       head_fn, cache = tree_call(self.score_fn, self.params, token[:, None],
                                  (pos + depth - 1)[:, None], cache)
       logits = head_fn(jnp.zeros((batch, 1), jnp.int32), 1)[:, 0, 0]
-      token, q, conf = self._choose(logits, view, depth)
+      token, q, conf = self._choose(logits, view, root_index + depth)
       return (cache, token), (token, q, conf)
 
     (cache, _), (rest, rest_q, rest_conf) = jax.lax.scan(
@@ -126,10 +142,10 @@ class DraftModelDrafter(Drafter):
                                           axis=1)  # [B, D]
     return out
 
-  def _draft_until_unsure(self, cache, view: View, pos, token, q, conf):
-    """Drafts 2 .. D after draft 1 (token, q, conf), each row until its
+  def _draft_until_unsure(self, cache, view: View, pos, root_index, d,
+                          token, q, conf):
+    """Drafts 2 .. d after draft 1 (token, q, conf), each row until its
     first token below `stop_below` (module doc: early exit)."""
-    d = self.num_drafts
     batch = token.shape[0]
     tokens = jnp.zeros((batch, d), jnp.int32).at[:, 0].set(token)
     confs = jnp.zeros((batch, d), jnp.float32).at[:, 0].set(conf)
@@ -149,7 +165,7 @@ class DraftModelDrafter(Drafter):
       head_fn, cache = tree_call(self.score_fn, self.params, token[:, None],
                                  (pos + depth - 1)[:, None], cache)
       logits = head_fn(jnp.zeros((batch, 1), jnp.int32), 1)[:, 0, 0]
-      token, q, conf = self._choose(logits, view, depth)
+      token, q, conf = self._choose(logits, view, root_index + depth)
       # Rows that ended keep drafting beside the others (their tokens are
       # real draws, only not counted in `length`).
       tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, depth - 1, 1)
@@ -173,13 +189,32 @@ class DraftModelDrafter(Drafter):
   def prompt_features(self):
     return False  # init reads no hidden states.
 
-  def init(self, view: View):
+  def _prefill(self, view: View):
+    """(logits [B, V] at each row's last prompt token, cache): the draft
+    model's prompt call."""
     batch, p = view.prompts.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (batch, p))
-    # Only the cache is read: outputs at the last prompt token suffice.
-    _, cache = tree_call(self.score_fn, self.params, view.prompts, positions,
-                         self.cache, prefill=True,
-                         keep=(view.prompt_lengths - 1)[:, None])
+    head_fn, cache = tree_call(self.score_fn, self.params, view.prompts,
+                               positions, self.cache, prefill=True,
+                               keep=(view.prompt_lengths - 1)[:, None])
+    return head_fn(jnp.zeros((batch, 1), jnp.int32), 1)[:, 0, 0], cache
+
+  @property
+  def drafts_at_prefill(self):
+    return self.speculative_prefill and self.num_drafts > 0
+
+  def prefill_draft(self, view: View):
+    # The last prompt token stands in for the root: draft 1 is generated
+    # token 0, at the position after the prompt; D + 1 drafts.
+    logits, cache = self._prefill(view)
+    out = self._drafts_from(cache, view, logits, view.prompt_lengths - 1,
+                            view.lengths - 1, self.num_drafts + 1)
+    return {"cache": out["cache"]}, self.propose(out, view)
+
+  def init(self, view: View):
+    # The logits at the last prompt token go unread: the target decided
+    # the root there.
+    _, cache = self._prefill(view)
     return self._draft(cache, view)
 
   def update(self, carry, view: View):
