@@ -9,7 +9,12 @@ draft (configs/draft_model.py:demo), at batch 1, greedy (every variant
 decodes the base's own greedy text, checked token for token):
 
   greedy          the base's one-token loop (the reference)
-  k=8, k=16       a fixed block: the decided token + k - 1 drafts
+  k=8, k=16       a fixed block: the decided token + k - 1 drafts (the
+                  first k drafted from the prompts and verified by the
+                  target's prefill: `DraftModel(speculative_prefill=True)`)
+  k=16 plain prefill  k=16 with speculative_prefill=False: the first drafts
+                  follow the token the prefill decides, and a call of
+                  their own verifies them
   k=16 stop       DraftModel(stop_below=0.4): each row's draft ends at its
                   first token the draft gives less than 0.4 (transformers'
                   default assistant_confidence_threshold); fewer draft steps
@@ -88,6 +93,8 @@ def variants(draft: blockdec.DraftModel, costs, sampled: bool = False) -> dict:
       "greedy": None,
       "k=8": dataclasses.replace(draft, block_size=8),
       "k=16": k16,
+      "k=16 plain prefill": dataclasses.replace(k16,
+                                                speculative_prefill=False),
       "k=16 stop": dataclasses.replace(k16, stop_below=STOP_BELOW),
       "k=16 conf": dataclasses.replace(k16, adaptive=rule),
       "k=16 stop+conf": dataclasses.replace(k16, stop_below=STOP_BELOW,
@@ -202,8 +209,8 @@ def reading(r: dict) -> str:
       continue
     fixed = rows["k=16"]["tokens_per_s"]
     effects = ", ".join(f"{name} {rows[name]['tokens_per_s'] / fixed:.2f}x"
-                        for name in ("k=16 stop", "k=16 conf",
-                                     "k=16 stop+conf"))
+                        for name in ("k=16 plain prefill", "k=16 stop",
+                                     "k=16 conf", "k=16 stop+conf"))
     out.append(f"{head}; against k=16: {effects}.")
   return "\n".join(out)
 

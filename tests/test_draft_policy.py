@@ -32,6 +32,8 @@ def test_draft_policy_variants_measure_and_report(tmp_path):
   assert list(methods)[0] == "greedy" and methods["greedy"] is None
   assert methods["k=16 stop+conf"].stop_below == module.STOP_BELOW
   assert methods["k=16 conf"].adaptive.estimate == "confidence"
+  assert methods["k=16"].speculative_prefill
+  assert not methods["k=16 plain prefill"].speculative_prefill
   rows = module.measure(cfg, params, methods, prompts, 12, repeats=1)
   assert [m["variant"] for m in rows] == list(methods)
   assert all(m["same_tokens_as_greedy"] for m in rows)
@@ -46,6 +48,7 @@ def test_draft_policy_variants_measure_and_report(tmp_path):
                       "rows": rows}]}
   result["reading"] = module.reading(result)
   assert "fastest" in result["reading"] and "k=16 stop" in result["reading"]
+  assert "k=16 plain prefill" in result["reading"]
   text = module.markdown(result)
   assert "| k=16 stop+conf |" in text and "calls kept 1 token" in text
   assert "distilled on the base's greedy text" in text
