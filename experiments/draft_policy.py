@@ -29,6 +29,7 @@ distribution) and the reference is the base's one-token sampling loop:
 
   sampling        `Autoregressive()` with the same `Sampling`
   k=2 .. k=8      a fixed block
+  k=4 plain prefill  k=4 without the speculative prefill
   k=8 conf        the confidence rule over k = 8 (the draft's probability
                   of each drafted token as its survival estimate)
 
@@ -86,6 +87,8 @@ def variants(draft: blockdec.DraftModel, costs, sampled: bool = False) -> dict:
     out = {"sampling": None}
     out.update({f"k={k}": dataclasses.replace(draft, block_size=k)
                 for k in SAMPLED_BLOCKS})
+    out["k=4 plain prefill"] = dataclasses.replace(
+        draft, block_size=4, speculative_prefill=False)
     out["k=8 conf"] = dataclasses.replace(draft, block_size=8, adaptive=rule)
     return out
   k16 = dataclasses.replace(draft, block_size=16)

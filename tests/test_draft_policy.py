@@ -61,8 +61,9 @@ def test_draft_policy_sampled_variants_measure_and_report(tmp_path):
   methods = module.variants(draft, COSTS, sampled=True)
   assert list(methods) == (["sampling"] + [f"k={k}" for k in
                                            module.SAMPLED_BLOCKS]
-                           + ["k=8 conf"])
+                           + ["k=4 plain prefill", "k=8 conf"])
   assert methods["sampling"] is None
+  assert not methods["k=4 plain prefill"].speculative_prefill
   assert methods["k=8 conf"].adaptive.estimate == "confidence"
   # Three of the variants (each compiles its own decode): the reference, a
   # fixed block and the rule.
