@@ -422,6 +422,22 @@ def test_biased_verifier_is_caught_with_a_draft_model():
   assert min(p_values) < 1e-6, p_values
 
 
+def test_speculative_prefill_needs_a_chain_without_prompt_features(
+    monkeypatch):
+  """A drafter that drafts at the prefill cannot also read the trunk's
+  hidden states at the prompt (the prefill computes them at the verified
+  nodes only): a clear error, not a wrong draft."""
+  from blockdec.decoding.drafters import draft_model
+  monkeypatch.setattr(draft_model.DraftModelDrafter, "prompt_features",
+                      property(lambda self: True))
+  jax.clear_caches()
+  cfg, params = random_model(3)
+  prompts, lengths = ragged_prompts(3, 2, 5, cfg.vocab_size)
+  with pytest.raises(ValueError, match="speculative prefill"):
+    blockdec.decode(params, cfg, prompts, lengths, 6,
+                    method=blockdec.DraftModel(cfg, params, block_size=3))
+
+
 def test_drafter_errors():
   cfg, params = random_model(1)
   prompts, lengths = ragged_prompts(1, 2, 4, cfg.vocab_size)
@@ -446,6 +462,9 @@ def test_drafter_errors():
         short, blockdec.init_params(short, jax.random.key(0))))
   with pytest.raises(TypeError, match="draft_cfg"):
     blockdec.DraftModel(params)
+  for bad in (1, "yes", None):
+    with pytest.raises(TypeError, match=r"speculative_prefill=.*True or False"):
+      blockdec.DraftModel(small, speculative_prefill=bad)
   for bad, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError),
                      (True, TypeError)):
     with pytest.raises(error, match="DraftModel block_size"):
