@@ -385,10 +385,11 @@ class DraftModel(Method):
       verifies no token past a row's end. Exact (greedy) and lossless
       (sampling) either way.
     speculative_prefill: True (default): the draft model drafts the first
-      k - 1 tokens from the prompts alone, and the target's prompt call
+      k tokens from the prompts alone, and the target's prompt call
       verifies them beside the prompt (`decoding/core.py`), so the first
-      round costs k - 1 more tokens in the prefill instead of a call of its
-      own. It counts as a call in `num_calls`. False: the first drafts
+      round costs k more tokens in the prefill instead of a call of its
+      own. It counts as a call in `num_calls` where it commits a token
+      (not where its first draft is rejected). False: the first drafts
       follow the token the prefill decides.
   """
 

@@ -208,9 +208,8 @@ DRAFT_BLOCK_SIZE = 8
 # The demo's sampled rows (both sides) draft with the draft distilled on the
 # base's samples at this temperature (configs/draft_model.py's
 # distill.temperature): at k = 4 it verifies 2.8 tokens per call against
-# 2.2 for the greedy-text draft and runs 0.96x / 1.00x the sampling loop
-# against 0.77x / 0.75x (experiments/results/draft_policy_t06_sampled_draft.md,
-# draft_policy_t06.md).
+# 2.2 for the greedy-text draft (experiments/results/
+# draft_policy_t06_sampled_draft.md, draft_policy_t06.md).
 SAMPLED_DRAFT_TEMPERATURE = 0.6
 # The early exit (DraftModel(stop_below=0.4)) and the adaptive rule reading
 # the draft's confidence were measured beside k = 16 on the 2-core AMD EPYC

@@ -307,7 +307,7 @@ def test_speculative_prefill_verifies_the_first_drafts(monkeypatch):
 
   def wrong_first_drafts(self, view):
     carry, draft = prefill_draft(self, view)
-    first = view.prompts[:, :1] * 0 + jnp.asarray(greedy.tokens)[:, :1]
+    first = jnp.asarray(greedy.tokens)[:, :1]  # The target's first token.
     tokens = draft.tokens.at[:, 0, :1].set((first + 1) % cfg.vocab_size)
     return carry, draft.replace(tokens=tokens)
 

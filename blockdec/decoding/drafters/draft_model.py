@@ -16,15 +16,15 @@ decided the root at `pos`:
              never fed; feeding it again writes the same keys and values)
     call j   feed draft j at pos + j -> draft j + 1   (j = 1 .. D - 1)
 
-D draft-model calls in all, the last D - 1 in a `lax.scan`.
+D draft-model calls in all, the last D - 1 in a `lax.scan`. Greedy drafts
+are argmaxes; with sampling each draft is drawn from the draft model's
+filtered distribution q (the run's `Sampling`), which the
+speculative-sampling verifier needs to stay lossless.
 
 Speculative prefill (`speculative_prefill=True`, `core` module doc): the
 first round drafts D + 1 tokens before the target's prefill, from the
 draft model's own prompt call (its logits at the last prompt token give
-draft 1, then D steps), and the target's prompt call verifies them. Greedy drafts
-are argmaxes; with sampling each draft is drawn from the draft model's
-filtered distribution q (the run's `Sampling`), which the
-speculative-sampling verifier needs to stay lossless.
+draft 1, then D steps), and the target's prompt call verifies them.
 
 Early exit (`stop_below`): a row's draft ends at the first token the draft
 model gives less than that probability (the token itself included), as
@@ -201,7 +201,7 @@ class DraftModelDrafter(Drafter):
 
   @property
   def drafts_at_prefill(self):
-    return self.speculative_prefill and self.num_drafts > 0
+    return self.speculative_prefill
 
   def prefill_draft(self, view: View):
     # The last prompt token stands in for the root: draft 1 is generated
