@@ -422,6 +422,22 @@ def test_biased_verifier_is_caught_with_a_draft_model():
   assert min(p_values) < 1e-6, p_values
 
 
+@pytest.mark.parametrize("speculative", [True, False])
+def test_draft_model_without_drafts_is_greedy(speculative):
+  """block_size=1 drafts nothing after the root, with or without the
+  speculative prefill: every call commits the one token greedy would."""
+  cfg, params = random_model(6)
+  prompts, lengths = ragged_prompts(6, 3, 5, cfg.vocab_size)
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=7)
+  out = blockdec.decode(params, cfg, prompts, lengths, 7,
+                        method=blockdec.DraftModel(
+                            cfg, params, block_size=1,
+                            speculative_prefill=speculative))
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+  np.testing.assert_array_equal(out.num_calls, out.lengths)
+
+
 def test_speculative_prefill_needs_a_chain_without_prompt_features(
     monkeypatch):
   """A drafter that drafts at the prefill cannot also read the trunk's
