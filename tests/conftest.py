@@ -4,19 +4,17 @@ import sys
 
 import pytest
 
+from tests import compile_flags
+
 # Keep XLA to the two CI cores and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# XLA:CPU compiles dominate this suite (tiny models; every decode loop
-# shape compiles anew): without LLVM's optimisation passes a compile takes
-# about 40% less time, and results change only by float32 rounding. Set before
-# jax is imported; subprocesses (sharding checks, README snippets, the
-# notebook's kernel) inherit it.
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0"
-                      " --xla_llvm_disable_expensive_passes=true")
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
-                             + FAST_COMPILE_FLAGS).strip()
+# XLA:CPU compiles dominate this suite: tests/compile_flags.py's flags cut
+# them by half and change results only by float32 rounding. Set before jax
+# is imported; subprocesses (sharding checks, README snippets, the
+# notebook's kernel) inherit them.
+os.environ["XLA_FLAGS"] = compile_flags.with_fast_compile(
+    os.environ.get("XLA_FLAGS", ""))
 
 # The same programs compile again and again across the suite (the same
 # random architectures decode in many modules, caches are cleared between

@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import sys
 
-# The fast-compile flags change no semantics; compiles dominate these checks.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0"
-                           " --xla_llvm_disable_expensive_passes=true")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import compile_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# The fast-compile flags change no semantics; compiles dominate these checks.
+os.environ["XLA_FLAGS"] = compile_flags.with_fast_compile(
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time
