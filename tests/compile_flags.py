@@ -17,9 +17,24 @@ tests/conftest.py before jax is imported, and by tests/sharding_checks.py
 No jax import here.
 """
 
+from importlib import metadata
+
+# XLA aborts on a flag it does not know ("Unknown flag in XLA_FLAGS"), and
+# the emitter switch is an XLA:CPU implementation detail that a later jaxlib
+# may drop: it is set only for the jaxlib minor versions it was measured on.
+_EMITTER_FLAG_JAXLIB = ((0, 10),)
+
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0"
-                      " --xla_llvm_disable_expensive_passes=true"
-                      " --xla_cpu_use_fusion_emitters=false")
+                      " --xla_llvm_disable_expensive_passes=true")
+EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _jaxlib_minor() -> tuple[int, int] | None:
+  try:
+    major, minor = metadata.version("jaxlib").split(".")[:2]
+    return int(major), int(minor)
+  except (metadata.PackageNotFoundError, ValueError):
+    return None
 
 
 def with_fast_compile(flags: str) -> str:
@@ -27,4 +42,7 @@ def with_fast_compile(flags: str) -> str:
   sets an optimisation level of its own."""
   if "xla_backend_optimization_level" in flags:
     return flags
-  return (flags + " " + FAST_COMPILE_FLAGS).strip()
+  extra = FAST_COMPILE_FLAGS
+  if _jaxlib_minor() in _EMITTER_FLAG_JAXLIB:
+    extra += " " + EMITTER_FLAG
+  return (flags + " " + extra).strip()
