@@ -1,8 +1,8 @@
 """XLA flags for the test processes: compile fast, compute the same.
 
 XLA:CPU compiles dominate this suite (tiny models; every decode loop shape
-compiles anew). Measured on the 2-core CI machine, each pair run
-alternately on one test module with an empty compilation cache:
+compiles anew). Measured on the 2-core CI machine, the two settings run
+alternately on one test function with an empty compilation cache:
 
 - no LLVM optimisation passes: about 40% less compile time;
 - the older loop fusion emitters instead of the MLIR ones

@@ -21,7 +21,8 @@ from tests import compile_flags  # pylint: disable=g-import-not-at-top,wrong-imp
 
 # The fast-compile flags change no semantics; compiles dominate these checks.
 os.environ["XLA_FLAGS"] = compile_flags.with_fast_compile(
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
