@@ -440,7 +440,8 @@ def train_state_shardings(state, mesh: Mesh, rules: Rules | None = None):
 def shard_train_step(train_step: Callable, state, mesh: Mesh,
                      sharding: ShardingConfig | None = None, *,
                      batch_size: int, eval_step: Callable | None = None,
-                     donate_state: bool = False):
+                     donate_state: bool = False,
+                     compiler_options: dict | None = None):
   """`train_step(state, batch) -> (state, metrics)` jitted for `mesh`.
 
   The state's parameters and optimizer state are sharded by the parameter
@@ -458,6 +459,8 @@ def shard_train_step(train_step: Callable, state, mesh: Mesh,
       size is replicated, see the module docstring).
     eval_step: optionally also jit `eval_step(params, batch) -> metrics`.
     donate_state: donate the old state's buffers (saves memory).
+    compiler_options: XLA compile options of the step (`jax.jit`'s), e.g.
+      `training.train.cpu_compiler_options`.
 
   Returns:
     ``(step, state_shardings, batch_sharding, eval_step or None)``. Place the
@@ -470,7 +473,8 @@ def shard_train_step(train_step: Callable, state, mesh: Mesh,
   # One sharding for the whole batch pytree: a prefix of its leaves.
   step = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, replicated(mesh)),
-                 donate_argnums=(0,) if donate_state else ())
+                 donate_argnums=(0,) if donate_state else (),
+                 compiler_options=compiler_options)
   if eval_step is not None:
     params_sh = getattr(state_sh, "params", None)
     if params_sh is None:

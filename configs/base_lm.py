@@ -9,7 +9,7 @@ Launch (from the repository root):
 Presets (the argument after ":"):
   tiny  seconds; for tests and smoke runs.
   cpu   a few minutes on 2 CPU cores: a small byte model.
-  demo  the `make demo` base model (~6-7 minutes on 2 CPU cores).
+  demo  the `make demo` base model (~9 minutes on 2 CPU cores).
   mid   d = 384, 6 layers: more weights than a CPU's last-level cache
         (under an hour on 2 CPU cores).
   gpu   (default) a larger byte model for one accelerator.

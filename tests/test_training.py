@@ -180,6 +180,55 @@ def test_resume_follows_the_same_trajectory(corpus, tmp_path):
   jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)
 
 
+def test_cpu_compiler_options_by_regime_backend_and_jaxlib():
+  options = lambda regime, setting, backend="cpu", jaxlib=(0, 10): (
+      train.cpu_compiler_options(regime, setting, backend=backend,
+                                 jaxlib=jaxlib))
+  dots = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+  # "auto": the regimes that backpropagate through a model, not the heads
+  # on a frozen trunk.
+  for regime in ("base", "finetune", "distill_finetune", "draft",
+                 "block_diffusion", "eagle"):
+    assert options(regime, "auto") == dots, regime
+  for regime in ("frozen", "distill"):
+    assert options(regime, "auto") == {}, regime
+    assert options(regime, "on") == dots, regime
+  assert options("base", "off") == {}
+  assert options("base", "on", backend="gpu") == {}
+  assert options("base", "on", jaxlib=(0, 11)) == {}  # Not measured there.
+  with pytest.raises(ValueError, match="cpu_ynn_dots_only='always'"):
+    options("base", "always")
+
+
+def test_dots_only_steps_equal_the_default_steps(corpus, tmp_path):
+  if not train.cpu_compiler_options("base", "on"):
+    pytest.skip("the option applies only to XLA:CPU on jaxlib 0.10; here "
+                "both runs would compile alike")
+  runs = {}
+  for setting in ("on", "off"):
+    config = tiny("base_lm", corpus, steps=4, log_every=1,
+                  cpu_ynn_dots_only=setting)
+    trainer = train.Trainer(config, tmp_path / setting)
+    state, _ = trainer.run()
+    runs[setting] = (trainer.train_step, state.params,
+                     [r["loss"] for r in train.read_metrics(
+                         tmp_path / setting / "metrics.jsonl")
+                      if r["split"] == "train"])
+  # The option reached the compiled step ...
+  batch = trainer.batches.batch(0)
+  texts = {s: fn.lower(trainer.initial_state, batch).as_text("hlo")
+           for s, (fn, _, _) in runs.items()}
+  compiled = {s: runs[s][0].lower(trainer.initial_state, batch).compile()
+              for s in runs}
+  assert compiled["on"].as_text() != compiled["off"].as_text()
+  assert texts["on"] == texts["off"]  # ... the program itself is the same,
+  # and it trains alike up to float rounding.
+  np.testing.assert_allclose(runs["on"][2], runs["off"][2], rtol=1e-5)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      runs["on"][1], runs["off"][1])
+
+
 def test_distillation_data_is_the_greedy_continuation(base, tmp_path):
   cfg, params, tokenizer, _ = base
   stream = np.arange(200, dtype=np.int32) % 97
@@ -264,7 +313,8 @@ def test_bad_configs_and_corpora_fail_clearly(base, corpus, tmp_path):
            ({"data.corpus": str(tmp_path)}, "matches no files"),
            ({"model.d_model": 31}, "d_model"),
            ({"data.seq_len": 1000}, "seq_len"),
-           ({"distill.temperature": -0.5}, "temperature")]
+           ({"distill.temperature": -0.5}, "temperature"),
+           ({"cpu_ynn_dots_only": "yes"}, "cpu_ynn_dots_only='yes'")]
   for changes, match in cases:
     with pytest.raises((ValueError, FileNotFoundError), match=match):
       train.Trainer(tiny("base_lm", corpus, **changes), tmp_path / "run")
@@ -325,6 +375,7 @@ def test_pipeline_reuses_the_cache(base, corpus, tmp_path):
   changed.optim.learning_rate = 1e-4
   assert pipeline.config_key(changed) != pipeline.config_key(config)
   changed.progress = True  # Not part of the key.
+  changed.cpu_ynn_dots_only = "off"  # Nor is how XLA compiles the step.
   changed.optim.learning_rate = config.optim.learning_rate
   assert pipeline.config_key(changed) == pipeline.config_key(config)
   # distill.temperature came after runs were cached: at its default (greedy

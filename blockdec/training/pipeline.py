@@ -32,7 +32,7 @@ from blockdec.config import ModelConfig
 
 # Fields that do not change what a run computes (left out of the cache key).
 _NOT_IN_KEY = ("progress", "workdir", "log_every", "checkpoint_every",
-               "keep_checkpoints", "sharding")
+               "keep_checkpoints", "sharding", "cpu_ynn_dots_only")
 # Fields added after runs were cached, left out of the key at the default
 # that computes what those runs computed (so their caches stay valid).
 _KEY_IF_NOT = {("distill", "temperature"): 0.0}

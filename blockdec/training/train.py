@@ -56,7 +56,7 @@ from blockdec.models import transformer
 from blockdec.training import data as data_lib
 from blockdec.training import diagnostics, diffusion, distill, eagle, losses
 from blockdec.training import translation
-from blockdec.training.defaults import check_config
+from blockdec.training.defaults import CPU_YNN_DOTS_ONLY, check_config
 from blockdec.training.tokenizers import load_tokenizer, make_tokenizer
 
 
@@ -83,6 +83,57 @@ def with_trainable(params, sub, regime: str):
   """`params` with the trainable subtree replaced by `sub`."""
   name = _SUBTREES.get(losses.REGIMES[regime]["trains"])
   return sub if name is None else {**params, name: sub}
+
+
+# XLA:CPU's compile option limiting its YNNPACK library fusions to dots
+# (config.cpu_ynn_dots_only), and the jaxlib minor versions it was measured
+# on: XLA rejects an option it does not know, and this one is marked
+# experimental, so elsewhere the step compiles with XLA's defaults.
+_YNN_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type":
+                  "LIBRARY_FUSION_TYPE_DOT"}
+_YNN_DOTS_ONLY_JAXLIB = ((0, 10),)
+
+
+def _jaxlib_minor() -> tuple[int, int] | None:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return tuple(int(v) for v in metadata.version("jaxlib").split(".")[:2])
+  except (metadata.PackageNotFoundError, ValueError):
+    return None
+
+
+def cpu_compiler_options(regime: str, setting: str = "auto", *,
+                         backend: str | None = None,
+                         jaxlib: tuple[int, int] | None = None) -> dict:
+  """The train step's XLA compile options for `regime` (empty: defaults).
+
+  On XLA:CPU (jaxlib 0.10) the dots of a step and the elementwise work
+  around them go to the YNNPACK library. In a backward pass through the
+  trunk that had XLA write the MLP's activation gradients transposed
+  ([tokens, ff] -> [ff, tokens], a fifth of the demo base's 1.6 s step);
+  with the library limited to dots they are not, and the steps of the
+  regimes that backpropagate through a model ran 1.12-1.40x faster on 2 CPU
+  cores (experiments/results/train_step.md; docs/architecture.md, "Training
+  speed on CPU"). The head regimes on a frozen trunk ("frozen", "distill")
+  ran 0.89-0.90x, so "auto" leaves them at XLA's default.
+
+  Args:
+    regime: the training regime (losses.REGIMES).
+    setting: config.cpu_ynn_dots_only: "auto", "on" or "off".
+    backend: default `jax.default_backend()`.
+    jaxlib: (major, minor); default the installed jaxlib's.
+  """
+  if setting not in CPU_YNN_DOTS_ONLY:
+    raise ValueError(f"cpu_ynn_dots_only={setting!r} is not supported; "
+                     f"allowed: {CPU_YNN_DOTS_ONLY}.")
+  backend = jax.default_backend() if backend is None else backend
+  jaxlib = _jaxlib_minor() if jaxlib is None else jaxlib
+  if (setting == "off" or backend != "cpu"
+      or jaxlib not in _YNN_DOTS_ONLY_JAXLIB):
+    return {}
+  if setting == "auto" and losses.REGIMES[regime]["trains"] == "heads":
+    return {}
+  return dict(_YNN_DOTS_ONLY)
 
 
 def make_optimizer(optim, total_steps: int):
@@ -406,14 +457,21 @@ class Trainer:
     if self.mesh is not None and self.task is not None:
       raise ValueError("training a translation model on a mesh is not "
                        "supported; unset config.sharding.")
+    # The pure step, unjitted (experiments/train_step.py compiles it both
+    # ways); jitted below with the compile options of cpu_ynn_dots_only.
+    self.step_fn = step_fn
+    options = cpu_compiler_options(self.regime,
+                                   c.get("cpu_ynn_dots_only", "auto"))
     if self.mesh is None:
-      self.train_step, self.eval_step = jax.jit(step_fn), jax.jit(eval_fn)
+      self.train_step = jax.jit(step_fn, compiler_options=options or None)
+      self.eval_step = jax.jit(eval_fn)
       self._put_batch = lambda batch: batch
     else:
       self.train_step, state_sh, batch_sh, self.eval_step = \
           sharding.shard_train_step(step_fn, self.initial_state, self.mesh,
                                     sharding_cfg, batch_size=c.batch_size,
-                                    eval_step=eval_fn)
+                                    eval_step=eval_fn,
+                                    compiler_options=options or None)
       self.initial_state = jax.device_put(self.initial_state, state_sh)
       self._put_batch = lambda batch: sharding.put_batch(batch, batch_sh)
     self._batches = None
