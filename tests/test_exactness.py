@@ -85,7 +85,8 @@ def _heads_copy_head_one(params):
   """
   import jax
   heads = jax.tree_util.tree_map(np.zeros_like, params["proposal_heads"])
-  return {**params, "proposal_heads": heads}
+  # On the device once, as users are told to (HostArraysWarning).
+  return jax.device_put({**params, "proposal_heads": heads})
 
 
 def test_exact_with_often_agreeing_heads():

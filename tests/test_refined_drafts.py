@@ -339,8 +339,9 @@ def test_refined_decode_equals_greedy(source, k, p, beam, with_eos):
   for seed in range(2):
     cfg, params = random_model(arch, param_seed=100 * arch + seed)
     if seed == 1:  # heads that copy head 1 agree on repeats: ragged accepts
-      params = {**params, "proposal_heads": jax.tree_util.tree_map(
-          np.zeros_like, params["proposal_heads"])}
+      params = jax.device_put({**params, "proposal_heads":
+                               jax.tree_util.tree_map(
+                                   np.zeros_like, params["proposal_heads"])})
     prompts, lengths = ragged_prompts(7 * k + seed, batch, max_prompt,
                                       cfg.vocab_size)
     if with_eos and eos_id is None:
@@ -373,8 +374,8 @@ def test_refined_through_the_core_adaptive_and_compaction(estimate):
   draft length and row compaction, with the output still greedy's and
   compaction changing nothing."""
   cfg, params = random_model(EXACT_ARCH, param_seed=7)
-  params = {**params, "proposal_heads": jax.tree_util.tree_map(
-      np.zeros_like, params["proposal_heads"])}
+  params = jax.device_put({**params, "proposal_heads": jax.tree_util.tree_map(
+      np.zeros_like, params["proposal_heads"])})
   prompts, lengths = ragged_prompts(11, 5, 6, cfg.vocab_size)
   ngram = NGramLM.build(_random_docs(EXACT_ARCH, cfg.vocab_size, 20), 3,
                         cfg.vocab_size)
