@@ -374,18 +374,27 @@ def check_train_step():
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  from blockdec.models import transformer  # pylint: disable=g-import-not-at-top
   from blockdec.training import train  # pylint: disable=g-import-not-at-top
   optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                           optax.sgd(0.5, momentum=0.9))
   schedule = lambda step: 0.5
   rng = np.random.RandomState(0)
   tokens = rng.randint(0, 64, size=(BATCH, 17)).astype(np.int32)
-  batch = {"tokens": tokens, "mask": np.ones(tokens.shape, np.float32)}
   for regime, heads, meshes in (
       # (4, 2) with FSDP: d_model over data, heads/MLP/vocab over model.
       ("base", 1, ((8, 1), (4, 2, "fsdp"), (2, 4), (1, 8))),
-      ("frozen", 4, ((2, 4, "fsdp"),))):
-    cfg, params = tiny_model(n_layers=1, num_prediction_heads=heads)
+      ("frozen", 4, ((2, 4, "fsdp"),)),
+      # Hydra heads through slot tables on the trunk's states that the
+      # batch carries (Trainer.frozen_trunk_features).
+      ("distill", 4, ((4, 2),))):
+    hydra = {"head_type": "hydra"} if regime == "distill" else {}
+    cfg, params = tiny_model(n_layers=1, num_prediction_heads=heads, **hydra)
+    batch = {"tokens": tokens, "mask": np.ones(tokens.shape, np.float32)}
+    if hydra:
+      assert transformer.hydra_slots_pay_off(cfg, heads, tokens[:, 1:].size)
+      batch["hidden"] = np.asarray(train.trunk_states(params, cfg,
+                                                      tokens[:, :-1]))
     state = train.TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         opt_state=optimizer.init(train.trainable(params, regime)))

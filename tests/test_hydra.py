@@ -20,7 +20,7 @@ import pytest
 import blockdec
 from blockdec import api
 from blockdec.models import transformer
-from blockdec.training import train
+from blockdec.training import losses, train
 from tests.helpers import ragged_prompts, random_model, tiny_config
 from tests.test_exactness import check_against_greedy
 from tests.test_sampling import (_ResampleFromTarget, assert_lossless,
@@ -293,3 +293,44 @@ def test_the_drafter_reads_the_tables(monkeypatch):
   zeroed = blockdec.decode(params, cfg, prompts, lengths, n, method=method)
   np.testing.assert_array_equal(zeroed.tokens, out.tokens)
   assert (zeroed.num_calls > n // k).all(), zeroed.num_calls
+
+
+@pytest.mark.parametrize("seed,regime", [(0, "distill"), (3, "finetune")])
+def test_training_runs_hydra_heads_through_slot_tables(seed, regime):
+  """A training batch with more positions than the vocabulary has runs the
+  Hydra heads through slot tables built in the step (`hydra_slots_pay_off`):
+  the per-head losses and every gradient equal those of the heads' own
+  join, the embedding's included (a regime that trains everything)."""
+  cfg, params = random_model(seed, head_type="hydra")
+  params = _with_biases(params, seed)
+  k = cfg.num_prediction_heads
+  rng = np.random.RandomState(seed)
+  batch = {"tokens": jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 40)),
+                                 jnp.int32),
+           "mask": jnp.asarray(rng.rand(3, 40) < 0.8, jnp.float32)}
+  assert transformer.hydra_slots_pay_off(cfg, k, 3 * 39)
+  assert not transformer.hydra_slots_pay_off(cfg, k, cfg.vocab_size)
+
+  def own_join(params):
+    inputs, targets, weights = losses.head_targets(batch["tokens"],
+                                                   batch["mask"], k)
+    h = train.trunk_states(params, cfg, inputs)
+    if regime == "distill":
+      h = jax.lax.stop_gradient(h)
+    logits = transformer.Transformer(cfg).apply(
+        {"params": params}, h, None, targets, method="head_logits")
+    return losses.per_head_losses(logits, targets, weights)
+
+  def loss(fn):
+    return lambda p: losses.regime_loss(regime, fn(p))
+
+  slots = lambda p: train.head_losses(p, cfg, batch, regime)
+  np.testing.assert_allclose(slots(params), own_join(params), rtol=1e-5)
+  want, got = jax.grad(loss(own_join))(params), jax.grad(loss(slots))(params)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+      got, want)
+  assert float(jnp.abs(got["proposal_heads"]["head_3"]["fc_in"]["kernel"])
+               .max()) > 0
+  if regime == "finetune":
+    assert float(jnp.abs(got["embed"]["embedding"]).max()) > 0

@@ -461,3 +461,51 @@ def test_draft_tokens_per_call_on_an_oracle():
   assert diagnostics.draft_tokens_per_call(~match & False, start, end, 4) == 1.0
   assert diagnostics.draft_tokens_per_call(match | True, start, end, 4) == 4.0
   assert diagnostics.draft_tokens_per_call(match | True, start, end, 5) == 4.0
+
+
+def test_head_regimes_on_distilled_rows_reuse_the_trunks_states(
+    base, corpus, tmp_path):
+  """Heads trained on a frozen trunk over distilled rows that the steps
+  visit more than once: the batches carry the trunk's states, computed once
+  (`Trainer.frozen_trunk_features`), the step gives what it gives from the
+  tokens alone, and a killed run resumes exactly. Regimes that move the
+  trunk, and runs that visit each row once, compute it in the step."""
+  cfg, params, tokenizer, _ = base
+  init = (cfg, params, tokenizer)
+
+  def hydra_distill(steps):
+    config = pipeline.load_config(ROOT / "configs" / "heads_hydra.py",
+                                  "tiny_distill")
+    config.data.corpus = str(corpus)
+    config.data.valid_fraction, config.data.test_fraction = 0.2, 0.1
+    config.progress, config.steps = False, steps
+    config.checkpoint_every, config.eval_every = 1, steps
+    config.distill.cache_dir = str(tmp_path / "distill")
+    return config
+
+  config = hydra_distill(steps=6)  # 6 x 4 rows over 8 distilled rows.
+  assert config.regime == "distill" and config.distill.num_sequences == 8
+  trainer = train.Trainer(config, tmp_path / "run", init=init)
+  batch = trainer.batches.batch(0)
+  assert batch["hidden"].shape == (4, batch["tokens"].shape[1] - 1,
+                                   cfg.d_model)
+  np.testing.assert_allclose(
+      batch["hidden"], train.trunk_states(trainer.initial_state.params,
+                                          trainer.cfg, batch["tokens"][:, :-1]),
+      rtol=1e-5, atol=1e-6)
+  state = trainer.initial_state
+  with_states = trainer.train_step(state, batch)
+  without = trainer.train_step(state, {k: v for k, v in batch.items()
+                                       if k != "hidden"})
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      with_states, without)
+  train_killed_and_resumed(config, tmp_path / "resume", init)
+
+  once = train.Trainer(hydra_distill(steps=2), tmp_path / "once", init=init)
+  assert "hidden" not in once.batches.batch(0)
+  finetune = tiny("heads_distill", corpus, regime="distill_finetune",
+                  steps=6, **{"distill.cache_dir": str(tmp_path / "distill")})
+  moving = train.Trainer(finetune, tmp_path / "moving", init=init)
+  assert "hidden" not in moving.batches.batch(0)
+  assert moving.frozen_trunk_features(batch["tokens"]) == {}

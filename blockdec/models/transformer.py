@@ -588,20 +588,60 @@ def hydra_slot_tables(params, cfg: ModelConfig, block_size: int):
           for j in range(2, block_size + 1)}
 
 
+def _hydra_state_from_slots(params, cfg: ModelConfig, h, table, tokens,
+                            j: int):
+  """Hydra head j's state [..., d] at h [..., d] after tokens [..., j - 1]
+  (`hydra_head_from_slots` before the vocabulary projection)."""
+  p = params["proposal_heads"][f"head_{j}"]
+  d, dt = cfg.d_model, _dtype(cfg.dtype)
+  rows = table[jnp.arange(j - 1), tokens]  # [..., j - 1, d]
+  z = (h.astype(dt) @ p["fc_in"]["kernel"][:d].astype(dt)
+       + p["fc_in"]["bias"].astype(dt) + rows.sum(axis=-2))
+  hidden = nn.relu(z @ p["fc1"]["kernel"].astype(dt)
+                   + p["fc1"]["bias"].astype(dt))
+  return z + hidden @ p["fc2"]["kernel"].astype(dt) + p["fc2"]["bias"].astype(dt)
+
+
 def hydra_head_from_slots(params, cfg: ModelConfig, h, table, tokens, j: int):
   """Hydra head j's logits [B, V] at h [B, d] after tokens [B, j - 1], the
   tokens' share of fc_in read from `table` [j - 1, V, d] (head j's entry of
   `hydra_slot_tables`); equals `Transformer.hydra_head` up to float
   rounding (the sum runs in another order)."""
-  p = params["proposal_heads"][f"head_{j}"]
-  d, dt = cfg.d_model, _dtype(cfg.dtype)
-  rows = table[jnp.arange(j - 1), tokens]  # [B, j - 1, d]
-  z = (h.astype(dt) @ p["fc_in"]["kernel"][:d].astype(dt)
-       + p["fc_in"]["bias"].astype(dt) + rows.sum(axis=-2))
-  hidden = nn.relu(z @ p["fc1"]["kernel"].astype(dt)
-                   + p["fc1"]["bias"].astype(dt))
-  z = z + hidden @ p["fc2"]["kernel"].astype(dt) + p["fc2"]["bias"].astype(dt)
+  z = _hydra_state_from_slots(params, cfg, h, table, tokens, j)
   return Transformer(cfg).apply({"params": params}, z,
+                                method=Transformer.vocab_logits)
+
+
+def hydra_slots_pay_off(cfg: ModelConfig, num_heads: int,
+                        num_positions: int) -> bool:
+  """Whether `hydra_logits_from_slots` is the cheaper way to run Hydra heads
+  2..num_heads at `num_positions` positions at once (a training batch).
+
+  The heads' own join multiplies each position's j - 1 token embeddings by
+  their d x d blocks of fc_in; the tables multiply the V rows of the
+  embedding by the same blocks once. They pay off when the vocabulary is
+  smaller than the positions: the byte-level demo model (V = 256) trains
+  on 16 x 255 positions a step, where the fc_in joins of its 7 Hydra heads
+  were half of the step's flops.
+  """
+  return (hydra_tables_fit(cfg, num_heads)
+          and cfg.vocab_size < num_positions)
+
+
+def hydra_logits_from_slots(params, cfg: ModelConfig, h, following,
+                            num_heads: int | None = None):
+  """`Transformer.head_logits` of a Hydra model [..., k, V] at h [..., d],
+  head j reading following[..., :j - 1], through slot tables built from
+  `params` inside the call: gradients reach fc_in (and the embedding)
+  through the tables, so training can use it (`hydra_slots_pay_off`).
+  Equals `head_logits` up to float rounding."""
+  k = num_heads or cfg.num_prediction_heads
+  tables = hydra_slot_tables(params, cfg, k) if k > 1 else {}
+  states = [h.astype(_dtype(cfg.dtype))] + [
+      _hydra_state_from_slots(params, cfg, h, tables[f"head_{j}"],
+                              following[..., :j - 1], j)
+      for j in range(2, k + 1)]
+  return Transformer(cfg).apply({"params": params}, jnp.stack(states, -2),
                                 method=Transformer.vocab_logits)
 
 

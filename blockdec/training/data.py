@@ -258,11 +258,13 @@ class ArrayBatches:
 
   Used for distillation data (a corpus prefix + the model's continuation,
   mask = 1 on the continuation). Epoch `e` visits the rows in the permutation
-  `default_rng([seed, e])`.
+  `default_rng([seed, e])`. `extra`: more per-row arrays [N, ...] that
+  each batch carries beside its rows under their keys (the frozen trunk's
+  states of the rows, `Trainer.frozen_trunk_features`).
   """
 
   def __init__(self, tokens: np.ndarray, mask: np.ndarray, batch_size: int,
-               seed: int = 0):
+               seed: int = 0, extra: dict[str, np.ndarray] | None = None):
     _check_batching(tokens.shape[1] if tokens.ndim == 2 else 0, batch_size)
     if tokens.shape != mask.shape:
       raise ValueError(f"tokens {tokens.shape} and mask {mask.shape} differ.")
@@ -271,6 +273,12 @@ class ArrayBatches:
                        f"batch_size={batch_size}.")
     self.tokens = np.asarray(tokens, np.int32)
     self.mask = np.asarray(mask, np.float32)
+    self.extra = dict(extra or {})
+    for key, value in self.extra.items():
+      if key in ("tokens", "mask") or len(value) != len(self.tokens):
+        raise ValueError(f"extra[{key!r}] has {len(value)} rows; it needs a "
+                         f"key other than 'tokens' and 'mask' and "
+                         f"{len(self.tokens)} rows, one per sequence.")
     self.batch_size, self.seed = batch_size, seed
     self.steps_per_epoch = tokens.shape[0] // batch_size
     self._epoch, self._order = None, None
@@ -282,7 +290,8 @@ class ArrayBatches:
           self.tokens.shape[0])
       self._epoch = epoch
     rows = self._order[i * self.batch_size:(i + 1) * self.batch_size]
-    return {"tokens": self.tokens[rows], "mask": self.mask[rows]}
+    return {"tokens": self.tokens[rows], "mask": self.mask[rows],
+            **{key: value[rows] for key, value in self.extra.items()}}
 
 
 def eval_batches(stream: np.ndarray, seq_len: int, batch_size: int,

@@ -72,6 +72,10 @@ class TrainState:
 # The subtree each partial regime optimises (the rest is frozen).
 _SUBTREES = {"heads": "proposal_heads", "eagle": "eagle"}
 
+# The most host memory the frozen trunk's states of distilled rows may take
+# (`Trainer.frozen_trunk_features`; the demo's: 134 MB).
+TRUNK_FEATURE_BYTES = 1 << 30
+
 
 def trainable(params, regime: str):
   """The subtree a regime optimises."""
@@ -160,26 +164,45 @@ def make_optimizer(optim, total_steps: int):
   return optax.chain(*parts), schedule
 
 
-def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool):
-  """Every head's logits [B, T, k, V] on batch rows, with targets and
-  weights [B, T, k] (`losses.head_targets`)."""
-  k = cfg.num_prediction_heads
-  inputs, targets, weights = losses.head_targets(batch["tokens"], batch["mask"], k)
+def trunk_states(params, cfg: ModelConfig, inputs, memory=None):
+  """The trunk's final hidden states [B, T, d] on inputs [B, T] at
+  positions 0..T-1 (memory: an encoder-decoder's encoded source)."""
   positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32),
                                inputs.shape)
+  h, _ = transformer.Transformer(cfg).apply(
+      {"params": params}, inputs, positions, memory=memory, method="trunk")
+  return h
+
+
+def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool):
+  """Every head's logits [B, T, k, V] on batch rows, with targets and
+  weights [B, T, k] (`losses.head_targets`).
+
+  With a frozen trunk, batch["hidden"] (when the batches carry it:
+  `Trainer.frozen_trunk_features`) stands in for the trunk's states.
+  """
+  k = cfg.num_prediction_heads
+  inputs, targets, weights = losses.head_targets(batch["tokens"], batch["mask"], k)
   model = transformer.Transformer(cfg)
-  memory = None
-  if "source" in batch:  # An encoder-decoder (translation): its source.
-    memory = model.apply({"params": params}, batch["source"],
-                         batch["source_lengths"], method="encode")
-  h, _ = model.apply({"params": params}, inputs, positions, memory=memory,
-                     method="trunk")
+  if frozen_trunk and "hidden" in batch:
+    h = batch["hidden"]
+  else:
+    memory = None
+    if "source" in batch:  # An encoder-decoder (translation): its source.
+      memory = model.apply({"params": params}, batch["source"],
+                           batch["source_lengths"], method="encode")
+    h = trunk_states(params, cfg, inputs, memory)
   if frozen_trunk:
     h = jax.lax.stop_gradient(h)  # [B, T, d] a constant: no trunk backward.
+  if cfg.head_type != "hydra":
+    return model.apply({"params": params}, h, method="head_logits"), \
+        targets, weights
   # Hydra heads read the tokens before their targets: teacher forcing.
-  following = targets if cfg.head_type == "hydra" else None
-  logits = model.apply({"params": params}, h, None, following,
-                       method="head_logits")
+  if transformer.hydra_slots_pay_off(cfg, k, inputs.size):
+    logits = transformer.hydra_logits_from_slots(params, cfg, h, targets)
+  else:
+    logits = model.apply({"params": params}, h, None, targets,
+                         method="head_logits")
   return logits, targets, weights
 
 
@@ -513,7 +536,9 @@ class Trainer:
             prefix_len=d.prefix_len, new_tokens=d.new_tokens,
             batch_size=d.batch_size, seed=c.seed, cache_dir=cache,
             progress=c.progress, temperature=d.get("temperature", 0.0))
-        self._batches = data_lib.ArrayBatches(tokens, mask, c.batch_size, c.seed)
+        self._batches = data_lib.ArrayBatches(
+            tokens, mask, c.batch_size, c.seed,
+            extra=self.frozen_trunk_features(tokens))
         if losses.is_diffusion(self.regime):
           # The autoregressive loss stays on the corpus (diffusion.losses):
           # the base's greedy text alone would sharpen the model into it.
@@ -525,6 +550,34 @@ class Trainer:
         self._batches = data_lib.CorpusBatches(
             self.train_stream, c.data.seq_len, c.batch_size, c.seed)
     return self._batches
+
+  def frozen_trunk_features(self, tokens: np.ndarray) -> dict:
+    """{"hidden": the trunk's states [N, S - 1, d]} on distilled rows
+    tokens [N, S], for the regimes that train heads on a frozen trunk, or {}.
+
+    The trunk never changes there, and the steps visit each row
+    steps x batch_size / N times (the demo's Hydra heads: 7.8 times), so
+    computing its states once, in batches of the step's shape, replaces a
+    trunk forward in every step (`_head_logits` reads batch["hidden"]).
+    {} for other regimes, when no row is visited twice, or when the states
+    would take more than `TRUNK_FEATURE_BYTES` of host memory.
+    """
+    c = self.config
+    n, s = tokens.shape
+    itemsize = jnp.dtype(self.cfg.dtype).itemsize
+    if (losses.REGIMES[self.regime]["trains"] != "heads"
+        or c.steps * c.batch_size <= n
+        or n * (s - 1) * self.cfg.d_model * itemsize > TRUNK_FEATURE_BYTES):
+      return {}
+    b = c.batch_size
+    fn = jax.jit(lambda params, x: trunk_states(params, self.cfg, x))
+    params = self.initial_state.params
+    padded = np.pad(tokens[:, :-1], ((0, -n % b), (0, 0)))
+    parts = [np.asarray(jax.device_get(fn(params, padded[i:i + b])))
+             for i in tqdm(range(0, len(padded), b), disable=not c.progress,
+                           desc="frozen trunk states", unit="batch",
+                           dynamic_ncols=True)]
+    return {"hidden": np.concatenate(parts)[:n]}
 
   def evaluate(self, params) -> dict:
     """Held-out per-head losses (nats per token) and head-1 nats per byte."""
