@@ -326,6 +326,9 @@ def test_training_runs_hydra_heads_through_slot_tables(seed, regime):
 
   slots = lambda p: train.head_losses(p, cfg, batch, regime)
   np.testing.assert_allclose(slots(params), own_join(params), rtol=1e-5)
+  np.testing.assert_allclose(  # Forced off: the heads' own join.
+      train.head_losses(params, cfg, batch, regime, hydra_slots=False),
+      own_join(params), rtol=1e-6)
   want, got = jax.grad(loss(own_join))(params), jax.grad(loss(slots))(params)
   jax.tree_util.tree_map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

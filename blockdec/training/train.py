@@ -174,12 +174,17 @@ def trunk_states(params, cfg: ModelConfig, inputs, memory=None):
   return h
 
 
-def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool):
+def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool,
+                 hydra_slots: bool | None = None):
   """Every head's logits [B, T, k, V] on batch rows, with targets and
   weights [B, T, k] (`losses.head_targets`).
 
   With a frozen trunk, batch["hidden"] (when the batches carry it:
   `Trainer.frozen_trunk_features`) stands in for the trunk's states.
+  `hydra_slots`: run Hydra heads through slot tables
+  (`transformer.hydra_logits_from_slots`; same result up to float
+  rounding) or through their own join; None: where the tables cost less
+  (`transformer.hydra_slots_pay_off`).
   """
   k = cfg.num_prediction_heads
   inputs, targets, weights = losses.head_targets(batch["tokens"], batch["mask"], k)
@@ -198,7 +203,9 @@ def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool):
     return model.apply({"params": params}, h, method="head_logits"), \
         targets, weights
   # Hydra heads read the tokens before their targets: teacher forcing.
-  if transformer.hydra_slots_pay_off(cfg, k, inputs.size):
+  if hydra_slots is None:
+    hydra_slots = transformer.hydra_slots_pay_off(cfg, k, inputs.size)
+  if hydra_slots:
     logits = transformer.hydra_logits_from_slots(params, cfg, h, targets)
   else:
     logits = model.apply({"params": params}, h, None, targets,
@@ -206,15 +213,19 @@ def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool):
   return logits, targets, weights
 
 
-def head_losses(params, cfg: ModelConfig, batch, regime: str) -> jax.Array:
-  """Per-head mean cross-entropy [k] on batch {"tokens", "mask"} [B, S]."""
+def head_losses(params, cfg: ModelConfig, batch, regime: str,
+                hydra_slots: bool | None = None) -> jax.Array:
+  """Per-head mean cross-entropy [k] on batch {"tokens", "mask"} [B, S]
+  (`hydra_slots`: see `_head_logits`)."""
   return losses.per_head_losses(*_head_logits(
-      params, cfg, batch, losses.REGIMES[regime]["trains"] == "heads"))
+      params, cfg, batch, losses.REGIMES[regime]["trains"] == "heads",
+      hydra_slots))
 
 
 def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
                     first_head_weight: float = 1.0, diffusion_cfg=None,
-                    seed: int = 0, eagle_cfg=None):
+                    seed: int = 0, eagle_cfg=None,
+                    hydra_slots: bool | None = None):
   """The pure step of `regime`: (TrainState, batch) -> (TrainState, metrics).
 
   `first_head_weight`: see `losses.regime_loss`. `diffusion_cfg` (regime
@@ -222,6 +233,8 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
   drawn from (seed, step), so a resumed run draws the same ones.
   `eagle_cfg` (regimes "eagle*"): `feature_weight`, `noise` and `unroll`
   (training/eagle.py); its noise is drawn from (seed, step) too.
+  `hydra_slots`: how Hydra heads run (`_head_logits`; None: the cheaper
+  way, which the Trainer uses).
   """
   losses.check_regime(regime, cfg.num_prediction_heads)
   if losses.is_diffusion(regime) and cfg.mask_token_id is None:
@@ -248,7 +261,7 @@ def make_train_step(cfg: ModelConfig, regime: str, optimizer, schedule,
       return loss, (parts["token_loss"], {
           "eagle_feature_loss": parts["feature_loss"],
           "eagle_top1": parts["top1"]})
-    per_head = head_losses(params, cfg, batch, regime)
+    per_head = head_losses(params, cfg, batch, regime, hydra_slots)
     return (losses.regime_loss(regime, per_head, first_head_weight),
             (per_head, {}))
 
