@@ -30,7 +30,6 @@ Launch (from the repository root; the base comes from the cache, which
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import statistics
@@ -54,26 +53,8 @@ VARIANTS = ("before", "states", "states+slots")
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--configs", default=",".join(CONFIGS),
-                 help="comma-separated config:preset specs of head regimes "
-                      "on distilled rows")
-  p.add_argument("--repeats", type=int, default=5, help="timed rounds")
-  p.add_argument("--steps", type=int, default=2,
-                 help="steps per config and variant in each round")
-  p.add_argument("--corpus", default=None,
-                 help="override config.data.corpus (tests)")
-  p.add_argument("--cache-dir", default=str(ROOT / "cache"),
-                 help="where the bases are found or trained")
-  p.add_argument("--out", default=str(RESULTS / "frozen_heads_step"))
-  args = p.parse_args(argv)
-  args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-  bad = [c for c in args.configs if c.count(":") != 1]
-  if bad or not args.configs:
-    p.error(f"--configs needs config:preset specs, got {bad or args.configs}")
-  if args.repeats < 1 or args.steps < 1:
-    p.error("--repeats and --steps must be >= 1")
-  return args
+  return train_step.parse_step_args(train_step.step_arg_parser(
+      __doc__, CONFIGS, "frozen_heads_step"), argv)
 
 
 def variants_of(trainer):

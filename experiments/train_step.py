@@ -41,9 +41,11 @@ CONFIGS = ("configs/base_lm.py:demo", "configs/draft_model.py:demo",
            "configs/heads_hydra.py:demo_distill", "configs/heads_frozen.py:demo")
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--configs", default=",".join(CONFIGS),
+def step_arg_parser(doc: str, configs, out: str) -> argparse.ArgumentParser:
+  """The flags of a side-by-side train-step benchmark (this one and
+  frozen_heads_step.py): configs, rounds, steps, corpus, cache, output."""
+  p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  p.add_argument("--configs", default=",".join(configs),
                  help="comma-separated config:preset specs")
   p.add_argument("--repeats", type=int, default=5, help="timed rounds")
   p.add_argument("--steps", type=int, default=2,
@@ -53,7 +55,11 @@ def parse_args(argv=None):
   p.add_argument("--cache-dir", default=str(ROOT / "cache"),
                  help="where the bases of head and draft regimes are found "
                       "or trained")
-  p.add_argument("--out", default=str(RESULTS / "train_step"))
+  p.add_argument("--out", default=str(RESULTS / out))
+  return p
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv=None):
   args = p.parse_args(argv)
   args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
   bad = [c for c in args.configs if c.count(":") != 1]
@@ -63,6 +69,11 @@ def parse_args(argv=None):
   if args.repeats < 1 or args.steps < 1:
     p.error(f"--repeats={args.repeats} and --steps={args.steps} must be >= 1")
   return args
+
+
+def parse_args(argv=None):
+  return parse_step_args(step_arg_parser(__doc__, CONFIGS, "train_step"),
+                         argv)
 
 
 def load(spec: str, corpus: str | None):
