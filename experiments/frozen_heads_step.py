@@ -1,9 +1,10 @@
 r"""The train step of heads on a frozen trunk: as it was, and as it is now.
 
 Heads trained on a frozen trunk over distilled rows ("distill" regime: the
-`make demo` Hydra heads, configs/heads_hydra.py:demo_distill) revisit each
-row several times, and the trunk never changes, so the Trainer computes its
-states once (`Trainer.frozen_trunk_features`) instead of in every step; and
+`make demo` Hydra heads, configs/heads_hydra.py:demo_distill; the EAGLE
+drafter's "eagle_distill" alike) revisit each row several times, and the
+trunk never changes, so the Trainer computes its states once
+(`Trainer.frozen_trunk_features`) instead of in every step; and
 Hydra heads run through slot tables built in the step
 (`transformer.hydra_logits_from_slots`) when a batch has more positions
 than the vocabulary. This times three steps of each config side by side
@@ -13,7 +14,8 @@ and initial state, compiled with the Trainer's options:
   before        the trunk in the step, Hydra heads through their own join
   states        the trunk's states from the batch, heads' own join
   states+slots  the trunk's states from the batch, Hydra slot tables
-                (what the Trainer runs; for Stern heads the same as states)
+                (what the Trainer runs; for Stern heads and EAGLE the
+                same as states)
 
 Each round runs every variant `--steps` times, alternating, so the
 machine's drift reaches all alike; cells are medians over `--repeats`
@@ -48,7 +50,7 @@ import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 CONFIGS = ("configs/heads_hydra.py:demo_distill",
-           "configs/heads_distill.py:demo")
+           "configs/heads_distill.py:demo", "configs/eagle.py:demo_distill")
 VARIANTS = ("before", "states", "states+slots")
 
 
@@ -74,8 +76,10 @@ def variants_of(trainer):
       trainer.regime, trainer.config.get("cpu_ynn_dots_only", "auto"))
 
   def step(hydra_slots):
+    c = trainer.config
     fn = train.make_train_step(trainer.cfg, trainer.regime, trainer.optimizer,
                                trainer.schedule, trainer.first_head_weight,
+                               seed=c.seed, eagle_cfg=c.get("eagle"),
                                hydra_slots=hydra_slots)
     return jax.jit(fn, compiler_options=options or None)
 
@@ -93,10 +97,10 @@ def main(argv=None):
   for i, spec in enumerate(args.configs):
     config = train_step.load(spec, args.corpus)
     trainer = train_step.trainer_for(config, args.cache_dir, scratch / str(i))
-    if losses.REGIMES[trainer.regime]["trains"] != "heads":
+    if losses.REGIMES[trainer.regime]["trains"] not in ("heads", "eagle"):
       raise SystemExit(f"frozen_heads_step: {spec} trains "
                        f"{losses.REGIMES[trainer.regime]['trains']!r}, not "
-                       "heads on a frozen trunk.")
+                       "heads or an EAGLE drafter on a frozen trunk.")
     fns, states_s = variants_of(trainer)
     state = trainer.initial_state
     loss = {}
@@ -123,7 +127,8 @@ def main(argv=None):
              for n in VARIANTS}
     rows.append({
         "config": spec, "regime": trainer.regime,
-        "head_type": trainer.cfg.head_type,
+        "head_type": ("EAGLE drafter" if trainer.regime.startswith("eagle")
+                      else trainer.cfg.head_type),
         "steps": steps, "batch_size": trainer.config.batch_size,
         "rows": int(trainer.batches.tokens.shape[0]),
         "states_once_s": states_s,
@@ -158,7 +163,7 @@ def markdown(result) -> str:
       f"rounds of {result['steps']} steps each. Phase: the config's steps x "
       "the median step, plus computing the states once where they are read. "
       "The first step's losses agree up to float rounding.", "",
-      "| config | heads | steps x batch over rows | states once (s) "
+      "| config | trains | steps x batch over rows | states once (s) "
       "| before (s) | states (s) | states+slots (s) | step speedup "
       "| phase: before -> now | first-step loss (before / now) |",
       "|---|---|---|---|---|---|---|---|---|---|"]

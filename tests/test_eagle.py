@@ -243,12 +243,28 @@ def test_eagle_trains_on_the_bases_greedy_text(base, corpus, tmp_path):
   assert config.name == "eagle_tiny_distill"
   config.data.corpus = str(corpus)
   config.data.valid_fraction, config.data.test_fraction = 0.2, 0.1
-  config.progress, config.steps = False, 2
+  config.progress, config.steps = False, 4  # 4 x 4 rows over 8: revisited.
   config.distill.cache_dir = str(tmp_path / "distill")
   summary = train.train(config, tmp_path / "run",
                         init=(cfg, params, tokenizer))
   assert summary["regime"] == "eagle_distill"
   assert len(list((tmp_path / "distill").glob("distill-*.npz"))) == 1
+  # The frozen trunk's states of the whole rows are computed once and
+  # carried by the batches; the step gives what it gives without them.
+  trainer = train.Trainer(config, tmp_path / "again",
+                          init=(cfg, params, tokenizer))
+  batch = trainer.batches.batch(0)
+  assert batch["hidden"].shape == batch["tokens"].shape + (cfg.d_model,)
+  np.testing.assert_allclose(
+      batch["hidden"], train.trunk_states(trainer.initial_state.params,
+                                          trainer.cfg, batch["tokens"]),
+      rtol=1e-5, atol=1e-6)
+  state = trainer.initial_state
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      trainer.train_step(state, batch),
+      trainer.train_step(state, {k: v for k, v in batch.items()
+                                 if k != "hidden"}))
   _, eparams, _ = blockdec.load_checkpoint(tmp_path / "run")
   for key in params:
     jax.tree_util.tree_map(np.testing.assert_array_equal, eparams[key],

@@ -38,7 +38,9 @@ from blockdec.models import transformer
 def losses(params, cfg: ModelConfig, batch, key: jax.Array, *,
            feature_weight: float = 1.0, noise: float = 0.1,
            unroll: int = 2):
-  """(loss, metrics) of the EAGLE drafter on batch {"tokens", "mask"} [B, S].
+  """(loss, metrics) of the EAGLE drafter on batch {"tokens", "mask"} [B, S]
+  (and "hidden" [B, S, d], the frozen trunk's states of the rows, where the
+  Trainer computed them once).
 
   Args:
     params: the model's parameters (the trunk is treated as a constant).
@@ -61,8 +63,11 @@ def losses(params, cfg: ModelConfig, batch, key: jax.Array, *,
   model = transformer.Transformer(cfg)
   positions = jnp.broadcast_to(
       jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  hidden, _ = model.apply({"params": params}, tokens, positions,
-                          method="trunk")
+  if "hidden" in batch:  # The frozen trunk's states, computed once
+    hidden = batch["hidden"]  # (`Trainer.frozen_trunk_features`).
+  else:
+    hidden, _ = model.apply({"params": params}, tokens, positions,
+                            method="trunk")
   hidden = jax.lax.stop_gradient(hidden)  # [B, S, d]
   teacher = jax.lax.stop_gradient(model.apply(
       {"params": params}, hidden, method="vocab_logits"))  # [B, S, V]

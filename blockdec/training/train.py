@@ -565,27 +565,32 @@ class Trainer:
     return self._batches
 
   def frozen_trunk_features(self, tokens: np.ndarray) -> dict:
-    """{"hidden": the trunk's states [N, S - 1, d]} on distilled rows
-    tokens [N, S], for the regimes that train heads on a frozen trunk, or {}.
+    """{"hidden": the frozen trunk's states} on distilled rows tokens
+    [N, S], or {}.
 
-    The trunk never changes there, and the steps visit each row
-    steps x batch_size / N times (the demo's Hydra heads: 7.8 times), so
-    computing its states once, in batches of the step's shape, replaces a
-    trunk forward in every step (`_head_logits` reads batch["hidden"]).
-    {} for other regimes, when no row is visited twice, or when the states
-    would take more than `TRUNK_FEATURE_BYTES` of host memory.
+    For the regimes that train on a frozen trunk: heads ("frozen",
+    "distill"; the states of inputs tokens[:, :-1], [N, S - 1, d], which
+    `_head_logits` reads) and the EAGLE drafter ("eagle_distill"; of the
+    whole rows, [N, S, d], which `eagle.losses` reads). The trunk never
+    changes there, and the steps visit each row steps x batch_size / N
+    times (the demo's Hydra heads: 7.8 times), so computing its states
+    once, in batches of the step's shape, replaces a trunk forward in every
+    step. {} for other regimes, when no row is visited twice, or when the
+    states would take more than `TRUNK_FEATURE_BYTES` of host memory.
     """
     c = self.config
-    n, s = tokens.shape
+    trains = losses.REGIMES[self.regime]["trains"]
+    rows = tokens if trains == "eagle" else tokens[:, :-1]
+    n, t = rows.shape
     itemsize = jnp.dtype(self.cfg.dtype).itemsize
-    if (losses.REGIMES[self.regime]["trains"] != "heads"
+    if (trains not in ("heads", "eagle")
         or c.steps * c.batch_size <= n
-        or n * (s - 1) * self.cfg.d_model * itemsize > TRUNK_FEATURE_BYTES):
+        or n * t * self.cfg.d_model * itemsize > TRUNK_FEATURE_BYTES):
       return {}
     b = c.batch_size
     fn = jax.jit(lambda params, x: trunk_states(params, self.cfg, x))
     params = self.initial_state.params
-    padded = np.pad(tokens[:, :-1], ((0, -n % b), (0, 0)))
+    padded = np.pad(rows, ((0, -n % b), (0, 0)))
     parts = [np.asarray(jax.device_get(fn(params, padded[i:i + b])))
              for i in tqdm(range(0, len(padded), b), disable=not c.progress,
                            desc="frozen trunk states", unit="batch",
