@@ -7,10 +7,11 @@ First run: trains configs/base_lm.py:demo, then
 configs/heads_hydra.py:demo_distill (the base greedily continues 512 corpus
 prefixes, and Hydra's dependent heads learn those continuations on the
 frozen base: the best lossless drafter that fits the first run), caching
-both under cache/. From an empty cache on 2 CPU cores (an Intel Xeon) the
-first run took 14 min 41 s: training the base 9.3 min, generating the
-continuations 0.7, the heads 3.0, decoding the rest. Later runs reuse
-the cache and only decode. Stern's heads trained on the corpus
+both under cache/. From a fresh clone on 2 CPU cores (an AMD EPYC) `make
+demo` took 13 min 53 s: setting up .venv 1.0 min, training the base 8.7,
+generating the continuations 0.6, the frozen trunk's states of them 0.2,
+the heads 1.9, decoding the rest. Later runs reuse the cache and only
+decode. Stern's heads trained on the corpus
 (configs/heads_frozen.py:demo, the drafter this demo showed before) and the
 EAGLE-style drafter (configs/eagle.py:demo) are decoded too once they are in
 the cache. The work happens in blockdec.training (pipeline, evaluation);
