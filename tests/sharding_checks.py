@@ -470,6 +470,31 @@ def check_trainer():
     _tree_close(ref.params, final.params, "trainer (4,2) -> (2,4)", rtol=0,
                 atol=2 * config(None).optim.learning_rate)
 
+    # Hydra heads on that base over its distilled rows, on a mesh: the
+    # frozen trunk's states are computed once from the sharded parameters
+    # (Trainer.frozen_trunk_features) and the run follows the one-device
+    # run.
+    def hydra(mesh_shape):
+      c = pipeline.load_config(root / "configs" / "heads_hydra.py",
+                               "tiny_distill")
+      c.data.corpus = str(corpus)
+      c.data.valid_fraction, c.data.test_fraction = 0.2, 0.1
+      c.progress, c.steps, c.eval_every = False, 4, 4  # 16 rows over 8.
+      c.distill.cache_dir = str(tmp / "distill")
+      c.sharding.mesh_shape = mesh_shape
+      return c
+
+    base = blockdec.load_checkpoint(tmp / "ref")
+    train.Trainer(hydra(None), tmp / "hydra_ref", init=base).run()
+    sharded = train.Trainer(hydra((4, 2)), tmp / "hydra_sharded", init=base)
+    assert "hidden" in sharded.batches.batch(0), "states not reused"
+    _, summary = sharded.run()
+    assert summary is not None
+    ref_rows, got_rows = rows(tmp / "hydra_ref"), rows(tmp / "hydra_sharded")
+    assert [r[:2] for r in ref_rows] == [r[:2] for r in got_rows], got_rows
+    np.testing.assert_allclose([r[2] for r in got_rows],
+                               [r[2] for r in ref_rows], rtol=1e-4)
+
 
 CASES = {name[len("check_"):]: fn for name, fn in globals().items()
          if name.startswith("check_")}
