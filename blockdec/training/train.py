@@ -116,10 +116,10 @@ def cpu_compiler_options(regime: str, setting: str = "auto", *,
   trunk that had XLA write the MLP's activation gradients transposed
   ([tokens, ff] -> [ff, tokens], a fifth of the demo base's 1.6 s step);
   with the library limited to dots they are not, and the steps of the
-  regimes that backpropagate through a model ran 1.12-1.40x faster on 2 CPU
+  regimes that backpropagate through a model ran 1.21-1.49x faster on 2 CPU
   cores (experiments/results/train_step.md; docs/architecture.md, "Training
   speed on CPU"). The head regimes on a frozen trunk ("frozen", "distill")
-  ran 0.89-0.90x, so "auto" leaves them at XLA's default.
+  ran 0.96-1.01x, so "auto" leaves them at XLA's default.
 
   Args:
     regime: the training regime (losses.REGIMES).
