@@ -568,10 +568,11 @@ class Trainer:
     """{"hidden": the frozen trunk's states} on distilled rows tokens
     [N, S], or {}.
 
-    For the regimes that train on a frozen trunk: heads ("frozen",
-    "distill"; the states of inputs tokens[:, :-1], [N, S - 1, d], which
-    `_head_logits` reads) and the EAGLE drafter ("eagle_distill"; of the
-    whole rows, [N, S, d], which `eagle.losses` reads). The trunk never
+    For the regimes that train on a frozen trunk over distilled rows:
+    heads ("distill"; the states of the inputs tokens[:, :-1],
+    [N, S - 1, d], which `_head_logits` reads) and the EAGLE drafter
+    ("eagle_distill"; of the whole rows, [N, S, d], which `eagle.losses`
+    reads). The trunk never
     changes there, and the steps visit each row steps x batch_size / N
     times (the demo's Hydra heads: 7.8 times), so computing its states
     once, in batches of the step's shape, replaces a trunk forward in every
