@@ -592,7 +592,7 @@ class Trainer:
     fn = jax.jit(lambda params, x: trunk_states(params, self.cfg, x))
     params = self.initial_state.params
     padded = np.pad(rows, ((0, -n % b), (0, 0)))
-    parts = [np.asarray(jax.device_get(fn(params, padded[i:i + b])))
+    parts = [np.asarray(sharding.to_host(fn(params, padded[i:i + b])))
              for i in tqdm(range(0, len(padded), b), disable=not c.progress,
                            desc="frozen trunk states", unit="batch",
                            dynamic_ncols=True)]
