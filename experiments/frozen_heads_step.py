@@ -110,15 +110,10 @@ def main(argv=None):
     setups[spec] = (trainer, fns, state, states_s, loss)
     print(f"  {spec}: compiled; states of {trainer.batches.tokens.shape[0]} "
           f"rows in {states_s:.1f} s", flush=True)
-  times = {(spec, name): [] for spec in setups for name in VARIANTS}
-  for _ in range(args.repeats):
-    for spec, (_, fns, state, _, _) in setups.items():
-      for name, (fn, batch) in fns.items():
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-          out = fn(state, batch)
-        jax.block_until_ready(out)
-        times[spec, name].append((time.perf_counter() - t0) / args.steps)
+  times = train_step.interleaved_step_times(
+      {(spec, name): (fn, state, batch)
+       for spec, (_, fns, state, _, _) in setups.items()
+       for name, (fn, batch) in fns.items()}, args.repeats, args.steps)
   rows = []
   for spec, (trainer, _, _, states_s, loss) in setups.items():
     median = {n: statistics.median(times[spec, n]) for n in VARIANTS}

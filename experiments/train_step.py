@@ -76,6 +76,21 @@ def parse_args(argv=None):
                          argv)
 
 
+def interleaved_step_times(calls: dict, repeats: int, steps: int) -> dict:
+  """{key: [seconds per step, one per round]} of calls {key: (step, state,
+  batch)}: each of `repeats` rounds runs every call's step `steps` times,
+  one call after another, so the machine's drift reaches all alike."""
+  times = {key: [] for key in calls}
+  for _ in range(repeats):
+    for key, (fn, state, batch) in calls.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = fn(state, batch)
+      jax.block_until_ready(out)
+      times[key].append((time.perf_counter() - t0) / steps)
+  return times
+
+
 def load(spec: str, corpus: str | None):
   path, preset = spec.split(":")
   config = pipeline.load_config(ROOT / path if not os.path.isabs(path)
@@ -128,15 +143,10 @@ def main(argv=None):
     steps[spec] = (config, variants, state, batch, first, loss)
     print(f"  {spec}: compiled ({first['xla_default']:.1f} s / "
           f"{first['dots_only']:.1f} s)", flush=True)
-  times = {(spec, name): [] for spec, v in steps.items() for name in v[1]}
-  for _ in range(args.repeats):
-    for spec, (_, variants, state, batch, _, _) in steps.items():
-      for name, fn in variants.items():
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-          out = fn(state, batch)
-        jax.block_until_ready(out)
-        times[spec, name].append((time.perf_counter() - t0) / args.steps)
+  times = interleaved_step_times(
+      {(spec, name): (fn, state, batch)
+       for spec, (_, variants, state, batch, _, _) in steps.items()
+       for name, fn in variants.items()}, args.repeats, args.steps)
   rows = []
   for spec, (config, _, _, _, first, loss) in steps.items():
     default = statistics.median(times[spec, "xla_default"])

@@ -93,8 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
   # to its YNNPACK library; limiting it to dots made the backward pass skip
   # transposed copies of the MLP activations (train.cpu_compiler_options).
   # "auto": limit it for the regimes that backpropagate through a model
-  # (steps 1.1-1.4x faster on 2 CPU cores), not for the frozen-trunk head
-  # regimes (0.9x there); "on"; "off" (XLA's default). Ignored on other
+  # (steps 1.2-1.5x faster on 2 CPU cores), not for the frozen-trunk head
+  # regimes (0.96-1.01x there); "on"; "off" (XLA's default). Ignored on other
   # backends and jaxlib versions. Same math up to float rounding; not part
   # of the run's cache key.
   c.cpu_ynn_dots_only = "auto"

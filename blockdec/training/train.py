@@ -199,16 +199,14 @@ def _head_logits(params, cfg: ModelConfig, batch, frozen_trunk: bool,
     h = trunk_states(params, cfg, inputs, memory)
   if frozen_trunk:
     h = jax.lax.stop_gradient(h)  # [B, T, d] a constant: no trunk backward.
-  if cfg.head_type != "hydra":
-    return model.apply({"params": params}, h, method="head_logits"), \
-        targets, weights
   # Hydra heads read the tokens before their targets: teacher forcing.
+  following = targets if cfg.head_type == "hydra" else None
   if hydra_slots is None:
     hydra_slots = transformer.hydra_slots_pay_off(cfg, k, inputs.size)
-  if hydra_slots:
-    logits = transformer.hydra_logits_from_slots(params, cfg, h, targets)
+  if following is not None and hydra_slots:
+    logits = transformer.hydra_logits_from_slots(params, cfg, h, following)
   else:
-    logits = model.apply({"params": params}, h, None, targets,
+    logits = model.apply({"params": params}, h, None, following,
                          method="head_logits")
   return logits, targets, weights
 
@@ -572,12 +570,12 @@ class Trainer:
     heads ("distill"; the states of the inputs tokens[:, :-1],
     [N, S - 1, d], which `_head_logits` reads) and the EAGLE drafter
     ("eagle_distill"; of the whole rows, [N, S, d], which `eagle.losses`
-    reads). The trunk never
-    changes there, and the steps visit each row steps x batch_size / N
-    times (the demo's Hydra heads: 7.8 times), so computing its states
-    once, in batches of the step's shape, replaces a trunk forward in every
-    step. {} for other regimes, when no row is visited twice, or when the
-    states would take more than `TRUNK_FEATURE_BYTES` of host memory.
+    reads). The trunk never changes there, and the steps visit each row
+    steps x batch_size / N times (the demo's Hydra heads: 7.8 times), so
+    computing its states once, in batches of the step's shape, replaces a
+    trunk forward in every step. {} for other regimes, when no row is
+    visited twice, or when the states would take more than
+    `TRUNK_FEATURE_BYTES` of host memory.
     """
     c = self.config
     trains = losses.REGIMES[self.regime]["trains"]
