@@ -10,13 +10,19 @@ Launch (from the repository root):
 
   blockdec train --config configs/translation.py:cpu            # the base
   blockdec train --config configs/translation.py:cpu,both       # a regime
-  python experiments/stern_translation.py --config=configs/translation.py:cpu
+  blockdec train --config configs/translation.py:cpu,both,hydra # other heads
+  python experiments/stern_translation.py --preset=cpu
 
 The argument is "<preset>" (the base translation model, regime "base") or
 "<preset>,<regime>" with a regime of Stern's table: regular (frozen base,
 heads on the references), distillation (frozen base, heads on the base's
 greedy translations), fine-tuning (all parameters, from the regular run),
 both (all parameters on the distilled data, from the distillation run).
+A third part picks the proposal heads (ModelConfig.head_type): "stern"
+(the default: Stern's independent heads, each reading the decoder's state)
+or "hydra" (dependent heads that also read the tokens before their target;
+configs/heads_hydra.py); a "hydra" fine-tuned regime starts from the
+"hydra" run of its table row.
 
 Presets:
   tiny  seconds; tests and smoke runs.
@@ -110,19 +116,29 @@ def base_config(preset: str):
   return c
 
 
-def regime_config(preset: str, regime: str):
+HEAD_TYPES = ("stern", "hydra")
+
+
+def regime_config(preset: str, regime: str, head_type: str = "stern"):
   """The training config of one of Stern's regimes (k heads on the base)."""
   if regime not in REGIMES:
     raise ValueError(f"translation regime {regime!r} unknown; allowed: "
                      f"{tuple(REGIMES)}.")
+  if head_type not in HEAD_TYPES:
+    raise ValueError(f"translation head type {head_type!r} unknown; "
+                     f"allowed: {HEAD_TYPES}.")
   p = PRESETS[preset]
   base = base_config(preset)
   c = default_config()
-  c.name = f"translation_{REGIMES[regime]}_{preset}_k{p.k}"
+  # Stern's heads keep the run names they were cached under.
+  hydra = "_hydra" if head_type == "hydra" else ""
+  c.name = f"translation_{REGIMES[regime]}{hydra}_{preset}_k{p.k}"
   c.regime = REGIMES[regime]
   c.base = base
   c.init_from = ""
   c.model = {"num_prediction_heads": p.k, "head_hidden": 0}
+  if head_type != "stern":  # Stern's configs keep their cache digests.
+    c.model.head_type = head_type
   c.data = base.data.copy_and_resolve_references()
   c.batch_size = p.batch
   steps = p.finetune_steps if regime in FINETUNE_FROM else p.head_steps
@@ -135,7 +151,7 @@ def regime_config(preset: str, regime: str):
   c.distill.num_sequences = p.distill_pairs  # Sources the base translates.
   c.distill.batch_size = 256                 # Sources per decoding call.
   if regime in FINETUNE_FROM:
-    c.base = regime_config(preset, FINETUNE_FROM[regime])
+    c.base = regime_config(preset, FINETUNE_FROM[regime], head_type)
     c.optim.trunk_lr_scale = FINETUNE_TRUNK_LR_SCALE
     c.first_head_weight = float(p.k - 1)  # Head 1 is half of the loss.
   if preset == "tiny":
@@ -145,8 +161,13 @@ def regime_config(preset: str, regime: str):
 
 
 def get_config(arg="cpu"):
-  preset, _, regime = (arg or "cpu").partition(",")
+  preset, regime, head_type, *rest = (arg or "cpu").split(",") + ["", ""]
   if preset not in PRESETS:
     raise ValueError(f"translation preset {preset!r} unknown; allowed: "
                      f"{tuple(PRESETS)}.")
-  return base_config(preset) if not regime else regime_config(preset, regime)
+  if any(rest) or (head_type and not regime):
+    raise ValueError(f"translation config {arg!r}: expected <preset>, "
+                     "<preset>,<regime> or <preset>,<regime>,<head type>.")
+  if not regime:
+    return base_config(preset)
+  return regime_config(preset, regime, head_type or "stern")

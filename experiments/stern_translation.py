@@ -6,13 +6,18 @@ Run from the repository root::
     python experiments/stern_translation.py --preset=demo
     python experiments/stern_translation.py --preset=tiny --num_test=16 \
         --out=/tmp/st    # smoke run
+    python experiments/stern_translation.py --head_type=hydra \
+        --out=experiments/results/stern_translation_hydra
 
 Trains (or reuses from `--cache_dir`) the models of configs/translation.py:
 an English -> German encoder-decoder on the installed gettext catalogs and
 one k-head model per regime of Stern's Table 1 (regular = frozen base with
 heads on the references, distillation = heads on the base's greedy
 translations, fine-tuning, both). Block size k uses the first k heads of
-that model (Stern trained one model per k). On the held-out test catalogs
+that model (Stern trained one model per k). `--head_type=hydra` trains the
+same regimes with dependent heads (each also reads the tokens before its
+target: configs/heads_hydra.py) in place of Stern's independent ones, on the
+same base. On the held-out test catalogs
 (programs unseen in training) it measures, per (regime, k, acceptance):
 
 * mean accepted block size: target tokens (EOS included) per decoder call,
@@ -92,6 +97,9 @@ def _define_flags():
                         "configs/translation.py preset."),
       flags.DEFINE_enum("only", "all", ("all", "train"),
                         "train: only train or reuse the models."),
+      flags.DEFINE_enum("head_type", "stern", ("stern", "hydra"),
+                        "The regimes' proposal heads: Stern's independent "
+                        "heads, or Hydra's dependent ones."),
       flags.DEFINE_integer("num_test", 0,
                            "Test pairs decoded (0 = all of the test split)."),
       flags.DEFINE_list("approximate", list(APPROXIMATE),
@@ -167,16 +175,18 @@ def apply_overrides(config, regime: str, changes: dict):
 
 
 def train_all(preset: str, cache_dir: str, locale_dir: str = "",
-              overrides: dict | None = None):
+              overrides: dict | None = None, head_type: str = "stern"):
   """{regime: Run} and the base Run, trained now or reused.
 
   `overrides` {regime: {dotted config key: value}} changes those regimes'
   training configs (a study; the other regimes keep the preset's).
+  `head_type`: the regimes' proposal heads (configs/translation.py).
   """
   base = pipeline.train_or_load(load_config(preset, locale_dir), cache_dir)
   runs = {}
   for r in REGIMES:
-    c = apply_overrides(load_config(f"{preset},{r}", locale_dir), r,
+    c = apply_overrides(load_config(f"{preset},{r},{head_type}", locale_dir),
+                        r,
                         (overrides or {}).get(r, {}))
     runs[r] = pipeline.train_or_load(c, cache_dir)
   return base, runs
@@ -288,14 +298,16 @@ def time_method(translator: Translator, run, method, rows, batch: int,
 def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
                   timed=("regular", "both"), timing_sentences=16, repeats=3,
                   batch_size=64, only="all", approximate=tuple(APPROXIMATE),
-                  locale_dir="", overrides=None) -> dict:
+                  locale_dir="", overrides=None,
+                  head_type="stern") -> dict:
   """Trains or reuses the models, measures, writes <out>.json|md|png.
 
   `approximate`: the lossy rules measured at the largest k (names of
   APPROXIMATE). `locale_dir`: read the catalogs there (tests build their
   own). Returns the report (the JSON's content).
   """
-  base, runs = train_all(preset, cache_dir, locale_dir, overrides)
+  base, runs = train_all(preset, cache_dir, locale_dir, overrides,
+                         head_type)
   if only == "train":
     return {}
   cfg0 = load_config(preset, locale_dir)
@@ -369,6 +381,7 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
       "machine": metrics.machine_description(),
       "load_1min": {"before": load_before, "after": load_after},
       "preset": preset, "command": " ".join(sys.argv),
+      "head_type": head_type,
       "overrides": dict(overrides or {}),
       "num_test": int(num_test),
       "test_pairs": int(len(rows)),
@@ -451,6 +464,14 @@ def find_row(rows, regime, k, acceptance="exact") -> dict | None:
 
 
 TARGET_K, TARGET_BLOCK, TARGET_BLEU_DROP = 8, 4.0, 1.0
+HEAD_KINDS = {
+    "stern": "Stern's (each head reads the decoder's final state; "
+             "configs/translation.py, `head_type=\"stern\"`)",
+    "hydra": "Hydra's dependent heads, not Stern's (head j also reads the "
+             "embeddings of the j - 1 tokens before its target, at decoding "
+             "time the drafts of the heads before it; "
+             "`head_type=\"hydra\"`); regimes, data and budgets as Stern's "
+             "rows of experiments/results/stern_translation.md"}
 
 
 def target(report) -> dict | None:
@@ -504,6 +525,8 @@ def markdown(report) -> str:
       f"`experiments/stern_translation.py --preset={report['preset']}"
       + (f" --num_test={report['num_test']}" if report.get("num_test")
          else "")
+      + (f" --head_type={report['head_type']}"
+         if report.get("head_type", "stern") != "stern" else "")
       + (" --override=" + ",".join(
           f"{r}:{k}={v}" for r, changes in report["overrides"].items()
           for k, v in changes.items())
@@ -517,6 +540,8 @@ def markdown(report) -> str:
       f"shared BPE vocabulary of {base['model']['vocab_size']}; held-out "
       f"loss {base['valid_loss']:.3f} nats/token; greedy **BLEU "
       f"{base['bleu']:.2f}** (sacreBLEU 13a).", "",
+      "Proposal heads: " + HEAD_KINDS[report.get("head_type", "stern")]
+      + ".", "",
       "## Mean accepted block size and BLEU (exact acceptance)", "",
       "Cells: mean accepted block size (in brackets: over the sentences "
       "whose translation is not degenerate, `blockdec.metrics`' rule: "
@@ -711,7 +736,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   run_benchmark(f.preset, f.cache_dir, f.out, f.num_test, tuple(f.timed),
                 f.timing_sentences, f.repeats, f.batch_size, f.only,
-                tuple(f.approximate), overrides=overrides)
+                tuple(f.approximate), overrides=overrides,
+                head_type=f.head_type)
 
 
 if __name__ == "__main__":

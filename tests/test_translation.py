@@ -198,6 +198,10 @@ def test_benchmark_rows(trained, tmp_path):
   untimed = dict(report, rows=[dict(r, speedup_b1=None, speedup_b8=None)
                                for r in rows])
   assert "Not timed in this run" in module.markdown(untimed)
+  assert report["head_type"] == "stern" and "Proposal heads: Stern's" in md
+  hydra_md = module.markdown(dict(report, head_type="hydra"))
+  assert "Proposal heads: Hydra's dependent heads, not Stern's" in hydra_md
+  assert "--num_test=8 --head_type=hydra`" in hydra_md
   assert (tmp_path / "st.png").stat().st_size > 0
 
 
@@ -260,3 +264,47 @@ def test_overrides_change_only_the_named_regimes(trained):
     module.apply_overrides(c, "both", {"steps": "many"})
   module.apply_overrides(c, "both", {"base.model.head_hidden": 64})
   assert c.base.model.head_hidden == 64
+
+
+def test_hydra_heads_train_every_regime_and_decode_exactly(trained):
+  """configs/translation.py:<preset>,<regime>,hydra: the same regimes with
+  Hydra's dependent heads, each fine-tuned regime starting from its Hydra
+  row; decoding stays exact, and Stern's runs keep their names."""
+  module, locale, cache, base, stern_runs = trained
+  _, runs = module.train_all("tiny", str(cache), str(locale),
+                             head_type="hydra")
+  for regime, run in runs.items():
+    assert run.cfg.head_type == "hydra", regime
+    assert "_hydra_" in run.workdir.name, regime
+    assert stern_runs[regime].cfg.head_type == "stern", regime
+    assert "_hydra" not in stern_runs[regime].workdir.name, regime
+  both = module.load_config("tiny,both,hydra", str(locale))
+  assert both.base.name == "translation_distill_hydra_tiny_k4"
+  assert both.base.model.head_type == "hydra"
+  # The frozen-trunk regimes keep the base's trunk and head 1.
+  flat = lambda p: jax.tree_util.tree_leaves(
+      {k: v for k, v in p.items() if k != "proposal_heads"})
+  for regime in ("regular", "distillation"):
+    assert all(np.array_equal(a, b) for a, b in
+               zip(flat(runs[regime].params), flat(base.params))), regime
+  _, c = _config("tiny", locale)
+  task = translation.TranslationTask(c.data, base.tokenizer)
+  test = task.encoded["test"]
+  rows = np.arange(min(len(test), 6))
+  kw = dict(source=test.sources[rows], source_lengths=test.source_lengths[rows],
+            eos_id=translation.EOS_ID)
+  prompts = np.full((len(rows), 1), translation.BOS_ID)
+  ones = np.ones(len(rows), np.int32)
+  for regime, run in runs.items():
+    greedy = blockdec.greedy_decode(run.params, run.cfg, prompts, ones,
+                                    max_new_tokens=12, **kw)
+    for k in (2, 4):
+      block = blockdec.blockwise_decode(run.params, run.cfg, prompts, ones,
+                                        max_new_tokens=12, block_size=k, **kw)
+      np.testing.assert_array_equal(block.tokens, greedy.tokens)
+      np.testing.assert_array_equal(block.lengths, greedy.lengths)
+  for bad, match in (("tiny,both,medusa", "head type 'medusa'"),
+                     ("tiny,,hydra", "expected <preset>"),
+                     ("tiny,both,hydra,x", "expected <preset>")):
+    with pytest.raises(ValueError, match=match):
+      pipeline.load_config(CONFIG, bad)
