@@ -471,7 +471,10 @@ HEAD_KINDS = {
              "embeddings of the j - 1 tokens before its target, at decoding "
              "time the drafts of the heads before it; "
              "`head_type=\"hydra\"`); regimes, data and budgets as Stern's "
-             "rows of experiments/results/stern_translation.md"}
+             "rows of experiments/results/stern_translation.md. In the "
+             "head-agreement table head j reads the greedy tokens before "
+             "its target, so its agreement is the chance a draft survives "
+             "once the drafts before it have"}
 
 
 def target(report) -> dict | None:
