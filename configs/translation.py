@@ -130,14 +130,15 @@ def regime_config(preset: str, regime: str, head_type: str = "stern"):
   p = PRESETS[preset]
   base = base_config(preset)
   c = default_config()
-  # Stern's heads keep the run names they were cached under.
+  # Stern's heads keep the run names and config digests they were cached
+  # under: head_type is set only for other heads.
   hydra = "_hydra" if head_type == "hydra" else ""
   c.name = f"translation_{REGIMES[regime]}{hydra}_{preset}_k{p.k}"
   c.regime = REGIMES[regime]
   c.base = base
   c.init_from = ""
   c.model = {"num_prediction_heads": p.k, "head_hidden": 0}
-  if head_type != "stern":  # Stern's configs keep their cache digests.
+  if head_type != "stern":
     c.model.head_type = head_type
   c.data = base.data.copy_and_resolve_references()
   c.batch_size = p.batch
