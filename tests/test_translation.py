@@ -308,3 +308,27 @@ def test_hydra_heads_train_every_regime_and_decode_exactly(trained):
                      ("tiny,both,hydra,x", "expected <preset>")):
     with pytest.raises(ValueError, match=match):
       pipeline.load_config(CONFIG, bad)
+
+
+def test_translation_trees_are_exact_and_reported(trained, tmp_path):
+  _, locale, cache, _, _ = trained
+  trees = experiment_script("translation_trees")
+  report = trees.measure("tiny,both", str(cache), num_test=6, k=4,
+                         trees=((8, 2),), locale_dir=str(locale),
+                         out=tmp_path / "tt")
+  assert [(r["method"], r["nodes"]) for r in report["rows"]] == [
+      ("greedy", 1), ("block k=4", 4), ("dynamic tree", 8)]
+  greedy = report["rows"][0]
+  for r in report["rows"]:
+    assert r["identical_to_greedy"] and r["bleu"] == greedy["bleu"], r
+    assert 1.0 <= r["mean_block_size"] <= 4.0, r
+  assert greedy["mean_block_size"] == 1.0
+  md = (tmp_path / "tt.md").read_text()
+  assert md.startswith("# Token trees on translation (tiny,both)")
+  assert "| dynamic tree | 8 | 2 |" in md
+  with pytest.raises(ValueError, match="k=9: allowed 2..4"):
+    trees.measure("tiny,both", str(cache), num_test=6, k=9,
+                  locale_dir=str(locale))
+  with pytest.raises(FileNotFoundError, match="no finished"):
+    trees.measure("tiny,fine-tuning,hydra", str(tmp_path / "empty"),
+                  num_test=6, k=4, locale_dir=str(locale))
