@@ -25,7 +25,6 @@ top_k, mean_block_size, bleu, identical_to_greedy, seconds}]}) and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import sys
@@ -38,18 +37,13 @@ import blockdec
 from blockdec import metrics
 from blockdec.training import pipeline, translation
 
+# The sibling script (loaded once; its Translator and configs are reused).
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import stern_translation as st  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # (nodes, top_k) of the dynamic trees measured.
 TREES = ((64, 8), (128, 8), (256, 16))
-
-
-def _sibling(name: str):
-  spec = importlib.util.spec_from_file_location(
-      name, pathlib.Path(__file__).with_name(f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules.setdefault(name, module)
-  spec.loader.exec_module(module)
-  return module
 
 
 def measure(regime: str = "cpu,both,hydra", cache_dir: str = "cache",
@@ -57,7 +51,6 @@ def measure(regime: str = "cpu,both,hydra", cache_dir: str = "cache",
             locale_dir: str = "", out=None) -> dict:
   """Rows for greedy, the k-block and each (nodes, top_k) tree on the first
   `num_test` test pairs; writes <out>.json|md when `out` is given."""
-  st = _sibling("stern_translation")
   preset = regime.split(",")[0]
   base_config = st.load_config(preset, locale_dir)
   run_config = st.load_config(regime, locale_dir)

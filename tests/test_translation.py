@@ -72,6 +72,12 @@ def test_regimes_train_an_encoder_decoder(trained):
                zip(flat(runs[regime].params), flat(base.params)))
     assert same == frozen, regime
   # Every regime decodes its test sources exactly (Exact == greedy).
+  _assert_blockwise_is_greedy(runs, base, locale, block_sizes=(4,))
+
+
+def _assert_blockwise_is_greedy(runs, base, locale, block_sizes):
+  """Each run's blockwise translations of the first test sources equal its
+  greedy ones, token for token and in length, at every block size."""
   _, c = _config("tiny", locale)
   task = translation.TranslationTask(c.data, base.tokenizer)
   test = task.encoded["test"]
@@ -84,9 +90,11 @@ def test_regimes_train_an_encoder_decoder(trained):
   for run in runs.values():
     greedy = blockdec.greedy_decode(run.params, run.cfg, prompts, ones,
                                     max_new_tokens=12, **kw)
-    block = blockdec.blockwise_decode(run.params, run.cfg, prompts, ones,
-                                      max_new_tokens=12, block_size=4, **kw)
-    np.testing.assert_array_equal(block.tokens, greedy.tokens)
+    for k in block_sizes:
+      block = blockdec.blockwise_decode(run.params, run.cfg, prompts, ones,
+                                        max_new_tokens=12, block_size=k, **kw)
+      np.testing.assert_array_equal(block.tokens, greedy.tokens)
+      np.testing.assert_array_equal(block.lengths, greedy.lengths)
 
 
 def test_distillation_trains_on_the_base_translations(trained):
@@ -287,22 +295,7 @@ def test_hydra_heads_train_every_regime_and_decode_exactly(trained):
   for regime in ("regular", "distillation"):
     assert all(np.array_equal(a, b) for a, b in
                zip(flat(runs[regime].params), flat(base.params))), regime
-  _, c = _config("tiny", locale)
-  task = translation.TranslationTask(c.data, base.tokenizer)
-  test = task.encoded["test"]
-  rows = np.arange(min(len(test), 6))
-  kw = dict(source=test.sources[rows], source_lengths=test.source_lengths[rows],
-            eos_id=translation.EOS_ID)
-  prompts = np.full((len(rows), 1), translation.BOS_ID)
-  ones = np.ones(len(rows), np.int32)
-  for regime, run in runs.items():
-    greedy = blockdec.greedy_decode(run.params, run.cfg, prompts, ones,
-                                    max_new_tokens=12, **kw)
-    for k in (2, 4):
-      block = blockdec.blockwise_decode(run.params, run.cfg, prompts, ones,
-                                        max_new_tokens=12, block_size=k, **kw)
-      np.testing.assert_array_equal(block.tokens, greedy.tokens)
-      np.testing.assert_array_equal(block.lengths, greedy.lengths)
+  _assert_blockwise_is_greedy(runs, base, locale, block_sizes=(2, 4))
   for bad, match in (("tiny,both,medusa", "head type 'medusa'"),
                      ("tiny,,hydra", "expected <preset>"),
                      ("tiny,both,hydra,x", "expected <preset>")):
