@@ -292,9 +292,14 @@ class DiffusionTrainingMask(BlockMask):
 
 
 @dataclasses.dataclass(frozen=True)
-class AndMask(BlockMask):
+class _CombinedMask(BlockMask):
+  """Two masks of one block combined element-wise (`combine`)."""
   left: BlockMask
   right: BlockMask
+
+  @staticmethod
+  def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    raise NotImplementedError
 
   @property
   def block_len(self) -> int:
@@ -305,24 +310,17 @@ class AndMask(BlockMask):
     return self.left.slots_are_positions and self.right.slots_are_positions
 
   def pattern(self) -> np.ndarray:
-    return self.left.pattern() & self.right.pattern()
+    return self.combine(self.left.pattern(), self.right.pattern())
 
 
 @dataclasses.dataclass(frozen=True)
-class OrMask(BlockMask):
-  left: BlockMask
-  right: BlockMask
+class AndMask(_CombinedMask):
+  combine = staticmethod(np.logical_and)
 
-  @property
-  def block_len(self) -> int:
-    return self.left.block_len
 
-  @property
-  def slots_are_positions(self) -> bool:
-    return self.left.slots_are_positions and self.right.slots_are_positions
-
-  def pattern(self) -> np.ndarray:
-    return self.left.pattern() | self.right.pattern()
+@dataclasses.dataclass(frozen=True)
+class OrMask(_CombinedMask):
+  combine = staticmethod(np.logical_or)
 
 
 class RuntimeMask:

@@ -311,6 +311,26 @@ class Drafter(abc.ABC):
     """The carry after a call."""
 
 
+class ViewDrafter(Drafter):
+  """A chain drafter whose carry is drafted from the view alone, the same
+  after the prefill as after a call (`init` = `update(None, view)`), with
+  `block_size - 1` drafts and no prompt features (heads, prompt lookup).
+  Subclasses have a `block_size` field and define `update`."""
+
+  block_size: int
+
+  @property
+  def num_drafts(self) -> int:
+    return self.block_size - 1
+
+  @property
+  def prompt_features(self):
+    return False  # init reads no hidden states.
+
+  def init(self, view: View):
+    return self.update(None, view)
+
+
 class NoDrafter(Drafter):
   """Drafts nothing: one token per call (ancestral sampling, or greedy)."""
 

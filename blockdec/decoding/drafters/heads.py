@@ -30,13 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from blockdec.decoding import sampling as sampling_lib
-from blockdec.decoding.core import Draft, Drafter, View
+from blockdec.decoding.core import Draft, View, ViewDrafter
 from blockdec.decoding.lattice import (DraftTree, DynamicTree, chain_tokens,
                                       grow_tree, ranked)
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadsDrafter(Drafter):
+class HeadsDrafter(ViewDrafter):
   """Drafts `block_size - 1` tokens with heads 2..block_size.
 
   Carry: tokens [B, D] int32 the next drafts ([B, C, D] with a tree); q
@@ -47,17 +47,6 @@ class HeadsDrafter(Drafter):
   block_size: int
   # Of depth block_size - 1 (k tokens a chain), or grown per row and call.
   tree: DraftTree | DynamicTree | None = None
-
-  @property
-  def num_drafts(self) -> int:
-    return self.block_size - 1
-
-  @property
-  def prompt_features(self):
-    return False  # init reads no hidden states.
-
-  def init(self, view: View):
-    return self.update(None, view)
 
   def update(self, carry, view: View):
     del carry

@@ -32,7 +32,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from blockdec.decoding.core import Draft, Drafter, View
+from blockdec.decoding.core import Draft, View, ViewDrafter
 
 
 def context_tokens(prompts, prompt_lengths, generated, lengths, next_token):
@@ -95,7 +95,7 @@ def lookup(seq: jax.Array, end: jax.Array, ngram: int, num_drafts: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptLookupDrafter(Drafter):
+class PromptLookupDrafter(ViewDrafter):
   """Drafts `block_size - 1` tokens by n-gram lookup in the row's own text.
 
   Carry: tokens [B, D] the next drafts; length [B] how many are real
@@ -105,17 +105,6 @@ class PromptLookupDrafter(Drafter):
   ngram: int
   block_size: int
   min_match: int = 1
-
-  @property
-  def num_drafts(self) -> int:
-    return self.block_size - 1
-
-  @property
-  def prompt_features(self):
-    return False  # init reads no hidden states.
-
-  def init(self, view: View):
-    return self.update(None, view)
 
   def update(self, carry, view: View):
     del carry
