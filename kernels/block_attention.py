@@ -262,6 +262,15 @@ def _check_inputs(q, k, v, offsets, mask):
                      f"T={block_len} (q.shape[1]).")
 
 
+def _checked_inputs(q, k, v, offsets, mask, sm_scale):
+  """Checks the inputs; (the softmax scale, 1 / sqrt(D) by default, and the
+  query heads per KV head)."""
+  _check_inputs(q, k, v, offsets, mask)
+  head_dim = q.shape[-1]
+  scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+  return scale, q.shape[2] // k.shape[2]
+
+
 def _split_mask(mask):
   """(static mask or None, runtime mask or None): jit arguments of each kind."""
   if isinstance(mask, masks_lib.RuntimeMask):
@@ -316,12 +325,9 @@ def _block_attention(q, k, v, offsets, runtime_mask, *, mask, block_sizes,
                      interpret, sm_scale):
   """``block_attention``; exactly one of ``mask``, ``runtime_mask`` is set."""
   mask = runtime_mask if mask is None else mask
-  _check_inputs(q, k, v, offsets, mask)
+  sm_scale, group = _checked_inputs(q, k, v, offsets, mask, sm_scale)
   batch, block_len, num_heads, head_dim = q.shape
   _, seq_len, num_kv_heads, _ = k.shape
-  group = num_heads // num_kv_heads
-  if sm_scale is None:
-    sm_scale = 1.0 / math.sqrt(head_dim)
   if block_sizes is None:
     block_sizes = BlockSizes()
   num_rows = group * block_len
@@ -414,12 +420,9 @@ def block_attention_reference(q, k, v, offsets, mask, *, block_sizes=None,
 def _block_attention_reference(q, k, v, offsets, runtime_mask, *, mask,
                                sm_scale):
   mask = runtime_mask if mask is None else mask
-  _check_inputs(q, k, v, offsets, mask)
-  batch, block_len, num_heads, head_dim = q.shape
-  _, seq_len, num_kv_heads, _ = k.shape
-  group = num_heads // num_kv_heads
-  if sm_scale is None:
-    sm_scale = 1.0 / math.sqrt(head_dim)
+  sm_scale, group = _checked_inputs(q, k, v, offsets, mask, sm_scale)
+  batch, block_len = q.shape[:2]
+  seq_len = k.shape[1]
 
   pattern = jnp.broadcast_to(jnp.asarray(_pattern_array(mask)),
                              (batch, block_len, block_len))    # [B, T, T]
