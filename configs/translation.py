@@ -22,7 +22,10 @@ A third part picks the proposal heads (ModelConfig.head_type): "stern"
 (the default: Stern's independent heads, each reading the decoder's state)
 or "hydra" (dependent heads that also read the tokens before their target;
 configs/heads_hydra.py); a "hydra" fine-tuned regime starts from the
-"hydra" run of its table row.
+"hydra" run of its table row. A study beyond the table,
+"both-over-fine-tuning", is "both" started from (and distilled from) the
+fine-tuning run: "both" over a stronger model
+(experiments/translation_stronger_base.py).
 
 Presets:
   tiny  seconds; tests and smoke runs.
@@ -118,12 +121,25 @@ def base_config(preset: str):
 
 HEAD_TYPES = ("stern", "hydra")
 
+# Studies beyond Stern's table: "both-over-fine-tuning" is the "both"
+# regime started from the fine-tuning run instead of the distillation run,
+# its distillation data the fine-tuned model's greedy translations: "both"
+# over a stronger model (experiments/translation_stronger_base.py).
+# {study: (Stern's regime, the run it starts from, run name suffix)}.
+STUDY_REGIMES = {"both-over-fine-tuning": ("both", "fine-tuning", "from_ft")}
+
 
 def regime_config(preset: str, regime: str, head_type: str = "stern"):
   """The training config of one of Stern's regimes (k heads on the base)."""
+  if regime in STUDY_REGIMES:
+    stern_regime, start, suffix = STUDY_REGIMES[regime]
+    c = regime_config(preset, stern_regime, head_type)
+    c.base = regime_config(preset, start, head_type)
+    c.name = c.name.replace(f"_{preset}_k", f"_{suffix}_{preset}_k")
+    return c
   if regime not in REGIMES:
     raise ValueError(f"translation regime {regime!r} unknown; allowed: "
-                     f"{tuple(REGIMES)}.")
+                     f"{tuple(REGIMES) + tuple(STUDY_REGIMES)}.")
   if head_type not in HEAD_TYPES:
     raise ValueError(f"translation head type {head_type!r} unknown; "
                      f"allowed: {HEAD_TYPES}.")

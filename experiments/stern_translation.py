@@ -246,6 +246,25 @@ class Translator:
             "bleu": float(bleu.score), "tokens": tokens, "lengths": lengths}
 
 
+def test_translator(base, cfg0, num_test: int = 0, batch_size: int = 64):
+  """(task, rows, translator) for the first `num_test` held-out test pairs
+  (0 = all) of the base's corpus (`cfg0`: the base's config)."""
+  task = translation.TranslationTask(cfg0.data, base.tokenizer)
+  test = task.encoded["test"]
+  refs = [task.splits.test[i].target for i in test.indices]
+  rows = np.arange(min(num_test, len(test)) if num_test else len(test))
+  return task, rows, Translator(test, refs, base.tokenizer,
+                                cfg0.data.max_target_len, batch_size)
+
+
+def write_outputs(report, out, markdown_fn):
+  """<out>.json (the report) and <out>.md (markdown_fn(report))."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+  out.with_suffix(".md").write_text(markdown_fn(report))
+
+
 def head_agreement(translator: Translator, run, rows, k: int,
                    chunk: int = 32) -> dict:
   """Each head's agreement with `run`'s own greedy translation of `rows`.
@@ -311,12 +330,8 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
   if only == "train":
     return {}
   cfg0 = load_config(preset, locale_dir)
-  task = translation.TranslationTask(cfg0.data, base.tokenizer)
-  test = task.encoded["test"]
-  refs = [task.splits.test[i].target for i in test.indices]
-  rows = np.arange(len(test) if not num_test else min(num_test, len(test)))
-  translator = Translator(test, refs, base.tokenizer,
-                          cfg0.data.max_target_len, batch_size)
+  task, rows, translator = test_translator(base, cfg0, num_test, batch_size)
+  refs = translator.refs
   k_max = runs["regular"].cfg.num_prediction_heads
   k_values = [k for k in K_VALUES if k <= k_max] or [k_max]
   result_rows = []
@@ -403,11 +418,8 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
   }
   report["target"] = target(report)
   if out:
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
+    write_outputs(report, out, markdown)
+    plot(report, pathlib.Path(out).with_suffix(".png"))
   return report
 
 

@@ -25,7 +25,6 @@ top_k, mean_block_size, bleu, identical_to_greedy, seconds}]}) and
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import time
@@ -35,7 +34,7 @@ import numpy as np
 
 import blockdec
 from blockdec import metrics
-from blockdec.training import pipeline, translation
+from blockdec.training import pipeline
 
 # The sibling script (loaded once; its Translator and configs are reused).
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -59,13 +58,8 @@ def measure(regime: str = "cpu,both,hydra", cache_dir: str = "cache",
   if not 2 <= k <= run.cfg.num_prediction_heads:
     raise ValueError(f"k={k}: allowed 2..{run.cfg.num_prediction_heads} "
                      f"(the heads of {regime}).")
-  task = translation.TranslationTask(base_config.data, base.tokenizer)
-  test = task.encoded["test"]
-  refs = [task.splits.test[i].target for i in test.indices]
-  rows = np.arange(min(num_test, len(test)) if num_test else len(test))
-  translator = st.Translator(test, refs, base.tokenizer,
-                             base_config.data.max_target_len,
-                             min(64, len(rows)))
+  _, rows, translator = st.test_translator(base, base_config, num_test)
+  translator.batch_size = min(64, len(rows))
   methods = [("greedy", 1, None, blockdec.Autoregressive()),
              (f"block k={k}", k, None, blockdec.Blockwise(block_size=k))]
   for nodes, top_k in trees:
@@ -93,10 +87,7 @@ def measure(regime: str = "cpu,both,hydra", cache_dir: str = "cache",
             "test_pairs": int(len(rows)), "base_greedy_bleu": base_bleu,
             "rows": out_rows}
   if out:
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    st.write_outputs(report, out, markdown)
   return report
 
 

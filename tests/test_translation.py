@@ -325,3 +325,28 @@ def test_translation_trees_are_exact_and_reported(trained, tmp_path):
   with pytest.raises(FileNotFoundError, match="no finished"):
     trees.measure("tiny,fine-tuning,hydra", str(tmp_path / "empty"),
                   num_test=6, k=4, locale_dir=str(locale))
+
+
+def test_both_over_fine_tuning_study(trained, tmp_path):
+  """configs/translation.py:<preset>,both-over-fine-tuning: "both" from the
+  fine-tuning run, distilled from the fine-tuned model; the study's rows
+  stay exact and reach its report."""
+  module, locale, cache, _, runs = trained
+  study = experiment_script("translation_stronger_base")
+  c = module.load_config("tiny,both-over-fine-tuning", str(locale))
+  assert c.regime == "distill_finetune"
+  assert c.base.name == runs["fine-tuning"].workdir.name.rsplit("-", 1)[0]
+  assert c.name == "translation_distill_finetune_from_ft_tiny_k4"
+  report = study.measure("tiny", str(cache), head_type="stern", num_test=6,
+                         locale_dir=str(locale), out=tmp_path / "sb")
+  assert [r["model"] for r in report["rows"]] == list(study.MODELS)
+  for r in report["rows"]:
+    assert r["identical_to_greedy"], r["model"]
+    assert all(1.0 <= v <= int(k) for k, v in r["block"].items()), r
+    assert set(r["lossy"]) == set(study.LOSSY)
+  assert "_from_ft_" in report["rows"][-1]["run"]
+  md = (tmp_path / "sb.md").read_text()
+  assert md.startswith('# "both" over a stronger model (tiny, stern heads)')
+  assert "| both-over-fine-tuning |" in md
+  with pytest.raises(ValueError, match="both-over-fine-tuning"):
+    module.load_config("tiny,bogus", str(locale))
