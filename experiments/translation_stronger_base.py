@@ -119,7 +119,9 @@ def markdown(report) -> str:
       "frozen heads (its greedy output is the base's); both: all parameters "
       "on the base's greedy translations, from the distillation run; "
       f"{STUDY}: the same from the fine-tuning run, on the fine-tuned "
-      "model's greedy translations (configs/translation.py). Tokens per "
+      "model's greedy translations (configs/translation.py). Degenerate: "
+      "the share of the model's greedy translations that loop "
+      "(`blockdec.metrics`' rule; loops are easy to draft). Tokens per "
       "call with exact acceptance (identical: every block decode equals the "
       "model's greedy translations token for token); lossy rules at "
       f"k = {ks[-1]} with their BLEU. Agreement: head j's argmax against "
@@ -127,15 +129,17 @@ def markdown(report) -> str:
       "from any position: the block a call starting there would accept "
       f"(test; {report['train_sources']} training sources after the slash).",
       "",
-      "| model | greedy BLEU | " + " | ".join(f"k={k}" for k in ks)
+      "| model | greedy BLEU | degenerate | "
+      + " | ".join(f"k={k}" for k in ks)
       + " | identical | " + " | ".join(LOSSY) + " | "
       + " | ".join(f"head {j}" for j in heads)
       + " | from any position |",
-      "|---" * (4 + len(ks) + len(LOSSY) + len(heads)) + "|"]
+      "|---" * (5 + len(ks) + len(LOSSY) + len(heads)) + "|"]
   for r in report["rows"]:
     top1 = r["agreement"]["top1"]
     lines.append(
         f"| {r['model']} | {r['greedy_bleu']:.2f} | "
+        f"{100 * r['degenerate_share']:.0f}% | "
         + " | ".join(f"{r['block'][str(k)]:.2f}" for k in ks)
         + f" | {r['identical_to_greedy']} | "
         + " | ".join(f"{r['lossy'][x]['mean_block_size']:.2f} / "

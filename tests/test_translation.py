@@ -347,6 +347,6 @@ def test_both_over_fine_tuning_study(trained, tmp_path):
   assert "_from_ft_" in report["rows"][-1]["run"]
   md = (tmp_path / "sb.md").read_text()
   assert md.startswith('# "both" over a stronger model (tiny, stern heads)')
-  assert "| both-over-fine-tuning |" in md
+  assert "| both-over-fine-tuning |" in md and "| degenerate |" in md
   with pytest.raises(ValueError, match="both-over-fine-tuning"):
     module.load_config("tiny,bogus", str(locale))
