@@ -125,21 +125,19 @@ HEAD_TYPES = ("stern", "hydra")
 # regime started from the fine-tuning run instead of the distillation run,
 # its distillation data the fine-tuned model's greedy translations: "both"
 # over a stronger model (experiments/translation_stronger_base.py).
-# {study: (Stern's regime, the run it starts from, run name suffix)}.
-STUDY_REGIMES = {"both-over-fine-tuning": ("both", "fine-tuning", "from_ft")}
+STUDY_REGIMES = {"both-over-fine-tuning": "distill_finetune"}
+STUDY_FINETUNE_FROM = {"both-over-fine-tuning": "fine-tuning"}
+RUN_NAME_SUFFIX = {"both-over-fine-tuning": "_from_ft"}
 
 
 def regime_config(preset: str, regime: str, head_type: str = "stern"):
-  """The training config of one of Stern's regimes (k heads on the base)."""
-  if regime in STUDY_REGIMES:
-    stern_regime, start, suffix = STUDY_REGIMES[regime]
-    c = regime_config(preset, stern_regime, head_type)
-    c.base = regime_config(preset, start, head_type)
-    c.name = c.name.replace(f"_{preset}_k", f"_{suffix}_{preset}_k")
-    return c
-  if regime not in REGIMES:
+  """The training config of one of Stern's regimes (k heads on the base),
+  or of a study regime (STUDY_REGIMES)."""
+  trainer_regimes = {**REGIMES, **STUDY_REGIMES}
+  finetune_from = {**FINETUNE_FROM, **STUDY_FINETUNE_FROM}
+  if regime not in trainer_regimes:
     raise ValueError(f"translation regime {regime!r} unknown; allowed: "
-                     f"{tuple(REGIMES) + tuple(STUDY_REGIMES)}.")
+                     f"{tuple(trainer_regimes)}.")
   if head_type not in HEAD_TYPES:
     raise ValueError(f"translation head type {head_type!r} unknown; "
                      f"allowed: {HEAD_TYPES}.")
@@ -149,8 +147,10 @@ def regime_config(preset: str, regime: str, head_type: str = "stern"):
   # Stern's heads keep the run names and config digests they were cached
   # under: head_type is set only for other heads.
   hydra = "_hydra" if head_type == "hydra" else ""
-  c.name = f"translation_{REGIMES[regime]}{hydra}_{preset}_k{p.k}"
-  c.regime = REGIMES[regime]
+  suffix = RUN_NAME_SUFFIX.get(regime, "")
+  c.name = (f"translation_{trainer_regimes[regime]}{hydra}{suffix}_{preset}"
+            f"_k{p.k}")
+  c.regime = trainer_regimes[regime]
   c.base = base
   c.init_from = ""
   c.model = {"num_prediction_heads": p.k, "head_hidden": 0}
@@ -158,17 +158,17 @@ def regime_config(preset: str, regime: str, head_type: str = "stern"):
     c.model.head_type = head_type
   c.data = base.data.copy_and_resolve_references()
   c.batch_size = p.batch
-  steps = p.finetune_steps if regime in FINETUNE_FROM else p.head_steps
+  steps = p.finetune_steps if regime in finetune_from else p.head_steps
   c.steps = steps
-  c.optim.learning_rate = 1e-3 if regime in FINETUNE_FROM else 3e-3
+  c.optim.learning_rate = 1e-3 if regime in finetune_from else 3e-3
   c.optim.warmup_steps = max(steps // 10, 1)
   c.eval_every = c.checkpoint_every = max(steps // 4, 1)
   c.log_every = max(min(10, steps // 20), 1)
   c.diagnostics.num_prompts = 0
   c.distill.num_sequences = p.distill_pairs  # Sources the base translates.
   c.distill.batch_size = 256                 # Sources per decoding call.
-  if regime in FINETUNE_FROM:
-    c.base = regime_config(preset, FINETUNE_FROM[regime], head_type)
+  if regime in finetune_from:
+    c.base = regime_config(preset, finetune_from[regime], head_type)
     c.optim.trunk_lr_scale = FINETUNE_TRUNK_LR_SCALE
     c.first_head_weight = float(p.k - 1)  # Head 1 is half of the loss.
   if preset == "tiny":

@@ -257,6 +257,24 @@ def test_translator(base, cfg0, num_test: int = 0, batch_size: int = 64):
                                 cfg0.data.max_target_len, batch_size)
 
 
+def train_sample(task, base, cfg0, n: int, batch_size: int = 64):
+  """(rows, translator) of a fixed random sample of at most
+  min(n, AGREEMENT_TRAIN_SOURCES) training sources, for the head agreement
+  on the text the heads trained on (no references)."""
+  train = task.encoded["train"]
+  rows = np.random.RandomState(0).choice(
+      len(train), min(n, AGREEMENT_TRAIN_SOURCES, len(train)), replace=False)
+  return rows, Translator(train, [""] * len(train), base.tokenizer,
+                          cfg0.data.max_target_len, batch_size)
+
+
+def identical(got, greedy) -> bool:
+  """Whether two `Translator.measure` results hold the same translations,
+  token for token and in length."""
+  return bool(np.array_equal(got["tokens"], greedy["tokens"])
+              and np.array_equal(got["lengths"], greedy["lengths"]))
+
+
 def write_outputs(report, out, markdown_fn):
   """<out>.json (the report) and <out>.md (markdown_fn(report))."""
   out = pathlib.Path(out)
@@ -343,12 +361,8 @@ def run_benchmark(preset="cpu", cache_dir="cache", out=None, num_test=0,
   heads = {}  # regime -> head_agreement on the test sources
   # ... and on training sources: do the heads fit the text they trained on?
   heads_train = {}
-  train = task.encoded["train"]
-  train_rows = np.random.RandomState(0).choice(
-      len(train), min(len(rows), AGREEMENT_TRAIN_SOURCES, len(train)),
-      replace=False)
-  train_translator = Translator(train, [""] * len(train), base.tokenizer,
-                                cfg0.data.max_target_len, batch_size)
+  train_rows, train_translator = train_sample(task, base, cfg0, len(rows),
+                                              batch_size)
   ceilings = {}  # regime -> the block sizes if every head were right
   for regime in REGIMES:
     run = runs[regime]

@@ -36,7 +36,6 @@ import pathlib
 import sys
 
 from absl import app, flags
-import numpy as np
 
 import blockdec
 from blockdec import metrics
@@ -64,12 +63,7 @@ def measure(preset: str = "cpu", cache_dir: str = "cache",
       st.load_config(f"{preset},{STUDY},{head_type}", locale_dir), cache_dir)
   cfg0 = st.load_config(preset, locale_dir)
   task, rows, translator = st.test_translator(base, cfg0, num_test)
-  train = task.encoded["train"]
-  train_rows = np.random.RandomState(0).choice(
-      len(train), min(len(rows), st.AGREEMENT_TRAIN_SOURCES, len(train)),
-      replace=False)
-  train_translator = st.Translator(train, [""] * len(train), base.tokenizer,
-                                   cfg0.data.max_target_len, 64)
+  train_rows, train_translator = st.train_sample(task, base, cfg0, len(rows))
   k_max = runs["regular"].cfg.num_prediction_heads
   k_values = [k for k in st.K_VALUES if k <= k_max] or [k_max]
   report_rows = []
@@ -83,9 +77,7 @@ def measure(preset: str = "cpu", cache_dir: str = "cache",
     for k in k_values:
       got = translator.measure(run, blockdec.Blockwise(block_size=k), rows)
       row["block"][str(k)] = got["mean_block_size"]
-      row["identical_to_greedy"] &= bool(
-          np.array_equal(got["tokens"], greedy["tokens"])
-          and np.array_equal(got["lengths"], greedy["lengths"]))
+      row["identical_to_greedy"] &= st.identical(got, greedy)
     for rule in LOSSY:
       got = translator.measure(run, blockdec.Blockwise(
           block_size=k_values[-1], acceptance=st.APPROXIMATE[rule]), rows)

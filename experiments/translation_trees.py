@@ -30,7 +30,6 @@ import sys
 import time
 
 from absl import app, flags
-import numpy as np
 
 import blockdec
 from blockdec import metrics
@@ -73,9 +72,7 @@ def measure(regime: str = "cpu,both,hydra", cache_dir: str = "cache",
     greedy = greedy or got
     row = {"method": name, "nodes": nodes, "top_k": top_k,
            "mean_block_size": got["mean_block_size"], "bleu": got["bleu"],
-           "identical_to_greedy": bool(
-               np.array_equal(got["tokens"], greedy["tokens"])
-               and np.array_equal(got["lengths"], greedy["lengths"])),
+           "identical_to_greedy": st.identical(got, greedy),
            "seconds": seconds}
     out_rows.append(row)
     print(f"[{name} {nodes}] {row['mean_block_size']:.2f} tokens per call, "
