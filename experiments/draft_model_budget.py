@@ -26,8 +26,15 @@ logic or dispatch.
     draft steps k - 1 one-token calls of the draft model alone
     the rest    loop - verify - draft steps: acceptance, commit, the
                 drafter's bookkeeping, the loop itself
-  fixed         a 1-token greedy decode of an 8-token prompt (floor: its
-                prefill's GEMMs): what any decode call pays
+  fixed         a 1-token greedy decode of an 8-token prompt: its prefill
+                and the reference loop's one call, which feeds the decided
+                token (floor: both calls' GEMMs); what any decode call pays
+
+The decode and the 1-token decode are timed once more, each right after a
+full collection of Python's heap, as `hf_peers.py` timed every call before
+`hf_peers.frozen_gc`: on 2 CPU cores a 1-token decode run after the ~0.2 s
+single-threaded collection read about 1.2x its time (the second core idles
+meanwhile, and XLA's two-thread work runs slower for the next ~50 ms).
 
 `--model=demo` uses the `make demo` base and its distilled 1-layer draft
 (configs/draft_model.py:demo; trained first when the cache lacks them) on
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import pathlib
 import sys
@@ -60,6 +68,7 @@ from blockdec.models import transformer
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 sys.path.insert(0, str(ROOT / "experiments"))
+import greedy_floor  # pylint: disable=g-import-not-at-top,wrong-import-position
 import hf_peers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # name -> ((d_model, n_layers, n_heads) of the target, of the draft).
@@ -71,13 +80,8 @@ LOOPS = 8  # timed passes per dispatch, so dispatch is not what is timed
 
 
 def _median_ms(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # Compiles.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times)) / LOOPS
+  """Median milliseconds of one of the LOOPS passes `fn` runs per call."""
+  return 1e3 * greedy_floor.median_seconds(fn, repeats) / LOOPS
 
 
 def _check_layout(cfg) -> None:
@@ -220,10 +224,25 @@ def measure(args):
       lambda row: blockdec.greedy_decode(
           params, cfg, jnp.asarray(row[:, :SHORT_PROMPT]), short,
           max_new_tokens=1), prompts)
-  timed = hf_peers.interleaved(
-      {"decode": decoder(n), "prefill": decoder(1), "fixed": fixed},
-      args.repeats)
+  timed_fns = {"decode": decoder(n), "prefill": decoder(1), "fixed": fixed}
+  timed = hf_peers.interleaved(timed_fns, args.repeats)
   out = timed["decode"][3]
+  r = prompts.shape[0]
+  # The same two decodes each timed right after a full collection of
+  # Python's heap, as hf_peers' harness did before `hf_peers.frozen_gc`.
+  collected = {"decode": [], "prefill": [], "collection": []}
+  for _ in range(args.repeats):
+    for name in ("decode", "prefill"):
+      start = time.perf_counter()
+      gc.collect()
+      collected["collection"].append(time.perf_counter() - start)
+      gc.disable()
+      try:
+        start = time.perf_counter()
+        timed_fns[name]()
+        collected[name].append(time.perf_counter() - start)
+      finally:
+        gc.enable()
   # The target's call at the loop's mean committed length, and the draft
   # steps of one call, each alone inside a compiled loop.
   at = p + n // 2
@@ -237,8 +256,8 @@ def measure(args):
       "draft prompt": gemm_floor_ms(dparams, dcfg, p, 1, args.repeats),
       "draft step": gemm_floor_ms(dparams, dcfg, 1, 1, args.repeats),
       "verify": gemm_floor_ms(params, cfg, k, k, args.repeats),
-      "fixed": gemm_floor_ms(params, cfg, SHORT_PROMPT, 1, args.repeats)}
-  r = prompts.shape[0]
+      "fixed": gemm_floor_ms(params, cfg, SHORT_PROMPT, 1, args.repeats)
+               + gemm_floor_ms(params, cfg, 1, 1, args.repeats)}
   per_prompt = {name: 1e3 * timed[name][1] / r for name in timed}
   loop_calls = (int(np.asarray(out.num_calls).sum())
                 - int(np.asarray(timed["prefill"][3].num_calls).sum())) / r
@@ -248,6 +267,10 @@ def measure(args):
           "tokens_per_call": float(np.asarray(out.lengths).sum()
                                    / np.asarray(out.num_calls).sum()),
           "loop_calls_per_prompt": loop_calls, "call_ms": call_ms,
+          "after_full_collection_ms": {
+              name: 1e3 * float(np.median(t)) / (1 if name == "collection"
+                                                  else r)
+              for name, t in collected.items()},
           "floor_ms": floors}
 
 
@@ -283,7 +306,9 @@ def markdown(m: dict) -> str:
       f"{m['repeats']} interleaved rounds. {m['tokens_per_call']:.2f} "
       f"tokens per call. Floor: the same rows through every weight matrix "
       "through the model's weight GEMMs and nothing else (`gemm_floor_ms`); "
-      "x floor says how much of a part is anything but those GEMMs.", "",
+      "x floor says how much of a part is anything but those GEMMs. The "
+      "verification and the draft steps are timed alone after the decodes, "
+      "so the rest carries their noise and can come out below zero.", "",
       "| part | ms per prompt | share of the decode | GEMM floor (ms) | "
       "x floor |", "|---|---|---|---|---|"]
   for r in m["rows"]:
@@ -292,6 +317,13 @@ def markdown(m: dict) -> str:
                  + ("–" if floor is None else f"{floor:.2f}") + " | "
                  + ("–" if floor is None else f"{r['ms'] / floor:.2f}x")
                  + " |")
+  after, pp = m["after_full_collection_ms"], m["per_prompt_ms"]
+  lines += ["", "Timed right after a full collection of Python's heap "
+            f"({after['collection']:.0f} ms here) before each pass, as "
+            "`hf_peers.py`'s harness did before `hf_peers.frozen_gc`: the "
+            f"decode {after['decode']:.2f} ms per prompt "
+            f"({after['decode'] / pp['decode']:.2f}x), the 1-token decode "
+            f"{after['prefill']:.2f} ({after['prefill'] / pp['prefill']:.2f}x)."]
   lines += ["", "## Reading", "", m["reading"], ""]
   return "\n".join(lines)
 

@@ -123,6 +123,7 @@ numbers are noisy; medians and same-process ratios are what to read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -420,20 +421,45 @@ def interleaved(fns: dict, repeats: int) -> dict:
     results[name] = fn()
     first[name] = time.perf_counter() - t0
   times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      results[name] = None  # Freed before the collection, not after.
-      seconds, results[name] = without_gc(fn)
-      times[name].append(seconds)
+  with frozen_gc():
+    for _ in range(repeats):
+      for name, fn in fns.items():
+        results[name] = None  # Freed before the collection, not after.
+        seconds, results[name] = without_gc(fn)
+        times[name].append(seconds)
   return {name: (first[name], statistics.median(times[name]), times[name],
                  results[name]) for name in fns}
+
+
+@contextlib.contextmanager
+def frozen_gc():
+  """Within: Python's garbage collected once and the survivors frozen
+  (`gc.freeze`), so each timed call's collection (`without_gc`) scans only
+  the objects made since; unfrozen on exit.
+
+  A run holds two HF models, JAX, torch and every result so far: about
+  370,000 objects, which a full collection walks in ~170 ms on one core.
+  With that before every timed call, the second core sat idle long enough
+  that the next ~50 ms of XLA's two-thread work ran 30-50% slower (as after
+  a 100 ms sleep; not after the ~1 ms collection of a frozen heap), which
+  charged a 0.2 s blockdec call a larger share of its time than a 1 s
+  transformers call (`experiments/draft_model_budget.py` reads its decode
+  both ways).
+  """
+  gc.collect()
+  gc.freeze()
+  try:
+    yield
+  finally:
+    gc.unfreeze()
 
 
 def without_gc(fn):
   """(seconds, result) of one call of `fn`, with Python's garbage collector
   collected before and paused during it, as `timeit` does: a collection
   landing in one system's call (the run holds two HF models and every
-  result so far) would charge it to that system."""
+  result so far) would charge it to that system. Inside `frozen_gc` that
+  collection is short."""
   gc.collect()
   gc.disable()
   try:
@@ -462,7 +488,8 @@ def pick_torch_threads(fn, candidates=(2, 1), rounds: int = 2) -> int:
     return once
 
   timers = {n: timer(n) for n in candidates}
-  ratios = calibration.interleaved_ratios(timers, candidates[0], rounds)
+  with frozen_gc():
+    ratios = calibration.interleaved_ratios(timers, candidates[0], rounds)
   best = min(candidates, key=lambda n: ratios[n])
   torch.set_num_threads(best)
   return best
