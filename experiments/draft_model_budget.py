@@ -21,9 +21,10 @@ logic or dispatch.
                 call likewise at P rows, and k draft steps
   loop          decode - prefill, per loop call (the loop calls of the
                 N-token decode beyond the 1-token one's); floor: the
-                target's chain at k rows plus k - 1 draft steps at 1 row
+                target's GEMMs at k rows plus k - 1 draft steps at 1 row
     verify      one k-token target call alone (`calibration.call_timer`)
-    draft steps k - 1 one-token calls of the draft model alone
+    draft steps k - 1 one-token calls of the draft model, each fed the
+                last one's argmax, in a compiled scan
     the rest    loop - verify - draft steps: acceptance, commit, the
                 drafter's bookkeeping, the loop itself
   fixed         a 1-token greedy decode of an 8-token prompt: its prefill
