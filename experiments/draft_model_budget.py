@@ -231,19 +231,14 @@ def measure(args):
   r = prompts.shape[0]
   # The same two decodes each timed right after a full collection of
   # Python's heap, as hf_peers' harness did before `hf_peers.frozen_gc`.
+  # (`hf_peers.without_gc` outside `frozen_gc`: a full collection.)
   collected = {"decode": [], "prefill": [], "collection": []}
   for _ in range(args.repeats):
+    start = time.perf_counter()
+    gc.collect()
+    collected["collection"].append(time.perf_counter() - start)
     for name in ("decode", "prefill"):
-      start = time.perf_counter()
-      gc.collect()
-      collected["collection"].append(time.perf_counter() - start)
-      gc.disable()
-      try:
-        start = time.perf_counter()
-        timed_fns[name]()
-        collected[name].append(time.perf_counter() - start)
-      finally:
-        gc.enable()
+      collected[name].append(hf_peers.without_gc(timed_fns[name])[0])
   # The target's call at the loop's mean committed length, and the draft
   # steps of one call, each alone inside a compiled loop.
   at = p + n // 2
