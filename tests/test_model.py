@@ -235,3 +235,29 @@ def test_prefill_keep_skips_the_last_layers_work_elsewhere():
 
   full, kept = ff_rows(None), ff_rows(jnp.zeros((batch, 1), jnp.int32))
   assert 0 < kept < full, (kept, full)
+
+
+def test_prefill_keep_attends_from_the_kept_queries_only():
+  """With keep, the last layer projects and attends queries at the kept rows
+  only: its attention scores are [B, H_kv, G * M, P] instead of
+  [B, H_kv, G * P, P], and a layer without keep keeps the full scores."""
+  cfg, params = random_model(0, n_layers=2)
+  model = transformer.Transformer(cfg)
+  batch, p, m = 2, 9, 3
+  seq = jnp.zeros((batch, p), jnp.int32)
+  group = cfg.n_heads // cfg.num_kv_heads
+
+  def scores(keep, cache):
+    fn = jax.jit(lambda params, cache: model.apply(
+        {"params": params}, seq, _positions(0, p, batch), cache, None,
+        cache is not None, keep=keep, method=transformer.Transformer.trunk))
+    hlo = fn.lower(params, cache).as_text()
+    return [hlo.count(f"tensor<{batch}x{cfg.num_kv_heads}x{group * rows}x{p}"
+                      "xf32>") for rows in (p, m)]
+
+  keep = jnp.zeros((batch, m), jnp.int32)
+  for cache in (None, transformer.make_cache(cfg, batch, 16)):
+    (full_p, full_m), (kept_p, kept_m) = scores(None, cache), scores(keep,
+                                                                      cache)
+    assert full_m == 0 and kept_m > 0, (full_m, kept_m)
+    assert 0 < kept_p < full_p, (kept_p, full_p)

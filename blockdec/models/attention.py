@@ -103,6 +103,18 @@ def self_attention(q, k, v, positions):
   return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
 
 
+def kept_query_attention(q, k, v, positions, query_positions):
+  """Causal attention of some of a sequence's queries to the whole sequence.
+
+  q [B, M, H, D] queries at `query_positions` [B, M]; k/v [B, T, H_kv, D]
+  the sequence's keys at `positions` [B, T]. Query m sees key s where
+  positions[b, s] <= query_positions[b, m]: `self_attention`'s rows for
+  those queries, without the other rows' work.
+  """
+  mask = positions[:, None, :] <= query_positions[:, :, None]  # [B, M, T]
+  return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+
+
 def cached_attention(q, k, v, cache, layer: int, positions, *,
                      backend: str = "xla", mask=None, empty: bool = False):
   """Writes a block's keys/values into the cache and attends to the row's prefix.
