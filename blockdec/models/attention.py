@@ -94,29 +94,33 @@ def cross_attention(q, k, v, valid):
   return dot_product_attention(q, k, v, mask)
 
 
-def self_attention(q, k, v, positions):
+def self_attention(q, k, v, positions, query_positions=None):
   """Causal attention of a sequence to itself (training, scoring).
 
-  q [B, T, H, D], k/v [B, T, H_kv, D], positions [B, T].
+  q [B, T, H, D], k/v [B, T, H_kv, D], positions [B, T]. With
+  `query_positions` [B, M], q [B, M, H, D] holds only the queries at those
+  positions (the rows of the full result there, without the other rows'
+  work): query m sees key s where positions[b, s] <= query_positions[b, m].
   """
-  mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
-  return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
-
-
-def kept_query_attention(q, k, v, positions, query_positions):
-  """Causal attention of some of a sequence's queries to the whole sequence.
-
-  q [B, M, H, D] queries at `query_positions` [B, M]; k/v [B, T, H_kv, D]
-  the sequence's keys at `positions` [B, T]. Query m sees key s where
-  positions[b, s] <= query_positions[b, m]: `self_attention`'s rows for
-  those queries, without the other rows' work.
-  """
+  if query_positions is None:
+    query_positions = positions
   mask = positions[:, None, :] <= query_positions[:, :, None]  # [B, M, T]
   return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
 
 
+def attends_itself_only(backend: str, mask, empty: bool) -> bool:
+  """Whether `cached_attention` treats the block as a sequence attending to
+  itself, reading no cache slot (the xla backend's causal prefill of an
+  empty cache); only then may its queries be a subset of the block's rows
+  (`query_positions`)."""
+  from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
+  causal = mask is None or isinstance(mask, masks.CausalBlockMask)
+  return backend == "xla" and empty and causal
+
+
 def cached_attention(q, k, v, cache, layer: int, positions, *,
-                     backend: str = "xla", mask=None, empty: bool = False):
+                     backend: str = "xla", mask=None, empty: bool = False,
+                     query_positions=None):
   """Writes a block's keys/values into the cache and attends to the row's prefix.
 
   Query i of row b sees the committed slots `< positions[b, 0]` and block key
@@ -145,24 +149,31 @@ def cached_attention(q, k, v, cache, layer: int, positions, *,
       token (prefill of a fresh cache): the block then attends only to
       itself and the cache is only written (xla backend, causal block; same
       result).
+    query_positions: [B, M] positions of q's rows when q holds only some of
+      the block's queries ([B, M, H, D]); allowed where
+      `attends_itself_only(backend, mask, empty)`. None: all T.
 
   Returns:
     (out [B, T, H, D], the cache with the block written).
   """
   from blockdec.kernels import masks  # Lazily, like the kernel below.
-  b, t = q.shape[:2]
+  b, t = k.shape[:2]
   if backend not in ("xla", "pallas"):
     raise ValueError(f"attention backend={backend!r}; allowed: 'xla', 'pallas'.")
   _check_mask(mask, b, t)
-  causal = mask is None or isinstance(mask, masks.CausalBlockMask)
   slots = positions if mask is None or mask.slots_are_positions else (
       positions[:, :1] + jnp.arange(t, dtype=positions.dtype))
   offsets = positions[:, 0].astype(jnp.int32)
-  if backend == "xla" and empty and causal:
+  if attends_itself_only(backend, mask, empty):
     # Prefill: reading the cache would only add masked-out slots (P + N + k
     # of them per query); skipping them made the demo model's prefill 12%
     # faster at batch 1 and 6% at batch 8 on 2 CPU cores.
-    return self_attention(q, k, v, positions), cache.write(layer, k, v, slots)
+    return (self_attention(q, k, v, positions, query_positions),
+            cache.write(layer, k, v, slots))
+  if query_positions is not None:
+    raise ValueError("query_positions (a subset of the block's queries) is "
+                     "for a block attending only to itself: the xla "
+                     "backend's causal prefill of an empty cache.")
   if backend == "xla":
     # Attend first, then write in place. The block's own keys come from k, v,
     # so the attention reads the buffers as they were before this call, and

@@ -167,18 +167,26 @@ class Attention(nn.Module):
     dense = lambda n, bias, name: _dense(cfg, n, name, bias)
     b, t, _ = x.shape
     h, h_kv, d = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
-    if keep is not None and _kept_queries_only(cfg, cache, mask, empty_cache):
-      return self._kept_queries(x, positions, cache, layer, rope, keep)
-    q = dense(h * d, cfg.qkv_bias, "q")(x).reshape(b, t, h, d)
+    from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
+    causal = mask is None or isinstance(mask, masks.CausalBlockMask)
+    # With keep, where the sequence attends only to itself, queries are
+    # projected, rotated and attended at the kept rows only.
+    query_positions = None
+    if keep is not None and (causal if cache is None else
+                             attention.attends_itself_only(
+                                 cfg.attention_backend, mask, empty_cache)):
+      query_positions = take_rows(positions, keep)
+    rows = x if query_positions is None else take_rows(x, keep)
+    q = dense(h * d, cfg.qkv_bias, "q")(rows).reshape(b, -1, h, d)
     k = dense(h_kv * d, cfg.qkv_bias, "k")(x).reshape(b, t, h_kv, d)
     v = dense(h_kv * d, cfg.qkv_bias, "v")(x).reshape(b, t, h_kv, d)
     if cfg.position == "rope":
-      q = apply_rope(q, rope)
+      q = apply_rope(q, rope if query_positions is None else
+                     tuple(take_rows(a, keep) for a in rope))
       k = apply_rope(k, rope)
     if cache is None:
-      from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
-      if mask is None or isinstance(mask, masks.CausalBlockMask):
-        out = attention.self_attention(q, k, v, positions)
+      if causal:
+        out = attention.self_attention(q, k, v, positions, query_positions)
       elif isinstance(mask, attention.PaddingMask):  # An encoder.
         out = attention.cross_attention(q, k.swapaxes(1, 2),
                                         v.swapaxes(1, 2), mask.valid)
@@ -201,45 +209,11 @@ class Attention(nn.Module):
     else:
       out, cache = attention.cached_attention(
           q, k, v, cache, layer, positions, backend=cfg.attention_backend,
-          mask=mask, empty=empty_cache)
-    out = out.reshape(b, t, h * d)
-    if keep is not None:
+          mask=mask, empty=empty_cache, query_positions=query_positions)
+    out = out.reshape(b, -1, h * d)
+    if keep is not None and query_positions is None:
       out = take_rows(out, keep)
     return dense(cfg.d_model, cfg.proj_bias, "o")(out), cache
-
-  def _kept_queries(self, x, positions, cache, layer, rope, keep):
-    """`__call__` with `keep` on a causal sequence (self-attention, or the
-    prefill of an empty cache on the xla backend): every token's keys and
-    values, but queries (projection, rotation, attention) at the kept rows
-    only. Same parameters and result as the full path at those rows."""
-    cfg = self.cfg
-    dense = lambda n, bias, name: _dense(cfg, n, name, bias)
-    b, t, _ = x.shape
-    m = keep.shape[1]
-    h, h_kv, d = cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
-    q = dense(h * d, cfg.qkv_bias, "q")(take_rows(x, keep)).reshape(b, m, h, d)
-    k = dense(h_kv * d, cfg.qkv_bias, "k")(x).reshape(b, t, h_kv, d)
-    v = dense(h_kv * d, cfg.qkv_bias, "v")(x).reshape(b, t, h_kv, d)
-    if cfg.position == "rope":
-      q = apply_rope(q, tuple(take_rows(a, keep) for a in rope))
-      k = apply_rope(k, rope)
-    out = attention.kept_query_attention(q, k, v, positions,
-                                         take_rows(positions, keep))
-    if cache is not None:
-      cache = cache.write(layer, k, v, positions)
-    out = out.reshape(b, m, h * d)
-    return dense(cfg.d_model, cfg.proj_bias, "o")(out), cache
-
-
-def _kept_queries_only(cfg: ModelConfig, cache, mask, empty_cache: bool):
-  """Whether a call with `keep` can compute queries at the kept rows only:
-  causal attention of the sequence to itself, either without a cache or as
-  the xla backend's prefill of an empty one (the Pallas kernel attends
-  whole blocks)."""
-  from blockdec.kernels import masks  # pylint: disable=g-import-not-at-top
-  if mask is not None and not isinstance(mask, masks.CausalBlockMask):
-    return False
-  return cache is None or (empty_cache and cfg.attention_backend == "xla")
 
 
 class Mlp(nn.Module):
