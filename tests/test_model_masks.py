@@ -122,8 +122,9 @@ def _dense_reference(cfg, params, prefix, block, mask):
     visible[b, p:p + T, p:p + T] = patterns[b]
     visible[b, np.arange(p + T, s), np.arange(p + T, s)] = True  # padding
 
-  def masked_attention(q, k, v, positions):
+  def masked_attention(q, k, v, positions, query_positions=None):
     del positions
+    assert query_positions is None  # No keep: every query is computed.
     return attention.dot_product_attention(
         q, k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.asarray(visible))
 
