@@ -80,6 +80,8 @@ def _decode_impl(params, prompts, prompt_lengths, key, arrays, source=None, *,
                  cfg: ModelConfig, options: DecodeOptions,
                  method: methods.Method, cache_sharding=None) -> DecodeOutput:
   batch, p = prompts.shape
+  # Padding may hold anything; feed zeros so every gather is in range.
+  prompts = jnp.where(jnp.arange(p) < prompt_lengths[:, None], prompts, 0)
   reference = (isinstance(method, methods.Autoregressive)
                and options.sampling is None)
   k = options.block_size
@@ -713,17 +715,15 @@ def _check_inputs(params, cfg, prompts, prompt_lengths, max_new_tokens,
     longest = int(lengths.max())
     valid = np.arange(p)[None, :] < lengths[:, None]
     _check_token_ids("prompts", prompts, cfg.vocab_size, valid)
-    # Padding may hold anything; feed zeros so every gather is in range.
-    prompts = (np.where(valid, prompts, 0) if isinstance(prompts, np.ndarray)
-               else jnp.where(jnp.asarray(valid), prompts, 0))
   else:
     longest = p
   if longest + max_new_tokens > cfg.max_seq_len:
     raise ValueError(
         f"prompt length {longest} + max_new_tokens={max_new_tokens} = "
         f"{longest + max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}.")
-  # Host arrays stay numpy: the compiled call sends them in its own (C++)
-  # dispatch, cheaper than a jax.device_put from Python first.
+  # Host arrays stay numpy (the compiled call sends them in its own C++
+  # dispatch) and jax arrays as they are; the compiled call masks the
+  # padding itself (`_decode_impl`), tracers under a caller's jit included.
   return _as_array(prompts, np.int32), _as_array(prompt_lengths, np.int32)
 
 
@@ -731,5 +731,5 @@ def _as_array(x, dtype=None):
   """`x` itself if a jax array (or tracer), else a numpy array; cast to
   `dtype` if given."""
   if isinstance(x, jax.Array):
-    return x if dtype is None else x.astype(dtype)
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
   return np.asarray(x, dtype=dtype)
