@@ -396,7 +396,6 @@ def _check_source(cfg, source, source_lengths, batch, method, mesh):
                        "translate).")
     valid = np.arange(s)[None, :] < lengths[:, None]
     _check_token_ids("source", source, cfg.vocab_size, valid)
-    source = jnp.where(jnp.asarray(valid), source, 0)
   return source.astype(jnp.int32), source_lengths.astype(jnp.int32)
 
 

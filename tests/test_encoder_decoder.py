@@ -127,6 +127,13 @@ def test_decoder_equals_the_uncached_forward_pass_and_reads_the_source():
                                     source=garbage,
                                     source_lengths=source_lengths)
   np.testing.assert_array_equal(again.tokens, out.tokens)
+  # ... also ids outside the vocabulary, under the caller's jit (where the
+  # host checks cannot read the lengths).
+  garbage[np.arange(9)[None] >= source_lengths[:, None]] = 12345
+  traced = jax.jit(lambda src, n: blockdec.blockwise_decode(
+      params, cfg, prompts, lengths, max_new_tokens=12, block_size=4,
+      source=src, source_lengths=n).tokens)
+  np.testing.assert_array_equal(traced(garbage, source_lengths), out.tokens)
   # ... and the source itself is: other sources, other translations.
   other = blockdec.blockwise_decode(params, cfg, prompts, lengths,
                                     max_new_tokens=12, block_size=4,

@@ -396,6 +396,9 @@ class Transformer(nn.Module):
     s = source.shape[1]
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), source.shape)
     valid = positions < source_lengths[:, None]
+    # Padding may hold anything (even ids outside the vocabulary, whose
+    # embedding lookup gives NaN): zeros keep every gather in range.
+    source = jnp.where(valid, source, 0)
     encoded = self.encoder(self._embed(source, positions), positions, valid)
     kv = [cross.project(encoded) for cross in self.cross]
     return Memory(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
