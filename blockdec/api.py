@@ -8,8 +8,10 @@ out-of-range gathers without complaint). NumPy integer scalars are ints.
 Under a caller's own `jax.jit`, the arrays are tracers and the checks that
 need their values are skipped: token ids inside the vocabulary, prompt
 lengths in [1, P] (the budget is then checked against the padded width P)
-and finite weights. Shapes, dtypes, the config and every option are still
-checked. Check once outside the jit (e.g. call `check_params` and decode one
+and finite weights (weights the jitted function closes over are concrete and
+still checked). Shapes, dtypes, the config and every option are still
+checked; the prompts' padding is zeroed inside the compiled decode either
+way. Check once outside the jit (e.g. call `check_params` and decode one
 batch eagerly), or keep the inputs trusted.
 """
 
@@ -646,7 +648,10 @@ def _check_finite(flat, name: str) -> None:
     return
 
   def check():
-    counts = np.asarray(_non_finite_counts(leaves))
+    # Eagerly even under a caller's jax.jit (the weights are concrete there
+    # too, e.g. closed over): a staged count could not be read here.
+    with jax.ensure_compile_time_eval():
+      counts = np.asarray(_non_finite_counts(leaves))
     if counts.any():
       i = int(np.flatnonzero(counts)[0])
       path, leaf = flat[i]

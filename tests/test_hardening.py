@@ -195,6 +195,25 @@ def test_checks_that_need_values_are_skipped_under_jit(model):
     fn(params, np.array([[1.0, 2.0]]))
 
 
+def test_weights_closed_over_by_a_callers_jit_are_checked(model):
+  """Weights a jitted function closes over are concrete: they are checked
+  (finite) as outside a jit; the count used to be staged into the caller's
+  trace and fail to convert (TracerArrayConversionError)."""
+  cfg, params = model
+  fresh = jax.tree_util.tree_map(lambda x: x + 0, params)  # Never checked.
+  decode = lambda w: jax.jit(lambda p, n: blockdec.blockwise_decode(
+      w, cfg, p, n, max_new_tokens=4).tokens)(PROMPTS, LENGTHS)
+  eager = blockdec.blockwise_decode(params, cfg, PROMPTS, LENGTHS,
+                                    max_new_tokens=4)
+  np.testing.assert_array_equal(decode(fresh), eager.tokens)
+  broken = jax.tree_util.tree_map(lambda x: x + 0, params)
+  broken["embed"]["embedding"] = broken["embed"]["embedding"].at[0, 0].set(
+      np.inf)
+  with _raises(ValueError, "params['embed']['embedding'] holds 1 NaN or "
+               "infinite"):
+    decode(broken)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
