@@ -618,7 +618,12 @@ def _once_per_arrays(store: dict, leaves, build, *, tag=None, size: int = 16):
   hit = store.get(key)
   if hit is not None and all(r() is x for r, x in zip(hit[0], leaves)):
     return hit[1]
-  value = build()
+  # Eagerly, even under a caller's jax.jit whose function closes over the
+  # arrays: staged there, a result could not be read on the host (the
+  # finite check) and, kept, would leak that trace's tracers into later
+  # calls (the Hydra tables).
+  with jax.ensure_compile_time_eval():
+    value = build()
   try:
     refs = tuple(weakref.ref(x) for x in leaves)
   except TypeError:
@@ -648,10 +653,7 @@ def _check_finite(flat, name: str) -> None:
     return
 
   def check():
-    # Eagerly even under a caller's jax.jit (the weights are concrete there
-    # too, e.g. closed over): a staged count could not be read here.
-    with jax.ensure_compile_time_eval():
-      counts = np.asarray(_non_finite_counts(leaves))
+    counts = np.asarray(_non_finite_counts(leaves))
     if counts.any():
       i = int(np.flatnonzero(counts)[0])
       path, leaf = flat[i]

@@ -153,6 +153,22 @@ def test_adaptive_draft_length_stays_exact():
   np.testing.assert_array_equal(out.tokens, greedy.tokens)
 
 
+def test_tables_built_under_a_callers_jit_serve_later_calls():
+  """Weights a caller's jitted function closes over are concrete, so their
+  slot tables are built once and cached: eagerly, or the cache would hold
+  that trace's tracers and the next decode would fail on them."""
+  cfg, params = random_model(4, head_type="hydra")
+  params = jax.tree_util.tree_map(lambda x: x + 0, params)  # No cached tables.
+  assert transformer.hydra_tables_fit(cfg, cfg.num_prediction_heads)
+  prompts, lengths = ragged_prompts(4, 2, 6, cfg.vocab_size)
+  greedy = blockdec.greedy_decode(params, cfg, prompts, lengths,
+                                  max_new_tokens=12)
+  traced = jax.jit(lambda p, n: blockdec.decode(params, cfg, p, n, 12).tokens)
+  np.testing.assert_array_equal(traced(prompts, lengths), greedy.tokens)
+  again = blockdec.decode(params, cfg, prompts, lengths, 12)
+  np.testing.assert_array_equal(again.tokens, greedy.tokens)
+
+
 def test_hydra_errors():
   cfg, params = random_model(1, head_type="hydra")
   prompts, lengths = ragged_prompts(1, 2, 4, cfg.vocab_size)
