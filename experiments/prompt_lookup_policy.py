@@ -21,11 +21,13 @@ Three parts, all at batch 1 on the 128-byte prompts of
    (`blockdec.measure_call_costs`, in one-token calls), the speedup over
    greedy of "verify T tokens when the match is at least m tokens long, else
    one" is (tokens) / (sum of call costs); the oracle verifies exactly what
-   survives (its bound).
+   survives (its bound). The replay is repeated with longer n-grams
+   (`LONGER_NGRAMS`), verifying only after a match of all n tokens.
 3. Measurement. blockdec's greedy loop and prompt lookup variants
    (`AdaptiveBlockSize` with the measured costs, `min_match` 1..3, block 11
    and 16), side by side on the first 8 prompts one at a time (passes
-   interleaved, median of `--repeats`).
+   interleaved, median of `--repeats`), beside the model's speedup for the
+   same 8 prompts (the set experiments/hf_peers.py measures).
 
 Launch (from the repository root; trains the demo base first when the cache
 lacks it, as `make demo` does):
@@ -56,6 +58,8 @@ PROMPT, NEW = 128, 64
 # (min_match, block_size) of the measured variants; (1, 11) is the setting
 # experiments/hf_peers.py ran before this study.
 VARIANTS = ((1, 11), (2, 11), (3, 11), (3, 16))
+# Longer n-grams replayed beside NGRAM: is a longer match a better bet?
+LONGER_NGRAMS = (6, 10)
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
@@ -132,6 +136,25 @@ def by_match_length(matched, accepted, ngram: int = NGRAM) -> list[dict]:
           for m in range(ngram + 1)]
 
 
+def longer_ngrams(prompts, greedy, costs: dict, sizes) -> list[dict]:
+  """Per n-gram length in (NGRAM,) + LONGER_NGRAMS: the calls whose match
+  has that full length, the drafts that survive them, and the modeled
+  speedup of verifying T only after such a match (min_match = ngram)."""
+  rows = []
+  for ngram in (NGRAM,) + LONGER_NGRAMS:
+    matched, accepted, _ = replay(prompts, greedy, ngram=ngram)
+    full = matched == ngram
+    rows.append({
+        "ngram": ngram, "full_match_share": float(full.mean()),
+        "mean_surviving_after_full": float(accepted[full].mean())
+        if full.any() else 0.0,
+        "none_survive_after_full": float((accepted[full] == 0).mean())
+        if full.any() else 0.0,
+        "modeled": [modeled_speedup(matched, accepted, costs, ngram, t)
+                    for t in sizes]})
+  return rows
+
+
 def demo_base(cache_dir: str):
   from blockdec.training import pipeline
   run = pipeline.train_or_load(pipeline.load_config(
@@ -204,13 +227,30 @@ def markdown(r: dict) -> str:
               "|---|" + "---|" * len(s["sizes"])]
     for m, row in s["modeled"].items():
       lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    if s.get("longer"):
+      lines += ["", "Longer n-grams (the same replay with ngram n; verify T "
+                "only after a match of all n tokens):", "",
+                "| ngram | calls with a full match | mean surviving drafts "
+                "after it | none survive | " + " | ".join(
+                    f"T={t}" for t in s["sizes"]) + " |",
+                "|---|---|---|---|" + "---|" * len(s["sizes"])]
+      lines += [f"| {g['ngram']} | {g['full_match_share']:.0%} | "
+                f"{g['mean_surviving_after_full']:.2f} | "
+                f"{g['none_survive_after_full']:.0%} | " + " | ".join(
+                    f"{v:.2f}" for v in g["modeled"]) + " |"
+                for g in s["longer"]]
     if s.get("measured"):
       lines += ["", f"Measured, first {len(s['measured_prompts'])} prompts "
-                f"one at a time, median of {r['repeats']} interleaved passes:",
-                "", "| system | tokens/s | x greedy | tokens/call | "
-                "same tokens as greedy |", "|---|---|---|---|---|"]
+                f"one at a time, median of {r['repeats']} interleaved passes "
+                "(modeled: the replay of those prompts alone):",
+                "", "| system | tokens/s | x greedy | modeled x greedy | "
+                "tokens/call | same tokens as greedy |",
+                "|---|---|---|---|---|---|"]
       lines += [f"| {m['system']} | {m['tokens_per_s']:.0f} | "
-                f"{m['x_greedy']:.2f} | {m['tokens_per_call']:.2f} | "
+                f"{m['x_greedy']:.2f} | "
+                + (f"{m['modeled_x_greedy']:.2f}" if "modeled_x_greedy" in m
+                   else "–")
+                + f" | {m['tokens_per_call']:.2f} | "
                 f"{m['same_tokens_as_greedy']} |" for m in s["measured"]]
     lines.append("")
   lines += ["## Reading", "", r["reading"], ""]
@@ -247,8 +287,14 @@ def main(argv=None):
          "oracle": oracle_speedup(accepted, costs), "sizes": list(sizes),
          "modeled": {str(m): [modeled_speedup(matched, accepted, costs, m, t)
                               for t in sizes] for m in range(1, NGRAM + 1)}}
+    s["longer"] = longer_ngrams(prompts, greedy, costs, sizes)
     s["measured_prompts"] = list(range(8))
     s["measured"] = measure(cfg, params, prompts[:8], costs, args.repeats)
+    # The model on the measured prompts alone, beside each measured variant.
+    few = replay(prompts[:8], greedy[:8])
+    for m in s["measured"][1:]:
+      mm, k = VARIANTS[s["measured"].index(m) - 1]
+      m["modeled_x_greedy"] = modeled_speedup(few[0], few[1], costs, mm, k)
     result["sets"].append(s)
     print(f"{prompt_set}: oracle {s['oracle']:.2f}x; measured "
           + ", ".join(f"{m['system']} {m['x_greedy']:.2f}x"
@@ -293,6 +339,17 @@ def plot(r: dict, path) -> None:
   plt.close(fig)
 
 
+def _longer_verdict(longer: list[dict], t: int) -> str:
+  """Whether a longer n-gram pays, read from the modeled speedups at T."""
+  best = max(longer, key=lambda g: g["modeled"][t])
+  spread = best["modeled"][t] - min(g["modeled"][t] for g in longer)
+  if spread < 0.05:
+    return (f"They model within {spread:.2f}x of each other: a longer match "
+            "keeps more drafts but is found in fewer calls.")
+  return (f"ngram {best['ngram']} models best, {spread:.2f}x above the "
+          "worst.")
+
+
 def reading(r: dict) -> str:
   """The paragraph under the tables, from the numbers."""
   parts = []
@@ -304,6 +361,22 @@ def reading(r: dict) -> str:
         f"1-token match and keep {short['mean_surviving_drafts']:.2f} drafts "
         f"on average; the best measured variant is {best['system']} at "
         f"{best['x_greedy']:.2f}x greedy (oracle bound {s['oracle']:.2f}x).")
+    if "modeled_x_greedy" in best:
+      parts.append(
+          f"On the same {len(s['measured_prompts'])} prompts the model gives "
+          f"it {best['modeled_x_greedy']:.2f}x: the measured loop runs at "
+          f"{best['x_greedy'] / best['modeled_x_greedy']:.2f} of its "
+          "model.")
+    if s.get("longer"):
+      first, *rest = s["longer"]
+      t = s["sizes"].index(11) if 11 in s["sizes"] else -1
+      parts.append(
+          "Longer n-grams: " + "; ".join(
+              f"ngram {g['ngram']} keeps {g['mean_surviving_after_full']:.2f} "
+              f"drafts after a full match ({g['full_match_share']:.0%} of "
+              f"calls), modeled {g['modeled'][t]:.2f}x at T={s['sizes'][t]}"
+              for g in [first] + rest)
+          + ". " + _longer_verdict(s["longer"], t))
   return " ".join(parts)
 
 

@@ -51,3 +51,37 @@ def test_replay_counts_the_calls_of_prompt_lookup_without_the_rule(tmp_path):
   module.plot({"sets": [{"prompt_set": "random", "by_match": table,
                          "measured": measured}]}, tmp_path / "p.png")
   assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_markdown_reads_the_longer_ngrams_and_the_model(tmp_path):
+  """The report's tables and reading come from the result's numbers."""
+  module = _module()
+  by_match = [{"match_length": m, "share": s, "calls": c,
+               "mean_surviving_drafts": a}
+              for m, s, c, a in ((0, 0.1, 1, 0.0), (1, 0.6, 6, 0.3),
+                                 (2, 0.2, 2, 1.5), (3, 0.1, 1, 6.0))]
+  measured = [
+      {"system": "greedy", "tokens_per_s": 100.0, "x_greedy": 1.0,
+       "tokens_per_call": 1.0, "same_tokens_as_greedy": True},
+      {"system": "prompt-lookup min_match=3 block=11", "tokens_per_s": 110.0,
+       "x_greedy": 1.1, "tokens_per_call": 1.7, "same_tokens_as_greedy": True,
+       "modeled_x_greedy": 1.2}]
+  longer = [{"ngram": n, "full_match_share": share,
+             "mean_surviving_after_full": kept, "none_survive_after_full": 0.1,
+             "modeled": [1.0, model]}
+            for n, share, kept, model in ((3, 0.12, 6.0, 1.30),
+                                          (6, 0.08, 7.5, 1.31))]
+  r = {"machine": "test", "command": "c", "model": "m",
+       "call_costs": {1: 1.0, 11: 3.0}, "repeats": 3,
+       "sets": [{"prompt_set": "stdlib", "num_prompts": 10,
+                 "by_match": by_match, "oracle": 1.5, "sizes": [2, 11],
+                 "modeled": {"3": [1.0, 1.3]}, "longer": longer,
+                 "measured_prompts": list(range(8)), "measured": measured}]}
+  r["reading"] = module.reading(r)
+  text = module.markdown(r)
+  assert "| 6 | 8% | 7.50 | 10% | 1.00 | 1.31 |" in text
+  assert "| 1.10 | 1.20 | 1.70 |" in text
+  assert "0.92 of its model" in r["reading"]
+  assert "within 0.01x" in r["reading"]
+  longer[1]["modeled"][1] = 1.50
+  assert "ngram 6 models best, 0.20x above" in module.reading(r)
