@@ -261,3 +261,112 @@ def test_prefill_keep_attends_from_the_kept_queries_only():
                                                                       cache)
     assert full_m == 0 and kept_m > 0, (full_m, kept_m)
     assert 0 < kept_p < full_p, (kept_p, full_p)
+
+
+_FUSED_ARCHS = [(0, {}), (3, {}), (5, dict(norm="layernorm", mlp="gelu",
+                                           qkv_bias=True, proj_bias=True)),
+                (6, dict(qkv_bias=True, proj_bias=True))]
+
+
+@pytest.mark.parametrize("arch,overrides", _FUSED_ARCHS)
+def test_fused_projections_give_the_separate_projections_logits(arch,
+                                                                  overrides):
+  """Decoding's calls (<= FUSED_MAX_TOKENS tokens) through the fused
+  query/key/value and gate/up kernels score as the separate kernels do,
+  with a cache and without; longer calls (a prefill) keep the separate
+  ones."""
+  cfg, params = random_model(arch, **overrides)
+  fused = transformer.with_fused_projections(
+      params, transformer.fused_projections(params, cfg))
+  assert "qkv" in fused["layer_0"]["attn"]
+  assert ("gate_up" in fused["layer_0"]["mlp"]) == (cfg.mlp == "swiglu")
+  rng = np.random.RandomState(arch)
+  n = transformer.FUSED_MAX_TOKENS + 1
+  seq = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 8 + n)), jnp.int32)
+  for t in (1, 4, transformer.FUSED_MAX_TOKENS, n):
+    for cache in (None, transformer.make_cache(cfg, 2, 8 + n)):
+      start = 0 if cache is None else 8
+      if cache is not None:
+        _, cache = transformer.apply(params, cfg, seq[:, :8],
+                                     _positions(0, 8, 2), cache)
+      args = (seq[:, start:start + t], _positions(start, t, 2), cache)
+      want, _ = transformer.apply(params, cfg, *args)
+      got, _ = transformer.apply(fused, cfg, *args)
+      np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def _dots(hlo: str) -> int:
+  return sum(" dot(" in line or "ynn_fusion" in line and " fusion(" in line
+             for line in hlo.splitlines())
+
+
+def test_fused_projections_make_fewer_matrix_products():
+  """A one-token call with the fused kernels makes 3 matrix products fewer
+  per layer (query, key, value in one; gate, up in one); a prefill-sized
+  call makes as many as without them."""
+  cfg, params = random_model(0, n_layers=2)
+  fused = transformer.with_fused_projections(
+      params, transformer.fused_projections(params, cfg))
+
+  def dots(p, t):
+    fn = jax.jit(lambda p, x: transformer.apply(p, cfg, x, _positions(0, t, 1),
+                                                num_heads=1)[0])
+    return _dots(fn.lower(p, jnp.ones((1, t), jnp.int32)).compile().as_text())
+
+  assert dots(fused, 1) == dots(params, 1) - 3 * cfg.n_layers, (
+      dots(fused, 1), dots(params, 1))
+  t = transformer.FUSED_MAX_TOKENS + 1
+  assert dots(fused, t) == dots(params, t)
+
+
+def test_decode_fuses_the_projections_once_per_weights_on_cpu(monkeypatch):
+  """`blockdec.decode` on XLA:CPU adds the fused projections, built once per
+  set of weights (also a draft model's), with the same tokens as without;
+  params it cannot cache (traced under a caller's jit) pass unchanged."""
+  from blockdec import api
+  cfg, params = random_model(3)
+  built = []
+  real = api._build_fused  # pylint: disable=protected-access
+
+  def counting(p, cfg):
+    built.append(cfg)
+    return real(p, cfg)
+
+  monkeypatch.setattr(api, "_build_fused", counting)
+  monkeypatch.setattr(api, "_FUSED", {})
+  prompts, lengths = np.array([[1, 2, 3], [4, 5, 0]], np.int32), np.array(
+      [3, 2], np.int32)
+  runs = [blockdec.decode(params, cfg, prompts, lengths, 12,
+                          method=blockdec.PromptLookup(block_size=4))
+          for _ in range(2)]
+  assert built == [cfg]
+  np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
+  monkeypatch.setattr(api, "FUSE_PROJECTIONS_ON_CPU", False)
+  plain = blockdec.decode(params, cfg, prompts, lengths, 12,
+                          method=blockdec.PromptLookup(block_size=4))
+  np.testing.assert_array_equal(plain.tokens, runs[0].tokens)
+  assert built == [cfg]
+  monkeypatch.setattr(api, "FUSE_PROJECTIONS_ON_CPU", True)
+  traced = jax.jit(lambda p: api.with_fused_projections(p, cfg))
+  assert "qkv" not in jax.eval_shape(traced, params)["layer_0"]["attn"]
+  draft_cfg, draft = random_model(3, param_seed=1, n_layers=1)
+  method = blockdec.DraftModel(draft_cfg, draft, block_size=3)
+  arrays = method.arrays_for(params, cfg, 3)
+  assert "qkv" in arrays["layer_0"]["attn"] and len(built) == 2
+
+
+def test_fused_greedy_loop_does_not_copy_the_cache():
+  """As test_greedy_loop_does_not_copy_the_cache, with the fused kernels."""
+  from blockdec import api
+  from blockdec.decoding import DecodeOptions
+  cfg, params = random_model(0, n_layers=2, n_heads=2, n_kv_heads=2)
+  params = api.with_fused_projections(params, cfg)
+  assert "qkv" in params["layer_0"]["attn"]
+  hlo = api._decode.lower(  # pylint: disable=protected-access
+      params, np.ones((1, 8), np.int32), np.array([8], np.int32), None, None,
+      cfg=cfg, options=DecodeOptions(max_new_tokens=8, block_size=1),
+      method=blockdec.Autoregressive()).compile().as_text()
+  shape = f"f32[1,{cfg.num_kv_heads},17,{cfg.dim_per_head}]"
+  copies = [line for line in hlo.splitlines()
+            if f"= {shape}" in line and " copy(" in line]
+  assert len(copies) <= 2 * cfg.n_layers, "\n".join(copies)

@@ -44,6 +44,7 @@ and are only read by later calls.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import flax.linen as nn
@@ -126,6 +127,25 @@ def _dense(cfg: ModelConfig, features: int, name: str, bias: bool) -> nn.Dense:
                   param_dtype=_dtype(cfg.param_dtype), name=name)
 
 
+def _fused(module: nn.Module, name: str):
+  """The fused projection `name` (`with_fused_projections`) in `module`'s
+  params, or None where they hold none (or while initialising)."""
+  if module.is_initializing():
+    return None
+  return module.variables.get("params", {}).get(name)
+
+
+def _fused_dense(cfg: ModelConfig, x, fused, sizes):
+  """x [..., d] through a fused projection: the parts [..., n] of `sizes`,
+  each what its own `nn.Dense` gives."""
+  x, kernel, bias = nn.dtypes.promote_dtype(
+      x, fused["kernel"], fused.get("bias"), dtype=_dtype(cfg.dtype))
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  if bias is not None:
+    y = y + bias
+  return jnp.split(y, list(itertools.accumulate(sizes))[:-1], axis=-1)
+
+
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
   kw = dict(epsilon=cfg.norm_eps, dtype=_dtype(cfg.dtype),
             param_dtype=_dtype(cfg.param_dtype), name=name)
@@ -177,9 +197,17 @@ class Attention(nn.Module):
                                  cfg.attention_backend, mask, empty_cache)):
       query_positions = take_rows(positions, keep)
     rows = x if query_positions is None else take_rows(x, keep)
-    q = dense(h * d, cfg.qkv_bias, "q")(rows).reshape(b, -1, h, d)
-    k = dense(h_kv * d, cfg.qkv_bias, "k")(x).reshape(b, t, h_kv, d)
-    v = dense(h_kv * d, cfg.qkv_bias, "v")(x).reshape(b, t, h_kv, d)
+    fused = _fused(self, "qkv") if (query_positions is None and
+                                    t <= FUSED_MAX_TOKENS) else None
+    if fused is not None:
+      q, k, v = _fused_dense(cfg, x, fused, (h * d, h_kv * d, h_kv * d))
+    else:
+      q = dense(h * d, cfg.qkv_bias, "q")(rows)
+      k = dense(h_kv * d, cfg.qkv_bias, "k")(x)
+      v = dense(h_kv * d, cfg.qkv_bias, "v")(x)
+    q = q.reshape(b, -1, h, d)
+    k = k.reshape(b, t, h_kv, d)
+    v = v.reshape(b, t, h_kv, d)
     if cfg.position == "rope":
       q = apply_rope(q, rope if query_positions is None else
                      tuple(take_rows(a, keep) for a in rope))
@@ -224,6 +252,11 @@ class Mlp(nn.Module):
     cfg = self.cfg
     dense = lambda n, name: _dense(cfg, n, name, cfg.proj_bias)
     if cfg.mlp == "swiglu":
+      fused = _fused(self, "gate_up") if x.shape[-2] <= FUSED_MAX_TOKENS \
+          else None
+      if fused is not None:
+        gate, up = _fused_dense(cfg, x, fused, (cfg.ff_dim, cfg.ff_dim))
+        return dense(cfg.d_model, "down")(nn.silu(gate) * up)
       hidden = nn.silu(dense(cfg.ff_dim, "gate")(x)) * dense(cfg.ff_dim, "up")(x)
       return dense(cfg.d_model, "down")(hidden)
     hidden = nn.gelu(dense(cfg.ff_dim, "fc")(x), approximate=True)
@@ -564,6 +597,50 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
 # Hydra slot tables above this size are not built (`hydra_slot_tables`):
 # with a large vocabulary they would outgrow the weights they replace.
 HYDRA_TABLE_BYTES = 64 << 20
+
+# Calls of at most this many tokens per row (decoding's calls) use the fused
+# projections (`with_fused_projections`) where the params carry them; a
+# prompt's prefill, a wide matrix product already, keeps the separate ones.
+FUSED_MAX_TOKENS = 16
+
+
+def fused_projections(params, cfg: ModelConfig) -> dict:
+  """Each decoder layer's query, key and value kernels (and biases) joined
+  into one `qkv` projection, and for swiglu gate and up into `gate_up`:
+  {"layer_{i}": {"attn": {"qkv": {...}}, "mlp": {"gate_up": {...}}}}.
+  `with_fused_projections` adds them to the params."""
+  def join(module, names):
+    parts = [module[n] for n in names]
+    out = {"kernel": jnp.concatenate([p["kernel"] for p in parts], 1)}
+    if all("bias" in p for p in parts):
+      out["bias"] = jnp.concatenate([p["bias"] for p in parts])
+    return out
+
+  fused = {}
+  for i in range(cfg.n_layers):
+    layer = params[f"layer_{i}"]
+    fused[f"layer_{i}"] = {"attn": {"qkv": join(layer["attn"], "qkv")}}
+    if cfg.mlp == "swiglu":
+      fused[f"layer_{i}"]["mlp"] = {"gate_up": join(layer["mlp"],
+                                                    ("gate", "up"))}
+  return fused
+
+
+def with_fused_projections(params, fused: dict):
+  """params with `fused_projections`'s entries added beside the separate
+  kernels (which the prefill keeps using). Calls of at most
+  FUSED_MAX_TOKENS tokens then make one matrix product per layer where they
+  made three (query, key, value) and one where they made two (gate, up):
+  the same weights and sums in fewer, wider products. On XLA:CPU that
+  makes a one-token call a few per cent cheaper
+  (experiments/results/fused_projections.md)."""
+  out = dict(params)
+  for name, parts in fused.items():
+    layer = dict(out[name])
+    for module, extra in parts.items():
+      layer[module] = {**layer[module], **extra}
+    out[name] = layer
+  return out
 
 
 def hydra_tables_fit(cfg: ModelConfig, block_size: int) -> bool:
