@@ -203,7 +203,8 @@ def with_fused_projections(params, cfg: ModelConfig):
   """params plus each layer's fused query/key/value and gate/up projections
   (`transformer.with_fused_projections`) where the weights are concrete
   arrays on XLA:CPU, built once per set of arrays (the cache holds the
-  joined copies, about 0.7x the layers' weights, for the 2 latest sets);
+  joined copies, about 0.7x the layers' weights, for the 4 latest sets of
+  live arrays: a target and its drafts);
   params unchanged elsewhere (accelerators, a caller's jit, numpy arrays)
   or when FUSE_PROJECTIONS_ON_CPU is off."""
   if not FUSE_PROJECTIONS_ON_CPU or cfg.n_layers == 0:
@@ -219,7 +220,7 @@ def with_fused_projections(params, cfg: ModelConfig):
     return params
   fused = _once_per_arrays(_FUSED, leaves,
                            lambda: _build_fused(params, cfg), tag=cfg,
-                           size=2)
+                           size=4)
   return transformer.with_fused_projections(params, fused)
 
 
@@ -650,7 +651,7 @@ def _once_per_arrays(store: dict, leaves, build, *, tag=None, size: int = 16):
   `store` under (tag, their ids); weak references guard the entry, so a
   freed array's reused id is not mistaken for it. Not kept when `build`
   raises or an array cannot be weakly referenced; the oldest of `size`
-  entries makes room."""
+  entries makes room, after the entries of freed arrays."""
   key = (tag, tuple(id(x) for x in leaves))
   hit = store.get(key)
   if hit is not None and all(r() is x for r, x in zip(hit[0], leaves)):
@@ -665,6 +666,11 @@ def _once_per_arrays(store: dict, leaves, build, *, tag=None, size: int = 16):
     refs = tuple(weakref.ref(x) for x in leaves)
   except TypeError:
     return value
+  # Entries of freed arrays go first: their values (e.g. fused weights)
+  # would otherwise stay alive until evicted.
+  for dead in [k for k, (rs, _) in store.items()
+               if any(r() is None for r in rs)]:
+    del store[dead]
   if len(store) >= size:
     store.pop(next(iter(store)))
   store[key] = (refs, value)

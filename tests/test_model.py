@@ -370,3 +370,18 @@ def test_fused_greedy_loop_does_not_copy_the_cache():
   copies = [line for line in hlo.splitlines()
             if f"= {shape}" in line and " copy(" in line]
   assert len(copies) <= 2 * cfg.n_layers, "\n".join(copies)
+
+
+def test_fused_projections_of_freed_weights_are_dropped(monkeypatch):
+  """The cache of fused kernels keeps no copy of weights freed since."""
+  import gc
+  from blockdec import api
+  monkeypatch.setattr(api, "_FUSED", {})
+  cfg, params = random_model(1)
+  api.with_fused_projections(params, cfg)
+  assert len(api._FUSED) == 1  # pylint: disable=protected-access
+  del params
+  gc.collect()
+  _, other = random_model(1, param_seed=5)
+  api.with_fused_projections(other, cfg)
+  assert len(api._FUSED) == 1  # pylint: disable=protected-access
