@@ -423,12 +423,6 @@ class DraftModel(Method):
   def arrays(self):
     return self.draft_params
 
-  def arrays_for(self, params, cfg, block_size):
-    """The draft's weights, with fused projections on XLA:CPU
-    (`api.with_fused_projections`): it drafts one token per call."""
-    from blockdec import api  # pylint: disable=g-import-not-at-top
-    return api.with_fused_projections(self.draft_params, self.draft_cfg)
-
   def without_arrays(self):
     return dataclasses.replace(self, draft_params=None)
 

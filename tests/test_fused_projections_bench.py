@@ -22,13 +22,16 @@ def test_both_settings_give_the_same_tokens_and_a_report():
     assert r["same_tokens"], r
     assert r["speedup"] > 0 and r["ms_per_decode_fused"] > 0, r
   assert api.FUSE_PROJECTIONS_ON_CPU  # Restored after the measurement.
-  calls = module.call_costs(cfg, params, repeats=1, sizes=(1, 2),
+  limit = module.transformer.FUSED_MAX_TOKENS
+  calls = module.call_costs(cfg, params, repeats=1, sizes=(1, 2, limit + 1),
                            prompt_len=8)
-  assert [c["tokens"] for c in calls] == [1, 2]
+  assert module.transformer.FUSED_MAX_TOKENS == limit  # Restored.
+  assert [c["tokens"] for c in calls] == [1, 2, limit + 1]
   assert calls[0]["separate"] == 1.0 and calls[1]["fused"] > 0
   report = {"model": "random", "draft": "random draft", "repeats": 1,
-            "call_repeats": 1, "lookup_costs": [[1, 1.0]], "machine": "m",
-            "command": "c", "calls": calls,
+            "call_repeats": 1, "fused_max_tokens": limit,
+            "lookup_costs": [[1, 1.0]], "machine": "m", "command": "c",
+            "calls": calls,
             "sets": [{"prompt_set": "stdlib", "measured": rows}]}
   text = module.markdown(report)
   assert "| draft-model |" in text and "Every decode gave the same tokens" \

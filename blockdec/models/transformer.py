@@ -16,6 +16,10 @@ Parameter tree (names are stable; checkpoint import relies on them):
   encoder/layer_{i}/..., encoder/final_norm          (encoder_layers > 0)
   cross_{i}/norm, cross_{i}/{q,k,v,o}                (encoder_layers > 0)
 
+Decoding on CPU adds layer_{i}/attn/qkv and layer_{i}/mlp/gate_up (the
+kernels above joined, `with_fused_projections`) for its short calls; the
+tree above stays the one checkpoints and checks know.
+
 Head 1 is `final_norm -> vocabulary projection`. Head j >= 2 (Stern sec. 3) is
 one residual feed-forward layer on the same normalised hidden state,
 `h_j = h + fc2(relu(fc1(h)))`, followed by the shared vocabulary projection.
