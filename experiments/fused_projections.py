@@ -8,9 +8,10 @@ where they made 7 (the prefill keeps the separate kernels). This measures
 what that buys, side by side in one process (`api.FUSE_PROJECTIONS_ON_CPU`
 switched between the two), on the `make demo` model at batch 1:
 
-  decodes   blockdec greedy, prompt lookup (experiments/hf_peers.py's
-            setting: ngram 3, min_match 3, block 11, the adaptive rule with
-            call costs measured here) and the draft model (the distilled
+  decodes   blockdec greedy, the heads (`Blockwise(8)`), prompt lookup
+            (experiments/hf_peers.py's setting: ngram 3, min_match 3, block
+            11, the adaptive rule with call costs measured here) and the
+            draft model (the distilled
             draft of configs/draft_model.py:demo, block 16; only the
             target's calls are fused: fusing the 1-layer, d = 128 draft's
             steps too ran 0.99-1.01x), each on the 8 prompts of a set one
@@ -18,6 +19,7 @@ switched between the two), on the `make demo` model at batch 1:
             both settings, in alternating order, so both see the same
             machine; reported: the median over rounds of (time off) /
             (time on), its quartiles, and whether the tokens are identical.
+            Greedy and the heads again with the 8 prompts as one batch.
   calls     one target call of T tokens inside a compiled loop
             (`calibration.call_timer`), both settings, in one-token calls
             of the separate kernels (interleaved rounds).
@@ -65,12 +67,24 @@ def systems(draft, costs) -> dict:
   return out
 
 
+def batch_systems(cfg) -> dict:
+  """The methods also measured with the 8 prompts as one batch."""
+  out = {"greedy": blockdec.Autoregressive()}
+  if cfg.num_prediction_heads >= 8:
+    out["blockwise"] = blockdec.Blockwise(block_size=8)
+  return out
+
+
 def measure(cfg, params, prompts, methods: dict, repeats: int,
-            new_tokens: int = NEW) -> list[dict]:
+            new_tokens: int = NEW, batch: int = 1) -> list[dict]:
   """Per method: time without the fused kernels over time with them, per
-  round (median and quartiles), and whether both gave the same tokens."""
-  lengths = jnp.full((1,), prompts.shape[1], jnp.int32)
-  rows = [jnp.asarray(prompts[i:i + 1]) for i in range(prompts.shape[0])]
+  round (median and quartiles), and whether both gave the same tokens.
+  batch 1: the prompts one at a time; else all of them as one batch."""
+  if batch == 1:
+    rows = [jnp.asarray(prompts[i:i + 1]) for i in range(prompts.shape[0])]
+  else:
+    rows = [jnp.asarray(prompts)]
+  lengths = jnp.full((rows[0].shape[0],), prompts.shape[1], jnp.int32)
 
   def one(method, row, fused):
     api.FUSE_PROJECTIONS_ON_CPU = fused
@@ -99,9 +113,11 @@ def measure(cfg, params, prompts, methods: dict, repeats: int,
     tokens = sum(int(np.asarray(o.lengths).sum()) for o in outs[True])
     calls = sum(int(np.asarray(o.num_calls).sum()) for o in outs[True])
     result.append({
-        "system": name, "tokens_per_call": tokens / calls,
+        "system": name, "batch": rows[0].shape[0],
+        "tokens_per_call": tokens / calls,
         "ms_per_decode_fused": 1e3 * totals[True] / repeats / len(rows),
         "ms_per_decode_separate": 1e3 * totals[False] / repeats / len(rows),
+        # (per decode call: one prompt at batch 1, all of them at batch 8)
         "speedup": float(np.median(ratios)),
         "speedup_q25": float(np.percentile(ratios, 25)),
         "speedup_q75": float(np.percentile(ratios, 75)),
@@ -145,9 +161,11 @@ def markdown(r: dict) -> str:
            + ".", ""]
   for s in r["sets"]:
     lines += [f"## {s['prompt_set']}", "",
-              "| system | tokens/call | ms/decode separate | ms/decode fused "
-              "| speedup | same tokens |", "|---|---|---|---|---|---|"]
-    lines += [f"| {m['system']} | {m['tokens_per_call']:.2f} | "
+              "| system | batch | tokens/call | ms/decode separate | "
+              "ms/decode fused | speedup | same tokens |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {m['system']} | {m.get('batch', 1)} | "
+              f"{m['tokens_per_call']:.2f} | "
               f"{m['ms_per_decode_separate']:.1f} | "
               f"{m['ms_per_decode_fused']:.1f} | **{m['speedup']:.3f}x** "
               f"({m['speedup_q25']:.3f}-{m['speedup_q75']:.3f}) | "
@@ -170,7 +188,8 @@ def reading(r: dict) -> str:
   parts = []
   for s in r["sets"]:
     parts.append(f"{s['prompt_set']}: " + ", ".join(
-        f"{m['system']} {m['speedup']:.3f}x" for m in s["measured"]))
+        f"{m['system']} (batch {m.get('batch', 1)}) {m['speedup']:.3f}x"
+        for m in s["measured"]))
   same = all(m["same_tokens"] for s in r["sets"] for m in s["measured"])
   text = ("Decoding with the fused kernels over the separate ones, same "
           "machine, same rounds: " + "; ".join(parts) + ". "
@@ -222,12 +241,16 @@ def main(argv=None):
             "call_repeats": args.call_repeats,
             "fused_max_tokens": transformer.FUSED_MAX_TOKENS,
             "lookup_costs": [list(c) for c in costs], "sets": []}
+  if cfg.num_prediction_heads >= 8:
+    methods["blockwise"] = blockdec.Blockwise(block_size=8)
   for prompt_set in sets:
     prompts = hf_peers.byte_prompts(prompt_set, ROWS, PROMPT)
     result["sets"].append({"prompt_set": prompt_set, "measured": measure(
-        cfg, params, prompts, methods, args.repeats)})
+        cfg, params, prompts, methods, args.repeats) + measure(
+            cfg, params, prompts, batch_systems(cfg), args.repeats,
+            batch=ROWS)})
     print(f"{prompt_set}: " + ", ".join(
-        f"{m['system']} {m['speedup']:.3f}x"
+        f"{m['system']} b{m['batch']} {m['speedup']:.3f}x"
         for m in result["sets"][-1]["measured"]), flush=True)
   result["calls"] = call_costs(cfg, params, args.call_repeats)
   out = metrics.write_results(args.out, result, markdown,

@@ -22,6 +22,12 @@ def test_both_settings_give_the_same_tokens_and_a_report():
     assert r["same_tokens"], r
     assert r["speedup"] > 0 and r["ms_per_decode_fused"] > 0, r
   assert api.FUSE_PROJECTIONS_ON_CPU  # Restored after the measurement.
+  batched = module.measure(cfg, params, prompts, module.batch_systems(cfg),
+                           repeats=1, new_tokens=8, batch=2)
+  assert [(r["system"], r["batch"]) for r in batched] == [("greedy", 2),
+                                                          ("blockwise", 2)]
+  assert all(r["same_tokens"] for r in batched)
+  rows += batched
   limit = module.transformer.FUSED_MAX_TOKENS
   calls = module.call_costs(cfg, params, repeats=1, sizes=(1, 2, limit + 1),
                            prompt_len=8)
