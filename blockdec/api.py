@@ -204,9 +204,8 @@ def with_fused_projections(params, cfg: ModelConfig):
   (`transformer.with_fused_projections`) where the weights are concrete
   arrays on XLA:CPU, built once per set of arrays (the cache holds the
   joined copies, about 0.7x the layers' weights, for the 4 latest sets of
-  live arrays: a target and its drafts);
-  params unchanged elsewhere (accelerators, a caller's jit, numpy arrays)
-  or when FUSE_PROJECTIONS_ON_CPU is off."""
+  weights still alive); params unchanged elsewhere (accelerators, a
+  caller's jit, numpy arrays) or when FUSE_PROJECTIONS_ON_CPU is off."""
   if not FUSE_PROJECTIONS_ON_CPU or cfg.n_layers == 0:
     return params
   names = (("attn", ("q", "k", "v")),) + (
