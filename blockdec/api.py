@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blockdec import cpu_compile
 from blockdec import decoding
 from blockdec import methods
 from blockdec import sharding as sharding_lib
@@ -125,12 +126,17 @@ def _constrain_cache(score: decoding.SplitScoreFn, cache_sharding):
       prefill=None if score.prefill is None else pinned(score.prefill))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "options", "method"))
-def _decode(params, prompts, prompt_lengths, key, arrays, source=None, *,
-            cfg: ModelConfig, options: DecodeOptions,
-            method: methods.Method) -> DecodeOutput:
+def _decode_fn(params, prompts, prompt_lengths, key, arrays, source=None, *,
+               cfg: ModelConfig, options: DecodeOptions,
+               method: methods.Method) -> DecodeOutput:
   return _decode_impl(params, prompts, prompt_lengths, key, arrays, source,
                       cfg=cfg, options=options, method=method)
+
+
+# Compiled with XLA:CPU's decoding options where the weights live on the CPU
+# (`cpu_compile`).
+_decode = cpu_compile.jit(_decode_fn,
+                          static_argnames=("cfg", "options", "method"))
 
 
 @functools.lru_cache(maxsize=64)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blockdec import cpu_compile
 from blockdec import validation
 from blockdec.config import ModelConfig
 from blockdec.models import transformer
@@ -66,7 +67,9 @@ CALLS_PER_DISPATCH = 8
 # `calls` target calls in a `lax.fori_loop`, each writing the same slots of
 # the carried cache (donated, as in the decoding loop: written in place
 # instead of copied); the logits' maximum is summed so no call is dead code.
-@functools.partial(jax.jit, static_argnames=("cfg", "mask", "calls"),
+# Compiled as `blockdec.decode` compiles its loop (`cpu_compile`), so the
+# costs are the decode's.
+@functools.partial(cpu_compile.jit, static_argnames=("cfg", "mask", "calls"),
                    donate_argnames=("cache",))
 def _calls(params, tokens, positions, cache, memory, cfg, mask, calls):
   def body(_, carry):
@@ -132,7 +135,8 @@ def call_timer(params, cfg: ModelConfig, batch: int, depths, mask=None, *,
                                             (batch, t))
   # Every call writes the same slots, so each returned cache is the next
   # dispatch's input (the donated one is gone).
-  run = functools.partial(_calls, cfg=cfg, mask=mask,
+  # The compile is chosen once, here (`cpu_compile.ENABLED` as it is now).
+  run = functools.partial(_calls.pick(params), cfg=cfg, mask=mask,
                           calls=CALLS_PER_DISPATCH)
   carry = {"cache": cache}
 

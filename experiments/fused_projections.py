@@ -75,19 +75,23 @@ def batch_systems(cfg) -> dict:
   return out
 
 
-def measure(cfg, params, prompts, methods: dict, repeats: int,
-            new_tokens: int = NEW, batch: int = 1) -> list[dict]:
-  """Per method: time without the fused kernels over time with them, per
-  round (median and quartiles), and whether both gave the same tokens.
-  batch 1: the prompts one at a time; else all of them as one batch."""
+def side_by_side(cfg, params, prompts, methods: dict, repeats: int, switch,
+                 new_tokens: int = NEW, batch: int = 1) -> list[dict]:
+  """Per method: time with a setting off over time with it on, per round
+  (median and quartiles), and whether both gave the same tokens.
+
+  switch(on) sets the setting; it is left on. batch 1: the prompts one at
+  a time; else all of them as one batch. Every round decodes each prompt
+  both ways, in alternating order.
+  """
   if batch == 1:
     rows = [jnp.asarray(prompts[i:i + 1]) for i in range(prompts.shape[0])]
   else:
     rows = [jnp.asarray(prompts)]
   lengths = jnp.full((rows[0].shape[0],), prompts.shape[1], jnp.int32)
 
-  def one(method, row, fused):
-    api.FUSE_PROJECTIONS_ON_CPU = fused
+  def one(method, row, on):
+    switch(on)
     try:
       start = time.perf_counter()
       out = blockdec.decode(params, cfg, row, lengths, new_tokens,
@@ -95,7 +99,7 @@ def measure(cfg, params, prompts, methods: dict, repeats: int,
       jax.block_until_ready(out.tokens)
       return time.perf_counter() - start, out
     finally:
-      api.FUSE_PROJECTIONS_ON_CPU = True
+      switch(True)
 
   result = []
   for name, method in methods.items():
@@ -105,8 +109,8 @@ def measure(cfg, params, prompts, methods: dict, repeats: int,
       spent = {True: 0.0, False: 0.0}
       for i, row in enumerate(rows):
         order = (True, False) if (r + i) % 2 == 0 else (False, True)
-        for fused in order:
-          spent[fused] += one(method, row, fused)[0]
+        for on in order:
+          spent[on] += one(method, row, on)[0]
       ratios.append(spent[False] / spent[True])
       for f in spent:
         totals[f] += spent[f]
@@ -115,15 +119,30 @@ def measure(cfg, params, prompts, methods: dict, repeats: int,
     result.append({
         "system": name, "batch": rows[0].shape[0],
         "tokens_per_call": tokens / calls,
-        "ms_per_decode_fused": 1e3 * totals[True] / repeats / len(rows),
-        "ms_per_decode_separate": 1e3 * totals[False] / repeats / len(rows),
         # (per decode call: one prompt at batch 1, all of them at batch 8)
+        "ms_on": 1e3 * totals[True] / repeats / len(rows),
+        "ms_off": 1e3 * totals[False] / repeats / len(rows),
         "speedup": float(np.median(ratios)),
         "speedup_q25": float(np.percentile(ratios, 25)),
         "speedup_q75": float(np.percentile(ratios, 75)),
         "same_tokens": all(np.array_equal(a.tokens, b.tokens)
                            for a, b in zip(outs[True], outs[False]))})
   return result
+
+
+def measure(cfg, params, prompts, methods: dict, repeats: int,
+            new_tokens: int = NEW, batch: int = 1) -> list[dict]:
+  """`side_by_side` of the fused kernels (on) and the separate ones (off)."""
+
+  def switch(on):
+    api.FUSE_PROJECTIONS_ON_CPU = on
+
+  rows = side_by_side(cfg, params, prompts, methods, repeats, switch,
+                      new_tokens=new_tokens, batch=batch)
+  for row in rows:
+    row["ms_per_decode_fused"] = row.pop("ms_on")
+    row["ms_per_decode_separate"] = row.pop("ms_off")
+  return rows
 
 
 def call_costs(cfg, params, repeats: int, sizes=CALL_SIZES,
@@ -208,6 +227,31 @@ def reading(r: dict) -> str:
   return text
 
 
+def _hf_peers():
+  sys.path.insert(0, str(ROOT / "experiments"))
+  import hf_peers  # pylint: disable=g-import-not-at-top
+  return hf_peers
+
+
+def demo_setup(parser, prompt_sets: str, cache_dir: str):
+  """The prompt sets (checked; parser.error on an unknown one), the make
+  demo model and its distilled draft, trained first where the cache lacks
+  them: (sets, cfg, params, workdir, (draft_cfg, draft_params), draft_note),
+  the weights on the device."""
+  hf_peers = _hf_peers()
+  sets = prompt_sets.split(",")
+  unknown = sorted(set(sets) - set(hf_peers.PROMPT_SETS))
+  if unknown:
+    parser.error(f"--prompt_sets: {unknown} unknown; allowed: "
+                 f"{hf_peers.PROMPT_SETS}.")
+  cfg, params, trained, workdir = hf_peers.demo_model(cache_dir)
+  params = jax.device_put(params)
+  draft_cfg, draft_params, draft_note = hf_peers.draft_for(
+      cfg, params, cache_dir, "demo" if trained else None, train=trained)
+  return (sets, cfg, params, workdir,
+          (draft_cfg, jax.device_put(draft_params)), draft_note)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--repeats", type=int, default=15, help="timed rounds")
@@ -221,21 +265,13 @@ def main(argv=None):
     p.error(f"--repeats={args.repeats}, --call_repeats={args.call_repeats}; "
             "allowed: >= 1.")
   load = os.getloadavg()[0]
-  sys.path.insert(0, str(ROOT / "experiments"))
-  import hf_peers  # pylint: disable=g-import-not-at-top
-  sets = args.prompt_sets.split(",")
-  unknown = sorted(set(sets) - set(hf_peers.PROMPT_SETS))
-  if unknown:
-    p.error(f"--prompt_sets: {unknown} unknown; allowed: "
-            f"{hf_peers.PROMPT_SETS}.")
-  cfg, params, trained, workdir = hf_peers.demo_model(args.cache_dir)
-  params = jax.device_put(params)
-  draft_cfg, draft_params, draft_note = hf_peers.draft_for(
-      cfg, params, args.cache_dir, "demo" if trained else None, train=trained)
+  hf_peers = _hf_peers()
+  sets, cfg, params, workdir, (draft_cfg, draft_params), draft_note = \
+      demo_setup(p, args.prompt_sets, args.cache_dir)
   costs = blockdec.measure_call_costs(params, cfg, batch=1,
                                       sizes=hf_peers.COST_SIZES,
                                       prompt_len=PROMPT)
-  methods = systems((draft_cfg, jax.device_put(draft_params)), costs)
+  methods = systems((draft_cfg, draft_params), costs)
   result = {"model": os.path.relpath(workdir, ROOT) if workdir else "random",
             "draft": draft_note, "repeats": args.repeats,
             "call_repeats": args.call_repeats,
