@@ -248,6 +248,7 @@ def demo_setup(parser, prompt_sets: str, cache_dir: str):
   params = jax.device_put(params)
   draft_cfg, draft_params, draft_note = hf_peers.draft_for(
       cfg, params, cache_dir, "demo" if trained else None, train=trained)
+  draft_note = draft_note.replace(str(ROOT) + os.sep, "")  # Repo-relative.
   return (sets, cfg, params, workdir,
           (draft_cfg, jax.device_put(draft_params)), draft_note)
 
