@@ -219,9 +219,8 @@ def with_fused_projections(params, cfg: ModelConfig):
   leaves = [x for i in range(cfg.n_layers) for module, parts in names
             for part in parts
             for x in params[f"layer_{i}"][module][part].values()]
-  if not all(isinstance(x, jax.Array) and _is_concrete(x)
-             and all(d.platform == "cpu" for d in x.devices())
-             for x in leaves):
+  if not (all(isinstance(x, jax.Array) for x in leaves)
+          and cpu_compile.on_cpu(leaves)):
     return params
   fused = _once_per_arrays(_FUSED, leaves,
                            lambda: _build_fused(params, cfg), tag=cfg,

@@ -1,14 +1,15 @@
 """XLA:CPU compiler options for decoding's compiled loops.
 
-Decoding's calls feed 1 to about 17 tokens per row, where XLA:CPU's default
-matrix products are tuned for larger ones: it hands each product to the
-YNNPACK library and splits Eigen's products over its thread pool. On the
-small CPUs this project runs on, both cost more than they save at these row
-counts, so a decode whose weights live on the CPU compiles with
-`DECODE_OPTIONS`: YNNPACK's fusions off (XLA's own emitters and Eigen do the
-products) and Eigen on one thread. `experiments/cpu_compile_options.py`
-measures what that buys per call size and per decoding method, side by side
-in one process.
+Decoding's calls feed 1 to about 17 tokens per row. By default XLA:CPU hands
+each matrix product of two or more rows to the YNNPACK library and splits
+Eigen's products over its thread pool; a decode whose weights live on the
+CPU compiles with `DECODE_OPTIONS` instead: YNNPACK's fusions off (XLA's own
+emitters and Eigen do the products) and Eigen on one thread. Which is faster
+depends on the call's size: `experiments/cpu_compile_options.py` measures
+both per call size and per decoding method, side by side in one process
+(on the 2-core CPUs of this project, calls of 8 or more tokens ran faster
+with the options and calls of 2 to 4 tokens slower; every decoding method
+measured there ran as fast or faster).
 
 The options reach the decodes' own compiles only (through
 `jax.jit(..., compiler_options=...)`): the process's `XLA_FLAGS`, training
